@@ -1,0 +1,1 @@
+"""The wire contract (ingest.proto) and the helpers that read and write it."""

@@ -1,0 +1,216 @@
+"""The column registry: which tables and columns travel in a Batch, and their types.
+
+Collector and server both read this table, so a column's wire type is declared
+once. Columns are numpy arrays in memory (strings: a sequence of ``str``), and
+``encode_table`` / ``decode_table`` move them into and out of the ``Table``
+message of ``ingest.proto`` without a Python object per fixed-width value.
+
+Server-side columns that never travel (``host``, ``collector_id``,
+``batch_seq``) are added by the server and are not listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from hdrlog.proto import ingest_pb2
+
+STRING = "str"  # marker for variable-length UTF-8 columns
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    dtype: str  # a little-endian numpy dtype string such as "<u4", "V16", or STRING
+    doc: str
+
+    @property
+    def is_string(self) -> bool:
+        return self.dtype == STRING
+
+    @property
+    def itemsize(self) -> int:
+        return 0 if self.is_string else np.dtype(self.dtype).itemsize
+
+
+def _cols(*specs: tuple[str, str, str]) -> tuple[ColumnSpec, ...]:
+    return tuple(ColumnSpec(*s) for s in specs)
+
+
+PACKETS = _cols(
+    ("ts", "<i8", "capture time, UTC nanoseconds since the epoch"),
+    ("ifname", STRING, "interface the packet crossed"),
+    ("direction", "u1", "1 = ingress, 2 = egress"),
+    ("sample_rate", "<u4", "1 = every packet was logged, N = one in N"),
+    ("wire_len", "<u4", "frame length on the wire, VLAN tags included"),
+    ("eth_src", "<u8", "source MAC as a 48-bit number"),
+    ("eth_dst", "<u8", "destination MAC as a 48-bit number"),
+    ("vlan_id", "<u2", "outermost VLAN id, 0 = untagged"),
+    ("eth_type", "<u2", "EtherType after any VLAN tags"),
+    ("ip_version", "u1", "4, 6, or 0 for non-IP"),
+    ("src_ip", "V16", "IPv6 address in network order; IPv4 as ::ffff:a.b.c.d"),
+    ("dst_ip", "V16", "IPv6 address in network order; IPv4 as ::ffff:a.b.c.d"),
+    ("ip_proto", "u1", "IPv4 protocol / final IPv6 next header"),
+    ("ttl", "u1", "IPv4 TTL or IPv6 hop limit"),
+    ("dscp", "u1", "DiffServ code point"),
+    ("ecn", "u1", "ECN bits"),
+    ("ip_id", "<u4", "IPv4 identification, IPv6 fragment identification"),
+    ("frag_offset", "<u2", "fragment offset in 8-byte units"),
+    ("more_fragments", "u1", "MF flag (1/0)"),
+    ("dont_fragment", "u1", "DF flag (1/0)"),
+    ("flow_label", "<u4", "IPv6 flow label"),
+    ("src_port", "<u2", "TCP/UDP source port"),
+    ("dst_port", "<u2", "TCP/UDP destination port"),
+    ("tcp_flags", "<u2", "bit 0 FIN .. bit 7 CWR, bit 8 AE"),
+    ("tcp_seq", "<u4", "TCP sequence number"),
+    ("tcp_ack", "<u4", "TCP acknowledgement number"),
+    ("tcp_window", "<u2", "TCP window (unscaled)"),
+    ("tcp_mss", "<u2", "MSS option, 0 = absent"),
+    ("tcp_wscale", "u1", "window scale option, 0 = absent"),
+    ("udp_len", "<u2", "UDP length field"),
+    ("icmp_type", "u1", "ICMP or ICMPv6 type"),
+    ("icmp_code", "u1", "ICMP or ICMPv6 code"),
+    ("dns_id", "<u2", "DNS transaction id"),
+    ("dns_qname", STRING, "first question name, lowercased"),
+    ("dns_qtype", "<u2", "first question type"),
+    ("dns_rcode", "u1", "DNS response code"),
+    ("http_method", STRING, "HTTP request method"),
+    ("http_host", STRING, "HTTP Host header"),
+    ("http_path", STRING, "HTTP request target"),
+    ("http_status", "<u2", "HTTP response status"),
+    ("tls_sni", STRING, "TLS ClientHello server name"),
+    ("parse_flags", "<u2", "parser notes, bits in bpf/types.h (PARSE_*): truncation and oddities"),
+)
+
+FLOWS = _cols(
+    ("start_ts", "<i8", "first packet, UTC nanoseconds"),
+    ("end_ts", "<i8", "last packet, UTC nanoseconds"),
+    ("ifname", STRING, "interface"),
+    ("direction", "u1", "1 = ingress, 2 = egress"),
+    ("ip_version", "u1", "4 or 6"),
+    ("src_ip", "V16", "IPv6 / IPv4-mapped source"),
+    ("dst_ip", "V16", "IPv6 / IPv4-mapped destination"),
+    ("ip_proto", "u1", "protocol"),
+    ("src_port", "<u2", "source port"),
+    ("dst_port", "<u2", "destination port"),
+    ("packets", "<u8", "packets in the interval"),
+    ("bytes", "<u8", "wire bytes in the interval"),
+    ("tcp_flags", "<u2", "OR of all TCP flags"),
+    ("sample_rate", "<u4", "1 = every packet counted"),
+)
+
+COLLECTOR_STATS = _cols(
+    ("ts", "<i8", "end of the interval, UTC nanoseconds"),
+    ("interval_ms", "<u4", "length of the interval"),
+    ("counter", STRING, "what was counted: seen, logged, or drop_<reason>"),
+    ("value", "<u8", "count during the interval"),
+)
+
+TABLES: dict[str, tuple[ColumnSpec, ...]] = {
+    "packets": PACKETS,
+    "flows": FLOWS,
+    "collector_stats": COLLECTOR_STATS,
+}
+
+DIRECTIONS = {1: "ingress", 2: "egress"}
+
+
+class ColumnError(ValueError):
+    """A Table message does not match the registry; the message names the column."""
+
+
+def spec_of(table: str) -> dict[str, ColumnSpec]:
+    try:
+        return {c.name: c for c in TABLES[table]}
+    except KeyError:
+        raise ColumnError(f"unknown table {table!r} (known: {', '.join(TABLES)})") from None
+
+
+def empty_columns(table: str, rows: int) -> dict[str, object]:
+    """Zero / empty-string columns of the given length, one per registry column."""
+    out: dict[str, object] = {}
+    for c in TABLES[table]:
+        out[c.name] = [""] * rows if c.is_string else np.zeros(rows, dtype=c.dtype)
+    return out
+
+
+def encode_strings(values: Sequence[str]) -> tuple[bytes, bytes]:
+    """UTF-8 data and Arrow-style int32 offsets (rows + 1 of them)."""
+    encoded = [v.encode("utf-8", "replace") for v in values]
+    lengths = np.fromiter((len(b) for b in encoded), dtype="<i4", count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype="<i4")
+    np.cumsum(lengths, out=offsets[1:])
+    return b"".join(encoded), offsets.tobytes()
+
+
+def encode_table(table: str, columns: Mapping[str, object], rows: int) -> ingest_pb2.Table:
+    """Build a Table message; every registry column must be present with ``rows`` values."""
+    msg = ingest_pb2.Table(name=table, rows=rows)
+    for spec in TABLES[table]:
+        values = columns[spec.name]
+        if len(values) != rows:
+            raise ColumnError(f"column {table}.{spec.name} has {len(values)} values, expected {rows}")
+        col = msg.columns.add(name=spec.name)
+        if spec.is_string:
+            col.values, col.offsets = encode_strings(values)  # type: ignore[arg-type]
+        else:
+            col.values = np.ascontiguousarray(values, dtype=spec.dtype).tobytes()
+    return msg
+
+
+def decode_table(msg: ingest_pb2.Table) -> tuple[dict[str, object], list[str]]:
+    """Check a received Table against the registry and return its columns.
+
+    Fixed-width columns come back as read-only numpy views of the message bytes;
+    string columns as ``(values: bytes, offsets: np.ndarray[int32])`` pairs whose
+    offsets have been checked (UTF-8 validity is the caller's job: Arrow checks it).
+    Missing columns are filled with zeros / empty strings. Returns the columns and
+    the names of unknown columns that were ignored. Raises ColumnError naming the
+    first problem found.
+    """
+    specs = spec_of(msg.name)
+    rows = msg.rows
+    out: dict[str, object] = {}
+    ignored: list[str] = []
+    for col in msg.columns:
+        spec = specs.get(col.name)
+        if spec is None:
+            ignored.append(col.name)
+            continue
+        if col.name in out:
+            raise ColumnError(f"column {msg.name}.{col.name} appears twice")
+        if spec.is_string:
+            out[col.name] = (col.values, _check_offsets(msg.name, col, rows))
+        else:
+            if len(col.values) != rows * spec.itemsize:
+                raise ColumnError(
+                    f"column {msg.name}.{col.name} has {len(col.values)} bytes, "
+                    f"expected {rows} x {spec.itemsize}"
+                )
+            out[col.name] = np.frombuffer(col.values, dtype=spec.dtype)
+    for spec in specs.values():
+        if spec.name not in out:
+            if spec.is_string:
+                out[spec.name] = (b"", np.zeros(rows + 1, dtype="<i4"))
+            else:
+                out[spec.name] = np.zeros(rows, dtype=spec.dtype)
+    return out, ignored
+
+
+def _check_offsets(table: str, col: ingest_pb2.Column, rows: int) -> np.ndarray:
+    if len(col.offsets) != (rows + 1) * 4:
+        raise ColumnError(
+            f"column {table}.{col.name} has {len(col.offsets) // 4} offsets, expected {rows + 1}"
+        )
+    offsets = np.frombuffer(col.offsets, dtype="<i4")
+    if offsets[0] != 0 or offsets[-1] != len(col.values) or (rows and np.any(np.diff(offsets) < 0)):
+        raise ColumnError(f"column {table}.{col.name} has offsets that do not index its values")
+    return offsets
+
+
+def decode_strings(values: bytes, offsets: np.ndarray) -> list[str]:
+    """Python strings from an encoded string column (tests and small tools)."""
+    return [values[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
