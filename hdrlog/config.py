@@ -1,0 +1,186 @@
+"""Configuration declared once: a dataclass per component, read from flags, env and file.
+
+Each component (collector, server, ...) declares a dataclass whose fields carry
+a default and ``metadata={"doc": ...}``. From that one declaration this module
+derives the command-line flag (``sql_listen`` -> ``--sql-listen``), the
+environment variable (``HDRLOG_SQL_LISTEN``) and the config-file key
+(``sql_listen`` under the component's section of a YAML file). Precedence:
+flag > environment > file > default. Validation lives in the dataclass's
+``validate()``; every failure is one ConfigError line naming key, value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "HDRLOG_"
+
+
+class ConfigError(ValueError):
+    """One clear line: which key, which value, what is allowed."""
+
+    def __init__(self, key: str, value: object, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"bad config {key}={value!r}: {allowed}")
+
+
+def doc_field(default: Any = dataclasses.MISSING, doc: str = "", *, flag: bool = True, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation (shown in --help and docs/config.md)."""
+    if isinstance(default, list):
+        kwargs["default_factory"] = lambda d=default: list(d)
+        default = dataclasses.MISSING
+    return dataclasses.field(default=default, metadata={"doc": doc, "flag": flag}, **kwargs)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """int for Optional[int], list for list[str], ..."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return origin or tp
+
+
+def _convert(key: str, tp: Any, raw: Any) -> Any:
+    """Turn a string (env, flag) or YAML value into the field's type."""
+    base = _base_type(tp)
+    if raw is None:
+        return None
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if base is list:
+            if isinstance(raw, str):
+                return [p for p in (s.strip() for s in raw.split(",")) if p]
+            if isinstance(raw, (list, tuple)):
+                return [str(v) for v in raw]
+            raise ValueError
+        if base is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if base is float:
+            return float(raw)
+        if base is str:
+            if isinstance(raw, (dict, list)):
+                raise ValueError
+            return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(key, raw, f"expected {getattr(base, '__name__', base)}") from None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field, with its doc, env variable and default in the help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("flag", True):
+            continue
+        base = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        helptext = f"{f.metadata.get('doc', '')} [env {env_name(f.name)}; default {default!r}]"
+        if base is bool:
+            parser.add_argument(flag_name(f.name), dest=f.name, action="store_const", const=True,
+                                default=None, help=helptext)
+        elif base is list:
+            parser.add_argument(flag_name(f.name), dest=f.name, action="append", default=None,
+                                metavar=f.name.split("_")[-1].upper(), help=helptext + " (repeatable)")
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None,
+                                metavar=f.name.split("_")[-1].upper(), help=helptext)
+
+
+def read_file(path: str | os.PathLike[str] | None, section: str) -> dict[str, Any]:
+    """The component's section of a YAML config file (keys may use - or _)."""
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"cannot read the file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError("config", str(path), f"not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(path), "expected a mapping with a section per command")
+    body = data.get(section, {})
+    if not isinstance(body, dict):
+        raise ConfigError(section, body, "expected a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in body.items()}
+
+
+def load(cls: type, *, args: Mapping[str, Any] | None = None, file: str | None = None,
+         section: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Build and validate a config dataclass: flag > environment > file > default."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    from_file = read_file(file, section)
+    unknown = sorted(set(from_file) - names)
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}", from_file[unknown[0]],
+                          f"unknown key (known: {', '.join(sorted(names))})")
+    values: dict[str, Any] = {}
+    for name in names:
+        key = f"{section}.{name}"
+        if args is not None and args.get(name) is not None:
+            values[name] = _convert(flag_name(name), hints[name], args[name])
+        elif env_name(name) in environ:
+            values[name] = _convert(env_name(name), hints[name], environ[env_name(name)])
+        elif name in from_file:
+            values[name] = _convert(key, hints[name], from_file[name])
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def parse_hostport(key: str, value: str, *, allow_empty: bool = False) -> tuple[str, int] | None:
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' -> (host, port); port 0 means pick a free one."""
+    if not value:
+        if allow_empty:
+            return None
+        raise ConfigError(key, value, "expected HOST:PORT")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, value, "expected HOST:PORT with a port from 0 to 65535")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def markdown_table(cls: type, section: str) -> str:
+    """docs/config.md rows for one component."""
+    rows = [f"### `{section}`", "", "| key / flag | env | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")  # type: ignore[misc]
+        rows.append(f"| `{f.name}` / `{flag_name(f.name)}` | `{env_name(f.name)}` | `{default!r}` | "
+                    f"{f.metadata.get('doc', '')} |")
+    return "\n".join(rows) + "\n"
