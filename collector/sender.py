@@ -1,0 +1,217 @@
+"""Sending: one long-lived gRPC stream, every batch kept until the server acks it.
+
+The outbox holds closed batches in seq order. The stream task sends each one
+once per connection and removes it when its Ack arrives (OK: stored, REJECTED:
+never storable, counted). When the stream breaks or the server answers RETRY,
+the task reconnects after a jittered, capped backoff and resends everything
+still unacked, oldest first; the server makes a resent seq harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger("hdrlog.collector")
+
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 10.0
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Notice a vanished server within ~30 s even when the stream is idle.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class RetryLater(Exception):
+    """The server asked for a resend later."""
+
+
+@dataclass
+class SendCounters:
+    batches_sent: int = 0
+    rows_sent: int = 0
+    batches_acked: int = 0
+    rows_acked: int = 0
+    batches_rejected: int = 0
+    rows_rejected: int = 0
+    rows_dropped_unacked_full: int = 0
+    reconnects: int = 0
+    rejects: dict[str, int] = field(default_factory=dict)
+
+
+class Outbox:
+    """Batches waiting for their ack, oldest first, bounded by a row count."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self._items: OrderedDict[int, tuple[ingest_pb2.Batch, int]] = OrderedDict()
+        self.rows = 0
+        self.changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, batch: ingest_pb2.Batch, rows: int) -> int:
+        """Add a batch; returns how many rows of older batches had to be dropped to fit."""
+        dropped = 0
+        while self._items and self.rows + rows > self.max_rows:
+            _, (_, old_rows) = self._items.popitem(last=False)
+            self.rows -= old_rows
+            dropped += old_rows
+        self._items[batch.seq] = (batch, rows)
+        self.rows += rows
+        self.changed.set()
+        return dropped
+
+    def pop(self, seq: int) -> int | None:
+        item = self._items.pop(seq, None)
+        if item is None:
+            return None
+        self.rows -= item[1]
+        self.changed.set()
+        return item[1]
+
+    def after(self, seq: int) -> list[tuple[int, ingest_pb2.Batch, int]]:
+        """Unacked batches with a seq above ``seq``, in order."""
+        return [(s, b, r) for s, (b, r) in self._items.items() if s > seq]
+
+
+class Sender:
+    """Keeps one stream to the server alive and drains the outbox through it."""
+
+    def __init__(self, target: str, outbox: Outbox, *,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 on_connected: Callable[[bool], None] | None = None):
+        self.target = target
+        self.outbox = outbox
+        self.credentials = credentials
+        self.counters = SendCounters()
+        self.connected = False
+        self._on_connected = on_connected or (lambda up: None)
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_error = ""
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="hdrlog-sender")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until every batch is acked, at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.outbox):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self.outbox.changed.clear()
+            try:
+                await asyncio.wait_for(self.outbox.changed.wait(), left)
+            except asyncio.TimeoutError:
+                return not len(self.outbox)
+        return True
+
+    def _set_connected(self, up: bool) -> None:
+        if up != self.connected:
+            self.connected = up
+            self._on_connected(up)
+
+    async def _run(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self._stopping.is_set():
+            acked_before = self.counters.batches_acked + self.counters.batches_rejected
+            try:
+                await self._stream_once()
+            except asyncio.CancelledError:
+                raise
+            except RetryLater as exc:
+                self._last_error = str(exc)
+            except grpc.aio.AioRpcError as exc:
+                self._last_error = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:  # never let a transport surprise end the collector
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            self._set_connected(False)
+            if self.counters.batches_acked + self.counters.batches_rejected > acked_before:
+                delay = BACKOFF_FIRST
+            wait = delay * random.uniform(0.5, 1.5)
+            log.warning("server %s: %s; %d batches (%d records) unacked, retrying in %.1fs",
+                        self.target, self._last_error, len(self.outbox), self.outbox.rows, wait)
+            delay = min(delay * 2, BACKOFF_MAX)
+            self.counters.reconnects += 1
+            try:
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.target, self.credentials, options=CHANNEL_OPTIONS)
+
+    async def _stream_once(self) -> None:
+        async with self._channel() as channel:
+            call = ingest_pb2_grpc.IngestStub(channel).Stream()
+            reader = asyncio.create_task(self._read_acks(call), name="hdrlog-acks")
+            writer = asyncio.create_task(self._write_batches(call), name="hdrlog-writes")
+            try:
+                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # raise what ended the stream
+                raise ConnectionError("the server closed the stream")
+            finally:
+                for task in (reader, writer):
+                    task.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
+                call.cancel()
+
+    async def _write_batches(self, call: grpc.aio.StreamStreamCall) -> None:
+        last_sent = 0
+        while True:
+            self.outbox.changed.clear()
+            for seq, batch, rows in self.outbox.after(last_sent):
+                await call.write(batch)
+                last_sent = seq
+                self.counters.batches_sent += 1
+                self.counters.rows_sent += rows
+            await self.outbox.changed.wait()
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
+        async for ack in call:
+            self._set_connected(True)
+            if ack.status == ingest_pb2.Ack.RETRY:
+                raise RetryLater(f"server asked to retry seq {ack.seq}: {ack.error}")
+            rows = self.outbox.pop(ack.seq)
+            if rows is None:
+                continue  # an ack for a batch already acked on an earlier stream
+            if ack.status == ingest_pb2.Ack.REJECTED:
+                self.counters.batches_rejected += 1
+                self.counters.rows_rejected += rows
+                reason = ack.error.split(":", 1)[0][:80] or "unknown"
+                self.counters.rejects[reason] = self.counters.rejects.get(reason, 0) + 1
+                log.error("server rejected batch seq %d (%d records lost): %s", ack.seq, rows, ack.error)
+            else:
+                self.counters.batches_acked += 1
+                self.counters.rows_acked += rows
