@@ -1,0 +1,41 @@
+# hdrlog — `make demo` and `make test` each install everything they need first.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+# Debian's python3 so that the virtualenv sees the OS's BCC (python3-bpfcc).
+SYSPY := /usr/bin/python3
+
+.PHONY: install os venv demo test proto check-clean help
+
+help:
+	@echo "make demo   install everything, run server + collector on a namespace lab, print SQL answers"
+	@echo "make test   install everything and run the whole test suite"
+	@echo "make proto  regenerate proto/ingest_pb2*.py from proto/ingest.proto"
+
+install: os venv
+
+os:
+	@bash scripts/install-os.sh
+
+# Reinstall the project only when its declaration changed.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(SYSPY) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo: install
+	$(PY) -m hdrlog.demo
+
+test: install
+	$(VENV)/bin/pytest -q
+	@bash scripts/check-clean.sh
+
+check-clean:
+	@bash scripts/check-clean.sh
+
+proto: venv
+	@d=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc --proto_path=hdrlog/proto=proto --python_out=$$d --pyi_out=$$d \
+	  --grpc_python_out=$$d hdrlog/proto/ingest.proto && cp $$d/hdrlog/proto/* proto/ && rm -rf $$d

@@ -1,0 +1,156 @@
+"""The `hdrlog` command: server, collector and sql subcommands.
+
+Every component flag comes from its config dataclass (hdrlog.config), so the
+flag, the HDRLOG_* variable and the config-file key can never drift apart.
+Errors in configuration end the command with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import textwrap
+
+from hdrlog import __version__
+from hdrlog import config as cfg
+
+EPILOG = textwrap.dedent("""\
+    Every flag FOO_BAR also reads HDRLOG_FOO_BAR from the environment and key foo_bar from the
+    command's section (server:, collector:) of --config FILE. Flag beats environment beats file.
+
+    examples:
+      hdrlog server run --insecure --clickhouse chdb:///var/lib/hdrlog/clickhouse
+      hdrlog collector run --insecure --server 198.18.0.1:7600 --iface eth0 --iface 'veth*'
+      hdrlog sql "SELECT host, count() FROM hdrlog.packets GROUP BY host"
+    """)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (keys as in docs/config.md)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="how much to say on stderr (default info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hdrlog.collector.config import CollectorConfig
+    from hdrlog.server.config import ServerConfig
+
+    top = argparse.ArgumentParser(
+        prog="hdrlog", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Log packet header elements across a fleet: eBPF collectors stream columnar "
+                    "batches over gRPC to a server that stores them in ClickHouse.")
+    top.add_argument("--version", action="version", version=f"hdrlog {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    server = sub.add_parser("server", help="the central server (gRPC ingest, ClickHouse, SQL endpoint)")
+    server_sub = server.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = server_sub.add_parser(
+        "run", help="receive batches, store them, serve read-only SQL",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Receive batches from collectors over gRPC, insert them into ClickHouse "
+                    "(embedded chDB by default) and serve a read-only ClickHouse-compatible HTTP "
+                    "SQL endpoint. Stops cleanly on SIGINT/SIGTERM after storing what it acked.")
+    _common(run)
+    cfg.add_arguments(run, ServerConfig)
+    run.set_defaults(handler=_server_run)
+
+    collector = sub.add_parser("collector", help="the per-host collector (eBPF at TC ingress and egress)")
+    collector_sub = collector.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = collector_sub.add_parser(
+        "run", help="capture header elements and stream them to the server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Attach a TC classifier to the ingress and egress of each --iface, log one "
+                    "record per packet header and stream them in batches to --server. Keeps every "
+                    "batch until the server acks it. On SIGINT/SIGTERM: flush, wait for acks, detach "
+                    "its own filters, exit 0. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).")
+    _common(run)
+    cfg.add_arguments(run, CollectorConfig)
+    run.add_argument("--print-bpf", action="store_true",
+                     help="print the BPF C source and compiler flags that would be loaded, then exit")
+    run.set_defaults(handler=_collector_run)
+
+    sql = sub.add_parser(
+        "sql", help="run a read-only SQL query against the store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one read-only SQL query and print the result in a ClickHouse output format. "
+                    "Asks the server's SQL endpoint (--url), a real ClickHouse (--url http(s)://...), "
+                    "or opens an embedded store no server holds (--clickhouse chdb:///PATH). "
+                    "With neither, it tries the local server endpoint, then the default store.",
+        epilog="example: hdrlog sql --format JSONEachRow "
+               "\"SELECT dst_port, count() c FROM hdrlog.packets GROUP BY dst_port ORDER BY c DESC LIMIT 5\"")
+    sql.add_argument("--url", help="SQL endpoint or ClickHouse HTTP URL, http(s)://[user:password@]host:port "
+                                   "[env HDRLOG_SQL_URL]")
+    sql.add_argument("--clickhouse", help="store to open directly: chdb:///PATH or http(s)://... "
+                                          "[env HDRLOG_CLICKHOUSE]")
+    sql.add_argument("--format", default=None,
+                     help="ClickHouse output format: PrettyCompact (default on a terminal), "
+                          "TabSeparated (default otherwise), CSV, JSONEachRow, ...")
+    sql.add_argument("query", help="the SQL text, or - to read it from standard input")
+    sql.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                     help=argparse.SUPPRESS)
+    sql.set_defaults(handler=_sql)
+    return top
+
+
+def _server_run(ns: argparse.Namespace) -> int:
+    from hdrlog.server.app import serve
+    from hdrlog.server.config import ServerConfig
+
+    config = cfg.load(ServerConfig, args=vars(ns), file=ns.config, section="server")
+    return asyncio.run(serve(config))
+
+
+def _collector_run(ns: argparse.Namespace) -> int:
+    from hdrlog.collector.config import CollectorConfig
+
+    if ns.print_bpf:
+        from hdrlog.collector.capture import render_source
+
+        print(render_source())
+        return 0
+    config = cfg.load(CollectorConfig, args=vars(ns), file=ns.config, section="collector")
+    from hdrlog.collector.app import serve
+
+    return asyncio.run(serve(config))
+
+
+def _sql(ns: argparse.Namespace) -> int:
+    from hdrlog import sqlclient
+
+    query = sys.stdin.read() if ns.query == "-" else ns.query
+    fmt = ns.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
+    out = sqlclient.run(query, fmt=fmt, url=ns.url, clickhouse=ns.clickhouse)
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.log_level)
+    try:
+        return ns.handler(ns)
+    except cfg.ConfigError as exc:
+        print(f"hdrlog: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"hdrlog: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+class UserError(Exception):
+    """A failure with a one-line explanation for the person at the terminal."""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

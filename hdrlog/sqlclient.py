@@ -1,0 +1,79 @@
+"""`hdrlog sql`: one read-only query through clickhouse-connect, printed in a ClickHouse format.
+
+Where it asks, in order: --url (the server's SQL endpoint or a real ClickHouse),
+--clickhouse (an embedded chDB store that no server holds, or ClickHouse), then
+HDRLOG_SQL_URL / HDRLOG_CLICKHOUSE, then the local server endpoint and the
+default embedded store. When nothing answers it says, in one line each, what it
+tried and why that failed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from hdrlog.cli import UserError
+
+DEFAULT_SQL_URL = "http://127.0.0.1:7623"
+FORMAT_CLAUSE = re.compile(r"\bFORMAT\s+\w+\s*;?\s*$", re.IGNORECASE)
+# readonly=2: no writes, but clickhouse-connect may still set its own session settings.
+READ_ONLY = {"readonly": 2}
+
+
+def default_store() -> str:
+    from hdrlog.server.config import default_clickhouse_url
+
+    return default_clickhouse_url()
+
+
+def connect(url: str):
+    """A clickhouse-connect client for chdb:///PATH or http(s)://[user:pw@]host:port."""
+    parts = urlsplit(url)
+    if parts.scheme == "chdb":
+        return clickhouse_connect.get_client(dsn=url)
+    if parts.scheme in ("http", "https"):
+        return clickhouse_connect.get_client(
+            host=parts.hostname or "127.0.0.1", port=parts.port or (8443 if parts.scheme == "https" else 8123),
+            username=parts.username or "default", password=parts.password or "",
+            secure=parts.scheme == "https", connect_timeout=5, send_receive_timeout=300)
+    raise UserError(f"cannot use {url!r}: expected chdb:///PATH or http(s)://host:port")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"\s*\(version [^)]*\)\s*$", "", text)
+    return text[:400]
+
+
+def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None = None) -> bytes:
+    query = query.strip()
+    if not query:
+        raise UserError("empty query")
+    if url or clickhouse:
+        targets = [url or clickhouse]
+    elif os.environ.get("HDRLOG_SQL_URL") or os.environ.get("HDRLOG_CLICKHOUSE"):
+        targets = [os.environ.get("HDRLOG_SQL_URL") or os.environ["HDRLOG_CLICKHOUSE"]]
+    else:
+        targets = [DEFAULT_SQL_URL, default_store()]
+    failures = []
+    for target in targets:
+        try:
+            client = connect(target)  # type: ignore[arg-type]
+        except UserError:
+            raise
+        except Exception as exc:
+            failures.append(f"{target}: {_short(exc)}")
+            continue
+        try:
+            if FORMAT_CLAUSE.search(query):
+                return client.raw_query(query, settings=READ_ONLY)
+            return client.raw_query(query, fmt=fmt, settings=READ_ONLY)
+        except ClickHouseError as exc:
+            raise UserError(_short(exc)) from None
+        finally:
+            client.close()
+    raise UserError("no store reachable: " + "; ".join(failures))
