@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   python3-bpfcc bpfcc-tools python3-pyroute2 python3-venv python3-dev   # BCC and netlink from the OS
-  iproute2 ethtool curl iperf3 procps                                     # labs: namespaces, veth, tc, traffic
+  iproute2 iputils-ping ethtool curl iperf3 procps                                   # labs: namespaces, veth, tc, traffic
   tshark tcpreplay                                                        # tests: the oracle and the replayer
 )
 
