@@ -1,0 +1,92 @@
+/* Records and constants shared by hdrlog.c and user space.
+ *
+ * Mirrored in Python by collector/records.py (RECORD_DTYPE, PARSE_*, COUNTER_NAMES):
+ * change both together. The record is fixed-size, naturally aligned and has no
+ * padding holes, so a numpy structured dtype reads a run of them at once.
+ * Multi-byte numbers are host order (little-endian on the machines we target);
+ * addresses and MACs are network order, as on the wire.
+ */
+#ifndef HDRLOG_TYPES_H
+#define HDRLOG_TYPES_H
+
+/* Bytes of L4 payload copied into each record for later app-layer parsing
+ * (DNS, HTTP, TLS SNI). 0 = none; must be a multiple of 8. */
+#ifndef HDRLOG_PAYLOAD_BYTES
+#define HDRLOG_PAYLOAD_BYTES 0
+#endif
+
+/* Ring buffer size in pages (a power of two). */
+#ifndef HDRLOG_RINGBUF_PAGES
+#define HDRLOG_RINGBUF_PAGES 2048
+#endif
+
+/* Direction of a record. */
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+/* parse_flags bits: what the parser noticed. A set TRUNC bit means the header
+ * named was cut short; every field that could still be read is filled. */
+#define PARSE_TRUNC_L2        (1 << 0)  /* Ethernet header or a VLAN tag cut short */
+#define PARSE_TRUNC_L3        (1 << 1)  /* IPv4/IPv6 header or an IPv6 extension header cut short */
+#define PARSE_TRUNC_L4        (1 << 2)  /* TCP/UDP/ICMP header (or TCP options) cut short */
+#define PARSE_BAD_IHL         (1 << 3)  /* IPv4 IHL < 5: L4 not parsed */
+#define PARSE_EXTHDR_LIMIT    (1 << 4)  /* more IPv6 extension headers than HDRLOG_MAX_EXTHDR */
+#define PARSE_VLAN_LIMIT      (1 << 5)  /* more VLAN tags than the parser walks */
+#define PARSE_BAD_TCP_DOFF    (1 << 6)  /* TCP data offset < 5: options not parsed */
+#define PARSE_BAD_TCP_OPT     (1 << 7)  /* malformed TCP option list, or more options than walked */
+#define PARSE_VLAN_ACCEL      (1 << 8)  /* outer VLAN tag was in skb metadata, not in the frame */
+#define PARSE_NONFIRST_FRAG   (1 << 9)  /* non-first fragment: no L4 header to parse */
+#define PARSE_TCP_WSCALE      (1 << 10) /* window-scale option present (so tcp_wscale 0 is real) */
+#define PARSE_BAD_IP_VERSION  (1 << 11) /* version nibble disagrees with the EtherType */
+#define PARSE_GSO             (1 << 12) /* GSO/GRO super-packet: wire_len covers several frames */
+
+/* Counter indexes of the per-CPU `counters` map. */
+#define CNT_SEEN         0 /* packets the program ran on */
+#define CNT_LOGGED       1 /* records submitted to the ring buffer */
+#define CNT_RINGBUF_FULL 2 /* records dropped: ring buffer full (raise ringbuf_bytes) */
+#define CNT_TRUNCATED    3 /* records with a PARSE_TRUNC_* bit (informational) */
+#define CNT_MAX          4
+
+/* One record per packet. 112 bytes + HDRLOG_PAYLOAD_BYTES. */
+struct pkt_record {
+    __u64 mono_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u32 ifindex;        /* skb->ifindex */
+    __u32 wire_len;       /* skb->len, + 4 when a VLAN tag was moved into skb metadata */
+    __u8  src_ip[16];     /* IPv6, or IPv4-mapped ::ffff:a.b.c.d; network order */
+    __u8  dst_ip[16];
+    __u8  eth_src[6];     /* network order */
+    __u8  eth_dst[6];
+    __u16 vlan_id;        /* outermost VLAN id, 0 = untagged */
+    __u16 eth_type;       /* EtherType after all VLAN tags */
+    __u32 ip_id;          /* IPv4 id or IPv6 fragment-header id */
+    __u32 flow_label;     /* IPv6 */
+    __u32 tcp_seq;
+    __u32 tcp_ack;
+    __u16 frag_offset;    /* 8-byte units */
+    __u16 src_port;
+    __u16 dst_port;
+    __u16 tcp_flags;      /* bit 0 FIN .. bit 7 CWR, bit 8 AE */
+    __u16 tcp_window;
+    __u16 tcp_mss;
+    __u16 udp_len;
+    __u16 l4_payload_off; /* offset of the L4 payload from the frame start, 0 = none */
+    __u16 l4_payload_len; /* bytes of L4 payload in the skb (not only the copied part) */
+    __u16 parse_flags;    /* PARSE_* */
+    __u8  direction;      /* DIR_* */
+    __u8  ip_version;     /* 4, 6, 0 = not IP */
+    __u8  ip_proto;       /* IPv4 protocol / last IPv6 next header */
+    __u8  ttl;            /* IPv4 TTL / IPv6 hop limit */
+    __u8  dscp;
+    __u8  ecn;
+    __u8  more_fragments;
+    __u8  dont_fragment;
+    __u8  tcp_wscale;
+    __u8  icmp_type;
+    __u8  icmp_code;
+    __u8  _pad[1];        /* keep the size a multiple of 8 */
+#if HDRLOG_PAYLOAD_BYTES > 0
+    __u8  payload[HDRLOG_PAYLOAD_BYTES]; /* first bytes of the L4 payload, zero-filled */
+#endif
+};
+
+#endif /* HDRLOG_TYPES_H */
