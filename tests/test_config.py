@@ -1,0 +1,66 @@
+"""Config loading: one declaration gives flag, env, file key; bad values fail in one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdrlog import config as cfg
+from hdrlog.collector.config import CollectorConfig
+
+
+def load(args=None, file=None, environ=None):
+    return cfg.load(CollectorConfig, args=args or {}, file=file, section="collector", environ=environ or {})
+
+
+def test_flag_beats_env_beats_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("collector:\n  server: file:1\n  sample: 3\n  batch-rows: 7\n  insecure: true\n  iface: [a, b]\n")
+    c = load(file=str(f))
+    assert (c.server, c.sample, c.batch_rows, c.iface, c.insecure) == ("file:1", 3, 7, ["a", "b"], True)
+    c = load(file=str(f), environ={"HDRLOG_SERVER": "env:2", "HDRLOG_IFACE": "x, y*"})
+    assert (c.server, c.iface) == ("env:2", ["x", "y*"])
+    c = load(args={"server": "flag:3", "iface": ["z"]}, file=str(f), environ={"HDRLOG_SERVER": "env:2"})
+    assert (c.server, c.iface, c.sample) == ("flag:3", ["z"], 3)
+
+
+def test_defaults_fill_host_id():
+    c = load(args={"server": "h:1", "iface": ["eth0"], "insecure": True})
+    assert c.host_id and c.batch_rows == 10_000 and c.sample == 1
+
+
+@pytest.mark.parametrize("args, environ, needle", [
+    ({"iface": ["e"], "insecure": True}, {}, "bad config server=''"),
+    ({"server": "nope", "iface": ["e"], "insecure": True}, {}, "bad config server='nope'"),
+    ({"server": "h:1", "insecure": True}, {}, "bad config iface=[]"),
+    ({"server": "h:1", "iface": ["e"], "insecure": True}, {"HDRLOG_SAMPLE": "many"}, "HDRLOG_SAMPLE='many'"),
+    ({"server": "h:1", "iface": ["e"], "insecure": True, "sample": "0"}, {}, "sample=0: must be 1 or more"),
+    ({"server": "h:1", "iface": ["e"]}, {}, "or --insecure"),
+    ({"server": "h:1", "iface": ["e"], "insecure": True, "ringbuf_bytes": "5000"}, {}, "power of two"),
+])
+def test_bad_values_name_key_value_and_rule(args, environ, needle):
+    with pytest.raises(cfg.ConfigError) as info:
+        load(args=args, environ=environ)
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_bad_files(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(cfg.ConfigError, match="cannot read the file"):
+        load(file=str(missing))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("collector:\n  server: [unclosed\n")
+    with pytest.raises(cfg.ConfigError, match="not valid YAML at line"):
+        load(file=str(broken))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("collector:\n  sevrer: h:1\n")
+    with pytest.raises(cfg.ConfigError, match=r"collector.sevrer='h:1': unknown key"):
+        load(file=str(unknown))
+
+
+def test_hostport():
+    assert cfg.parse_hostport("k", "[::1]:80") == ("::1", 80)
+    assert cfg.parse_hostport("k", ":0") == ("0.0.0.0", 0)
+    assert cfg.parse_hostport("k", "", allow_empty=True) is None
+    with pytest.raises(cfg.ConfigError):
+        cfg.parse_hostport("k", "host:99999")
