@@ -96,7 +96,54 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                      help=argparse.SUPPRESS)
     sql.set_defaults(handler=_sql)
+
+    pki = sub.add_parser("pki", help="certificates for mTLS between collectors and the server")
+    pki_sub = pki.add_subparsers(dest="action", metavar="ACTION", required=True)
+    init = pki_sub.add_parser("init", help="create a CA (DIR/ca.key, DIR/ca.crt)",
+                              description="Create the certificate authority that signs the server's and "
+                                          "every collector's certificate. Keep ca.key off the fleet.")
+    init.add_argument("--dir", required=True, help="directory for ca.key and ca.crt (created if missing)")
+    init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    init.set_defaults(handler=_pki_init, log_level="warning")
+    issue = pki_sub.add_parser(
+        "issue", help="issue a certificate (DIR/NAME.key, DIR/NAME.crt)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Issue a certificate signed by the CA in DIR. For a collector, NAME is the host "
+                    "name its records carry: the server lets it write rows for that host only.",
+        epilog="examples: hdrlog pki issue --dir pki --name central --server --san 198.18.100.10\n"
+               "          hdrlog pki issue --dir pki --name web-01")
+    issue.add_argument("--dir", required=True, help="directory holding ca.key and ca.crt")
+    issue.add_argument("--name", required=True, help="identity: the host name (collector) or server name")
+    issue.add_argument("--server", action="store_true", help="a server certificate (adds serverAuth)")
+    issue.add_argument("--san", action="append", default=[], metavar="HOST_OR_IP",
+                       help="another DNS name or IP address the certificate is valid for (repeatable)")
+    issue.add_argument("--days", type=int, default=397, help="validity in days (default 397)")
+    issue.add_argument("--force", action="store_true", help="replace existing files")
+    issue.set_defaults(handler=_pki_issue, log_level="warning")
     return top
+
+
+def _pki_init(ns: argparse.Namespace) -> int:
+    from hdrlog import pki
+
+    try:
+        key, crt = pki.init_ca(ns.dir, days=ns.days, force=ns.force)
+    except pki.PkiError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {key} (keep it secret, off the fleet) and {crt}")
+    return 0
+
+
+def _pki_issue(ns: argparse.Namespace) -> int:
+    from hdrlog import pki
+
+    try:
+        key, crt = pki.issue(ns.dir, ns.name, server=ns.server, sans=ns.san, days=ns.days, force=ns.force)
+    except pki.PkiError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {key} and {crt}")
+    return 0
 
 
 def _server_run(ns: argparse.Namespace) -> int:
