@@ -1,0 +1,84 @@
+"""App-layer decoders: agree with scapy-built messages, and never raise on hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings, strategies as st
+from scapy.layers.dns import DNS, DNSQR, DNSRR
+from scapy.layers.tls.extensions import TLS_Ext_ServerName, ServerName, TLS_Ext_SupportedVersion_CH, \
+    TLS_Ext_ALPN, ProtocolName
+from scapy.layers.tls.handshake import TLSClientHello
+from scapy.layers.tls.record import TLS
+
+from hdrlog.collector import appheaders as ah
+
+
+def test_dns_query_and_response():
+    q = bytes(DNS(id=0x1234, rd=1, qd=DNSQR(qname="WWW.Example.ORG", qtype="AAAA")))
+    h = ah.parse_payload(q, 17, 40000, 53)
+    assert (h.dns_id, h.dns_qname, h.dns_qtype, h.dns_rcode, h.dns_flags & 0x8000) == \
+        (0x1234, "www.example.org", 28, 0, 0)
+    r = bytes(DNS(id=7, qr=1, rcode=3, qd=DNSQR(qname="nx.example.org"),
+                  an=DNSRR(rrname="nx.example.org", rdata="198.18.0.1")))
+    h = ah.parse_payload(r, 17, 53, 40000)
+    assert (h.dns_qname, h.dns_rcode, h.dns_answers, bool(h.dns_flags & 0x8000)) == ("nx.example.org", 3, 1, True)
+    # DNS over TCP carries a 2-byte length first.
+    h = ah.parse_payload(struct.pack("!H", len(q)) + q, 6, 40000, 53)
+    assert h.dns_qname == "www.example.org"
+
+
+def test_dns_names_compression_loops_and_odd_bytes():
+    header = struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0)
+    # A pointer back to an earlier name is followed; loops and forward pointers are not.
+    assert ah.dns_name(header + b"\x03org\x00\x03abc\xc0\x0c", 17) == ("abc.org", 23)
+    assert ah.dns_name(header + b"\x03abc\xc0\x0c", 12)[0] == "abc"  # back to its own start
+    assert ah.dns_name(header + b"\x03abc\xc0\x10", 12)[0] == "abc"  # points at itself
+    assert ah.dns_name(header + b"\xc0\x20", 12)[0] == ""
+    assert ah.dns_name(header + b"\x03a.b\x00", 12)[0] == "a\\046b"
+    assert ah.dns_name(header + b"\x05ab", 12)[0] == "ab"  # cut short
+    long = b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x00"
+    assert len(ah.dns_name(header + long, 12)[0]) <= ah.DNS_MAX_NAME
+
+
+def test_http_request_and_response():
+    req = b"POST /api/v1/items?x=1 HTTP/1.1\r\nUser-Agent: curl/8\r\nHOST: Example.org:8080\r\n\r\nbody"
+    h = ah.parse_payload(req, 6, 50000, 8080)
+    assert (h.http_method, h.http_path, h.http_host, h.http_user_agent) == \
+        ("POST", "/api/v1/items?x=1", "Example.org:8080", "curl/8")
+    h = ah.parse_payload(b"HTTP/1.1 404 Not Found\r\n", 6, 80, 50000)
+    assert h.http_status == 404
+    assert ah.parse_payload(b"GETS / HTTP/1.1\r\n", 6, 1, 2) is None
+    h = ah.parse_payload(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n", 6, 1, 2)
+    assert len(h.http_path) == ah.MAX_STR
+
+
+def test_tls_client_hello():
+    hello = TLS(msg=[TLSClientHello(ext=[
+        TLS_Ext_ServerName(servernames=[ServerName(servername=b"Secure.Example.org")]),
+        TLS_Ext_ALPN(protocols=[ProtocolName(protocol=b"h2"), ProtocolName(protocol=b"http/1.1")]),
+        TLS_Ext_SupportedVersion_CH(versions=[0x0A0A, 0x0304, 0x0303]),
+    ])])
+    h = ah.parse_payload(bytes(hello), 6, 50000, 443)
+    assert (h.tls_sni, h.tls_alpn, h.tls_offered_versions, h.tls_version) == \
+        ("secure.example.org", ["h2", "http/1.1"], [0x0304, 0x0303], 0x0304)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(payload=st.binary(max_size=300), proto=st.sampled_from([6, 17]),
+       sport=st.sampled_from([53, 80, 443, 40000]), dport=st.sampled_from([53, 80, 443, 40000]))
+def test_never_raises_on_random_bytes(payload, proto, sport, dport):
+    h = ah.parse_payload(payload, proto, sport, dport)
+    if h is not None:
+        for text in (h.dns_qname, h.http_path, h.http_host, h.tls_sni, h.http_user_agent):
+            assert len(text) <= ah.MAX_STR
+
+
+@settings(max_examples=1500, deadline=None)
+@given(prefix=st.sampled_from([b"\x16\x03\x01", b"GET /", b"HTTP/1.1 ", b"\x00\x01\x01\x00\x00\x01"]),
+       rest=st.binary(max_size=300), cut=st.integers(min_value=0, max_value=400))
+def test_never_raises_on_truncated_plausible_messages(prefix, rest, cut):
+    data = (prefix + rest)[:cut]
+    for sport, dport in ((40000, 443), (53, 40000)):
+        ah.parse_payload(data, 6, sport, dport)
+        ah.parse_payload(data, 17, sport, dport)
