@@ -1,0 +1,389 @@
+"""A fleet of booted Debian 12 machines for the Ansible end-to-end tests.
+
+The lab is real in the ways that matter to a roll-out: every host is a
+``systemd-nspawn -b`` container with systemd as PID 1, sshd, its own network
+namespace and its own root filesystem, reached by Ansible over SSH exactly as a
+fleet is. The hosts have no route out of the lab; what they install comes from
+their image (OS packages) and from the controller (the wheelhouse).
+
+- The root filesystem is built once with debootstrap and cached under
+  ``/var/cache/hdrlog-lab/rootfs-<hash>``; the hash covers the suite, mirror,
+  package list and image customisation, so a changed list rebuilds.
+- Each machine gets an overlayfs over the cached image (upper and work dirs in
+  the run directory), so a boot costs seconds and the image is never modified.
+- One bridge in the root namespace carries a free /24 of 198.18.0.0/15 (and a
+  /64 of 2001:db8::/32); the bridge holds .1, the server .10, collectors .11 on.
+  The hosts get no default route.
+- ``close()`` powers every machine off (SIGTERM to nspawn = orderly poweroff,
+  SIGKILL after a grace period), unmounts the overlays, removes the bridge and
+  the run directory. It runs from the pytest finalizer and from atexit, also
+  when the test failed or the build was interrupted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("HDRLOG_LAB_CACHE", "/var/cache/hdrlog-lab"))
+RUN_BASE = Path(os.environ.get("HDRLOG_LAB_RUN", "/var/tmp"))
+SUITE = "bookworm"
+MIRROR = os.environ.get("HDRLOG_LAB_MIRROR", "http://deb.debian.org/debian")
+# What a fleet host has from its own apt: the base system, sshd, Python for Ansible
+# (python3-apt for the apt module), BCC and its kernel headers, tools the tests use.
+PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "libpam-systemd", "openssh-server", "sudo",
+    "python3", "python3-venv", "python3-apt", "python3-packaging",
+    "python3-bpfcc", "python3-pyroute2", "linux-headers-amd64",
+    "iproute2", "iputils-ping", "curl", "procps", "ca-certificates", "netbase", "less",
+)
+IMAGE_REVISION = 1  # bump when customise_image() changes
+LAB_NET4 = ipaddress.ip_network("198.18.0.0/15")
+LAB_NET6 = ipaddress.ip_network("2001:db8::/32")
+CAPABILITIES = "CAP_BPF,CAP_NET_ADMIN,CAP_SYS_ADMIN,CAP_PERFMON,CAP_SYS_RESOURCE"
+SYSCALLS = "bpf perf_event_open"
+SSH_OPTS = (
+    "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=3",
+)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _run(*cmd: str, check: bool = True, timeout: float | None = 120, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and res.returncode != 0:
+        raise LabError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+# -- the cached image -----------------------------------------------------------------------
+
+def image_key() -> str:
+    text = json.dumps([SUITE, MIRROR, sorted(PACKAGES), IMAGE_REVISION])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def customise_image(root: Path) -> None:
+    """Make the debootstrapped tree a bootable, SSH-reachable lab host (no per-host state)."""
+    # systemd-networkd configures host0 from a per-machine file; never wait for "online".
+    _run("chroot", str(root), "systemctl", "enable", "systemd-networkd.service")
+    _run("chroot", str(root), "systemctl", "mask", "systemd-networkd-wait-online.service")
+    # Per-machine identity: an empty machine-id makes nspawn hand each boot its own.
+    (root / "etc/machine-id").write_text("")
+    with contextlib.suppress(FileNotFoundError):
+        (root / "var/lib/dbus/machine-id").unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (root / "etc/hostname").unlink()
+    (root / "etc/ssh/sshd_config.d/hdrlog-lab.conf").write_text(
+        "# hdrlog lab: root by key only, no DNS lookups (there is no DNS)\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n")
+    # Nothing to resolve and no network out: keep apt from trying when the role does not ask.
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").write_text("")
+    (root / "etc/apt/apt.conf.d/99hdrlog-lab").write_text('APT::Install-Recommends "false";\n')
+
+
+def ensure_image(log=print) -> tuple[Path, float]:
+    """The cached root filesystem, built now if missing. Returns (path, seconds spent building)."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    final = CACHE_DIR / f"rootfs-{image_key()}"
+    marker = final / ".hdrlog-lab-complete"
+    if marker.exists():
+        return final, 0.0
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs must not build the same image at once
+        if marker.exists():
+            return final, 0.0
+        t0 = time.monotonic()
+        tmp = CACHE_DIR / f"rootfs-{image_key()}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        log(f"lab: building the Debian {SUITE} image with debootstrap into {final} (once; cached)")
+        try:
+            _run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tmp), MIRROR,
+                 timeout=1800)
+            customise_image(tmp)
+            (tmp / ".hdrlog-lab-complete").write_text(json.dumps({"packages": sorted(PACKAGES)}) + "\n")
+            tmp.rename(final)
+        except BaseException:
+            _unmount_below(tmp)  # debootstrap mounts proc and sys inside the target
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final, time.monotonic() - t0
+
+
+def _unmount_below(path: Path) -> None:
+    """Unmount everything mounted at or below ``path``, deepest first."""
+    prefix = str(path.resolve())
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in f]
+    for mp in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+        if _run("umount", mp, check=False).returncode != 0:
+            _run("umount", "-l", mp, check=False)
+
+
+# -- the network ----------------------------------------------------------------------------
+
+def _used_networks() -> set[ipaddress.IPv4Network]:
+    out = _run("ip", "-j", "-4", "addr", "show").stdout
+    used = set()
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            used.add(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network)
+    return used
+
+
+def _pick_subnet() -> int:
+    """A /24 number k inside 198.18.0.0/15 that no interface uses (198.18.100.0/24 first)."""
+    used = _used_networks()
+    for k in [100] + list(range(101, 512)) + list(range(1, 100)):
+        net = ipaddress.ip_network(f"{LAB_NET4.network_address + (k << 8)}/24")
+        if not any(net.overlaps(u) for u in used):
+            return k
+    raise LabError("no free /24 left in 198.18.0.0/15 for the lab bridge")
+
+
+# -- machines ---------------------------------------------------------------------------------
+
+@dataclass
+class Machine:
+    name: str          # inventory name and hostname (the collector's host_id)
+    group: str         # inventory group
+    ipv4: str          # address without prefix
+    ipv6: str
+    machine: str       # nspawn machine name (unique per run)
+    dir: Path          # run directory: upper/, work/, merged/, console.log
+    proc: subprocess.Popen | None = None
+    mounted: bool = False
+
+    @property
+    def root(self) -> Path:
+        return self.dir / "merged"
+
+
+@dataclass
+class PlaybookResult:
+    rc: int
+    output: str
+    seconds: float
+    recap: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def changed(self) -> dict[str, int]:
+        return {h: r.get("changed", 0) for h, r in self.recap.items()}
+
+    def failed_hosts(self) -> list[str]:
+        return sorted(h for h, r in self.recap.items() if r.get("failed", 0) or r.get("unreachable", 0))
+
+
+RECAP_RE = re.compile(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$")
+
+
+def parse_recap(output: str) -> dict[str, dict[str, int]]:
+    recap: dict[str, dict[str, int]] = {}
+    in_recap = False
+    for line in output.splitlines():
+        if line.startswith("PLAY RECAP"):
+            in_recap = True
+            continue
+        if in_recap:
+            m = RECAP_RE.match(line.strip())
+            if m:
+                recap[m.group(1)] = {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
+    return recap
+
+
+class Lab:
+    """``with Lab(collectors=3) as lab:`` one server and N collector hosts, booted and reachable."""
+
+    def __init__(self, collectors: int = 3, log=print):
+        self.log = log
+        self.run_id = secrets.token_hex(2)
+        self.dir = RUN_BASE / f"hdrlog-lab-{self.run_id}"
+        self.bridge = f"hlbr{self.run_id}"
+        self.machines: list[Machine] = []
+        self.n_collectors = collectors
+        self.timings: dict[str, float] = {}
+        self.subnet = 0
+        self._closed = False
+        self._bridge_up = False
+        atexit.register(self.close)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> "Lab":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        image, build_s = ensure_image(self.log)
+        self.timings["image build (debootstrap, uncached)" if build_s else "image build (cached)"] = build_s
+        t0 = time.monotonic()
+        self.dir.mkdir(parents=True)
+        self.key = self.dir / "id_ed25519"
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hdrlog-lab-{self.run_id}", "-f", str(self.key))
+        self.subnet = _pick_subnet()
+        base4 = LAB_NET4.network_address + (self.subnet << 8)
+        self.gateway4 = str(base4 + 1)
+        self.prefix6 = f"2001:db8:{self.subnet:x}::"
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        self._bridge_up = True
+        _run("ip", "addr", "add", f"{self.gateway4}/24", "dev", self.bridge)
+        _run("ip", "addr", "add", f"{self.prefix6}1/64", "dev", self.bridge, "nodad")
+        _run("ip", "link", "set", self.bridge, "up")
+        names = [("hl-server", "hdrlog_servers")] + [(f"hl-col{i}", "hdrlog_collectors")
+                                                     for i in range(1, self.n_collectors + 1)]
+        for i, (name, group) in enumerate(names):
+            m = Machine(name=name, group=group, ipv4=str(base4 + 10 + i), ipv6=f"{self.prefix6}{10 + i:x}",
+                        machine=f"hl{self.run_id}{name.split('-')[1]}", dir=self.dir / name)
+            self.machines.append(m)
+            self._boot(m, image)
+        for m in self.machines:
+            self._wait_ssh(m)
+        self.timings["lab boot (4 machines to sshd)" if len(self.machines) == 4 else
+                     f"lab boot ({len(self.machines)} machines to sshd)"] = time.monotonic() - t0
+        self.write_inventory()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for m in self.machines:  # orderly poweroff for all at once, then wait
+            if m.proc and m.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    m.proc.send_signal(signal.SIGTERM)
+        for m in self.machines:
+            if m.proc:
+                try:
+                    m.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(m.proc.pid, signal.SIGKILL)
+                    m.proc.wait(timeout=10)
+            if m.mounted:
+                if _run("umount", str(m.root), check=False).returncode != 0:
+                    _run("umount", "-l", str(m.root), check=False)
+                m.mounted = False
+        if self._bridge_up:
+            _run("ip", "link", "del", self.bridge, check=False)
+            self._bridge_up = False
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- machines ---------------------------------------------------------------------------
+    def _boot(self, m: Machine, image: Path) -> None:
+        for d in ("upper", "work", "merged"):
+            (m.dir / d).mkdir(parents=True)
+        _run("mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={image},upperdir={m.dir / 'upper'},workdir={m.dir / 'work'}", str(m.root))
+        m.mounted = True
+        r = m.root
+        (r / "etc/hostname").write_text(m.name + "\n")
+        hosts = "127.0.0.1 localhost\n::1 localhost\n" + "".join(
+            f"{x.ipv4} {x.name}\n" for x in self.machines) + f"127.0.1.1 {m.name}\n"
+        (r / "etc/hosts").write_text(hosts)
+        (r / "etc/systemd/network/10-host0.network").write_text(
+            "[Match]\nName=host0\n\n[Network]\n"
+            f"Address={m.ipv4}/24\nAddress={m.ipv6}/64\n"
+            "LinkLocalAddressing=ipv6\nIPv6AcceptRA=no\nDHCP=no\n")
+        ssh = r / "root/.ssh"
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        (ssh / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
+        os.chmod(ssh / "authorized_keys", 0o600)
+        cmd = [
+            "systemd-nspawn", "--boot", "--quiet", f"--directory={r}", f"--machine={m.machine}",
+            f"--hostname={m.name}", "--register=no", "--keep-unit", "--console=passive",
+            f"--network-bridge={self.bridge}", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+            f"--capability={CAPABILITIES}", f"--system-call-filter={SYSCALLS}",
+        ]
+        console = open(m.dir / "console.log", "wb")
+        m.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        console.close()
+
+    def _wait_ssh(self, m: Machine, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if m.proc and m.proc.poll() is not None:
+                raise LabError(f"{m.name}: systemd-nspawn exited {m.proc.returncode}: "
+                               f"{(m.dir / 'console.log').read_text(errors='replace')[-2000:]}")
+            if self.ssh(m, "systemctl is-active ssh", check=False, timeout=5).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise LabError(f"{m.name}: no SSH on {m.ipv4} after {timeout:.0f}s")
+
+    def ssh(self, m: Machine | str, command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        m = self[m] if isinstance(m, str) else m
+        try:
+            res = subprocess.run(["ssh", *SSH_OPTS, "-i", str(self.key), f"root@{m.ipv4}", command],
+                                 capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if check:
+                raise
+            return subprocess.CompletedProcess(command, 255, "", "timeout")
+        if check and res.returncode != 0:
+            raise LabError(f"{m.name}$ {command} -> {res.returncode}: {res.stderr.strip()} {res.stdout.strip()}")
+        return res
+
+    def __getitem__(self, name: str) -> Machine:
+        for m in self.machines:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def server(self) -> Machine:
+        return self.machines[0]
+
+    @property
+    def collectors(self) -> list[Machine]:
+        return self.machines[1:]
+
+    # -- Ansible ----------------------------------------------------------------------------
+    def write_inventory(self) -> Path:
+        """inventory.yml and ansible.cfg in the run directory."""
+        groups: dict[str, dict] = {}
+        for m in self.machines:
+            groups.setdefault(m.group, {"hosts": {}})["hosts"][m.name] = {"ansible_host": m.ipv4}
+        inv = {"all": {"vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.key),
+                                "ansible_python_interpreter": "/usr/bin/python3"},
+                       "children": groups}}
+        self.inventory = self.dir / "inventory.yml"
+        self.inventory.write_text(json.dumps(inv, indent=2))  # JSON is YAML
+        self.ansible_cfg = self.dir / "ansible.cfg"
+        self.ansible_cfg.write_text(
+            "[defaults]\nhost_key_checking = False\nforks = 8\ninterpreter_python = /usr/bin/python3\n"
+            "callback_result_format = yaml\n"
+            f"local_tmp = {self.dir}/ansible-local\n"
+            "[ssh_connection]\npipelining = True\n"
+            f"control_path_dir = {self.dir}/cp\n"
+            "ssh_args = -o ControlMaster=auto -o ControlPersist=120s -o UserKnownHostsFile=/dev/null "
+            "-o StrictHostKeyChecking=no -o LogLevel=ERROR\n")
+        return self.inventory
+
+    def ansible_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(ANSIBLE_CONFIG=str(self.ansible_cfg), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
+                   ANSIBLE_HOME=str(self.dir / "ansible-home"), PYTHONUNBUFFERED="1")
+        return env
