@@ -34,10 +34,15 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+PLAYBOOKS = REPO / "playbooks"
 CACHE_DIR = Path(os.environ.get("HDRLOG_LAB_CACHE", "/var/cache/hdrlog-lab"))
 RUN_BASE = Path(os.environ.get("HDRLOG_LAB_RUN", "/var/tmp"))
 SUITE = "bookworm"
@@ -361,29 +366,111 @@ class Lab:
         return self.machines[1:]
 
     # -- Ansible ----------------------------------------------------------------------------
-    def write_inventory(self) -> Path:
-        """inventory.yml and ansible.cfg in the run directory."""
+    def write_inventory(self, group_vars: dict | None = None, host_vars: dict | None = None) -> Path:
+        """inventory.yml (JSON is YAML) and ansible.cfg in the run directory."""
+        if group_vars is not None:
+            self.group_vars = group_vars
+        if host_vars is not None:
+            self.host_vars = host_vars
+        gv = getattr(self, "group_vars", {})
+        hv = getattr(self, "host_vars", {})
         groups: dict[str, dict] = {}
         for m in self.machines:
-            groups.setdefault(m.group, {"hosts": {}})["hosts"][m.name] = {"ansible_host": m.ipv4}
+            groups.setdefault(m.group, {"hosts": {}})["hosts"][m.name] = {"ansible_host": m.ipv4, **hv.get(m.name, {})}
         inv = {"all": {"vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.key),
-                                "ansible_python_interpreter": "/usr/bin/python3"},
+                                "ansible_python_interpreter": "/usr/bin/python3", **gv},
                        "children": groups}}
         self.inventory = self.dir / "inventory.yml"
-        self.inventory.write_text(json.dumps(inv, indent=2))  # JSON is YAML
+        self.inventory.write_text(json.dumps(inv, indent=2))
         self.ansible_cfg = self.dir / "ansible.cfg"
         self.ansible_cfg.write_text(
             "[defaults]\nhost_key_checking = False\nforks = 8\ninterpreter_python = /usr/bin/python3\n"
-            "callback_result_format = yaml\n"
+            "roles_path = " + str(PLAYBOOKS / "roles") + "\n"
             f"local_tmp = {self.dir}/ansible-local\n"
             "[ssh_connection]\npipelining = True\n"
             f"control_path_dir = {self.dir}/cp\n"
-            "ssh_args = -o ControlMaster=auto -o ControlPersist=120s -o UserKnownHostsFile=/dev/null "
+            "ssh_args = -o ControlMaster=auto -o ControlPersist=300s -o UserKnownHostsFile=/dev/null "
             "-o StrictHostKeyChecking=no -o LogLevel=ERROR\n")
         return self.inventory
 
     def ansible_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(ANSIBLE_CONFIG=str(self.ansible_cfg), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
+        env.update(ANSIBLE_CONFIG=str(self.ansible_cfg), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
                    ANSIBLE_HOME=str(self.dir / "ansible-home"), PYTHONUNBUFFERED="1")
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         return env
+
+    def playbook(self, name: str, extra_vars: dict | None = None, *args: str, timeout: float = 1200) -> PlaybookResult:
+        """Run playbooks/NAME against the fleet; the full output lands in the run directory."""
+        self._runs = getattr(self, "_runs", 0) + 1
+        ev = self.dir / f"extra-vars-{self._runs}.json"
+        ev.write_text(json.dumps(extra_vars or {}))
+        log_path = self.dir / f"ansible-{self._runs:02d}-{name.replace('.yml', '')}.log"
+        cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory),
+               str(PLAYBOOKS / name), "-e", f"@{ev}", *args]
+        t0 = time.monotonic()
+        res = subprocess.run(cmd, cwd=PLAYBOOKS, env=self.ansible_env(), capture_output=True, text=True,
+                             timeout=timeout)
+        seconds = time.monotonic() - t0
+        out = res.stdout + ("\n--- stderr ---\n" + res.stderr if res.stderr.strip() else "")
+        log_path.write_text(f"$ {' '.join(cmd)}\n{out}")
+        keep = RUN_BASE / "hdrlog-lab-last-logs"  # survives close(): read it after a failure
+        keep.mkdir(exist_ok=True)
+        shutil.copy(log_path, keep / log_path.name)
+        return PlaybookResult(rc=res.returncode, output=out, seconds=seconds, recap=parse_recap(res.stdout))
+
+    # -- the fleet's data -------------------------------------------------------------------
+    def sql(self, query: str, timeout: float = 30) -> str:
+        """Ask the server's SQL endpoint (the lab sets sql_listen to the server's lab address)."""
+        url = f"http://{self.server.ipv4}:7623/?" + urllib.parse.urlencode({"query": query})
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+
+    def count(self, where: str) -> int:
+        return int(self.sql(f"SELECT count() FROM hdrlog.packets WHERE {where}").strip() or 0)
+
+    def start_udp(self, m: Machine | str, dport: int, src_base: int, n: int, rate: float) -> None:
+        """Send N UDP datagrams from host M to the server, datagram i from source port src_base+i.
+
+        Touching /run/hdrlog-e2e-udp-DPORT.stop on M ends it early; the .done file holds the
+        number actually sent.
+
+        The distinct source port makes every datagram one identifiable row, so a test can
+        count loss and duplicates exactly. Runs in the background on M; done_udp() says when
+        it finished.
+        """
+        m = self[m] if isinstance(m, str) else m
+        script = (
+            "import socket,sys,time\n"
+            f"dst,dport,base,n,rate={self.server.ipv4!r},{dport},{src_base},{n},{rate}\n"
+            "import os\n"
+            f"stop='/run/hdrlog-e2e-udp-{dport}.stop'\n"
+            "t0=time.monotonic(); sent=0\n"
+            "for i in range(n):\n"
+            "    if os.path.exists(stop): break\n"
+            "    s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "    s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            "    s.bind(('0.0.0.0',base+i)); s.sendto(b'hdrlog-e2e',(dst,dport)); s.close(); sent+=1\n"
+            "    d=t0+(i+1)/rate-time.monotonic()\n"
+            "    time.sleep(d) if d>0 else None\n"
+            f"open('/run/hdrlog-e2e-udp-{dport}.done','w').write(str(sent))\n")
+        (m.root / f"run/hdrlog-e2e-udp-{dport}.py").write_text(script)
+        self.ssh(m, f"rm -f /run/hdrlog-e2e-udp-{dport}.done /run/hdrlog-e2e-udp-{dport}.stop; "
+                    f"nohup python3 /run/hdrlog-e2e-udp-{dport}.py >/dev/null 2>&1 </dev/null &")
+
+    def done_udp(self, m: Machine | str, dport: int) -> bool:
+        return self.ssh(m, f"test -e /run/hdrlog-e2e-udp-{dport}.done", check=False).returncode == 0
+
+
+def snapshot_source(dest: Path, version: str | None = None) -> Path:
+    """Copy the project's source tree (no VCS, venv, build output or tests), optionally re-versioned."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis",
+        "tests", "var", "demo-data", "playbooks", "*.pyc"))
+    if version:
+        py = dest / "pyproject.toml"
+        text, n = re.subn(r'(?m)^version\s*=\s*"[^"]+"', f'version = "{version}"', py.read_text(), count=1)
+        if n != 1:
+            raise LabError("no version line in pyproject.toml")
+        py.write_text(text)
+    return dest

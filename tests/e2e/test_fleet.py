@@ -1,0 +1,253 @@
+"""The roll-out, proven on a booted fleet: the acceptance tests of the Ansible issue.
+
+One server and three collector machines (systemd-nspawn, systemd as PID 1, sshd, each
+in its own network namespace on a lab bridge) get hdrlog from the real playbooks over
+SSH. The tests run in file order and build on each other: deploy, redeploy (changed=0),
+check mode, a rolling upgrade while traffic flows, a rollout stopped by a failing host,
+and the uninstall. Traffic is UDP from each collector host to the server with one
+source port per datagram, so every datagram is one identifiable row and loss and
+duplicates are counted exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import record
+from lab import PLAYBOOKS, REPO, Lab, PlaybookResult, snapshot_source
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux, root and systemd-nspawn")
+
+BASE_VERSION = re.search(r'(?m)^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+V2 = f"{BASE_VERSION}+e2e.2"
+V3 = f"{BASE_VERSION}+e2e.3"
+WHEELHOUSE = Path("/var/cache/hdrlog-lab/wheelhouse")  # dependency wheels are reused across runs
+VENV_PY = "/opt/hdrlog/venv/bin/python"
+
+
+def lab_vars(**extra) -> dict:
+    """Extra vars of every run: plaintext (mTLS comes later), the lab's interface, SQL reachable."""
+    return {
+        "hdrlog_server_insecure": True,
+        "hdrlog_collector_insecure": True,
+        "hdrlog_collector_ifaces": ["host0"],
+        "hdrlog_server_sql_listen": "0.0.0.0:7623",
+        "hdrlog_wheelhouse_dir": str(WHEELHOUSE),
+        "hdrlog_wheelhouse_pip_args": f"--find-links {WHEELHOUSE}",
+        **extra,
+    }
+
+
+def tail(r: PlaybookResult, n: int = 60) -> str:
+    return "\n".join(r.output.splitlines()[-n:])
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except Exception as exc:  # the endpoint may be restarting
+            last = exc
+        if last is True or (last and not isinstance(last, Exception)):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def installed_version(fleet: Lab, host: str) -> str:
+    return fleet.ssh(host, f"{VENV_PY} -c 'import importlib.metadata as m; print(m.version(\"hdrlog\"))'").stdout.strip()
+
+
+def unit_state(fleet: Lab, host: str, unit: str) -> str:
+    return fleet.ssh(host, f"systemctl is-active {unit}", check=False).stdout.strip()
+
+
+def udp_rows(fleet: Lab, host: str, dport: int) -> dict[int, int]:
+    """src_port -> number of rows, for the datagrams host sent to the server's dport."""
+    out = fleet.sql(f"SELECT src_port, count() FROM hdrlog.packets WHERE host = '{host}' AND dst_port = {dport} "
+                    f"AND ip_proto = 17 AND direction = 'egress' GROUP BY src_port FORMAT TabSeparated")
+    return {int(a): int(b) for a, b in (line.split("\t") for line in out.splitlines() if line.strip())}
+
+
+def send_and_count(fleet: Lab, hosts: list[str], dport: int, n: int = 40, rate: float = 100) -> None:
+    """Each host sends n datagrams; every one must show up exactly once under its own host name."""
+    for h in hosts:
+        fleet.start_udp(h, dport, 20000, n, rate)
+    for h in hosts:
+        wait_until(lambda h=h: fleet.done_udp(h, dport), 60, f"{h} to send its datagrams")
+    for h in hosts:
+        rows = wait_until(lambda h=h: (lambda r: r if sum(r.values()) >= n else None)(udp_rows(fleet, h, dport)),
+                          60, f"{n} rows from {h} in hdrlog.packets")
+        time.sleep(0)
+        assert sorted(rows) == list(range(20000, 20000 + n)), f"{h}: ports {sorted(rows)[:5]}..."
+        assert set(rows.values()) == {1}, f"{h}: duplicated rows {[p for p, c in rows.items() if c > 1]}"
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Three source trees of the project: as it is (v1), and re-versioned v2 and v3."""
+    base = tmp_path_factory.mktemp("src")
+    return {
+        "v1": snapshot_source(base / "v1"),
+        "v2": snapshot_source(base / "v2", V2),
+        "v3": snapshot_source(base / "v3", V3),
+    }
+
+
+# -- lint (no lab needed) -------------------------------------------------------------------
+
+def test_ansible_lint_production_profile_is_clean(stopwatch):
+    lint = Path(sys.executable).parent / "ansible-lint"
+    with stopwatch("ansible-lint --profile production"):
+        res = subprocess.run([str(lint), "--profile", "production", "--nocolor", "."], cwd=PLAYBOOKS,
+                             capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+# -- deploy ---------------------------------------------------------------------------------
+
+def test_site_on_a_fresh_fleet_starts_every_service_and_logs_each_host(fleet, builds):
+    r = fleet.playbook("site.yml", lab_vars(hdrlog_wheelhouse_source=str(builds["v1"]),
+                                            hdrlog_wheelhouse_rebuild=True))
+    record("site.yml on the fresh fleet (wheelhouse build + install)", r.seconds)
+    assert r.rc == 0, tail(r)
+    assert not r.failed_hosts(), r.recap
+    assert unit_state(fleet, "hl-server", "hdrlog-server") == "active"
+    for m in fleet.collectors:
+        assert unit_state(fleet, m.name, "hdrlog-collector") == "active", \
+            fleet.ssh(m, "journalctl -u hdrlog-collector --no-pager | tail -30", check=False).stdout
+        assert installed_version(fleet, m.name) == BASE_VERSION
+    # The collector runs as its own user with only its capabilities; the server with none.
+    show = fleet.ssh("hl-col1", "systemctl show -p User -p NoNewPrivileges -p ProtectSystem "
+                                "-p CapabilityBoundingSet hdrlog-collector").stdout
+    assert "User=hdrlog" in show and "NoNewPrivileges=yes" in show and "ProtectSystem=strict" in show, show
+    assert "cap_sys_admin" not in show, show
+    pid_user = fleet.ssh("hl-server", "ps -o user= -p $(systemctl show -p MainPID --value hdrlog-server)").stdout
+    assert pid_user.strip() == "hdrlog"
+    send_and_count(fleet, [m.name for m in fleet.collectors], dport=9001)
+
+
+def test_second_site_run_changes_nothing(fleet, builds):
+    r = fleet.playbook("site.yml", lab_vars(hdrlog_wheelhouse_source=str(builds["v1"])))
+    record("site.yml again (idempotence)", r.seconds)
+    assert r.rc == 0, tail(r)
+    assert set(r.recap) >= {"localhost", "hl-server", "hl-col1", "hl-col2", "hl-col3"}, r.recap
+    assert r.changed() == {h: 0 for h in r.recap}, tail(r, 120)
+
+
+def test_check_mode_on_the_deployed_fleet_reports_no_change(fleet, builds):
+    r = fleet.playbook("site.yml", lab_vars(hdrlog_wheelhouse_source=str(builds["v1"])), "--check", "--diff")
+    record("site.yml --check --diff", r.seconds)
+    assert r.rc == 0, tail(r)
+    assert r.changed() == {h: 0 for h in r.recap}, tail(r, 120)
+
+
+# -- upgrade --------------------------------------------------------------------------------
+
+def _positions(output: str, task: str, status: str) -> dict[str, int]:
+    """Line number at which each host reported `status` for the task named `task`."""
+    pos: dict[str, int] = {}
+    current = None
+    for i, line in enumerate(output.splitlines()):
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            current = line
+        elif current and task in current:
+            m = re.match(rf"^{status}: \[([^\]]+)\]", line)
+            if m:
+                pos.setdefault(m.group(1), i)
+    return pos
+
+
+def test_rolling_upgrade_while_traffic_flows_loses_and_duplicates_nothing(fleet, builds):
+    dport, rate = 9002, 20.0
+    collectors = [m.name for m in fleet.collectors]
+    for h in collectors:  # runs until stopped: 20 datagrams a second, one source port each
+        fleet.start_udp(h, dport, 20000, 20000, rate)
+    time.sleep(2)
+    r = fleet.playbook("upgrade.yml", lab_vars(hdrlog_wheelhouse_source=str(builds["v2"]),
+                                               hdrlog_wheelhouse_rebuild=True))
+    record("upgrade.yml to a new build, traffic flowing", r.seconds)
+    time.sleep(2)
+    for h in collectors:
+        fleet.ssh(h, f"touch /run/hdrlog-e2e-udp-{dport}.stop")
+    sent = {}
+    for h in collectors:
+        wait_until(lambda h=h: fleet.done_udp(h, dport), 30, f"{h}'s sender to stop")
+        sent[h] = int(fleet.ssh(h, f"cat /run/hdrlog-e2e-udp-{dport}.done").stdout)
+    assert r.rc == 0, tail(r, 120)
+
+    # One host at a time: each collector restarts only after the previous one passed the gate.
+    restarts = _positions(r.output, "Restart hdrlog-collector", "changed")
+    gates = _positions(r.output, "records keep arriving", "ok")
+    assert set(restarts) == set(gates) == set(collectors), (restarts, gates)
+    order = sorted(collectors, key=lambda h: restarts[h])
+    for a, b in zip(order, order[1:]):
+        assert restarts[a] < gates[a] < restarts[b], (restarts, gates)
+    for h in ["hl-server", *collectors]:
+        assert installed_version(fleet, h) == V2
+
+    # Every datagram is one row: no duplicates at all. The only datagrams missing are those sent
+    # while that host's own collector was restarting: one contiguous run, a few seconds long.
+    for h in collectors:
+        def settled(h=h):
+            a = udp_rows(fleet, h, dport)
+            time.sleep(3)
+            b = udp_rows(fleet, h, dport)
+            return b if a == b and b else None
+        rows = wait_until(settled, 60, f"{h}'s rows to settle")
+        dups = {p: c for p, c in rows.items() if c > 1}
+        assert not dups, f"{h}: duplicated rows for source ports {sorted(dups)[:20]}"
+        missing = sorted(set(range(20000, 20000 + sent[h])) - set(rows))
+        extra = sorted(set(rows) - set(range(20000, 20000 + sent[h])))
+        assert not extra, f"{h}: rows for datagrams never sent: {extra[:20]}"
+        if missing:
+            assert missing == list(range(missing[0], missing[-1] + 1)), \
+                f"{h}: loss outside its collector's restart: missing {missing[:10]}...{missing[-10:]}"
+            assert len(missing) <= rate * 30, f"{h}: {len(missing)} datagrams missed in the restart gap"
+        record(f"upgrade: {h} sent {sent[h]}, logged {len(rows)}, gap while its collector restarted "
+               f"{len(missing) / rate:.1f} s", 0.0)
+
+
+def test_a_host_failing_mid_upgrade_stops_the_rollout_and_the_others_keep_serving(fleet, builds):
+    # hl-col2 gets a collector that cannot capture anything (no such interface): its gate fails.
+    fleet.write_inventory(host_vars={"hl-col2": {"hdrlog_collector_ifaces": ["hlnosuch0"]}})
+    try:
+        r = fleet.playbook("upgrade.yml", lab_vars(hdrlog_wheelhouse_source=str(builds["v3"]),
+                                                   hdrlog_wheelhouse_rebuild=True, hdrlog_upgrade_gate_seconds=20))
+    finally:
+        fleet.write_inventory(host_vars={})
+    record("upgrade.yml with hl-col2 failing (rollout stops)", r.seconds)
+    assert r.rc != 0, tail(r)
+    assert r.failed_hosts() == ["hl-col2"], r.recap
+    assert "hl-col3" not in r.recap or r.recap["hl-col3"].get("ok", 0) == 0, r.recap
+    # Before the failure: upgraded. After it: untouched, still the old build. Both serving.
+    assert installed_version(fleet, "hl-col1") == V3
+    assert installed_version(fleet, "hl-col3") == V2
+    for h in ("hl-col1", "hl-col3"):
+        assert unit_state(fleet, h, "hdrlog-collector") == "active"
+    assert unit_state(fleet, "hl-server", "hdrlog-server") == "active"
+    send_and_count(fleet, ["hl-col1", "hl-col3"], dport=9003)
+
+
+# -- uninstall ------------------------------------------------------------------------------
+
+def test_uninstall_leaves_no_unit_process_filter_or_file(fleet):
+    r = fleet.playbook("uninstall.yml", {"hdrlog_uninstall_remove_data": True})
+    record("uninstall.yml", r.seconds)
+    assert r.rc == 0, tail(r)
+    for m in fleet.machines:
+        left = fleet.ssh(m, "ls -d /etc/systemd/system/hdrlog* /opt/hdrlog /etc/hdrlog /var/lib/hdrlog 2>/dev/null; "
+                            "systemctl list-units --all --no-legend 'hdrlog*'; "
+                            "pgrep -a -f 'hdrlog (server|collector)'; getent passwd hdrlog; "
+                            "for d in ingress egress; do tc filter show dev host0 $d; done; true").stdout
+        assert left.strip() == "", f"{m.name} still has: {left}"
+    again = fleet.playbook("uninstall.yml", {"hdrlog_uninstall_remove_data": True})
+    assert again.rc == 0 and again.changed() == {h: 0 for h in again.recap}, tail(again)
