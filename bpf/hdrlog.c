@@ -22,8 +22,7 @@
  * therefore yields a record with every field that could be read plus a PARSE_* bit
  * in parse_flags, and parsing stops there. All loops are bounded.
  *
- * The record keeps the offset and length of the L4 payload; compiled with
- * -DHDRLOG_PAYLOAD_BYTES=N it also carries the first N payload bytes, for the
+ * The record keeps the offset and length of the L4 payload, the seam for the
  * app-layer parsers (DNS, HTTP, TLS SNI) to come.
  *
  * When the ring buffer is full the record is dropped and counted
@@ -420,15 +419,15 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
         goto out;
     }
 
-    /* --- L4 payload (offset/length; optionally its first bytes) --- */
+    /* --- L4 payload: where it starts and how long it is. The app-layer
+     * parsers to come copy its first bytes from here (a variable-length
+     * bpf_skb_load_bytes into the record; a first try, straight into ring
+     * buffer memory, hit the verifier's complexity limit). --- */
     if (l3_end > len)
         l3_end = len; /* truncated capture or bogus length: what the skb holds */
     if (payload_off < l3_end) {
         r->l4_payload_off = payload_off;
         r->l4_payload_len = l3_end - payload_off;
-#if HDRLOG_PAYLOAD_BYTES > 0
-        load(skb, l3_end, payload_off, r->payload, HDRLOG_PAYLOAD_BYTES);
-#endif
     }
 
 out:

@@ -9,12 +9,6 @@
 #ifndef HDRLOG_TYPES_H
 #define HDRLOG_TYPES_H
 
-/* Bytes of L4 payload copied into each record for later app-layer parsing
- * (DNS, HTTP, TLS SNI). 0 = none; must be a multiple of 8. */
-#ifndef HDRLOG_PAYLOAD_BYTES
-#define HDRLOG_PAYLOAD_BYTES 0
-#endif
-
 /* Ring buffer size in pages (a power of two). */
 #ifndef HDRLOG_RINGBUF_PAGES
 #define HDRLOG_RINGBUF_PAGES 2048
@@ -47,7 +41,8 @@
 #define CNT_TRUNCATED    3 /* records with a PARSE_TRUNC_* bit (informational) */
 #define CNT_MAX          4
 
-/* One record per packet. 112 bytes + HDRLOG_PAYLOAD_BYTES. */
+/* One record per packet, 112 bytes. App-layer fields (DNS, HTTP, TLS) will be
+ * appended at the end; l4_payload_off/len say where their bytes are. */
 struct pkt_record {
     __u64 mono_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     __u32 ifindex;        /* skb->ifindex */
@@ -84,9 +79,6 @@ struct pkt_record {
     __u8  icmp_type;
     __u8  icmp_code;
     __u8  _pad[1];        /* keep the size a multiple of 8 */
-#if HDRLOG_PAYLOAD_BYTES > 0
-    __u8  payload[HDRLOG_PAYLOAD_BYTES]; /* first bytes of the L4 payload, zero-filled */
-#endif
 };
 
 #endif /* HDRLOG_TYPES_H */

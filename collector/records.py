@@ -1,0 +1,138 @@
+"""Decode raw BPF records (bpf/types.h ``struct pkt_record``) into packet columns.
+
+``RECORD_DTYPE`` mirrors the C struct field for field; ``decode`` turns a run of
+records into the ``packets`` columns of the registry (``hdrlog.proto.columns``)
+with one numpy pass per column, no Python object per record except the
+interface-name strings. Change this file and ``bpf/types.h`` together.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from hdrlog.proto.columns import PACKETS
+
+# parse_flags bits (bpf/types.h PARSE_*).
+PARSE_TRUNC_L2 = 1 << 0  # Ethernet header or a VLAN tag cut short
+PARSE_TRUNC_L3 = 1 << 1  # IPv4/IPv6 header or an IPv6 extension header cut short
+PARSE_TRUNC_L4 = 1 << 2  # TCP/UDP/ICMP header (or TCP options) cut short
+PARSE_BAD_IHL = 1 << 3  # IPv4 IHL < 5: L4 not parsed
+PARSE_EXTHDR_LIMIT = 1 << 4  # more IPv6 extension headers than the parser walks
+PARSE_VLAN_LIMIT = 1 << 5  # more VLAN tags than the parser walks
+PARSE_BAD_TCP_DOFF = 1 << 6  # TCP data offset < 5
+PARSE_BAD_TCP_OPT = 1 << 7  # malformed TCP option list, or more options than walked
+PARSE_VLAN_ACCEL = 1 << 8  # outer VLAN tag was in skb metadata, not in the frame
+PARSE_NONFIRST_FRAG = 1 << 9  # non-first fragment: no L4 header
+PARSE_TCP_WSCALE = 1 << 10  # window-scale option present (tcp_wscale 0 is real)
+PARSE_BAD_IP_VERSION = 1 << 11  # version nibble disagrees with the EtherType
+PARSE_GSO = 1 << 12  # GSO/GRO super-packet: wire_len covers several frames
+
+PARSE_FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("PARSE_") and isinstance(v, int)}
+PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
+
+# Per-CPU counter indexes (bpf/types.h CNT_*), in index order.
+COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated")
+
+DIR_INGRESS = 1
+DIR_EGRESS = 2
+
+RECORD_DTYPE = np.dtype(
+    [
+        ("mono_ns", "<u8"),
+        ("ifindex", "<u4"),
+        ("wire_len", "<u4"),
+        ("src_ip", "V16"),
+        ("dst_ip", "V16"),
+        ("eth_src", "u1", (6,)),
+        ("eth_dst", "u1", (6,)),
+        ("vlan_id", "<u2"),
+        ("eth_type", "<u2"),
+        ("ip_id", "<u4"),
+        ("flow_label", "<u4"),
+        ("tcp_seq", "<u4"),
+        ("tcp_ack", "<u4"),
+        ("frag_offset", "<u2"),
+        ("src_port", "<u2"),
+        ("dst_port", "<u2"),
+        ("tcp_flags", "<u2"),
+        ("tcp_window", "<u2"),
+        ("tcp_mss", "<u2"),
+        ("udp_len", "<u2"),
+        ("l4_payload_off", "<u2"),
+        ("l4_payload_len", "<u2"),
+        ("parse_flags", "<u2"),
+        ("direction", "u1"),
+        ("ip_version", "u1"),
+        ("ip_proto", "u1"),
+        ("ttl", "u1"),
+        ("dscp", "u1"),
+        ("ecn", "u1"),
+        ("more_fragments", "u1"),
+        ("dont_fragment", "u1"),
+        ("tcp_wscale", "u1"),
+        ("icmp_type", "u1"),
+        ("icmp_code", "u1"),
+        ("_pad", "V1"),
+    ]
+)
+RECORD_SIZE = RECORD_DTYPE.itemsize
+assert RECORD_SIZE == 112, RECORD_SIZE  # sizeof(struct pkt_record)
+
+# Registry columns copied as they are from the record (same name, cast to the registry dtype).
+_DIRECT = tuple(
+    c.name
+    for c in PACKETS
+    if not c.is_string and c.name in RECORD_DTYPE.names and c.name not in ("eth_src", "eth_dst")
+)
+_MAC_WEIGHTS = np.array([1 << (8 * (5 - i)) for i in range(6)], dtype=np.uint64)
+
+
+def mac_to_u64(macs: np.ndarray) -> np.ndarray:
+    """(N, 6) uint8 MAC bytes -> uint64 numbers, first byte most significant."""
+    return macs.astype(np.uint64) @ _MAC_WEIGHTS
+
+
+def as_records(raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:
+    """View ``count`` packed records as a structured array (no copy)."""
+    if len(raw) < count * RECORD_SIZE:
+        raise ValueError(f"{len(raw)} bytes hold fewer than {count} records of {RECORD_SIZE} bytes")
+    return np.frombuffer(raw, dtype=RECORD_DTYPE, count=count)
+
+
+def decode(
+    raw: bytes | bytearray | memoryview,
+    count: int,
+    ifnames: Mapping[int, str],
+    mono_to_wall_ns: int,
+    sample_rate: int = 1,
+) -> dict[str, object]:
+    """Packet columns (registry order and dtypes) from ``count`` packed records.
+
+    ``mono_to_wall_ns`` is added to the CLOCK_MONOTONIC stamps to give UTC
+    nanoseconds; ``ifnames`` maps ifindex to name (unknown ones become "if<N>").
+    App-layer columns are left 0 / ''.
+    """
+    rec = as_records(raw, count)
+    out: dict[str, object] = {}
+    for spec in PACKETS:
+        name = spec.name
+        if name == "ts":
+            out[name] = rec["mono_ns"].astype(np.int64) + np.int64(mono_to_wall_ns)
+        elif name == "ifname":
+            idx = rec["ifindex"]
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            names = [ifnames.get(int(i)) or f"if{int(i)}" for i in uniq]
+            out[name] = [names[j] for j in inverse.tolist()]
+        elif name == "sample_rate":
+            out[name] = np.full(count, sample_rate, dtype=spec.dtype)
+        elif name in ("eth_src", "eth_dst"):
+            out[name] = mac_to_u64(rec[name]).astype(spec.dtype)
+        elif name in _DIRECT:
+            out[name] = np.ascontiguousarray(rec[name]).astype(spec.dtype, copy=False)
+        elif spec.is_string:
+            out[name] = [""] * count
+        else:
+            out[name] = np.zeros(count, dtype=spec.dtype)
+    return out
