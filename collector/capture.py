@@ -147,7 +147,7 @@ class _CallbackReader:
             return 0
 
         self._cb = on_record  # keep a reference: BCC holds only a C pointer
-        bpf[map_name].open_ring_buffer(on_record)
+        bpf[map_name.encode()].open_ring_buffer(on_record)
 
     def read(self, timeout_ms: int) -> tuple[bytes, int]:
         self._bpf.ring_buffer_poll(timeout_ms)
@@ -200,7 +200,7 @@ class Capture:
         self._final_counters = None
         try:
             for direction, prog in PROG_NAMES.items():
-                self._fns[direction] = bpf.load_func(prog, BPF.SCHED_CLS)
+                self._fns[direction] = bpf.load_func(prog.encode(), BPF.SCHED_CLS)
             self._reader = _CallbackReader(bpf, "records")
             self._refresh_offset(force=True)
             with IPRoute() as ipr:
@@ -251,7 +251,7 @@ class Capture:
         if self._bpf is None:
             out = dict(self._final_counters or {n: 0 for n in records.COUNTER_NAMES})
         else:
-            table = self._bpf.get_table("counters")
+            table = self._bpf.get_table(b"counters")
             out = {
                 name: int(sum(v for v in table.getvalue(table.Key(i))))
                 for i, name in enumerate(records.COUNTER_NAMES)
