@@ -344,15 +344,15 @@ def test_foreign_clsact_and_filter_left_intact(host):
     dev = host.peer_ifname
     subprocess.run(["tc", "qdisc", "add", "dev", dev, "clsact"], check=True)
     subprocess.run(["tc", "filter", "add", "dev", dev, "ingress", "pref", "20", "protocol", "all",
-                    "matchall", "action", "pass"], check=True)
+                    "u32", "match", "u32", "0", "0", "flowid", "1:1"], check=True)
     try:
         cap = Capture(CaptureConfig(ifaces=[dev]))
         cap.start()
         shown = tc("filter", "show", "dev", dev, "ingress")
-        assert "matchall" in shown and "hdrlog_ingress" in shown
+        assert "u32" in shown and "hdrlog_ingress" in shown
         cap.stop()
         shown = tc("filter", "show", "dev", dev, "ingress")
-        assert "matchall" in shown and "hdrlog" not in shown
+        assert "u32" in shown and "hdrlog" not in shown
         assert "clsact" in tc("qdisc", "show", "dev", dev)
     finally:
         subprocess.run(["tc", "qdisc", "del", "dev", dev, "clsact"], check=False)
@@ -363,14 +363,14 @@ def test_start_rolls_back_when_an_attach_fails(lab):
     # Someone else's filter of another kind at our prio on b makes our attach there fail.
     subprocess.run(["tc", "qdisc", "add", "dev", b.peer_ifname, "clsact"], check=True)
     subprocess.run(["tc", "filter", "add", "dev", b.peer_ifname, "ingress", "pref", str(TC_PRIO),
-                    "handle", str(TC_HANDLE), "protocol", "all", "matchall", "action", "pass"], check=True)
+                    "protocol", "all", "u32", "match", "u32", "0", "0", "flowid", "1:1"], check=True)
     try:
         cap = Capture(CaptureConfig(ifaces=[a.peer_ifname, b.peer_ifname]))
         with pytest.raises(RuntimeError, match=b.peer_ifname):
             cap.start()
         assert cap.attachments == []
         assert "clsact" not in tc("qdisc", "show", "dev", a.peer_ifname)
-        assert "matchall" in tc("filter", "show", "dev", b.peer_ifname, "ingress")
+        assert "u32" in tc("filter", "show", "dev", b.peer_ifname, "ingress")
         cap.stop()
     finally:
         subprocess.run(["tc", "qdisc", "del", "dev", b.peer_ifname, "clsact"], check=False)
