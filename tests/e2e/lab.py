@@ -458,6 +458,13 @@ class Lab:
         self.ssh(m, f"rm -f /run/hdrlog-e2e-udp-{dport}.done /run/hdrlog-e2e-udp-{dport}.stop; "
                     f"nohup python3 /run/hdrlog-e2e-udp-{dport}.py >/dev/null 2>&1 </dev/null &")
 
+    def attached(self, m: Machine | str, ifname: str = "host0") -> bool:
+        """True when hdrlog's classifier sits on both TC hooks of the host's interface."""
+        out = self.ssh(m, f"tc filter show dev {ifname} ingress; echo ---; tc filter show dev {ifname} egress",
+                       check=False).stdout
+        ingress, _, egress = out.partition("---")
+        return "hdrlog" in ingress and "hdrlog" in egress
+
     def done_udp(self, m: Machine | str, dport: int) -> bool:
         return self.ssh(m, f"test -e /run/hdrlog-e2e-udp-{dport}.done", check=False).returncode == 0
 

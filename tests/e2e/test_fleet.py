@@ -80,6 +80,8 @@ def udp_rows(fleet: Lab, host: str, dport: int) -> dict[int, int]:
 def send_and_count(fleet: Lab, hosts: list[str], dport: int, n: int = 40, rate: float = 100) -> None:
     """Each host sends n datagrams; every one must show up exactly once under its own host name."""
     for h in hosts:
+        wait_until(lambda h=h: fleet.attached(h), 60, f"{h}'s collector to attach to host0")
+    for h in hosts:
         fleet.start_udp(h, dport, 20000, n, rate)
     for h in hosts:
         wait_until(lambda h=h: fleet.done_udp(h, dport), 60, f"{h} to send its datagrams")
@@ -169,6 +171,8 @@ def _positions(output: str, task: str, status: str) -> dict[str, int]:
 def test_rolling_upgrade_while_traffic_flows_loses_and_duplicates_nothing(fleet, builds):
     dport, rate = 9002, 20.0
     collectors = [m.name for m in fleet.collectors]
+    for h in collectors:
+        wait_until(lambda h=h: fleet.attached(h), 60, f"{h}'s collector to attach to host0")
     for h in collectors:  # runs until stopped: 20 datagrams a second, one source port each
         fleet.start_udp(h, dport, 20000, 20000, rate)
     time.sleep(2)
@@ -247,7 +251,8 @@ def test_uninstall_leaves_no_unit_process_filter_or_file(fleet):
         left = fleet.ssh(m, "ls -d /etc/systemd/system/hdrlog* /opt/hdrlog /etc/hdrlog /var/lib/hdrlog 2>/dev/null; "
                             "systemctl list-units --all --no-legend 'hdrlog*'; "
                             "pgrep -a -f 'hdrlog (server|collector)'; getent passwd hdrlog; "
-                            "for d in ingress egress; do tc filter show dev host0 $d; done; true").stdout
+                            "for d in ingress egress; do tc filter show dev host0 $d; done; "
+                            "tc qdisc show dev host0 | grep clsact; true").stdout
         assert left.strip() == "", f"{m.name} still has: {left}"
     again = fleet.playbook("uninstall.yml", {"hdrlog_uninstall_remove_data": True})
     assert again.rc == 0 and again.changed() == {h: 0 for h in again.recap}, tail(again)
