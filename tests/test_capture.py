@@ -267,6 +267,9 @@ def test_every_column_of_scripted_frames(lab, host, capture, tmp_path):
         want.update(extra)
         assert t0 - 5_000_000 <= got["ts"] <= t1 + 5_000_000, (name, got["ts"], t0, t1)
         assert got["ifname"] == host.peer_ifname, name
+        if name in ("vlan-8021q", "qinq-8021ad", "three-tags"):
+            # veth's receive path moves the outer tag into skb metadata before TC ingress.
+            assert got["parse_flags"] & records.PARSE_VLAN_ACCEL, name
         got = dict(got, ts=0, ifname="", parse_flags=got["parse_flags"] & ~IGNORED_FLAGS)
         want.update(ts=0, ifname="")
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
@@ -422,3 +425,54 @@ def test_full_ring_buffer_is_counted(lab, host, tmp_path):
         assert len(rows) + c["ringbuf_full"] >= 300  # every frame is either read or counted as dropped
     finally:
         cap.stop()
+
+
+@pytest.mark.parametrize("vlan_proto", ["802.1Q", "802.1ad"])
+def test_egress_vlan_tag_in_skb_metadata(lab, host, capture, vlan_proto):
+    """A VLAN device on the monitored link hands the tag over in skb metadata: still counted on the wire."""
+    import socket
+
+    vdev = f"{host.peer_ifname}v"
+    made = subprocess.run(["ip", "link", "add", "link", host.peer_ifname, "name", vdev, "type", "vlan",
+                           "proto", vlan_proto, "id", "42"], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no VLAN devices in this kernel: {made.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "link", "set", vdev, "up"], check=True)
+        frame = bytes(Ether(src=host.peer_mac, dst=host.mac) / IP(src=host.peer_addr4, dst=host.addr4, ttl=3)
+                      / UDP(sport=4242, dport=4343) / Raw(b"tagged"))
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((vdev, 0))
+            s.send(frame)
+        rows = collect(capture, lambda r: r["direction"] == 2 and r["dst_port"] == 4343, 1)
+        assert len(rows) == 1
+        r = rows[0]
+        assert r["vlan_id"] == 42 and r["eth_type"] == 0x0800 and r["ip_version"] == 4
+        assert r["wire_len"] == len(frame) + 4, "the tag counts on the wire"
+        assert r["src_port"] == 4242 and r["udp_len"] == 8 + 6 and r["ttl"] == 3
+    finally:
+        subprocess.run(["ip", "link", "del", vdev], check=False)
+
+
+def test_egress_inband_tags(lab, host, capture):
+    """Frames written raw (AF_PACKET) from the root side keep their tags in the frame at TC egress."""
+    import socket
+
+    frames = [
+        bytes(Ether(src=host.peer_mac, dst=host.mac) / Dot1Q(vlan=7) / IP(src=host.peer_addr4, dst=host.addr4)
+              / UDP(sport=1, dport=4711)),
+        bytes(Ether(src=host.peer_mac, dst=host.mac) / Dot1AD(vlan=8) / Dot1Q(vlan=9)
+              / IPv6(src=host.peer_addr6, dst=host.addr6) / UDP(sport=2, dport=4712)),
+    ]
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((host.peer_ifname, 0))
+        for f in frames:
+            s.send(f)
+    rows = collect(capture, lambda r: r["direction"] == 2 and r["dst_port"] in (4711, 4712), 2)
+    assert len(rows) == 2
+    for f, r in zip(frames, sorted(rows, key=lambda r: r["dst_port"])):
+        want = dict(expected(f), direction=2)
+        got = dict(r, ts=0, ifname="", parse_flags=r["parse_flags"] & ~IGNORED_FLAGS)
+        want.update(ts=0, ifname="")
+        assert {k: (got[k], want[k]) for k in want if got[k] != want[k]} == {}
+        assert not r["parse_flags"] & records.PARSE_VLAN_ACCEL, "tag was in the frame"
