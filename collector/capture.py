@@ -16,6 +16,7 @@ per record and we copy the raw bytes out; decoding happens in bulk in
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import fnmatch
@@ -209,12 +210,15 @@ class Capture:
         except BaseException:
             self._teardown()
             raise
+        # A collector that exits without stop() must not leave filters behind.
+        atexit.register(self.stop)
         log.info("capture attached to %s", ", ".join(f"{n} {d}" for n, d in self.attachments))
 
     def stop(self) -> None:
         """Detach our filters, remove clsact qdiscs we created, free BPF. Idempotent."""
         with self._lock:
             self._teardown()
+        atexit.unregister(self.stop)
 
     # -- reading --------------------------------------------------------------
 
