@@ -66,16 +66,15 @@
  * Key: none (ring buffer). Value: struct pkt_record, one per packet. */
 BPF_RINGBUF_OUTPUT(records, HDRLOG_RINGBUF_PAGES);
 
-/* What the program did, per CPU (summed in user space).
- * Key: CNT_* index (u32). Value: packet count (u64). */
-BPF_PERCPU_ARRAY(counters, u64, CNT_MAX);
+/* What the program did, per CPU (summed in user space). One entry, so one
+ * lookup per packet.
+ * Key: 0 (u32). Value: struct counters, n[CNT_*] = packet counts. */
+BPF_PERCPU_ARRAY(counters, struct counters, 1);
 
-static __always_inline void count(u32 idx)
-{
-    u64 *v = counters.lookup(&idx);
-    if (v)
-        *v += 1;
-}
+/* Ring buffer submit flags: 0 = adaptive wakeup of the reader. */
+#ifndef HDRLOG_RB_FLAGS
+#define HDRLOG_RB_FLAGS 0
+#endif
 
 /* Read up to `want` bytes at `off` into a zeroed `buf`; return how many were
  * read (0 when `off` is at or past the end). */
@@ -437,18 +436,22 @@ out:
 
 static __always_inline int handle(struct __sk_buff *skb, u8 dir)
 {
-    count(CNT_SEEN);
+    u32 zero = 0;
+    struct counters *c = counters.lookup(&zero);
+    if (!c) /* cannot happen: the array has its one entry */
+        return TC_ACT_UNSPEC;
+    c->n[CNT_SEEN]++;
     struct pkt_record *r = records.ringbuf_reserve(sizeof(struct pkt_record));
     if (!r) {
-        count(CNT_RINGBUF_FULL);
+        c->n[CNT_RINGBUF_FULL]++;
         return TC_ACT_UNSPEC;
     }
     __builtin_memset(r, 0, sizeof(*r));
     parse(skb, r, dir);
     if (r->parse_flags & (PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4))
-        count(CNT_TRUNCATED);
-    records.ringbuf_submit(r, 0);
-    count(CNT_LOGGED);
+        c->n[CNT_TRUNCATED]++;
+    records.ringbuf_submit(r, HDRLOG_RB_FLAGS);
+    c->n[CNT_LOGGED]++;
     return TC_ACT_UNSPEC;
 }
 

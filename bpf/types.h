@@ -41,6 +41,11 @@
 #define CNT_TRUNCATED    3 /* records with a PARSE_TRUNC_* bit (informational) */
 #define CNT_MAX          4
 
+/* Value of the per-CPU `counters` map (one entry). */
+struct counters {
+    __u64 n[CNT_MAX];
+};
+
 /* One record per packet, 112 bytes. App-layer fields (DNS, HTTP, TLS) will be
  * appended at the end; l4_payload_off/len say where their bytes are. */
 struct pkt_record {

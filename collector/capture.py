@@ -256,8 +256,9 @@ class Capture:
             out = dict(self._final_counters or {n: 0 for n in records.COUNTER_NAMES})
         else:
             table = self._bpf.get_table(b"counters")
+            per_cpu = table.getvalue(table.Key(0))
             out = {
-                name: int(sum(v for v in table.getvalue(table.Key(i))))
+                name: int(sum(cpu.n[i] for cpu in per_cpu))
                 for i, name in enumerate(records.COUNTER_NAMES)
             }
         out["polled"] = self._polled
