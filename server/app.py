@@ -1,0 +1,214 @@
+"""The server: components started in order and stopped in reverse.
+
+``Server(config)`` is inert. ``start()`` opens the store, applies the schema,
+loads the exactly-once watermarks, starts the writer, the gRPC ingest service,
+the SQL endpoint and the metrics endpoint, and logs one status line to stderr
+every ``status_interval`` seconds. ``stop(grace)`` stops accepting streams,
+flushes what is pending and answers it, and closes the store.
+
+``serve(config)`` is the one entry point of ``hdrlog server run``: it runs until
+SIGINT/SIGTERM and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Callable
+
+import grpc
+
+from hdrlog.config import parse_hostport
+from hdrlog.proto import ingest_pb2_grpc
+from hdrlog.server.config import ServerConfig
+from hdrlog.server.ingest import IngestServicer
+from hdrlog.server.metrics import ServerMetrics
+from hdrlog.server.sqlhttp import SqlEndpoint
+from hdrlog.server.store import Store, StoreError, redact
+from hdrlog.server.writer import Writer
+
+log = logging.getLogger("hdrlog.server")
+
+
+class StartError(RuntimeError):
+    """A component could not start; the message is one line for the operator."""
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.store = Store(config.clickhouse)
+        self.writer: Writer | None = None
+        self.grpc_port: int | None = None
+        self.sql_port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._sql: SqlEndpoint | None = None
+        self._status_task: asyncio.Task | None = None
+        self._store_open = False
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            await self._start(cfg)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._started = True
+        if cfg.insecure:
+            log.warning("server: --insecure: no TLS and no client authentication; collectors' host names are trusted")
+        log.info("server: listening gRPC %s:%d, SQL %s, metrics %s, store %s",
+                 parse_hostport("listen", cfg.listen)[0], self.grpc_port,
+                 f"port {self.sql_port}" if self.sql_port else "off",
+                 f"port {self.metrics_port}" if self.metrics_port else "off", redact(cfg.clickhouse))
+
+    async def _start(self, cfg: ServerConfig) -> None:
+        try:
+            await asyncio.to_thread(self.store.open)
+            self._store_open = True
+            await asyncio.to_thread(self.store.migrate)
+        except StoreError as exc:
+            raise StartError(f"unable to initialize the store: {exc}") from None
+        self.writer = Writer(self.store, cfg, self.metrics)
+        try:
+            await self.writer.start()
+        except StoreError as exc:
+            self.writer = None
+            raise StartError(f"unable to initialize the writer: {exc}") from None
+
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        ingest_pb2_grpc.add_IngestServicer_to_server(
+            IngestServicer(self.writer, self.metrics, insecure=cfg.insecure), self._grpc)
+        host, port = parse_hostport("listen", cfg.listen)  # type: ignore[misc]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            if cfg.insecure:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, _server_credentials(cfg))
+        except (RuntimeError, OSError) as exc:
+            raise StartError(f"unable to listen for gRPC on {cfg.listen}: {exc}") from None
+        if not self.grpc_port:
+            raise StartError(f"unable to listen for gRPC on {cfg.listen}: address in use or not available")
+        await self._grpc.start()
+
+        sql = parse_hostport("sql_listen", cfg.sql_listen, allow_empty=True)
+        if sql is not None:
+            self._sql = SqlEndpoint(self.store, self.metrics, sql[0], sql[1])
+            try:
+                self.sql_port = await self._sql.start()
+            except OSError as exc:
+                self._sql = None
+                raise StartError(f"unable to listen for SQL on {cfg.sql_listen}: {exc.strerror or exc}") from None
+
+        metrics = parse_hostport("metrics_listen", cfg.metrics_listen, allow_empty=True)
+        if metrics is not None:
+            try:
+                self.metrics_port = await asyncio.to_thread(self.metrics.start_http, metrics[0], metrics[1])
+            except OSError as exc:
+                raise StartError(f"unable to listen for metrics on {cfg.metrics_listen}: {exc.strerror or exc}") from None
+
+        if cfg.status_interval > 0:
+            self._status_task = asyncio.create_task(self._status_loop(), name="hdrlog-status")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, flush and answer what is pending, close everything. Idempotent."""
+        if self._status_task is not None:
+            self._status_task.cancel()
+            await asyncio.gather(self._status_task, return_exceptions=True)
+            self._status_task = None
+        if self._grpc is not None:
+            # Open streams get `grace` seconds to half-close; the writer keeps flushing meanwhile.
+            # Meanwhile the writer flushes at once (no waiting for flush_rows / flush_interval) so
+            # streams get their acks; anything cut off by the grace is resent and deduplicated.
+            if self.writer is not None:
+                self.writer.flush_now()
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self.writer is not None:
+            await self.writer.stop()
+        self.writer = None
+        if self._sql is not None:
+            await self._sql.stop()
+            self._sql = None
+        await asyncio.to_thread(self.metrics.stop_http)
+        if self._store_open:
+            await asyncio.to_thread(self.store.close)
+            self._store_open = False
+        if self._started:
+            self._started = False
+            log.info("server: stopped (%s)", self.status_line())
+
+    async def run_until_signal(self, on_started: Callable[["Server"], None] | None = None) -> int:
+        """start(), wait for SIGINT/SIGTERM, stop(); returns the exit code."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            if on_started is not None:
+                on_started(self)
+            await stop.wait()
+            log.info("server: signal received, stopping")
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        return 0
+
+    # -- status ------------------------------------------------------------
+
+    def status_line(self) -> str:
+        m = self.metrics
+        pending = self.writer.pending_rows if self.writer is not None else 0
+        return (f"server: streams={m.open_streams} batches={m.total_batches} rows={m.total_rows} "
+                f"dup={m.total_dup} rejected={m.total_rejected} pending={pending}")
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            log.info("%s", self.status_line())
+
+
+def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+    return grpc.ssl_server_credentials([(read(cfg.tls_key), read(cfg.tls_cert))],
+                                       root_certificates=read(cfg.tls_ca), require_client_auth=True)
+
+
+def _ensure_logging() -> None:
+    """Status lines go to stderr even when the caller configured no logging."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
+async def serve(config: ServerConfig, on_started: Callable[[Server], None] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM. Returns 0 after a clean stop, 1 when it cannot start."""
+    _ensure_logging()
+    server = Server(config)
+    try:
+        return await server.run_until_signal(on_started)
+    except StartError as exc:
+        log.error("server: %s", exc)
+        return 1

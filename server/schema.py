@@ -1,0 +1,175 @@
+"""The SQL schema (database ``hdrlog``) and its versioned migrations.
+
+``MIGRATIONS`` is an append-only list of ``(version, [ddl, ...])``. A migration's
+text never changes once released: later changes are new entries. Every statement
+is idempotent (``IF NOT EXISTS``), so a migration interrupted half-way is simply
+applied again; a version is recorded in ``hdrlog.schema_version`` only after all
+its statements ran.
+
+Every data table carries three server-side columns besides the registry's
+(``hdrlog.proto.columns``): ``host``, ``collector_id`` and ``batch_seq``. The last
+two make ingest exactly-once (see ``writer.py``) and cost almost nothing on disk
+(LowCardinality / Delta codecs on long runs of equal values).
+
+All data tables are partitioned by UTC day of their time column (``PARTITION_TS``);
+the writer relies on that (its watermarks are kept per day, see ``writer.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol
+
+log = logging.getLogger("hdrlog.server")
+
+DATABASE = "hdrlog"
+
+# The time column each table is partitioned by (toDate of it, UTC).
+PARTITION_TS = {"packets": "ts", "flows": "start_ts", "collector_stats": "ts"}
+
+_TABLE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
+
+_PACKETS_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.packets
+(
+    ts              DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    host            LowCardinality(String),
+    collector_id    LowCardinality(String),
+    batch_seq       UInt64 CODEC(Delta, ZSTD(1)),
+    ifname          LowCardinality(String),
+    direction       LowCardinality(String),
+    sample_rate     UInt32,
+    wire_len        UInt32,
+    eth_src         UInt64,
+    eth_dst         UInt64,
+    vlan_id         UInt16,
+    eth_type        UInt16,
+    ip_version      UInt8,
+    src_ip          IPv6,
+    dst_ip          IPv6,
+    ip_proto        UInt8,
+    ttl             UInt8,
+    dscp            UInt8,
+    ecn             UInt8,
+    ip_id           UInt32,
+    frag_offset     UInt16,
+    more_fragments  UInt8,
+    dont_fragment   UInt8,
+    flow_label      UInt32,
+    src_port        UInt16,
+    dst_port        UInt16,
+    tcp_flags       UInt16,
+    tcp_seq         UInt32,
+    tcp_ack         UInt32,
+    tcp_window      UInt16,
+    tcp_mss         UInt16,
+    tcp_wscale      UInt8,
+    udp_len         UInt16,
+    icmp_type       UInt8,
+    icmp_code       UInt8,
+    dns_id          UInt16,
+    dns_qname       String CODEC(ZSTD(1)),
+    dns_qtype       UInt16,
+    dns_rcode       UInt8,
+    http_method     LowCardinality(String),
+    http_host       String CODEC(ZSTD(1)),
+    http_path       String CODEC(ZSTD(1)),
+    http_status     UInt16,
+    tls_sni         String CODEC(ZSTD(1)),
+    parse_flags     UInt16
+)
+ENGINE = MergeTree
+PARTITION BY toDate(ts)
+ORDER BY (host, ts)
+{_TABLE_SETTINGS}
+"""
+
+_FLOWS_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.flows
+(
+    start_ts        DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    end_ts          DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    host            LowCardinality(String),
+    collector_id    LowCardinality(String),
+    batch_seq       UInt64 CODEC(Delta, ZSTD(1)),
+    ifname          LowCardinality(String),
+    direction       LowCardinality(String),
+    ip_version      UInt8,
+    src_ip          IPv6,
+    dst_ip          IPv6,
+    ip_proto        UInt8,
+    src_port        UInt16,
+    dst_port        UInt16,
+    packets         UInt64,
+    bytes           UInt64,
+    tcp_flags       UInt16,
+    sample_rate     UInt32
+)
+ENGINE = MergeTree
+PARTITION BY toDate(start_ts)
+ORDER BY (host, start_ts)
+{_TABLE_SETTINGS}
+"""
+
+_COLLECTOR_STATS_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.collector_stats
+(
+    ts              DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    host            LowCardinality(String),
+    collector_id    LowCardinality(String),
+    batch_seq       UInt64 CODEC(Delta, ZSTD(1)),
+    interval_ms     UInt32,
+    counter         LowCardinality(String),
+    value           UInt64
+)
+ENGINE = MergeTree
+PARTITION BY toDate(ts)
+ORDER BY (host, counter, ts)
+{_TABLE_SETTINGS}
+"""
+
+SCHEMA_VERSION_DDL = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.schema_version
+(
+    version     UInt32,
+    applied_at  DateTime64(3, 'UTC') DEFAULT now64(3),
+    description String
+)
+ENGINE = MergeTree
+ORDER BY version
+"""
+
+# (version, description, statements). Append only; never edit a released entry.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "packets, flows and collector_stats", [_PACKETS_V1, _FLOWS_V1, _COLLECTOR_STATS_V1]),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+class _Client(Protocol):
+    def command(self, cmd: str, *args, **kwargs): ...  # noqa: E704
+
+
+def applied_versions(command: Callable[[str], object]) -> set[int]:
+    out = command(f"SELECT arrayStringConcat(groupArray(toString(version)), ',') FROM {DATABASE}.schema_version")
+    text = out if isinstance(out, str) else ",".join(map(str, out)) if isinstance(out, (list, tuple)) else str(out)
+    return {int(v) for v in text.split(",") if v.strip()}
+
+
+def migrate(command: Callable[[str], object]) -> list[int]:
+    """Create the database and apply missing migrations; returns the versions applied now."""
+    command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+    command(SCHEMA_VERSION_DDL)
+    done = applied_versions(command)
+    applied: list[int] = []
+    for version, description, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for ddl in statements:
+            command(ddl)
+        safe = description.replace("\\", "\\\\").replace("'", "\\'")
+        command(f"INSERT INTO {DATABASE}.schema_version (version, description) VALUES ({version}, '{safe}')")
+        log.info("server: schema migration %d applied (%s)", version, description)
+        applied.append(version)
+    return applied

@@ -1,0 +1,442 @@
+"""The read-only, ClickHouse-compatible HTTP SQL endpoint (``--sql-listen``).
+
+chDB lets one process open a store, so the server that writes it also answers
+SQL about it. The endpoint speaks enough of ClickHouse's HTTP interface for
+curl and clickhouse-connect's HTTP client:
+
+- ``GET /?query=...``, ``POST /`` with the query in the body, or a ``?query=``
+  prefix followed by the body; ``GET /`` and ``/ping`` answer ``Ok.``;
+- ``default_format`` (or the ``X-ClickHouse-Format`` header) and a ``FORMAT``
+  clause in the query; ``database`` (or ``X-ClickHouse-Database``); any other
+  URL parameter that names a ClickHouse setting is applied, unknown ones are
+  ignored;
+- errors as ClickHouse shapes them: HTTP 400/403/404/500, header
+  ``X-ClickHouse-Exception-Code``, body ``Code: N. DB::Exception: ... (NAME)``.
+
+Only SELECT, WITH, SHOW, DESCRIBE/DESC, EXISTS and EXPLAIN run, one statement
+per request; table functions and functions that reach files, URLs, other
+servers or the process (``file()``, ``url()``, ``remote()``, ``s3()``,
+``Python()``, ...) and ``INTO OUTFILE`` are refused with code 164 (READONLY).
+The check reads tokens outside string literals and comments (``check_readonly``);
+the queries then run on chDB handles with ``readonly = 2``, so ClickHouse itself
+refuses any write that got past it.
+
+The HTTP side is a small asyncio server on the ingest event loop (HTTP/1.1,
+keep-alive, Content-Length or chunked bodies); queries run in a small thread
+pool on their own chDB handles, so a slow query never stalls ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from hdrlog.server.metrics import ServerMetrics
+from hdrlog.server.store import Store, StoreError
+
+log = logging.getLogger("hdrlog.server")
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 16 * 1024 * 1024
+KEEPALIVE_SECONDS = 30.0
+DEFAULT_FORMAT = "TabSeparated"
+
+ALLOWED_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
+WRITE_STATEMENTS = frozenset({
+    "INSERT", "DROP", "ALTER", "CREATE", "ATTACH", "DETACH", "RENAME", "TRUNCATE", "DELETE", "UPDATE",
+    "OPTIMIZE", "SYSTEM", "KILL", "GRANT", "REVOKE", "SET", "USE", "BACKUP", "RESTORE", "EXCHANGE",
+    "UNDROP", "MOVE", "CHECK", "BEGIN", "COMMIT", "ROLLBACK", "REPLACE", "WATCH", "UNDO",
+})
+# Functions and table functions that read or write outside the tables (files, network, processes).
+DENIED_FUNCTIONS = frozenset({
+    "file", "filecluster", "url", "urlcluster", "remote", "remotesecure", "cluster", "clusterallreplicas",
+    "gcs", "oss", "cosn", "input", "pandas", "arrowtable", "python", "dictionary_source", "executable",
+    "executablepool", "prometheusquery", "prometheusqueryrange", "ytsaurus", "numbers_mt_file",
+})
+DENIED_PREFIXES = ("s3", "hdfs", "azureblob", "iceberg", "deltalake", "hudi", "paimon", "mysql", "postgresql",
+                   "mongodb", "redis", "sqlite", "jdbc", "odbc", "remote", "executable", "python", "arrowtable",
+                   "url", "file")
+# Legitimate functions that the prefixes above would catch.
+ALLOWED_FUNCTIONS = frozenset({"urlhierarchy", "urlpathhierarchy", "filesystemavailable", "filesystemcapacity",
+                               "filesystemunreserved"})
+# Transport parameters of ClickHouse's HTTP interface (not settings).
+TRANSPORT_PARAMS = frozenset({
+    "query", "database", "default_format", "query_id", "session_id", "session_timeout", "session_check",
+    "compress", "decompress", "buffer_size", "wait_end_of_query", "user", "password", "quota_key", "role",
+    "client_protocol_version", "send_progress_in_http_headers", "http_headers_progress_interval_ms",
+    "enable_http_compression", "readonly", "max_query_size_http", "add_http_cors_header",
+})
+
+ERROR_NAMES = {
+    1: "UNSUPPORTED_METHOD", 27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED", 36: "BAD_ARGUMENTS", 46: "UNKNOWN_FUNCTION",
+    47: "UNKNOWN_IDENTIFIER", 60: "UNKNOWN_TABLE", 62: "SYNTAX_ERROR", 73: "UNKNOWN_FORMAT",
+    81: "UNKNOWN_DATABASE", 115: "UNKNOWN_SETTING", 159: "TIMEOUT_EXCEEDED", 164: "READONLY",
+    241: "MEMORY_LIMIT_EXCEEDED", 1000: "POCO_EXCEPTION", 1002: "UNKNOWN_EXCEPTION",
+}
+# ClickHouse's HTTP status per exception code (src/Server/HTTPHandler.cpp), the ones that matter here.
+_STATUS_400 = {6, 27, 36, 41, 42, 43, 44, 46, 47, 48, 53, 62, 69, 70, 72, 73, 115, 117, 130, 184, 190, 215, 386, 395}
+_STATUS_403 = {164, 192, 193, 194, 195, 196, 497}
+_STATUS_404 = {60, 81, 82}
+
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+_CONTENT_TYPES = {
+    "tabseparated": "text/tab-separated-values; charset=UTF-8", "tsv": "text/tab-separated-values; charset=UTF-8",
+    "csv": "text/csv; charset=UTF-8; header=absent", "csvwithnames": "text/csv; charset=UTF-8; header=present",
+    "json": "application/json; charset=UTF-8", "jsoncompact": "application/json; charset=UTF-8",
+    "jsoneachrow": "application/x-ndjson; charset=UTF-8", "jsonstrings": "application/json; charset=UTF-8",
+    "native": "application/octet-stream", "rowbinary": "application/octet-stream",
+    "arrow": "application/octet-stream", "arrowstream": "application/octet-stream",
+    "parquet": "application/octet-stream",
+}
+
+
+class SqlError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def name(self) -> str:
+        return ERROR_NAMES.get(self.code, "UNKNOWN_EXCEPTION")
+
+
+# -- the read-only check -----------------------------------------------------
+
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
+  | (?P<string>'(?:[^'\\]|\\.|'')*(?:'|\Z))
+  | (?P<quoted>"(?:[^"\\]|\\.|"")*(?:"|\Z)|`(?:[^`\\]|\\.|``)*(?:`|\Z))
+  | (?P<heredoc>\$(?P<tag>[A-Za-z0-9_]*)\$.*?(?:\$(?P=tag)\$|\Z))
+  | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
+  | (?P<number>[0-9][0-9A-Za-z_.]*)
+  | (?P<other>.)
+""", re.VERBOSE | re.DOTALL)
+
+
+@dataclass
+class Token:
+    kind: str
+    text: str
+    start: int
+    end: int
+
+
+def tokens(sql: str) -> list[Token]:
+    """Tokens outside whitespace and comments; literals stay one token."""
+    out: list[Token] = []
+    for m in _TOKEN_RE.finditer(sql):
+        kind = m.lastgroup if m.lastgroup != "tag" else "heredoc"
+        if kind in ("ws", "comment"):
+            continue
+        if m.group("heredoc") is not None:
+            kind = "heredoc"
+        out.append(Token(kind, m.group(0), m.start(), m.end()))
+    return out
+
+
+@dataclass
+class Statement:
+    sql: str            # the statement with its trailing ';' removed
+    fmt: str | None     # the FORMAT named in it, if any
+
+
+def check_readonly(sql: str) -> Statement:
+    """Refuse anything but one read-only statement; raises SqlError (62 or 164)."""
+    toks = tokens(sql)
+    while toks and toks[-1].text == ";":
+        sql = sql[: toks[-1].start]
+        toks.pop()
+    if not toks:
+        raise SqlError(62, "Empty query")
+    if any(t.text == ";" for t in toks):
+        raise SqlError(164, "Multi-statements are not allowed: send one statement per request")
+    first = toks[0]
+    head = first.text.upper() if first.kind == "word" else ""
+    if first.text == "(":
+        head = next((t.text.upper() for t in toks if t.kind == "word"), "")
+    if head in WRITE_STATEMENTS:
+        raise SqlError(164, f"Cannot execute {head} here: the SQL endpoint is read-only "
+                            "(SELECT, WITH, SHOW, DESCRIBE, EXISTS, EXPLAIN)")
+    if head not in ALLOWED_STATEMENTS:
+        shown = first.text if len(first.text) <= 40 else first.text[:37] + "..."
+        raise SqlError(62, f"Syntax error: unknown statement {shown!r}; "
+                           "the SQL endpoint runs SELECT, WITH, SHOW, DESCRIBE, EXISTS and EXPLAIN")
+    fmt = None
+    depth = 0
+    for i, t in enumerate(toks):
+        if t.text == "(":
+            depth += 1
+        elif t.text == ")":
+            depth -= 1
+        if t.kind != "word":
+            continue
+        word = t.text.lower()
+        nxt = toks[i + 1] if i + 1 < len(toks) else None
+        if nxt is not None and nxt.text == "(":
+            if word in DENIED_FUNCTIONS or (word.startswith(DENIED_PREFIXES) and word not in ALLOWED_FUNCTIONS):
+                raise SqlError(164, f"{t.text}() is not allowed here: the SQL endpoint reads only the database, "
+                                    "not files, URLs or other servers")
+        if word == "into" and nxt is not None and nxt.kind == "word" and nxt.text.lower() == "outfile":
+            raise SqlError(164, "INTO OUTFILE is not allowed here: the SQL endpoint returns results over HTTP")
+        if word == "format" and depth == 0 and nxt is not None and nxt.kind in ("word", "quoted") \
+                and (i + 2 == len(toks) or toks[i + 2].text.upper() == "SETTINGS"):
+            fmt = nxt.text.strip('"`')
+    return Statement(sql, fmt)
+
+
+# -- HTTP --------------------------------------------------------------------
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SqlEndpoint:
+    def __init__(self, store: Store, metrics: ServerMetrics, host: str, port: int, *, workers: int = 4):
+        self.store = store
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self._server: asyncio.base_events.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hdrlog-sql")
+        self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                  limit=MAX_HEADER_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._conns):
+                task.cancel()
+            await asyncio.gather(*self._conns, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        if self._pool is not None:
+            # Running queries finish on their own handles; nothing new starts.
+            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+            self._pool = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            while True:
+                try:
+                    req = await asyncio.wait_for(_read_request(reader), KEEPALIVE_SECONDS)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except _BadRequest as exc:
+                    await _send(writer, exc.status, _error_body(SqlError(1, str(exc))),
+                                {"X-ClickHouse-Exception-Code": "1"}, keep_alive=False)
+                    return
+                if req is None:
+                    return
+                keep_alive = req.headers.get("connection", "").lower() != "close" and req.version == "HTTP/1.1"
+                status, body, headers = await self._respond(req)
+                await _send(writer, status, body, headers, keep_alive=keep_alive,
+                            head=req.method == "HEAD")
+                if not keep_alive:
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001 - one connection's trouble is logged, never fatal
+            log.exception("server: SQL endpoint connection failed")
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _respond(self, req: Request) -> tuple[int, bytes, dict[str, str]]:
+        url = urlsplit(req.target)
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        if url.path in ("/ping", "/replicas_status"):
+            return 200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"}
+        if url.path not in ("/", ""):
+            return _error(SqlError(1, f"no handler for {url.path!r}: use / or /ping"), 404)
+        if req.method not in ("GET", "POST", "HEAD"):
+            return _error(SqlError(1, f"HTTP method {req.method} is not supported: use GET or POST"), 405)
+        body = req.body.decode("utf-8", "replace") if req.method == "POST" else ""
+        query = params.get("query", "")
+        if query and body:
+            query = query + "\n" + body
+        else:
+            query = query or body
+        if not query.strip():
+            return 200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"}
+        query_id = params.get("query_id") or str(uuid.uuid4())
+        try:
+            stmt = check_readonly(query)
+        except SqlError as exc:
+            self.metrics.sql_queries.labels("refused").inc()
+            return _error(exc, query_id=query_id)
+        fmt = stmt.fmt or params.get("default_format") or req.headers.get("x-clickhouse-format") or DEFAULT_FORMAT
+        sql = stmt.sql if stmt.fmt else f"{stmt.sql}\nFORMAT {fmt}"
+        database = params.get("database") or req.headers.get("x-clickhouse-database") or None
+        settings = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
+        loop = asyncio.get_running_loop()
+        try:
+            assert self._pool is not None
+            out = await loop.run_in_executor(self._pool, lambda: self.store.query(sql, database=database,
+                                                                                  settings=settings))
+        except StoreError as exc:
+            self.metrics.sql_queries.labels("error").inc()
+            return _error(SqlError(exc.code or 1000, _tidy(str(exc))), query_id=query_id)
+        except RuntimeError as exc:  # the pool is shutting down
+            return _error(SqlError(1002, f"server is stopping ({exc})"), 503, query_id=query_id)
+        self.metrics.sql_queries.labels("ok").inc()
+        headers = {
+            "Content-Type": _CONTENT_TYPES.get(fmt.lower(), "text/plain; charset=UTF-8"),
+            "X-ClickHouse-Format": fmt,
+            "X-ClickHouse-Timezone": "UTC",
+            "X-ClickHouse-Query-Id": query_id,
+            "X-ClickHouse-Server-Display-Name": "hdrlog",
+            "X-ClickHouse-Summary": json.dumps({"result_bytes": str(len(out))}),
+        }
+        return 200, out, headers
+
+
+def _tidy(message: str) -> str:
+    """Shorten ClickHouse's syntax errors: drop the long 'Expected one of' list."""
+    message = re.sub(r"^Code: \d+\. (DB::Exception: )?", "", message)
+    message = re.sub(r"\s*\([A-Z_]+\)\s*$", "", message)
+    cut = message.find(" Expected one of:")
+    if cut < 0:
+        cut = message.find(". Expected one of:")
+    if cut > 0:
+        message = message[:cut].rstrip(".,;: ")
+    return message if len(message) <= 500 else message[:497] + "..."
+
+
+def _error_body(exc: SqlError) -> bytes:
+    return f"Code: {exc.code}. DB::Exception: {str(exc).rstrip('. ')}. ({exc.name})\n".encode()
+
+
+def _error(exc: SqlError, status: int | None = None, *, query_id: str = "") -> tuple[int, bytes, dict[str, str]]:
+    if status is None:
+        status = 400 if exc.code in _STATUS_400 else 403 if exc.code in _STATUS_403 else \
+            404 if exc.code in _STATUS_404 else 500
+    headers = {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(exc.code)}
+    if query_id:
+        headers["X-ClickHouse-Query-Id"] = query_id
+    return status, _error_body(exc), headers
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial.strip():
+            return None
+        raise _BadRequest(400, "incomplete HTTP request") from None
+    except asyncio.LimitOverrunError:
+        raise _BadRequest(431, "HTTP header too large") from None
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(400, "malformed HTTP request line")
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise _BadRequest(400, "malformed HTTP header")
+        headers[name.strip().lower()] = value.strip()
+    body = b""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise _BadRequest(400, "malformed chunked body") from None
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                break
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise _BadRequest(413, f"query larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(chunks)
+    elif "content-length" in headers:
+        try:
+            length = int(headers["content-length"])
+        except ValueError:
+            raise _BadRequest(400, "bad Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise _BadRequest(413, f"query larger than {MAX_BODY_BYTES} bytes")
+        body = await reader.readexactly(length)
+    encoding = headers.get("content-encoding", "").lower()
+    if body and encoding and encoding != "identity":
+        body = _decompress(body, encoding)
+    return Request(method, target, version, headers, body)
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    import gzip
+    import zlib
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+        if encoding in ("zstd", "lz4"):
+            if encoding == "zstd":
+                import zstandard
+                return zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY_BYTES)
+            import lz4.frame
+            return lz4.frame.decompress(body)
+    except Exception as exc:  # noqa: BLE001
+        raise _BadRequest(400, f"cannot decode {encoding} body: {exc}") from None
+    raise _BadRequest(400, f"unsupported Content-Encoding {encoding!r}")
+
+
+async def _send(writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str], *,
+                keep_alive: bool, head: bool = False) -> None:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    headers = dict(headers)
+    headers["Content-Length"] = str(len(body))
+    headers["Connection"] = "Keep-Alive" if keep_alive else "close"
+    if keep_alive:
+        headers["Keep-Alive"] = f"timeout={int(KEEPALIVE_SECONDS)}"
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    if not head:
+        writer.write(body)
+    await writer.drain()

@@ -1,0 +1,245 @@
+"""The store: every ClickHouse access of the server, through clickhouse-connect.
+
+``Store(url)`` is inert; ``open()`` connects (embedded chDB for ``chdb:///PATH``,
+a ClickHouse server for ``http(s)://...``), ``migrate()`` applies the schema,
+``insert()`` writes one Arrow table, ``committed_watermarks()`` reads what is
+durably stored per collector (for exactly-once, see ``writer.py``) and
+``query()`` runs one read-only statement for the SQL endpoint.
+
+All methods block; the asyncio side calls them in threads. The writer uses one
+client (one chDB connection handle, serialized by its own lock); each SQL
+worker thread gets its own read-only client (a separate chDB handle with
+``readonly = 2``, which chDB runs concurrently with the writer's inserts), so a
+slow SELECT never holds up an insert.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import pyarrow as pa
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
+
+from hdrlog.server import schema
+
+log = logging.getLogger("hdrlog.server")
+
+# ClickHouse error codes that mean "this data can never be inserted as it is":
+# retrying cannot help, so the batch is rejected with the reason (Vector's rule).
+PERMANENT_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    16,   # NO_SUCH_COLUMN_IN_TABLE
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,   # CANNOT_READ_ALL_DATA
+    43,   # ILLEGAL_TYPE_OF_ARGUMENT
+    44,   # ILLEGAL_COLUMN
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    190,  # SIZES_OF_ARRAYS_DONT_MATCH
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+})
+
+
+class StoreError(Exception):
+    """An insert or query failed. ``permanent`` is True when retrying cannot help."""
+
+    def __init__(self, message: str, *, code: int = 0, permanent: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.permanent = permanent
+
+
+def short_message(exc: BaseException, limit: int = 400) -> str:
+    """One line from a clickhouse-connect / chDB exception, without version trailers."""
+    text = " ".join(str(exc).split())
+    for marker in (" (version ", "Stack trace"):
+        cut = text.find(marker)
+        if cut > 0:
+            text = text[:cut]
+    # chDB nests "Code: N. DB::Exception: Code: N. DB::Exception: ..." — keep the innermost.
+    inner = text.rfind("DB::Exception: ")
+    if inner >= 0:
+        text = text[inner + len("DB::Exception: "):]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_code(exc: BaseException) -> int:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code:
+        return code
+    text = str(exc)
+    pos = text.rfind("Code: ")
+    if pos >= 0:
+        digits = ""
+        for ch in text[pos + 6:]:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if digits:
+            return int(digits)
+    return 0
+
+
+def classify(exc: BaseException) -> StoreError:
+    """Decide in one place whether a failure is retried (transient) or not (permanent)."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, (pa.ArrowException, TypeError, ValueError)) and not isinstance(exc, ClickHouseError):
+        return StoreError(f"{type(exc).__name__}: {exc}", permanent=True)
+    code = error_code(exc)
+    if isinstance(exc, OperationalError):
+        return StoreError(short_message(exc), code=code, permanent=False)
+    return StoreError(short_message(exc), code=code, permanent=code in PERMANENT_CODES)
+
+
+@dataclass
+class Watermarks:
+    """max(batch_seq) durably stored, per (collector_id, table) and UTC day (toDate of the time column)."""
+
+    by_key: dict[tuple[str, str], dict[int, int]]
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.embedded = url.startswith("chdb:")
+        self._client: Any = None
+        self._local = threading.local()
+        self._readers: list[Any] = []
+        self._readers_lock = threading.Lock()
+        self._known_settings: frozenset[str] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self.embedded:
+            path = urlparse(self.url).path
+            if path:
+                import os
+                os.makedirs(path, exist_ok=True)
+            return clickhouse_connect.get_client(dsn=self.url)
+        return clickhouse_connect.get_client(dsn=self.url, compress=False)
+
+    def open(self) -> None:
+        try:
+            self._client = self._connect()
+        except Exception as exc:  # noqa: BLE001 - one clear line for the operator
+            raise StoreError(f"unable to open ClickHouse at {redact(self.url)}: {short_message(exc)}") from None
+
+    def migrate(self) -> list[int]:
+        try:
+            return schema.migrate(self._client.command)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to apply the schema: {short_message(exc)}") from None
+
+    def close(self) -> None:
+        self._closed = True
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for client in readers:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                log.debug("closing a SQL client failed", exc_info=True)
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+
+    # -- ingest ------------------------------------------------------------
+
+    def insert(self, table: str, data: pa.Table, token: str) -> int:
+        """Insert one Arrow table into hdrlog.<table> as one block per partition.
+
+        ``token`` is passed as ``insert_deduplication_token``: repeating the
+        same insert (a retry after an ambiguous failure) stores nothing twice.
+        """
+        if self._client is None:
+            raise StoreError("store is closed")
+        settings = {
+            "insert_deduplication_token": token,
+            "insert_deduplicate": 1,
+            # One block per partition: keep the whole flush in one part so it is atomic.
+            "max_insert_block_size": max(data.num_rows, 1_048_449),
+            "min_insert_block_size_rows": 0,
+            "min_insert_block_size_bytes": 0,
+        }
+        try:
+            self._client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+        return data.num_rows
+
+    def committed_watermarks(self) -> Watermarks:
+        out: dict[tuple[str, str], dict[int, int]] = {}
+        for table, ts in schema.PARTITION_TS.items():
+            try:
+                result = self._client.query(
+                    f"SELECT collector_id, toUInt32(toDate({ts})) AS day, max(batch_seq) "
+                    f"FROM {schema.DATABASE}.{table} GROUP BY collector_id, day")
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(f"unable to read watermarks from {table}: {short_message(exc)}") from None
+            for collector_id, day, seq in result.result_rows:
+                out.setdefault((str(collector_id), table), {})[int(day)] = int(seq)
+        return Watermarks(out)
+
+    def count(self, table: str, where: str = "1") -> int:
+        return int(self._client.command(f"SELECT count() FROM {schema.DATABASE}.{table} WHERE {where}"))
+
+    # -- SQL endpoint (worker threads) ---------------------------------------
+
+    def _reader(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self._closed:
+                raise StoreError("store is closed")
+            client = self._connect()
+            if self.embedded:
+                # Per-handle session setting: writes refused, settings may change, readonly may not.
+                client.command("SET readonly = 2")
+            else:
+                client.set_client_setting("readonly", "2")
+            with self._readers_lock:
+                self._readers.append(client)
+            self._local.client = client
+        return client
+
+    def known_settings(self) -> frozenset[str]:
+        if self._known_settings is None:
+            rows = self._reader().query("SELECT name FROM system.settings").result_rows
+            self._known_settings = frozenset(r[0] for r in rows)
+        return self._known_settings
+
+    def query(self, sql: str, *, database: str | None = None, settings: Mapping[str, str] | None = None) -> bytes:
+        """Run one statement (already checked read-only by the caller) and return the raw output bytes."""
+        client = self._reader()
+        known = self.known_settings()
+        use = {k: v for k, v in (settings or {}).items() if k in known and k != "readonly"}
+        # A chDB handle keeps its last USE, so always name the database.
+        client.database = database or "default"
+        try:
+            return client.raw_query(sql, settings=use or None, use_database=True)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parsed = urlparse(url)
+    if parsed.password:
+        netloc = parsed.netloc.replace(":" + parsed.password + "@", ":***@")
+        return parsed._replace(netloc=netloc).geturl()
+    return url

@@ -1,0 +1,336 @@
+"""The coalescing writer: batches from all streams → one INSERT per table per flush → acks.
+
+Flushing
+    Accepted batches wait in one FIFO queue. A flush starts when ``flush_rows``
+    rows are queued or the oldest batch is ``flush_interval`` old (or at stop). It
+    takes the whole queue, concatenates each table's Arrow tables and runs one
+    INSERT per table, one flush at a time, so flushes are stored in FIFO order.
+    Only after the INSERT returned are the waiting streams answered ``OK``.
+
+Exactly-once
+    Every row carries ``collector_id`` and ``batch_seq``. For each
+    (collector_id, table, UTC day) the writer keeps a *watermark*: the largest
+    ``batch_seq`` durably stored for that key. At start it is loaded from the
+    tables themselves (``SELECT collector_id, toDate(ts), max(batch_seq) ...
+    GROUP BY``), so it survives SIGKILL: the data is the only state.
+
+    Why ``seq <= watermark`` means "already stored": a collector sends seqs in
+    increasing order and resends unacked ones in order; the queue is FIFO and
+    flushes run one after another. The tables are partitioned by that same UTC
+    day and each flush inserts one block per partition (block size settings in
+    ``Store.insert``), and a block becomes one part, stored atomically. So, per
+    (collector, table, day), the stored seqs are always a prefix of the seqs sent,
+    and a resent seq at or below the watermark has all its rows for that day
+    stored. (Keeping the watermark per day, not per table, covers a flush that
+    spans midnight and dies between its two partitions.)
+
+    A received batch therefore: drops the rows of every (table, day) whose
+    watermark is >= its seq (acked ``OK, duplicate=true`` if nothing is left);
+    joins the pending entry when the same (collector_id, seq) is still queued or
+    being inserted (a resend on a new stream while the old one is in flight), so
+    its rows are never queued twice; otherwise is queued. Belt and braces: every
+    INSERT also carries an ``insert_deduplication_token`` derived from its
+    content (the (collector, seq, rows) list and days), so a retried INSERT whose
+    first attempt did land (an ambiguous failure) is dropped by ClickHouse.
+
+Failures
+    A transient failure (connection, timeout, too many parts, ...) is retried with
+    capped, jittered exponential backoff; tables already inserted by the flush
+    are not sent again. After ``RETRY_ACK_AFTER`` failed attempts the waiting
+    streams are answered ``RETRY`` (the batch stays queued; a resend joins it).
+    A permanent failure (type / data errors, decided in ``store.classify``) is
+    not retried: the flush is split into single batches and the one(s) that fail
+    are answered ``REJECTED`` with the reason; the others are stored.
+
+Memory
+    At most ``max_pending_rows`` (default 4 x ``flush_rows``) rows are queued or
+    in flight; ``submit()`` waits for room, which stops the stream from reading
+    (gRPC flow control pushes back to the collector). One batch larger than the
+    cap is still accepted when nothing else is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from hdrlog.proto import ingest_pb2
+from hdrlog.server.config import ServerConfig
+from hdrlog.server.convert import TableRows
+from hdrlog.server.metrics import ServerMetrics
+from hdrlog.server.store import Store, StoreError
+
+log = logging.getLogger("hdrlog.server")
+
+OK = ingest_pb2.Ack.OK
+REJECTED = ingest_pb2.Ack.REJECTED
+RETRY = ingest_pb2.Ack.RETRY
+
+BACKOFF_START = 0.2
+BACKOFF_CAP = 10.0
+RETRY_ACK_AFTER = 3      # failed attempts before waiting streams get RETRY
+STOP_ATTEMPTS = 3        # attempts per flush once stopping, before answering RETRY and giving up
+
+
+@dataclass
+class Outcome:
+    status: int
+    rows: int = 0
+    duplicate: bool = False
+    error: str = ""
+
+
+@dataclass
+class _Entry:
+    collector_id: str
+    seq: int
+    tables: list[TableRows]
+    days: dict[str, np.ndarray]          # table -> unique days of its rows
+    rows: int
+    created: float
+    waiters: list[asyncio.Future] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.collector_id, self.seq)
+
+
+def _resolve(waiters: list[asyncio.Future], outcome: Outcome) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(outcome)
+    waiters.clear()
+
+
+class Writer:
+    def __init__(self, store: Store, config: ServerConfig, metrics: ServerMetrics):
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self._queue: list[_Entry] = []
+        self._index: dict[tuple[str, int], _Entry] = {}   # queued and in-flight entries
+        self._queued_rows = 0
+        self._inflight_rows = 0
+        self._wm: dict[tuple[str, str], dict[int, int]] = {}
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._draining = False
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        marks = await asyncio.to_thread(self.store.committed_watermarks)
+        self._wm = marks.by_key
+        self._task = asyncio.create_task(self._run(), name="hdrlog-writer")
+
+    async def stop(self) -> None:
+        """Flush everything queued (bounded retries if the store fails), answer every waiter, end."""
+        self._stopping = True
+        self._wake.set()
+        self._room.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def flush_now(self) -> None:
+        """From now on, flush whatever is queued without waiting for the thresholds (shutdown)."""
+        self._draining = True
+        self._wake.set()
+
+    @property
+    def pending_rows(self) -> int:
+        return self._queued_rows + self._inflight_rows
+
+    def watermark(self, collector_id: str, table: str) -> int:
+        """Largest seq stored for a collector and table (-1 when none)."""
+        days = self._wm.get((collector_id, table))
+        return max(days.values()) if days else -1
+
+    # -- accepting ---------------------------------------------------------
+
+    async def submit(self, collector_id: str, seq: int, tables: list[TableRows]) -> asyncio.Future:
+        """Queue a validated batch; the future resolves to its Outcome once stored (or not).
+
+        Waits (backpressure) while the pending buffer is full.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        rows = sum(t.rows for t in tables)
+        started = None
+        while (not self._stopping and self.pending_rows and self.pending_rows + rows > self.config.pending_rows_cap
+               and (collector_id, seq) not in self._index):
+            started = started or time.monotonic()
+            self._room.clear()
+            await self._room.wait()
+        if started is not None:
+            self.metrics.backpressure_seconds.inc(time.monotonic() - started)
+        # From here to the end: no await, so the index and watermarks cannot move under us.
+        entry = self._index.get((collector_id, seq))
+        if entry is not None:
+            entry.waiters.append(fut)
+            self.metrics.joined.inc()
+            return fut
+        if self._stopping:
+            fut.set_result(Outcome(RETRY, error="server is shutting down; resend later"))
+            return fut
+        kept: list[TableRows] = []
+        skipped = 0
+        for tr in tables:
+            marks = self._wm.get((collector_id, tr.name))
+            if marks:
+                stored = np.array([d for d, s in marks.items() if s >= seq], dtype=np.int64)
+                if stored.size:
+                    mask = np.isin(tr.days, stored)
+                    if mask.all():
+                        skipped += 1
+                        continue
+                    if mask.any():
+                        keep = ~mask
+                        tr = TableRows(tr.name, tr.data.filter(pa.array(keep)), tr.days[keep])
+            kept.append(tr)
+        if not kept:
+            if skipped:
+                self.metrics.duplicate()
+            fut.set_result(Outcome(OK, rows=0, duplicate=bool(skipped)))
+            return fut
+        for tr in kept:
+            self.metrics.rows_received.labels(tr.name).inc(tr.rows)
+        entry = _Entry(collector_id, seq, kept, {t.name: np.unique(t.days) for t in kept},
+                       sum(t.rows for t in kept), time.monotonic(), [fut])
+        self._queue.append(entry)
+        self._index[entry.key] = entry
+        self._queued_rows += entry.rows
+        self.metrics.pending_rows.set(self.pending_rows)
+        if self._queued_rows >= self.config.flush_rows:
+            self._wake.set()
+        elif len(self._queue) == 1:
+            self._wake.set()  # start the age timer
+        return fut
+
+    # -- flushing ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            age = time.monotonic() - self._queue[0].created
+            if not (self._stopping or self._draining) and self._queued_rows < self.config.flush_rows and age < self.config.flush_interval:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.config.flush_interval - age)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            entries, self._queue = self._queue, []
+            self._inflight_rows, self._queued_rows = self._queued_rows, 0
+            try:
+                await self._flush(entries)
+            except Exception:  # noqa: BLE001 - the writer must survive anything
+                log.exception("server: flush failed unexpectedly; answering RETRY")
+                for e in entries:
+                    self._forget(e, Outcome(RETRY, error="internal error while storing; resend later"))
+            finally:
+                self._inflight_rows = 0
+                self.metrics.pending_rows.set(self.pending_rows)
+                self._room.set()
+
+    async def _flush(self, entries: list[_Entry], done: set[str] | None = None) -> None:
+        """Store ``entries`` (retrying), or split them to find the one a permanent error belongs to.
+
+        ``done`` names the tables this group already stored (they are not sent again).
+        """
+        done = set() if done is None else done
+        attempt = 0
+        while True:
+            try:
+                await self._insert(entries, done)
+                break
+            except StoreError as exc:
+                if exc.permanent:
+                    self.metrics.insert_errors.labels("permanent").inc()
+                    if len(entries) > 1:
+                        log.warning("server: insert refused (%s); storing the %d batches one by one", exc, len(entries))
+                        for e in entries:
+                            await self._flush([e], set(done))
+                        return
+                    e = entries[0]
+                    log.error("server: batch %s/%d rejected by ClickHouse: %s", e.collector_id, e.seq, exc)
+                    self.metrics.rejected("insert")
+                    self._forget(e, Outcome(REJECTED, error=f"ClickHouse refused the rows: {exc}"))
+                    return
+                attempt += 1
+                self.metrics.insert_errors.labels("transient").inc()
+                delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                if self._stopping and attempt >= STOP_ATTEMPTS:
+                    log.error("server: insert failed %d times while stopping (%s); %d batches not stored, "
+                              "collectors will resend them", attempt, exc, len(entries))
+                    for e in entries:
+                        self._forget(e, Outcome(RETRY, error=f"not stored: {exc}"))
+                    return
+                log.warning("server: insert failed (%s); retry %d in %.1fs", exc, attempt, delay)
+                if attempt == RETRY_ACK_AFTER:
+                    for e in entries:
+                        self.metrics.batches_retry.inc(len(e.waiters))
+                        _resolve(e.waiters, Outcome(RETRY, error=f"store unavailable: {exc}"))
+                await self._sleep(delay)
+        for e in entries:
+            for tr in e.tables:
+                marks = self._wm.setdefault((e.collector_id, tr.name), {})
+                for day in e.days[tr.name].tolist():
+                    if marks.get(day, -1) < e.seq:
+                        marks[day] = e.seq
+            self.metrics.batches_acked.inc(len(e.waiters))
+            self._forget(e, Outcome(OK, rows=e.rows))
+
+    async def _insert(self, entries: list[_Entry], done: set[str]) -> None:
+        by_table: dict[str, list[tuple[_Entry, TableRows]]] = {}
+        for e in entries:
+            for tr in e.tables:
+                by_table.setdefault(tr.name, []).append((e, tr))
+        for table, parts in by_table.items():
+            if table in done:
+                continue
+            data = pa.concat_tables([tr.data for _, tr in parts]).combine_chunks() if len(parts) > 1 else parts[0][1].data
+            token = _token(table, parts)
+            t0 = time.monotonic()
+            await asyncio.to_thread(self.store.insert, table, data, token)
+            self.metrics.inserted(table, data.num_rows, time.monotonic() - t0)
+            done.add(table)
+
+    async def _sleep(self, delay: float) -> None:
+        """Backoff that a stop interrupts (the flush then gets its bounded last attempts)."""
+        try:
+            await asyncio.wait_for(self._stop_event_wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _stop_event_wait(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _forget(self, entry: _Entry, outcome: Outcome) -> None:
+        self._index.pop(entry.key, None)
+        _resolve(entry.waiters, outcome)
+
+
+def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:
+    """Deterministic for the same content: same batches, same rows, same days."""
+    h = hashlib.sha256(table.encode())
+    for e, tr in parts:
+        h.update(f"|{e.collector_id}\x00{e.seq}\x00{tr.rows}".encode())
+        h.update(e.days[table].tobytes())
+    return "hdrlog-" + h.hexdigest()[:40]
