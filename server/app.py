@@ -150,7 +150,7 @@ class Server:
             self._store_open = False
         if self._started:
             self._started = False
-            log.info("server: stopped (%s)", self.status_line())
+            log.info("server: stopped; %s", self.status_line())
 
     async def run_until_signal(self, on_started: Callable[["Server"], None] | None = None) -> int:
         """start(), wait for SIGINT/SIGTERM, stop(); returns the exit code."""
@@ -175,13 +175,13 @@ class Server:
     def status_line(self) -> str:
         m = self.metrics
         pending = self.writer.pending_rows if self.writer is not None else 0
-        return (f"server: streams={m.open_streams} batches={m.total_batches} rows={m.total_rows} "
+        return (f"streams={m.open_streams} batches={m.total_batches} rows={m.total_rows} "
                 f"dup={m.total_dup} rejected={m.total_rejected} pending={pending}")
 
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.status_interval)
-            log.info("%s", self.status_line())
+            log.info("server: %s", self.status_line())
 
 
 def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:

@@ -103,9 +103,11 @@ class _Entry:
 
 
 def _resolve(waiters: list[asyncio.Future], outcome: Outcome) -> None:
-    for fut in waiters:
+    """Answer every waiter. A resend that joined a pending copy is told it was a duplicate."""
+    joined = Outcome(OK, rows=0, duplicate=True) if outcome.status == OK else outcome
+    for i, fut in enumerate(waiters):
         if not fut.done():
-            fut.set_result(outcome)
+            fut.set_result(outcome if i == 0 else joined)
     waiters.clear()
 
 
@@ -176,8 +178,11 @@ class Writer:
         # From here to the end: no await, so the index and watermarks cannot move under us.
         entry = self._index.get((collector_id, seq))
         if entry is not None:
+            # If the first copy was already answered (RETRY), this one becomes the first.
+            if entry.waiters:
+                self.metrics.joined.inc()
+                self.metrics.duplicate()
             entry.waiters.append(fut)
-            self.metrics.joined.inc()
             return fut
         if self._stopping:
             fut.set_result(Outcome(RETRY, error="server is shutting down; resend later"))
