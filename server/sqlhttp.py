@@ -304,11 +304,12 @@ class SqlEndpoint:
         sql = stmt.sql if stmt.fmt else f"{stmt.sql}\nFORMAT {fmt}"
         database = params.get("database") or req.headers.get("x-clickhouse-database") or None
         settings = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
+        parameters = {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")}
         loop = asyncio.get_running_loop()
         try:
             assert self._pool is not None
-            out = await loop.run_in_executor(self._pool, lambda: self.store.query(sql, database=database,
-                                                                                  settings=settings))
+            out = await loop.run_in_executor(self._pool, lambda: self.store.query(
+                sql, database=database, settings=settings, parameters=parameters))
         except StoreError as exc:
             self.metrics.sql_queries.labels("error").inc()
             return _error(SqlError(exc.code or 1000, _tidy(str(exc))), query_id=query_id)

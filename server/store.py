@@ -223,7 +223,8 @@ class Store:
             self._known_settings = frozenset(r[0] for r in rows)
         return self._known_settings
 
-    def query(self, sql: str, *, database: str | None = None, settings: Mapping[str, str] | None = None) -> bytes:
+    def query(self, sql: str, *, database: str | None = None, settings: Mapping[str, str] | None = None,
+              parameters: Mapping[str, str] | None = None) -> bytes:
         """Run one statement (already checked read-only by the caller) and return the raw output bytes."""
         client = self._reader()
         known = self.known_settings()
@@ -231,7 +232,8 @@ class Store:
         # A chDB handle keeps its last USE, so always name the database.
         client.database = database or "default"
         try:
-            return client.raw_query(sql, settings=use or None, use_database=True)
+            return client.raw_query(sql, parameters=dict(parameters) if parameters else None,
+                                    settings=use or None, use_database=True)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
 
