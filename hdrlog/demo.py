@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"lab host {client.netns}: {client.addr4} / {client.addr6}, monitored on {client.peer_ifname}")
 
         stop_servers = threading.Event()
-        stack.callback(stop_servers.set)
         for cls, addr in ((http.server.ThreadingHTTPServer, client.peer_addr4), (_HTTP6, client.peer_addr6)):
             web = cls((addr, 8080), _Quiet)
             threading.Thread(target=web.serve_forever, daemon=True).start()
@@ -157,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns.bind((client.peer_addr4, 53))
         stack.callback(dns.close)
-        threading.Thread(target=_serve_dns, args=(dns, stop_servers), daemon=True).start()
+        resolver = threading.Thread(target=_serve_dns, args=(dns, stop_servers), daemon=True)
+        resolver.start()
+        stack.callback(resolver.join)  # runs before dns.close: the thread is done with the socket
+        stack.callback(stop_servers.set)
 
         server_cmd = [*hdrlog, "server", "run", "--insecure", "--listen", GRPC, "--sql-listen",
                       SQL_URL.removeprefix("http://")]
