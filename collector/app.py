@@ -27,6 +27,8 @@ log = logging.getLogger("hdrlog.collector")
 
 STATS_INTERVAL = 10.0  # seconds between collector_stats rows
 POLL_MS = 100
+# Capture counters that mean a record was not kept (each becomes drop_<name>).
+CAPTURE_DROP_REASONS = ("ringbuf_full",)
 
 
 class Collector:
@@ -83,7 +85,6 @@ class Collector:
                 log.error("stopping with %d batches (%d records) unacked by the server: they are lost",
                           len(self.outbox or ()), self.outbox.rows if self.outbox else 0)
             await self.sender.stop()
-            self.sender = None
         self.capture.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -136,10 +137,13 @@ class Collector:
 
     # -- accounting ------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """Cumulative counts: seen and logged, and every drop by reason (drop_<reason>)."""
-        out = {"logged": self.records_captured}
-        for name, value in self.capture.counters().items():
-            out[name if name == "seen" else f"drop_{name}"] = value
+        """Cumulative counts: packets seen, records logged, truncated headers, and every
+        record not kept by reason (drop_<reason>)."""
+        capture = self.capture.counters()
+        out = {"seen": capture.get("seen", 0), "logged": self.records_captured,
+               "truncated": capture.get("truncated", 0)}
+        for reason in CAPTURE_DROP_REASONS:
+            out[f"drop_{reason}"] = capture.get(reason, 0)
         if self.sender is not None:
             c = self.sender.counters
             out["drop_unacked_full"] = c.rows_dropped_unacked_full

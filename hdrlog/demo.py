@@ -114,6 +114,20 @@ def _wait_for_port(hostport: str, proc: subprocess.Popen, what: str, timeout: fl
     raise SystemExit(f"demo: the {what} did not open {hostport} within {timeout:.0f}s")
 
 
+def _wait_for_attach(ifname: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the collector's classifier sits on both hooks (BCC compiles it first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: the collector exited early with code {proc.returncode} (its log is above)")
+        hooks = [subprocess.run(["tc", "filter", "show", "dev", ifname, d], capture_output=True, text=True).stdout
+                 for d in ("ingress", "egress")]
+        if all("hdrlog_" in h for h in hooks):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"demo: the collector did not attach to {ifname} within {timeout:.0f}s")
+
+
 def _stop(proc: subprocess.Popen, what: str) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -177,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         collector = subprocess.Popen(collector_cmd)
         stack.callback(lambda: collector.poll() is None and collector.kill())
         before = _count(host_id)
-        time.sleep(3)  # BCC compiles and attaches
-        if collector.poll() is not None:
-            raise SystemExit(f"demo: the collector exited early with code {collector.returncode}")
+        _wait_for_attach(client.peer_ifname, collector)
 
         _say("sending traffic: HTTP over IPv4 and IPv6, a DNS query, UDP to a closed port, ping and ping -6")
         lab.run(client, "/usr/bin/python3", "-c", CLIENT_SCRIPT, client.peer_addr4, client.peer_addr6)
