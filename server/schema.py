@@ -18,7 +18,9 @@ the writer relies on that (its watermarks are kept per day, see ``writer.py``).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from typing import Callable
+
+from hdrlog.proto import columns as registry
 
 log = logging.getLogger("hdrlog.server")
 
@@ -147,8 +149,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 
-class _Client(Protocol):
-    def command(self, cmd: str, *args, **kwargs): ...  # noqa: E704
+# ClickHouse type for a registry wire dtype, for columns added to the registry after a migration.
+_DTYPE_SQL = {"u1": "UInt8", "<u2": "UInt16", "<u4": "UInt32", "<u8": "UInt64", "<i8": "Int64",
+              "V16": "IPv6", "str": "String"}
+
+
+def column_type(table: str, name: str, dtype: str) -> str:
+    """The SQL type of a registry column (the same rules as the DDL above)."""
+    if name in ("ts", "start_ts", "end_ts"):
+        return "DateTime64(9, 'UTC')"
+    if name == "direction":
+        return "LowCardinality(String)"
+    return _DTYPE_SQL[dtype]
 
 
 def applied_versions(command: Callable[[str], object]) -> set[int]:
@@ -172,4 +184,27 @@ def migrate(command: Callable[[str], object]) -> list[int]:
         command(f"INSERT INTO {DATABASE}.schema_version (version, description) VALUES ({version}, '{safe}')")
         log.info("server: schema migration %d applied (%s)", version, description)
         applied.append(version)
+    sync_columns(command)
     return applied
+
+
+def sync_columns(command: Callable[[str], object]) -> list[str]:
+    """Add registry columns that the tables lack (a column added to the wire contract).
+
+    Columns are only ever added (``ADD COLUMN IF NOT EXISTS``, existing rows read 0 / ''),
+    never changed or dropped: renames and type changes need a versioned migration.
+    Returns the ``table.column`` names added.
+    """
+    added: list[str] = []
+    for table, specs in registry.TABLES.items():
+        out = command(f"SELECT arrayStringConcat(groupArray(name), ',') FROM system.columns "
+                      f"WHERE database = '{DATABASE}' AND table = '{table}'")
+        text = out if isinstance(out, str) else ",".join(map(str, out)) if isinstance(out, (list, tuple)) else str(out)
+        have = set(text.split(","))
+        for spec in specs:
+            if spec.name not in have:
+                command(f"ALTER TABLE {DATABASE}.{table} ADD COLUMN IF NOT EXISTS {spec.name} "
+                        f"{column_type(table, spec.name, spec.dtype)}")
+                log.info("server: column %s.%s added (new in the column registry)", table, spec.name)
+                added.append(f"{table}.{spec.name}")
+    return added

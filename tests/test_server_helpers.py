@@ -26,6 +26,7 @@ from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server import Server, ServerConfig
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
+NS_DAY = 86_400 * 10**9
 
 
 def config(store: Path, **kw) -> ServerConfig:

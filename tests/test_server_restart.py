@@ -1,0 +1,108 @@
+"""Exactly-once across a server SIGKILL: the server runs as `python -m hdrlog.server`, is killed while
+batches are in flight, restarted on the same store, and every batch arrives exactly once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import grpc
+import numpy as np
+
+from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
+from hdrlog.server.writer import Outcome  # noqa: F401 - import check of the package under test
+from tests.test_server_helpers import NS_DAY, ServerProcess, batch, packets_table
+
+
+def sql(proc: ServerProcess, query: str) -> list[dict]:
+    qs = urllib.parse.urlencode({"query": query + " FORMAT JSONEachRow"})
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.ports['sql_port']}/?{qs}", timeout=30) as r:
+        return [json.loads(line) for line in r.read().splitlines()]
+
+
+class MiniCollector:
+    """Keeps every batch until it is acked OK; sends in seq order; on a broken stream resends the unacked."""
+
+    def __init__(self, batches: list[ingest_pb2.Batch]):
+        self.unacked = {b.seq: b for b in batches}
+        self.acks: list[ingest_pb2.Ack] = []
+        self.lock = threading.Lock()
+
+    def run_once(self, target: str, pace: float = 0.0) -> bool:
+        """One stream over everything unacked; True when all got OK."""
+        todo = [self.unacked[s] for s in sorted(self.unacked)]
+
+        def gen():
+            for b in todo:
+                yield b
+                if pace:
+                    time.sleep(pace)
+
+        try:
+            with grpc.insecure_channel(target) as ch:
+                for ack in ingest_pb2_grpc.IngestStub(ch).Stream(gen(), timeout=60):
+                    with self.lock:
+                        self.acks.append(ack)
+                        if ack.status == ingest_pb2.Ack.OK:
+                            self.unacked.pop(ack.seq, None)
+        except grpc.RpcError:
+            return False
+        return not self.unacked
+
+
+def test_sigkill_while_batches_are_in_flight_then_restart_stores_everything_once(tmp_path):
+    store = tmp_path / "store"
+    n_batches, rows = 60, 2000
+    batches = [batch(s, rows, collector_id="kill-test") for s in range(1, n_batches + 1)]
+    # one batch spans midnight UTC: its rows go to two partitions
+    span = packets_table(rows, 7)
+    ts_col = next(c for c in span.columns if c.name == "ts")
+    ts = np.frombuffer(ts_col.values, dtype="<i8").copy()
+    ts[: rows // 2] = (ts[0] // NS_DAY + 1) * NS_DAY - 1000
+    ts[rows // 2:] = (ts[0] // NS_DAY + 1) * NS_DAY + 1000
+    ts_col.values = ts.tobytes()
+    batches[40] = batch(41, tables=[span], collector_id="kill-test")
+
+    proc = ServerProcess(store, tmp_path / "server.log", "--flush-rows", "5000", "--flush-interval", "0.05")
+    collector = MiniCollector(batches)
+    try:
+        proc.start()
+        sender = threading.Thread(target=collector.run_once, args=(proc.target, 0.01))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(collector.acks) < 15:
+            time.sleep(0.01)
+        proc.kill()  # batches are queued and being inserted right now
+        sender.join(30)
+        acked_before = len(collector.acks)
+        assert 0 < acked_before < n_batches, "the kill did not land mid-stream"
+
+        proc.start()  # same store
+        # the collector resends what was unacked; on top, resend a few that were acked (harmless)
+        for b in batches[:5]:
+            collector.unacked.setdefault(b.seq, b)
+        assert collector.run_once(proc.target)
+        got = sql(proc, "SELECT batch_seq, count() AS n FROM hdrlog.packets GROUP BY batch_seq ORDER BY batch_seq")
+        assert [(r["batch_seq"], int(r["n"])) for r in got] == [(s, rows) for s in range(1, n_batches + 1)]
+        days = sql(proc, "SELECT uniqExact(toDate(ts)) AS d FROM hdrlog.packets WHERE batch_seq = 41")
+        assert int(days[0]["d"]) == 2
+        dup_acks = [a for a in collector.acks if a.duplicate]
+        assert len(dup_acks) >= 5
+    finally:
+        assert proc.stop() == 0, (tmp_path / "server.log").read_text()[-2000:]
+
+
+def test_module_entry_point_reports_ports_and_exits_cleanly(tmp_path):
+    proc = ServerProcess(tmp_path / "store", tmp_path / "server.log")
+    try:
+        proc.start()
+        assert set(proc.ports) == {"grpc_port", "sql_port", "metrics_port"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.ports['sql_port']}/ping", timeout=10) as r:
+            assert r.read() == b"Ok.\n"
+    finally:
+        assert proc.stop() == 0
+    log = (tmp_path / "server.log").read_text()
+    assert "server: stopped;" in log and "Traceback" not in log
