@@ -81,13 +81,14 @@ class Batcher:
             return
         batch = ingest_pb2.Batch(collector_id=self.collector_id, host=self.host, seq=self.next_seq,
                                  created_unix_ns=time.time_ns())
-        rows = 0
+        records = 0  # header and flow records; collector_stats rows are bookkeeping, not counted
         for table, chunks in self._chunks.items():
             cols, n = concat_columns(table, chunks)
             batch.tables.append(columns.encode_table(table, cols, n))
-            rows += n
+            if table != "collector_stats":
+                records += n
         self.next_seq += 1
         self._chunks = {}
         self._rows = 0
         self._opened_at = None
-        self._emit(batch, rows)
+        self._emit(batch, records)

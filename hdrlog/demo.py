@@ -32,12 +32,12 @@ QUERIES = [
      "SELECT multiIf(ip_version = 0, 'non-IP', ip_version = 4, 'IPv4', 'IPv6') AS ip, "
      "multiIf(ip_proto = 6, 'TCP', ip_proto = 17, 'UDP', ip_proto = 1, 'ICMP', ip_proto = 58, 'ICMPv6', "
      "toString(ip_proto)) AS proto, direction, count() AS packets, sum(wire_len) AS bytes "
-     "FROM hdrlog.packets WHERE host = '{host}' GROUP BY ip, proto, direction ORDER BY packets DESC"),
+     "FROM hdrlog.packets WHERE host = '{host}' AND ts >= fromUnixTimestamp64Nano({since}) GROUP BY ip, proto, direction ORDER BY packets DESC"),
     ("Conversations: who talked to whom on which port",
      "SELECT replaceRegexpOne(IPv6NumToString(src_ip), '^::ffff:', '') AS src, "
      "replaceRegexpOne(IPv6NumToString(dst_ip), '^::ffff:', '') AS dst, ip_proto, dst_port, "
      "count() AS packets, sum(wire_len) AS bytes FROM hdrlog.packets "
-     "WHERE host = '{host}' AND direction = 'ingress' AND ip_version != 0 "
+     "WHERE host = '{host}' AND ts >= fromUnixTimestamp64Nano({since}) AND direction = 'ingress' AND ip_version != 0 "
      "GROUP BY src, dst, ip_proto, dst_port ORDER BY packets DESC LIMIT 10"),
     ("TCP handshakes and ICMP messages, as the headers tell them",
      "SELECT multiIf(ip_proto IN (1, 58), concat('ICMP type ', toString(icmp_type), ' code ', "
@@ -45,7 +45,7 @@ QUERIES = [
      "bitAnd(tcp_flags, 0x12) = 0x12, concat('TCP SYN-ACK from port ', toString(src_port)), "
      "bitAnd(tcp_flags, 0x01) = 0x01, 'TCP FIN', 'other') AS event, direction, count() AS n, "
      "min(ttl) AS min_ttl, max(tcp_mss) AS mss FROM hdrlog.packets "
-     "WHERE host = '{host}' AND (ip_proto IN (1, 58) OR bitAnd(tcp_flags, 0x03) != 0) "
+     "WHERE host = '{host}' AND ts >= fromUnixTimestamp64Nano({since}) AND (ip_proto IN (1, 58) OR bitAnd(tcp_flags, 0x03) != 0) "
      "GROUP BY event, direction ORDER BY event, direction"),
 ]
 
@@ -141,9 +141,9 @@ def _stop(proc: subprocess.Popen, what: str) -> None:
         raise SystemExit(f"demo: the {what} exited with code {proc.returncode}")
 
 
-def _count(host: str) -> int:
-    out = sqlclient.run(f"SELECT count() FROM hdrlog.packets WHERE host = '{host}'", fmt="TabSeparated",
-                        url=SQL_URL)
+def _count(host: str, since: int) -> int:
+    out = sqlclient.run(f"SELECT count() FROM hdrlog.packets WHERE host = '{host}' "
+                        f"AND ts >= fromUnixTimestamp64Nano({since})", fmt="TabSeparated", url=SQL_URL)
     return int(out.strip() or 0)
 
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("starting: " + " ".join(collector_cmd[2:]))
         collector = subprocess.Popen(collector_cmd)
         stack.callback(lambda: collector.poll() is None and collector.kill())
-        before = _count(host_id)
+        since = time.time_ns()
         _wait_for_attach(client.peer_ifname, collector)
 
         _say("sending traffic: HTTP over IPv4 and IPv6, a DNS query, UDP to a closed port, ping and ping -6")
@@ -199,16 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         # Wait until the count stops moving: every record is then queryable.
         last, stable_since, deadline = -1, time.monotonic(), time.monotonic() + 30
         while time.monotonic() < deadline:
-            now = _count(host_id)
+            now = _count(host_id, since)
             if now != last:
                 last, stable_since = now, time.monotonic()
-            elif now > before and time.monotonic() - stable_since > 2:
+            elif now > 0 and time.monotonic() - stable_since > 2:
                 break
             time.sleep(0.5)
-        _say(f"{last - before} packet headers logged for host {host_id} in this run; asking SQL while ingest runs:")
+        _say(f"{last} packet headers logged for host {host_id} in this run; asking SQL while ingest runs:")
         for title, sql in QUERIES:
             print(f"\n-- {title}", flush=True)
-            sys.stdout.buffer.write(sqlclient.run(sql.format(host=host_id), fmt="PrettyCompact", url=SQL_URL))
+            sys.stdout.buffer.write(sqlclient.run(sql.format(host=host_id, since=since), fmt="PrettyCompact", url=SQL_URL))
             sys.stdout.flush()
         print()
         _stop(collector, "collector")
