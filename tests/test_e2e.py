@@ -124,3 +124,34 @@ def test_collector_sigterm_flushes_detaches_and_exits_zero(lab, server, collecto
         assert out.strip() == "", f"filters left on {direction}: {out}"
     qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", host.peer_ifname], capture_output=True, text=True).stdout
     assert "clsact" not in qdiscs
+
+
+def test_scripted_frames_become_rows_with_every_column_as_sent(lab, server, collector_factory, tmp_path):
+    """The acceptance frames: one row per frame per direction, every contract column equal to what was sent."""
+    from hdrlog.collector import records
+    from hdrlog.proto.columns import PACKETS
+    from tests.frames import FAKE_SRC, IGNORED_FLAGS, expected, mac_int, scripted_frames, send_frames
+
+    host = lab.add_host("a")
+    collector_factory(server, [host.peer_ifname], "frames-test")
+    cases = scripted_frames(host)
+    send_frames(lab, host, [f for _, f, _ in cases], tmp_path)
+    where = f"host = 'frames-test' AND eth_src = {mac_int(FAKE_SRC)}"
+    wait_until(lambda: server.count(where) >= len(cases), 30, f"{len(cases)} rows")
+    time.sleep(1.0)  # a duplicate would arrive late
+    select = ", ".join(
+        "toUnixTimestamp64Nano(ts) AS ts" if c.name == "ts" else
+        f"lower(hex({c.name})) AS {c.name}" if c.dtype == "V16" else c.name for c in PACKETS)
+    rows = server.sql(f"SELECT {select} FROM hdrlog.packets WHERE {where} ORDER BY ts")
+    assert len(rows) == len(cases), "exactly one row per frame"
+    assert {r["direction"] for r in rows} == {"ingress"}
+    for (name, frame, extra), got in zip(cases, rows):
+        want = expected(frame)
+        want.update(extra)
+        assert got["ifname"] == host.peer_ifname, name
+        want.update(ts=0, ifname="", direction="ingress", src_ip=want["src_ip"].hex(), dst_ip=want["dst_ip"].hex(),
+                    parse_flags=want["parse_flags"] & ~IGNORED_FLAGS)
+        got = dict(got, ts=0, ifname="", parse_flags=got["parse_flags"] & ~records.PARSE_VLAN_ACCEL)
+        got = {k: (int(v) if isinstance(want[k], int) and not isinstance(v, int) else v) for k, v in got.items()}
+        diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        assert not diff, f"{name}: (got, want) {diff}"
