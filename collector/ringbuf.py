@@ -19,13 +19,15 @@ does and walks it with numpy instead:
   behind it is complete once BUSY is clear. x86's ordered loads make the plain
   numpy reads below acquire loads.
 
-hdrlog submits records of one size, so the records between the two positions
-sit at a fixed stride. ``read()`` takes a strided view of their headers, finds
-the first busy one (or one of another length) with one vectorised pass, copies
-the record bodies before it out with one ``memcpy``-like numpy copy, drops
-discarded ones with a mask, and then advances ``consumer_pos`` with a single
-store. A record of another size (none are expected) is stepped over by a short
-scalar path and counted in ``odd``. Wakeups come from ``epoll`` on the map fd,
+Almost every hdrlog record is a fixed-size header (``record_size``), so runs
+of records sit at a fixed stride. ``read()`` takes a strided view of the
+headers of such a run, finds the first busy one (or one of another length)
+with one vectorised pass, copies the record bodies before it out with one
+numpy copy, drops discarded ones with a mask, and at the end advances
+``consumer_pos`` with a single store. A longer record (the fixed header plus a
+payload tail, bpf/types.h) goes through a short scalar path: its fixed part
+joins the others, its tail is returned apart as ``(index, bytes)``. A shorter
+one (none are expected) is stepped over and counted in ``odd``. Wakeups come from ``epoll`` on the map fd,
 which the kernel signals (adaptive wakeup) when a record is submitted into an
 empty ring.
 """
@@ -60,10 +62,11 @@ def map_info(map_fd: int) -> dict[str, int]:
 class RingBufReader:
     """Reads fixed-size records from a BPF ring buffer map in bulk.
 
-    ``read(timeout_ms)`` returns ``(buf, count)``: ``buf`` is a 1-D uint8 numpy
-    array of ``count * record_size`` bytes (packed records, ready for
+    ``read(timeout_ms)`` returns ``(buf, count, tails)``: ``buf`` is a 1-D uint8
+    numpy array of ``count * record_size`` bytes (packed records, ready for
     ``np.frombuffer(buf, RECORD_DTYPE)``), or ``b""`` when nothing came within
-    the timeout. Not thread-safe: one reader thread per ring buffer.
+    the timeout; ``tails`` holds ``(index, bytes)`` for records longer than
+    ``record_size``. Not thread-safe: one reader thread per ring buffer.
     """
 
     def __init__(self, map_fd: int, record_size: int, max_records: int = 1 << 16):
@@ -102,31 +105,40 @@ class RingBufReader:
         return self.producer_pos - self.consumer_pos
 
     # -- reading ---------------------------------------------------------------------------
-    def read(self, timeout_ms: int) -> tuple[np.ndarray | bytes, int]:
-        """Records available now, or waiting up to ``timeout_ms`` for the first ones."""
-        buf, n = self._consume()
-        if n or timeout_ms == 0:
-            return buf, n
+    def read(self, timeout_ms: int) -> tuple[np.ndarray | bytes, int, list[tuple[int, bytes]]]:
+        """Records available now, or waiting up to ``timeout_ms`` for the first ones.
+
+        Returns ``(fixed, count, tails)``: the first ``record_size`` bytes of
+        ``count`` records packed in ``fixed`` (a 1-D uint8 array, or b"" when
+        none came), and ``[(index, bytes)]`` with what longer records carry
+        beyond ``record_size`` (the payload tails of bpf/types.h).
+        """
+        out = self._consume()
+        if out[1] or timeout_ms == 0:
+            return out
         if self.pending_bytes() == 0:
             self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1)
         return self._consume()
 
-    def _consume(self) -> tuple[np.ndarray | bytes, int]:
+    def _consume(self) -> tuple[np.ndarray | bytes, int, list[tuple[int, bytes]]]:
         cons = int(self._cons[0])
         prod = int(self._prod[0])
         parts: list[np.ndarray] = []
+        tails: list[tuple[int, bytes]] = []
         total = 0
         slot, rsize, words = self.slot, self.record_size, self.slot // 4
+        window = 256  # records scanned per vector step; grows while runs are clean
+        data = self._data
         while cons < prod and total < self.max_records:
             start = cons & self._mask
-            n = min((prod - cons) // slot, self.max_records - total)
+            n = min((prod - cons) // slot, self.max_records - total, window)
             ok = 0
             if n:
                 hdr = self._data32[start // 4 : start // 4 + n * words : words].copy()
                 stop = np.flatnonzero((hdr & (BUSY_BIT | LEN_MASK)) != rsize)
                 ok = int(stop[0]) if stop.size else n
             if ok:
-                body = self._data[start : start + ok * slot].reshape(ok, slot)[:, HDR_SIZE : HDR_SIZE + rsize]
+                body = data[start : start + ok * slot].reshape(ok, slot)[:, HDR_SIZE : HDR_SIZE + rsize]
                 keep = (hdr[:ok] & DISCARD_BIT) == 0
                 if keep.all():
                     parts.append(np.ascontiguousarray(body))
@@ -137,23 +149,30 @@ class RingBufReader:
                     parts.append(kept)
                     total += len(kept)
                 cons += ok * slot
+                window = min(window * 2, 1 << 16) if ok == n else max(64, ok)
                 continue
-            # One record that is busy, or of another size, at `start`.
+            # One record that is busy, or of another size, at `start`: the scalar path.
             word = int(self._data32[start // 4])
             if word & BUSY_BIT:
                 break
             length = word & LEN_MASK
-            if not word & DISCARD_BIT:
-                self.odd += 1
-            else:
+            if word & DISCARD_BIT:
                 self.discarded += 1
+            elif length > rsize:  # a record with a tail: fixed part with the others, tail apart
+                body = start + HDR_SIZE
+                parts.append(data[body : body + rsize].copy())
+                tails.append((total, data[body + rsize : body + length].tobytes()))
+                total += 1
+            else:
+                self.odd += 1
             cons += (length + HDR_SIZE + 7) & ~7
+            window = 64
         if cons != int(self._cons[0]):
             self._cons[0] = cons  # hand the space back to the producer
         if not total:
-            return b"", 0
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return out.reshape(-1), total
+            return b"", 0, []
+        out = parts[0] if len(parts) == 1 else np.concatenate([p.reshape(-1) for p in parts])
+        return out.reshape(-1), total, tails
 
     def fileno(self) -> int:
         return self._fd

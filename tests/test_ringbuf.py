@@ -26,9 +26,10 @@ PAGES = 4  # 16 KiB: 136 slots of 120 bytes, so wrap-around comes quickly
 PROG = r"""
 struct rec { u64 seq; u64 tgid; u8 fill[%(fill)d]; };
 struct odd { u64 seq; u64 tgid; };
+struct longer { struct rec r; u8 tail[40]; };
 BPF_RINGBUF_OUTPUT(rb, %(pages)d);
 /* Key: 0 a tag copied into records, 1 mode (0 submit, 1 discard every 3rd, 2 an odd-size record
- * after every 5th), 2 next seq, 3 records dropped because the ring was full. */
+ * after every 5th, 3 every 4th record carries a 40-byte tail), 2 next seq, 3 records dropped because the ring was full. */
 BPF_ARRAY(ctl, u64, 4);
 
 int on_datagram(struct __sk_buff *skb)
@@ -38,6 +39,19 @@ int on_datagram(struct __sk_buff *skb)
     if (!tgid || !mode || !seq || !full)
         return 0;
     u64 s = __sync_fetch_and_add(seq, 1);
+    if (*mode == 3 && s %% 4 == 1) {
+        struct longer *l = rb.ringbuf_reserve(sizeof(struct longer));
+        if (!l) {
+            __sync_fetch_and_add(full, 1);
+            return 0;
+        }
+        l->r.seq = s;
+        l->r.tgid = *tgid;
+        __builtin_memset(l->r.fill, (u8)s, sizeof(l->r.fill));
+        __builtin_memset(l->tail, (u8)(s + 1), sizeof(l->tail));
+        rb.ringbuf_submit(l, 0);
+        return 0;
+    }
     struct rec *r = rb.ringbuf_reserve(sizeof(struct rec));
     if (!r) {
         __sync_fetch_and_add(full, 1);
@@ -116,14 +130,20 @@ def reader_of(bpf):
     return RingBufReader(bpf[b"rb"].map_fd, RECORD)
 
 
-def drain(reader, timeout_ms: int = 0) -> np.ndarray:
+def drain(reader, timeout_ms: int = 0, tails: list | None = None) -> np.ndarray:
     got = []
+    base = 0
     while True:
-        buf, n = reader.read(timeout_ms)
+        buf, n, t = reader.read(timeout_ms)
         if not n:
             break
         assert len(buf) == n * RECORD
         got.append(np.frombuffer(buf, DTYPE, count=n).copy())
+        if tails is not None:
+            tails.extend((base + i, b) for i, b in t)
+        else:
+            assert not t
+        base += n
         timeout_ms = 0
     return np.concatenate(got) if got else np.zeros(0, DTYPE)
 
@@ -194,6 +214,28 @@ def test_records_of_another_size_are_stepped_over_and_counted(prog):
             seqs.extend(recs["seq"].tolist())
         assert seqs == list(range(500))
         assert reader.odd == 100
+    finally:
+        reader.close()
+
+
+def test_longer_records_come_with_their_tails_apart(prog):
+    set_mode(prog, 3)
+    reader = reader_of(prog)
+    try:
+        seqs: list[int] = []
+        for _ in range(10):
+            produce(100)
+            tails: list = []
+            recs = drain(reader, tails=tails)
+            check_records(recs, recs["seq"].tolist())
+            by_index = dict(tails)
+            for i, s in enumerate(recs["seq"].tolist()):
+                if s % 4 == 1:
+                    assert by_index.pop(i) == bytes([(s + 1) & 0xFF]) * 40
+            assert not by_index
+            seqs.extend(recs["seq"].tolist())
+        assert seqs == list(range(1000))
+        assert reader.odd == 0 and ctl_value(prog, 3) == 0
     finally:
         reader.close()
 

@@ -1,0 +1,1 @@
+"""hdrlog benchmarks (`make bench`): each figure beside a baseline measured in the same run."""
