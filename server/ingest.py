@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -24,6 +25,7 @@ log = logging.getLogger("hdrlog.server")
 
 # Batches with at most this many rows are converted on the event loop; larger ones in a thread.
 INLINE_ROWS = 20_000
+REJECT_LOG_INTERVAL = 1.0
 
 
 def identity_for(context: grpc.aio.ServicerContext, batch: ingest_pb2.Batch, *, insecure: bool) -> str:
@@ -45,7 +47,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.writer = writer
         self.metrics = metrics
         self.insecure = insecure
-        self._streams: set[asyncio.Task] = set()
+        self._last_reject_log = 0.0
+        self._suppressed = 0
+
+    def _log_reject(self, line: str) -> None:
+        """At most one rejection warning per second; the others are counted in the next line."""
+        now = time.monotonic()
+        if now - self._last_reject_log < REJECT_LOG_INTERVAL:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more rejections not logged)" if self._suppressed else ""
+        log.warning("%s%s", line, more)
+        self._last_reject_log, self._suppressed = now, 0
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC name)
         acks: asyncio.Queue[ingest_pb2.Ack | None] = asyncio.Queue()
@@ -87,7 +100,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                         tables = convert_batch(batch, host)
                 except BatchError as exc:
                     self.metrics.rejected(exc.kind)
-                    log.warning("server: batch %s/%d from %s rejected: %s", batch.collector_id[:64], batch.seq, peer, exc)
+                    self._log_reject(f"server: batch {batch.collector_id[:64]!r}/{batch.seq} from {peer} rejected: {exc}")
                     acks.put_nowait(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc)))
                     continue
                 fut = await self.writer.submit(batch.collector_id, batch.seq, tables)

@@ -282,3 +282,19 @@ def test_oversized_message_is_refused_by_grpc_not_fatal(tmp_path):
         assert [a.status for a in srv.send([batch(2, 10)])] == [OK]
     finally:
         srv.stop()
+
+
+def test_metrics_endpoint_and_status_line(tmp_path):
+    import urllib.request
+    srv = ServerThread(config(tmp_path / "store", metrics_listen="127.0.0.1:0")).start()
+    try:
+        srv.send([batch(1, 10), batch(1, 10), batch(2, tables=[packets_table(0)], collector_id="")])
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in ("hdrlog_server_batches_received_total 3.0", 'hdrlog_server_inserted_rows_total{table="packets"} 10.0',
+                     'hdrlog_server_batches_rejected_total{reason="collector_id"} 1.0',
+                     "hdrlog_server_duplicate_batches_total 1.0", "hdrlog_server_pending_rows 0.0"):
+            assert line in text, line
+        assert srv.server.status_line() == "streams=0 batches=3 rows=10 dup=1 rejected=1 pending=0"
+    finally:
+        srv.stop()
