@@ -20,8 +20,11 @@ import numpy as np
 from hdrlog.collector.batcher import Batcher
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.config import CollectorConfig
+from hdrlog.collector.metrics import CollectorMetrics
 from hdrlog.collector.sender import Outbox, Sender
 from hdrlog.collector import tls
+from hdrlog.config import parse_hostport
+from hdrlog.metrics_http import MetricsHttp
 
 log = logging.getLogger("hdrlog.collector")
 
@@ -37,7 +40,7 @@ class Collector:
         # A fresh id per incarnation: seqs restart at 1, so the server's dedup must not confuse runs.
         self.collector_id = f"{config.host_id}/{uuid.uuid4().hex[:12]}"
         self.capture = Capture(CaptureConfig(ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes,
-                                             sample_rate=config.sample))
+                                             sample_rate=config.sample, dns_ports=list(config.dns_ports)))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None
@@ -48,6 +51,8 @@ class Collector:
         self._capture_error: BaseException | None = None
         self._stats_sent: dict[str, int] = {}
         self._stats_at = time.monotonic()
+        self.metrics = CollectorMetrics(self.counters, self._sending)
+        self._metrics_http: MetricsHttp | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -61,10 +66,16 @@ class Collector:
                                emit=self._emit)
         self.capture.start()
         try:
+            listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
+            if listen:
+                self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
+                log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.port)
             self.sender.start()
             self._thread = threading.Thread(target=self._capture_loop, name="hdrlog-capture", daemon=True)
             self._thread.start()
         except BaseException:
+            if self._metrics_http:
+                self._metrics_http.stop()
             self.capture.stop()
             raise
         where = ", ".join(f"{i}/{d}" for i, d in self.capture.attachments)
@@ -85,6 +96,9 @@ class Collector:
                 log.error("stopping with %d batches (%d records) unacked by the server: they are lost",
                           len(self.outbox or ()), self.outbox.rows if self.outbox else 0)
             await self.sender.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
         self.capture.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,6 +163,13 @@ class Collector:
             out["drop_unacked_full"] = c.rows_dropped_unacked_full
             out["drop_rejected_by_server"] = c.rows_rejected
         return out
+
+    def _sending(self) -> dict[str, float]:
+        if self.sender is None or self.outbox is None:
+            return {}
+        c = self.sender.counters
+        return {"sent_rows": c.rows_sent, "acked_rows": c.rows_acked, "reconnects": c.reconnects,
+                "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected)}
 
     def _add_stats(self) -> None:
         """Queue one collector_stats row per counter with its change since the last row."""

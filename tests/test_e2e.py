@@ -155,3 +155,40 @@ def test_scripted_frames_become_rows_with_every_column_as_sent(lab, server, coll
         got = {k: (int(v) if isinstance(want[k], int) and not isinstance(v, int) else v) for k, v in got.items()}
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
         assert not diff, f"{name}: (got, want) {diff}"
+
+
+def test_metrics_and_collector_stats_count_what_was_sent(lab, tmp_path, collector_factory):
+    from tests.support import free_port
+
+    server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path, "--metrics-listen", f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        metrics_port = free_port()
+        host = lab.add_host("a")
+        collector = collector_factory(server, [host.peer_ifname], "metrics-test",
+                                      "--metrics-listen", f"127.0.0.1:{metrics_port}")
+        sender = send_udp(lab, host, 40004, 800, rate=2000)
+        assert sender.wait(60) == 0
+        wait_until(lambda: server.count("dst_port = 40004") == 800, 30, "800 rows")
+
+        def scrape(port):
+            import urllib.request
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines() if line and not line.startswith("#")}
+        m = wait_until(lambda: (lambda m: m if m["hdrlog_collector_acked_rows_total"] >= 800 else None)(
+            scrape(metrics_port)), 20, "collector acks in metrics")
+        assert m["hdrlog_collector_logged_records_total"] >= 800
+        assert m["hdrlog_collector_seen_packets_total"] >= m["hdrlog_collector_logged_records_total"]
+        assert m['hdrlog_collector_dropped_records_total{reason="ringbuf_full"}'] == 0
+        assert m["hdrlog_collector_server_connected"] == 1
+        assert collector.stop() == 0
+        s = scrape(int(server.cmd[server.cmd.index("--metrics-listen") + 1].rsplit(":", 1)[1]))
+        assert s['hdrlog_server_inserted_rows_total{table="packets"}'] >= 800
+        stats = {r["counter"]: int(r["total"]) for r in server.sql(
+            "SELECT counter, sum(value) AS total FROM hdrlog.collector_stats WHERE host = 'metrics-test' "
+            "GROUP BY counter")}
+        assert stats["logged"] >= 800 and stats["seen"] >= stats["logged"]
+        assert stats["drop_ringbuf_full"] == 0 and stats["drop_unacked_full"] == 0
+    finally:
+        server.stop()

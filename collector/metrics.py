@@ -1,0 +1,45 @@
+"""The collector's Prometheus metrics, read from its counters at scrape time.
+
+Names follow ``hdrlog_collector_<name>_<unit>_total``. Every record not kept has
+a reason label on ``hdrlog_collector_dropped_records_total``, the same reasons as
+the drop_<reason> rows of collector_stats.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+NS = "hdrlog_collector"
+
+
+class CollectorMetrics(Collector):
+    def __init__(self, counters: Callable[[], dict[str, int]], sending: Callable[[], dict[str, float]]):
+        self._counters = counters
+        self._sending = sending
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def collect(self) -> Iterator:
+        c = self._counters()
+        yield CounterMetricFamily(f"{NS}_seen_packets", "Packets the classifier ran on", value=c.get("seen", 0))
+        yield CounterMetricFamily(f"{NS}_logged_records", "Header records decoded in user space",
+                                  value=c.get("logged", 0))
+        yield CounterMetricFamily(f"{NS}_truncated_records", "Records whose headers were cut short",
+                                  value=c.get("truncated", 0))
+        dropped = CounterMetricFamily(f"{NS}_dropped_records", "Records not kept, by reason", labels=["reason"])
+        for name, value in sorted(c.items()):
+            if name.startswith("drop_"):
+                dropped.add_metric([name[len("drop_"):]], value)
+        yield dropped
+        s = self._sending()
+        for name, doc in (("sent_rows", "Rows written to the server stream (resends included)"),
+                          ("acked_rows", "Rows the server acknowledged as stored"),
+                          ("reconnects", "Times the stream to the server was re-established")):
+            yield CounterMetricFamily(f"{NS}_{name}", doc, value=s.get(name, 0))
+        yield GaugeMetricFamily(f"{NS}_unacked_rows", "Rows waiting for the server's ack", value=s.get("unacked_rows", 0))
+        yield GaugeMetricFamily(f"{NS}_server_connected", "1 while the stream to the server is up",
+                                value=s.get("connected", 0))
