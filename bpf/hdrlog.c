@@ -22,8 +22,24 @@
  * therefore yields a record with every field that could be read plus a PARSE_* bit
  * in parse_flags, and parsing stops there. All loops are bounded.
  *
- * The record keeps the offset and length of the L4 payload, the seam for the
- * app-layer parsers (DNS, HTTP, TLS SNI) to come.
+ * The record keeps the offset and length of the L4 payload. When that payload
+ * is an app-layer candidate, its first bytes (at most HDRLOG_PAYLOAD_BYTES,
+ * clipped to the IP length so Ethernet padding is never copied) follow the
+ * record, and user space decodes DNS, HTTP and TLS hellos from them
+ * (collector/appdecode.py). Candidates are UDP or TCP payloads whose source or
+ * destination port passes HDRLOG_IS_DNS_PORT (set from the collector's
+ * dns_ports), and TCP payloads that start like a TLS handshake record
+ * (0x16 0x03) or an HTTP/1.x request or response (the first four bytes of a
+ * method, or "HTTP"). Other payloads (bulk data) are not copied, so most
+ * records stay at the fixed size.
+ *
+ * The record is built in a per-CPU scratch buffer (`scratch`) and sent with
+ * bpf_ringbuf_output at its real size (header + copied bytes): a ring-buffer
+ * reservation must have a constant size, and reserving the maximum for every
+ * packet would multiply ring-buffer traffic. The copy is a bounded loop of
+ * HDRLOG_PAYLOAD_CHUNK-sized loads at constant offsets, each with a length the
+ * verifier sees as 1..HDRLOG_PAYLOAD_CHUNK (one variable-length load of up to
+ * the whole buffer was rejected as too complex).
  *
  * When the ring buffer is full the record is dropped and counted
  * (CNT_RINGBUF_FULL): nothing is lost silently. User space converts mono_ns
@@ -44,6 +60,16 @@
 #endif
 #ifndef HDRLOG_MAX_TCPOPT
 #define HDRLOG_MAX_TCPOPT 16
+#endif
+
+/* Which ports carry DNS (UDP and TCP): a boolean expression of p, set by the
+ * collector from its dns_ports. */
+#ifndef HDRLOG_IS_DNS_PORT
+#define HDRLOG_IS_DNS_PORT(p) ((p) == 53 || (p) == 5353)
+#endif
+
+#if HDRLOG_PAYLOAD_BYTES % HDRLOG_PAYLOAD_CHUNK
+#error "HDRLOG_PAYLOAD_BYTES must be a multiple of HDRLOG_PAYLOAD_CHUNK"
 #endif
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -70,6 +96,17 @@ BPF_RINGBUF_OUTPUT(records, HDRLOG_RINGBUF_PAGES);
  * lookup per packet.
  * Key: 0 (u32). Value: struct counters, n[CNT_*] = packet counts. */
 BPF_PERCPU_ARRAY(counters, struct counters, 1);
+
+/* A record with room for its payload bytes. */
+struct pkt_scratch {
+    struct pkt_record rec;
+    u8 payload[HDRLOG_PAYLOAD_BYTES];
+};
+
+/* Where a record is built before it goes to the ring buffer, per CPU.
+ * Key: 0 (u32). Value: struct pkt_scratch (only rec and the first
+ * rec.payload_len payload bytes are meaningful). */
+BPF_PERCPU_ARRAY(scratch, struct pkt_scratch, 1);
 
 /* Ring buffer submit flags: 0 = adaptive wakeup of the reader. */
 #ifndef HDRLOG_RB_FLAGS
@@ -197,6 +234,66 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, u32 len, u3
     }
     if (i < lim && opts[i & 63] != 0)
         *flags |= PARSE_BAD_TCP_OPT; /* more options than we walk */
+}
+
+/* Is a payload starting with these 4 bytes worth copying? (See the top comment.) */
+static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const u8 *h)
+{
+    if (HDRLOG_IS_DNS_PORT(sport) || HDRLOG_IS_DNS_PORT(dport))
+        return 1;
+    if (l4proto != IPPROTO_TCP)
+        return 0;
+    if (h[0] == 0x16 && h[1] == 0x03)
+        return 1;
+    u32 w = ((u32)h[0] << 24) | ((u32)h[1] << 16) | ((u32)h[2] << 8) | h[3];
+    switch (w) {
+    case 0x47455420: /* "GET " */
+    case 0x504f5354: /* "POST" */
+    case 0x50555420: /* "PUT " */
+    case 0x48454144: /* "HEAD" */
+    case 0x44454c45: /* "DELE" */
+    case 0x4f505449: /* "OPTI" */
+    case 0x50415443: /* "PATC" */
+    case 0x434f4e4e: /* "CONN" */
+    case 0x54524143: /* "TRAC" */
+    case 0x48545450: /* "HTTP" */
+        return 1;
+    }
+    return 0;
+}
+
+/* Copy the first bytes of `plen` payload bytes at `off` into `dst` (room for
+ * HDRLOG_PAYLOAD_BYTES); returns how many were copied. */
+static __always_inline u32 copy_payload(struct __sk_buff *skb, u32 off, u32 plen, u8 *dst, u16 *flags)
+{
+    /* 64-bit arithmetic below for the same reason as in load(). */
+    u32 want = plen;
+    if (want > HDRLOG_PAYLOAD_BYTES) {
+        want = HDRLOG_PAYLOAD_BYTES;
+        *flags |= PARSE_PAYLOAD_CUT;
+    }
+    u32 got = 0;
+#pragma unroll
+    for (int k = 0; k < HDRLOG_PAYLOAD_BYTES / HDRLOG_PAYLOAD_CHUNK; k++) {
+        u32 o = k * HDRLOG_PAYLOAD_CHUNK;
+        if (o >= want)
+            break;
+        u64 n = want - o;
+        if (n > HDRLOG_PAYLOAD_CHUNK)
+            n = HDRLOG_PAYLOAD_CHUNK;
+        barrier_var(n);
+        if (n == 0)
+            break;
+        barrier_var(n);
+        if (n > HDRLOG_PAYLOAD_CHUNK)
+            break;
+        if (bpf_skb_load_bytes(skb, off + o, dst + o, n) < 0) {
+            *flags |= PARSE_PAYLOAD_CUT;
+            break;
+        }
+        got = o + n;
+    }
+    return got;
 }
 
 static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u8 dir)
@@ -418,19 +515,41 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
         goto out;
     }
 
-    /* --- L4 payload: where it starts and how long it is. The app-layer
-     * parsers to come copy its first bytes from here (a variable-length
-     * bpf_skb_load_bytes into the record; a first try, straight into ring
-     * buffer memory, hit the verifier's complexity limit). --- */
+    /* --- L4 payload: where it starts and how long it is (its first bytes
+     * are copied by copy_candidate() once parse() is done). --- */
     if (l3_end > len)
         l3_end = len; /* truncated capture or bogus length: what the skb holds */
     if (payload_off < l3_end) {
+        u32 plen = l3_end - payload_off;
         r->l4_payload_off = payload_off;
-        r->l4_payload_len = l3_end - payload_off;
+        r->l4_payload_len = plen;
     }
 
 out:
     r->vlan_id = vlan_id;
+    r->parse_flags = flags;
+}
+
+/* After parse(): copy the payload's first bytes behind the record when it is
+ * an app-layer candidate. The facts it needs are read back from the record
+ * (the memory clobber keeps the compiler from carrying them over in
+ * registers), so every path through the parser reaches the copy loop in the
+ * same verifier state: parse()'s many paths times the copy's would exceed the
+ * verifier's budget. */
+static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scratch *s)
+{
+    struct pkt_record *r = &s->rec;
+    asm volatile("" ::: "memory");
+    u32 off = r->l4_payload_off;
+    u32 plen = r->l4_payload_len;
+    if (HDRLOG_PAYLOAD_BYTES == 0 || off == 0 || plen == 0)
+        return;
+    u8 head[4] = {};
+    load(skb, skb->len, off, head, sizeof(head));
+    if (!app_candidate(r->ip_proto, r->src_port, r->dst_port, head))
+        return;
+    u16 flags = r->parse_flags;
+    r->payload_len = copy_payload(skb, off, plen, s->payload, &flags);
     r->parse_flags = flags;
 }
 
@@ -441,16 +560,25 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
     if (!c) /* cannot happen: the array has its one entry */
         return TC_ACT_UNSPEC;
     c->n[CNT_SEEN]++;
-    struct pkt_record *r = records.ringbuf_reserve(sizeof(struct pkt_record));
-    if (!r) {
+    struct pkt_scratch *s = scratch.lookup(&zero);
+    if (!s) /* cannot happen either */
+        return TC_ACT_UNSPEC;
+    struct pkt_record *r = &s->rec;
+    __builtin_memset(r, 0, sizeof(*r));
+    parse(skb, r, dir);
+    copy_candidate(skb, s);
+    u64 size = sizeof(struct pkt_record) + r->payload_len;
+    barrier_var(size);
+    if (size > sizeof(struct pkt_scratch))
+        size = sizeof(struct pkt_scratch);
+    if (records.ringbuf_output(s, size, HDRLOG_RB_FLAGS) < 0) {
         c->n[CNT_RINGBUF_FULL]++;
         return TC_ACT_UNSPEC;
     }
-    __builtin_memset(r, 0, sizeof(*r));
-    parse(skb, r, dir);
     if (r->parse_flags & (PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4))
         c->n[CNT_TRUNCATED]++;
-    records.ringbuf_submit(r, HDRLOG_RB_FLAGS);
+    if (r->payload_len)
+        c->n[CNT_PAYLOAD]++;
     c->n[CNT_LOGGED]++;
     return TC_ACT_UNSPEC;
 }

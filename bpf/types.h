@@ -14,6 +14,15 @@
 #define HDRLOG_RINGBUF_PAGES 2048
 #endif
 
+/* Bytes of L4 payload copied after a record, at most (0 = no copy). A multiple
+ * of HDRLOG_PAYLOAD_CHUNK. Only candidate payloads are copied (see hdrlog.c). */
+#ifndef HDRLOG_PAYLOAD_BYTES
+#define HDRLOG_PAYLOAD_BYTES 1024
+#endif
+#ifndef HDRLOG_PAYLOAD_CHUNK
+#define HDRLOG_PAYLOAD_CHUNK 128
+#endif
+
 /* Direction of a record. */
 #define DIR_INGRESS 1
 #define DIR_EGRESS 2
@@ -33,21 +42,25 @@
 #define PARSE_TCP_WSCALE      (1 << 10) /* window-scale option present (so tcp_wscale 0 is real) */
 #define PARSE_BAD_IP_VERSION  (1 << 11) /* version nibble disagrees with the EtherType */
 #define PARSE_GSO             (1 << 12) /* GSO/GRO super-packet: wire_len covers several frames */
+#define PARSE_PAYLOAD_CUT     (1 << 13) /* payload copy shorter than the candidate payload (cap or load error) */
 
 /* Counter indexes of the per-CPU `counters` map. */
 #define CNT_SEEN         0 /* packets the program ran on */
 #define CNT_LOGGED       1 /* records submitted to the ring buffer */
 #define CNT_RINGBUF_FULL 2 /* records dropped: ring buffer full (raise ringbuf_bytes) */
 #define CNT_TRUNCATED    3 /* records with a PARSE_TRUNC_* bit (informational) */
-#define CNT_MAX          4
+#define CNT_PAYLOAD      4 /* records carrying payload bytes (app-layer candidates) */
+#define CNT_MAX          5
 
 /* Value of the per-CPU `counters` map (one entry). */
 struct counters {
     __u64 n[CNT_MAX];
 };
 
-/* One record per packet, 112 bytes. App-layer fields (DNS, HTTP, TLS) will be
- * appended at the end; l4_payload_off/len say where their bytes are. */
+/* One record per packet: a fixed 120-byte header, then payload_len bytes of the
+ * L4 payload (0 for most packets). Ring-buffer entries are therefore of variable
+ * size; user space reads the fixed part in bulk and the payload tail apart.
+ * App-layer fields (DNS, HTTP, TLS) are decoded from the tail in user space. */
 struct pkt_record {
     __u64 mono_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     __u32 ifindex;        /* skb->ifindex */
@@ -83,7 +96,9 @@ struct pkt_record {
     __u8  tcp_wscale;
     __u8  icmp_type;
     __u8  icmp_code;
-    __u8  _pad[1];        /* keep the size a multiple of 8 */
+    __u8  _pad[1];
+    __u16 payload_len;    /* bytes of L4 payload that follow this header */
+    __u8  _pad2[6];       /* keep the size a multiple of 8 */
 };
 
 #endif /* HDRLOG_TYPES_H */

@@ -40,7 +40,7 @@ class Collector:
         # A fresh id per incarnation: seqs restart at 1, so the server's dedup must not confuse runs.
         self.collector_id = f"{config.host_id}/{uuid.uuid4().hex[:12]}"
         self.capture = Capture(CaptureConfig(ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes,
-                                             sample_rate=config.sample))
+                                             sample_rate=config.sample, dns_ports=list(config.dns_ports)))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None

@@ -241,12 +241,12 @@ def parse_payload(payload: bytes, ip_proto: int, src_port: int, dst_port: int,
         return None
     h = AppHeaders()
     if ip_proto == 17 and (src_port in dns_ports or dst_port in dns_ports):
-        return h if parse_dns(payload, h) else None
+        return h if looks_like_dns(payload) and parse_dns(payload, h) else None
     if ip_proto != 6:
         return None
     if (src_port in dns_ports or dst_port in dns_ports) and len(payload) >= 14:
         # DNS over TCP: a 2-byte length, then the message.
-        return h if parse_dns(payload[2:], h) else None
+        return h if looks_like_dns(payload[2:]) and parse_dns(payload[2:], h) else None
     if payload[:4] in HTTP_PREFIXES:
         return h if parse_http(payload, h) else None
     if payload[0] == TLS_HANDSHAKE:

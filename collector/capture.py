@@ -9,9 +9,10 @@ prio, handle and program name) and removes a clsact qdisc only if it created it
 and nothing else is attached to it.
 
 Reading the ring buffer goes through ``_CallbackReader``: BCC calls back once
-per record and we copy the raw bytes out; decoding happens in bulk in
+per record and we copy the raw bytes out (the fixed header into one run, the
+payload tail of app-layer candidates apart); decoding happens in bulk in
 ``records.decode``. A bulk mmap reader can replace it behind the same
-``read(timeout_ms) -> (bytes, count)`` seam.
+``read(timeout_ms) -> (bytes, count, payloads)`` seam.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from hdrlog.bpf import SOURCE_DIR
 from hdrlog.collector import records
+from hdrlog.collector.appdecode import DEFAULT_DNS_PORTS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,14 @@ MONO_OFFSET_REFRESH_NS = 1_000_000_000
 
 _GLOB_CHARS = set("*?[")
 
+# Payload copy (bpf/types.h HDRLOG_PAYLOAD_*): a TLS ClientHello's SNI can sit
+# several hundred bytes in (long key shares, shuffled extensions), DNS names up
+# to ~270; see scripts/bench_payload_copy.py for what the copy costs.
+PAYLOAD_BYTES = 1024
+PAYLOAD_CHUNK = 128
+MAX_PAYLOAD_BYTES = 4096
+MAX_DNS_PORTS = 16
+
 
 @dataclass
 class CaptureConfig:
@@ -57,6 +67,10 @@ class CaptureConfig:
     """Ring buffer size; rounded up to a power of two of pages. Raise it when ringbuf_full grows."""
     sample_rate: int = 1
     """Written into the sample_rate column (real sampling is a later issue)."""
+    dns_ports: list[int] = field(default_factory=lambda: list(DEFAULT_DNS_PORTS))
+    """UDP/TCP ports whose payload is decoded as DNS (in the kernel's copy decision and in user space)."""
+    payload_bytes: int = PAYLOAD_BYTES
+    """Payload bytes copied per app-layer candidate (bpf HDRLOG_PAYLOAD_BYTES; 0 = none)."""
 
     def validate(self) -> None:
         if not self.ifaces:
@@ -70,6 +84,14 @@ class CaptureConfig:
             )
         if not isinstance(self.sample_rate, int) or self.sample_rate < 1:
             raise ValueError(f"capture sample_rate={self.sample_rate!r}: must be an integer >= 1")
+        if not isinstance(self.dns_ports, (list, tuple)) or len(self.dns_ports) > MAX_DNS_PORTS or not all(
+            isinstance(p, int) and 1 <= p <= 65535 for p in self.dns_ports
+        ):
+            raise ValueError(f"capture dns_ports={self.dns_ports!r}: at most {MAX_DNS_PORTS} port numbers 1-65535")
+        if (not isinstance(self.payload_bytes, int) or not 0 <= self.payload_bytes <= MAX_PAYLOAD_BYTES
+                or self.payload_bytes % PAYLOAD_CHUNK):
+            raise ValueError(f"capture payload_bytes={self.payload_bytes!r}: must be a multiple of "
+                             f"{PAYLOAD_CHUNK} from 0 to {MAX_PAYLOAD_BYTES}")
 
     @property
     def ringbuf_pages(self) -> int:
@@ -79,9 +101,14 @@ class CaptureConfig:
 
 def cflags(config: CaptureConfig) -> list[str]:
     """Compiler flags for bpf/hdrlog.c under this config."""
+    ports = sorted(set(config.dns_ports))
+    is_dns = "||".join(f"(p)=={p}" for p in ports) or "0"
     return [
         f"-I{SOURCE_DIR}",
         f"-DHDRLOG_RINGBUF_PAGES={config.ringbuf_pages}",
+        f"-DHDRLOG_PAYLOAD_BYTES={config.payload_bytes}",
+        f"-DHDRLOG_PAYLOAD_CHUNK={PAYLOAD_CHUNK}",
+        f"-DHDRLOG_IS_DNS_PORT(p)=({is_dns})",
         "-Wno-macro-redefined",
     ]
 
@@ -135,13 +162,18 @@ class _CallbackReader:
     def __init__(self, bpf, map_name: str):
         self._bpf = bpf
         self._chunks: list[bytes] = []
-        self._odd = 0  # records of an unexpected size (should stay 0)
+        self._payloads: list[tuple[int, bytes]] = []
+        self._odd = 0  # records shorter than the fixed header (should stay 0)
         chunks = self._chunks
+        payloads = self._payloads
         size = records.RECORD_SIZE
         string_at = ctypes.string_at
 
         def on_record(_ctx, data, n):
             if n == size:
+                chunks.append(string_at(data, size))
+            elif n > size:
+                payloads.append((len(chunks), string_at(data + size, n - size)))
                 chunks.append(string_at(data, size))
             else:
                 self._odd += 1
@@ -150,14 +182,17 @@ class _CallbackReader:
         self._cb = on_record  # keep a reference: BCC holds only a C pointer
         bpf[map_name.encode()].open_ring_buffer(on_record)
 
-    def read(self, timeout_ms: int) -> tuple[bytes, int]:
+    def read(self, timeout_ms: int) -> tuple[bytes, int, list[tuple[int, bytes]]]:
+        """(fixed headers joined, how many, [(index, payload bytes)]) of what arrived."""
         self._bpf.ring_buffer_poll(timeout_ms)
         if not self._chunks:
-            return b"", 0
+            return b"", 0, []
         raw = b"".join(self._chunks)
         n = len(self._chunks)
+        payloads = list(self._payloads)
         self._chunks.clear()
-        return raw, n
+        self._payloads.clear()
+        return raw, n, payloads
 
 
 class Capture:
@@ -227,7 +262,7 @@ class Capture:
         with self._lock:
             if self._reader is None:
                 raise RuntimeError("capture is not started")
-            raw, n = self._reader.read(timeout_ms)
+            raw, n, payloads = self._reader.read(timeout_ms)
             if not n:
                 return None
             self._polled += n
@@ -235,10 +270,11 @@ class Capture:
             missing = {int(i) for i in records.as_records(raw, n)["ifindex"]} - self._ifnames.keys()
             if missing:
                 self._refresh_ifnames()
-            return records.decode(raw, n, self._ifnames, self._offset_ns, self.config.sample_rate)
+            return records.decode(raw, n, self._ifnames, self._offset_ns, self.config.sample_rate,
+                                  payloads=payloads, dns_ports=self.config.dns_ports)
 
     def counters(self) -> dict[str, int]:
-        """Cumulative counts: seen, logged, ringbuf_full, truncated, polled."""
+        """Cumulative counts: seen, logged, ringbuf_full, truncated, payload, polled."""
         with self._lock:
             return self._read_counters()
 

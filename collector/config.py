@@ -28,6 +28,8 @@ class CollectorConfig:
     max_unacked_rows: int = doc_field(2_000_000, "records kept in memory waiting for the server's ack; "
                                                  "beyond this the oldest batches are dropped and counted")
     ringbuf_bytes: int = doc_field(8 << 20, "BPF ring buffer size in bytes (a power of two)")
+    dns_ports: list[int] = doc_field([53, 5353], "UDP/TCP port whose payload is decoded as DNS "
+                                                 "(besides the content-recognised HTTP and TLS)")
     status_interval: float = doc_field(5.0, "seconds between one-line status reports on stderr (0 = off)")
     shutdown_timeout: float = doc_field(5.0, "seconds to wait for the server's acks when stopping")
 
@@ -47,6 +49,12 @@ class CollectorConfig:
             raise ConfigError("max_unacked_rows", self.max_unacked_rows, f"must be at least batch_rows ({self.batch_rows})")
         if self.ringbuf_bytes < 4096 or self.ringbuf_bytes & (self.ringbuf_bytes - 1):
             raise ConfigError("ringbuf_bytes", self.ringbuf_bytes, "must be a power of two, at least 4096")
+        try:
+            self.dns_ports = [int(p) for p in self.dns_ports]
+        except (TypeError, ValueError):
+            raise ConfigError("dns_ports", self.dns_ports, "port numbers 1-65535") from None
+        if len(self.dns_ports) > 16 or not all(1 <= p <= 65535 for p in self.dns_ports):
+            raise ConfigError("dns_ports", self.dns_ports, "at most 16 port numbers 1-65535")
         if self.status_interval < 0 or self.shutdown_timeout < 0:
             raise ConfigError("status_interval", self.status_interval, "must not be negative")
         parse_hostport("metrics_listen", self.metrics_listen, allow_empty=True)

@@ -1,17 +1,21 @@
 """Decode raw BPF records (bpf/types.h ``struct pkt_record``) into packet columns.
 
-``RECORD_DTYPE`` mirrors the C struct field for field; ``decode`` turns a run of
-records into the ``packets`` columns of the registry (``hdrlog.proto.columns``)
-with one numpy pass per column, no Python object per record except the
-interface-name strings. Change this file and ``bpf/types.h`` together.
+``RECORD_DTYPE`` mirrors the C struct's fixed part field for field; ``decode``
+turns a run of those into the ``packets`` columns of the registry
+(``hdrlog.proto.columns``) with one numpy pass per column, no Python object per
+record except the interface-name strings. Records that carry payload bytes
+(app-layer candidates) come with them apart, as ``(index, bytes)`` pairs, and
+``appdecode`` fills the DNS / HTTP / TLS columns from those. Change this file
+and ``bpf/types.h`` together.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from hdrlog.collector import appdecode
 from hdrlog.proto.columns import PACKETS
 
 # parse_flags bits (bpf/types.h PARSE_*).
@@ -28,12 +32,13 @@ PARSE_NONFIRST_FRAG = 1 << 9  # non-first fragment: no L4 header
 PARSE_TCP_WSCALE = 1 << 10  # window-scale option present (tcp_wscale 0 is real)
 PARSE_BAD_IP_VERSION = 1 << 11  # version nibble disagrees with the EtherType
 PARSE_GSO = 1 << 12  # GSO/GRO super-packet: wire_len covers several frames
+PARSE_PAYLOAD_CUT = 1 << 13  # payload copy shorter than the candidate payload (cap or load error)
 
 PARSE_FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("PARSE_") and isinstance(v, int)}
 PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
 
 # Per-CPU counter indexes (bpf/types.h CNT_*), in index order.
-COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated")
+COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated", "payload")
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2
@@ -75,10 +80,12 @@ RECORD_DTYPE = np.dtype(
         ("icmp_type", "u1"),
         ("icmp_code", "u1"),
         ("_pad", "V1"),
+        ("payload_len", "<u2"),
+        ("_pad2", "V6"),
     ]
 )
 RECORD_SIZE = RECORD_DTYPE.itemsize
-assert RECORD_SIZE == 112, RECORD_SIZE  # sizeof(struct pkt_record)
+assert RECORD_SIZE == 120, RECORD_SIZE  # sizeof(struct pkt_record); payload bytes follow it
 
 # Registry columns copied as they are from the record (same name, cast to the registry dtype).
 _DIRECT = tuple(
@@ -107,12 +114,16 @@ def decode(
     ifnames: Mapping[int, str],
     mono_to_wall_ns: int,
     sample_rate: int = 1,
+    payloads: Sequence[tuple[int, bytes]] = (),
+    dns_ports: Iterable[int] = appdecode.DEFAULT_DNS_PORTS,
 ) -> dict[str, object]:
     """Packet columns (registry order and dtypes) from ``count`` packed records.
 
     ``mono_to_wall_ns`` is added to the CLOCK_MONOTONIC stamps to give UTC
     nanoseconds; ``ifnames`` maps ifindex to name (unknown ones become "if<N>").
-    App-layer columns are left 0 / ''.
+    ``payloads`` are the payload bytes of the records that carry some, as
+    ``(record index, bytes)``; the app-layer columns are decoded from them
+    (``appdecode.fill``) and stay 0 / '' for every other record.
     """
     rec = as_records(raw, count)
     out: dict[str, object] = {}
@@ -135,4 +146,6 @@ def decode(
             out[name] = [""] * count
         else:
             out[name] = np.zeros(count, dtype=spec.dtype)
+    if payloads:
+        appdecode.fill(out, rec, payloads, dns_ports)
     return out

@@ -83,6 +83,12 @@ PACKETS = _cols(
     ("http_status", "<u2", "HTTP response status"),
     ("tls_sni", STRING, "TLS ClientHello server name"),
     ("parse_flags", "<u2", "parser notes, bits in bpf/types.h (PARSE_*): truncation and oddities"),
+    ("dns_flags", "<u2", "DNS header flags word: QR, opcode, AA, TC, RD, RA, Z, AD, CD, rcode"),
+    ("dns_answers", "<u2", "DNS answer count (ANCOUNT)"),
+    ("http_user_agent", STRING, "HTTP User-Agent header"),
+    ("tls_version", "<u2", "TLS ServerHello chosen version, or ClientHello highest offered version"),
+    ("tls_offered_versions", STRING, "TLS ClientHello offered versions, comma-separated hex such as 0x0304,0x0303"),
+    ("tls_alpn", STRING, "TLS ClientHello ALPN protocols, comma-separated"),
 )
 
 FLOWS = _cols(

@@ -150,6 +150,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (2, "compact parts for inserts", [
         f"ALTER TABLE {DATABASE}.{t} MODIFY SETTING min_bytes_for_wide_part = 268435456, "
         "min_rows_for_wide_part = 0" for t in ("packets", "flows", "collector_stats")]),
+    # App-layer header elements beyond the contract's (issue 3): decoded by the collector from
+    # the payload bytes the classifier copies for DNS / HTTP / TLS candidates.
+    (3, "packets: dns_flags, dns_answers, http_user_agent, tls_version, tls_offered_versions, tls_alpn", [
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS dns_flags UInt16",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS dns_answers UInt16",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS http_user_agent String CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS tls_version UInt16",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS tls_offered_versions LowCardinality(String)",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS tls_alpn LowCardinality(String)",
+    ]),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

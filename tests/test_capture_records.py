@@ -23,12 +23,12 @@ def make(n: int) -> np.ndarray:
 
 
 def test_layout_matches_the_c_struct():
-    assert records.RECORD_SIZE == 112
+    assert records.RECORD_SIZE == 120
     offsets = {name: records.RECORD_DTYPE.fields[name][1] for name in records.RECORD_DTYPE.names}
     # Spot checks against bpf/types.h (natural alignment, no holes).
     assert offsets["src_ip"] == 16 and offsets["eth_src"] == 48 and offsets["ip_id"] == 64
     assert offsets["frag_offset"] == 80 and offsets["parse_flags"] == 98 and offsets["direction"] == 100
-    assert offsets["icmp_code"] == 110
+    assert offsets["icmp_code"] == 110 and offsets["payload_len"] == 112
 
 
 def test_decode_gives_registry_columns():
