@@ -130,7 +130,7 @@ class Store:
                 import os
                 os.makedirs(path, exist_ok=True)
             return clickhouse_connect.get_client(dsn=self.url)
-        return clickhouse_connect.get_client(dsn=self.url, compress=False)
+        return clickhouse_connect.get_client(dsn=self.url)
 
     def open(self) -> None:
         try:
