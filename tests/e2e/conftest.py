@@ -43,7 +43,11 @@ def fleet(request):
     if why:
         pytest.fail(why, pytrace=False)
     lab = fleetlab.Lab(collectors=3, log=lambda m: print(m, file=sys.stderr))
-    request.addfinalizer(lab.close)  # registered before start(): a failed boot is cleaned up too
+    def close():
+        t0 = time.monotonic()
+        lab.close()
+        record("lab teardown (power off, unmount, remove)", time.monotonic() - t0)
+    request.addfinalizer(close)  # registered before start(): a failed boot is cleaned up too
     lab.start()
     for what, seconds in lab.timings.items():
         record(what, seconds)

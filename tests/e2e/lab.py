@@ -386,6 +386,8 @@ class Lab:
         self.ansible_cfg.write_text(
             "[defaults]\nhost_key_checking = False\nforks = 8\ninterpreter_python = /usr/bin/python3\n"
             "roles_path = " + str(PLAYBOOKS / "roles") + "\n"
+            "callback_plugins = " + str(Path(__file__).resolve().parent / "callback_plugins") + "\n"
+            "callbacks_enabled = tasktimes\n"
             f"local_tmp = {self.dir}/ansible-local\n"
             "[ssh_connection]\npipelining = True\n"
             f"control_path_dir = {self.dir}/cp\n"
@@ -454,9 +456,10 @@ class Lab:
             "    d=t0+(i+1)/rate-time.monotonic()\n"
             "    time.sleep(d) if d>0 else None\n"
             f"open('/run/hdrlog-e2e-udp-{dport}.done','w').write(str(sent))\n")
-        (m.root / f"run/hdrlog-e2e-udp-{dport}.py").write_text(script)
+        # Not under /run: the machine's own tmpfs hides what is written there from outside.
+        (m.root / f"root/hdrlog-e2e-udp-{dport}.py").write_text(script)
         self.ssh(m, f"rm -f /run/hdrlog-e2e-udp-{dport}.done /run/hdrlog-e2e-udp-{dport}.stop; "
-                    f"nohup python3 /run/hdrlog-e2e-udp-{dport}.py >/dev/null 2>&1 </dev/null &")
+                    f"nohup python3 /root/hdrlog-e2e-udp-{dport}.py >/dev/null 2>&1 </dev/null &")
 
     def attached(self, m: Machine | str, ifname: str = "host0") -> bool:
         """True when hdrlog's classifier sits on both TC hooks of the host's interface."""
