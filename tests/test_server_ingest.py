@@ -298,3 +298,26 @@ def test_metrics_endpoint_and_status_line(tmp_path):
         assert srv.server.status_line() == "streams=0 batches=3 rows=10 dup=1 rejected=1 pending=0"
     finally:
         srv.stop()
+
+
+def test_a_batch_clickhouse_refuses_is_rejected_and_the_rest_of_its_flush_is_stored(tmp_path):
+    from hdrlog.server.store import StoreError
+    srv = ServerThread(config(tmp_path / "store", flush_interval=0.3)).start()
+    try:
+        store = srv.server.store
+        real = store.insert
+
+        def picky(table, data, token):
+            if 2 in set(data.column("batch_seq").to_pylist()):
+                raise StoreError("Type mismatch in column x (TYPE_MISMATCH)", code=53, permanent=True)
+            return real(table, data, token)
+
+        store.insert = picky
+        acks = srv.send([batch(1, 10), batch(2, 10), batch(3, 10)])
+        acks = sorted(acks, key=lambda a: a.seq)
+        assert [(a.seq, a.status) for a in acks] == [(1, OK), (2, REJECTED), (3, OK)]
+        assert "TYPE_MISMATCH" in acks[1].error
+        assert srv.query("SELECT batch_seq, count() FROM hdrlog.packets GROUP BY 1 ORDER BY 1") == [(1, 10), (3, 10)]
+        assert srv.server.metrics.value("hdrlog_server_batches_rejected_total", reason="insert") == 1
+    finally:
+        srv.stop()
