@@ -9,10 +9,10 @@ counters; labels stay low-cardinality (a rejection *kind*, a table name).
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from hdrlog.metrics_http import MetricsHttp
 
 log = logging.getLogger("hdrlog.server")
 
@@ -54,8 +54,7 @@ class ServerMetrics:
         self.total_dup = 0
         self.total_rejected = 0
         self.open_streams = 0
-        self._http: Any = None
-        self._thread: threading.Thread | None = None
+        self._http: MetricsHttp | None = None
         self.port: int | None = None
 
     # -- recorders ---------------------------------------------------------
@@ -95,14 +94,11 @@ class ServerMetrics:
     # -- exposition ----------------------------------------------------------
 
     def start_http(self, host: str, port: int) -> int:
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        self.port = self._http.server_address[1]
+        self._http = MetricsHttp(self.registry, host, port)
+        self.port = self._http.port
         return self.port
 
     def stop_http(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._http = self._thread = None
+            self._http.stop()
+            self._http = None
