@@ -205,7 +205,11 @@ async def serve(config: CollectorConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await collector.start()
+    try:
+        await collector.start()
+    except (ValueError, OSError) as exc:  # a bad interface, no permission to load BPF, ...
+        log.error("collector: unable to start: %s", exc)
+        return 1
     try:
         await collector.run(stop)
     finally:

@@ -9,6 +9,7 @@ tried and why that failed.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from urllib.parse import urlsplit
@@ -25,9 +26,9 @@ READ_ONLY = {"readonly": 2}
 
 
 def default_store() -> str:
-    from hdrlog.server.config import default_clickhouse_url
+    from hdrlog.server.config import default_clickhouse
 
-    return default_clickhouse_url()
+    return default_clickhouse()
 
 
 def connect(url: str):
@@ -44,7 +45,13 @@ def connect(url: str):
 
 
 def _short(exc: Exception) -> str:
+    """One line: ClickHouse's message without its version suffix, or the network failure's gist."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for gist in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
+        if gist in text:
+            return gist.lower()
+    if "is locked" in text or "Resource temporarily unavailable" in text:
+        return "the store is open in another process (a running server?): ask it with --url"
     text = re.sub(r"\s*\(version [^)]*\)\s*$", "", text)
     return text[:400]
 
@@ -59,6 +66,8 @@ def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None 
         targets = [os.environ.get("HDRLOG_SQL_URL") or os.environ["HDRLOG_CLICKHOUSE"]]
     else:
         targets = [DEFAULT_SQL_URL, default_store()]
+    # clickhouse-connect logs its own retries; the one line below says it all.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     failures = []
     for target in targets:
         try:
