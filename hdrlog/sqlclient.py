@@ -67,7 +67,8 @@ def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None 
     else:
         targets = [DEFAULT_SQL_URL, default_store()]
     # clickhouse-connect logs its own retries; the one line below says it all.
-    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
+    for noisy in ("clickhouse_connect", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     failures = []
     for target in targets:
         try:
