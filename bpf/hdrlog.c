@@ -553,6 +553,132 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     r->parse_flags = flags;
 }
 
+#include "flows.h"
+
+/* Maps and helpers of flows.h that touch maps (BCC rewrites map calls in this file only). */
+/* Key: 0 (u32). Value: struct hdrlog_cfg. */
+BPF_ARRAY(cfg, struct hdrlog_cfg, 1);
+/* Key: struct flow_key. Value: struct flow_value. Live while cfg.flow_slot == 0. */
+BPF_HASH(flows0, struct flow_key, struct flow_value, HDRLOG_FLOW_ENTRIES);
+/* Key: struct flow_key. Value: struct flow_value. Live while cfg.flow_slot == 1. */
+BPF_HASH(flows1, struct flow_key, struct flow_value, HDRLOG_FLOW_ENTRIES);
+/* Key: slot (u32, 0 or 1). Value: fd of flows0 / flows1, set by user space at start. */
+BPF_ARRAY_OF_MAPS(flow_maps, "flows0", 2);
+/* Key: struct addr_key (longest prefix). Value: u8 F_* bits, ancestors' bits ORed in. */
+BPF_F_TABLE("lpm_trie", struct addr_key, u8, f_addr, HDRLOG_FILTER_PREFIXES, BPF_F_NO_PREALLOC);
+/* Key: port number (u32 index). Value: u8 F_* bits. */
+BPF_ARRAY(f_ports, u8, 65536);
+/* Key: ifindex (u32). Value: u8 F_INC_ANY / F_EXC_ANY. */
+BPF_HASH(f_ifaces, u32, u8, HDRLOG_FILTER_IFACES);
+
+/* One dimension: include rules present -> must match one; exclude match -> out. */
+#define F_OK(bits, inc_present, inc_bit, exc_bit) \
+    ((!(inc_present) || ((bits) & (inc_bit))) && !((bits) & (exc_bit)))
+
+static __always_inline int filter_pass(const struct pkt_record *r, const struct hdrlog_cfg *c)
+{
+    u32 ff = c->filter_flags;
+    if (!ff)
+        return 1;
+    if (ff & FF_DIR) {
+        u8 b = c->dir[r->direction & 3];
+        if (!F_OK(b, ff & FF_DIR_INC, F_INC_ANY, F_EXC_ANY))
+            return 0;
+    }
+    if (ff & FF_PROTO) {
+        u8 b = r->ip_version ? c->proto[r->ip_proto] : 0;
+        if (!F_OK(b, ff & FF_PROTO_INC, F_INC_ANY, F_EXC_ANY))
+            return 0;
+    }
+    if (ff & FF_IFACE) {
+        u32 idx = r->ifindex;
+        u8 *p = f_ifaces.lookup(&idx);
+        u8 b = p ? *p : 0;
+        if (!F_OK(b, ff & FF_IFACE_INC, F_INC_ANY, F_EXC_ANY))
+            return 0;
+    }
+    if (ff & FF_PORT) {
+        u32 sp = r->src_port, dp = r->dst_port;
+        u8 *ps = f_ports.lookup(&sp);
+        u8 *pd = f_ports.lookup(&dp);
+        u8 bs = ps ? *ps : 0, bd = pd ? *pd : 0;
+        u8 any = bs | bd;
+        if (!F_OK(bs, ff & FF_PORT_INC_SRC, F_INC_SRC, F_EXC_SRC) ||
+            !F_OK(bd, ff & FF_PORT_INC_DST, F_INC_DST, F_EXC_DST) ||
+            !F_OK(any, ff & FF_PORT_INC_ANY, F_INC_ANY, F_EXC_ANY))
+            return 0;
+    }
+    if (ff & FF_ADDR) {
+        struct addr_key k = {.prefixlen = 128};
+        __builtin_memcpy(k.addr, r->src_ip, 16);
+        u8 *ps = f_addr.lookup(&k);
+        __builtin_memcpy(k.addr, r->dst_ip, 16);
+        u8 *pd = f_addr.lookup(&k);
+        u8 bs = ps ? *ps : 0, bd = pd ? *pd : 0;
+        if (!r->ip_version) /* non-IP: no address to match */
+            bs = bd = 0;
+        u8 any = bs | bd;
+        if (!F_OK(bs, ff & FF_ADDR_INC_SRC, F_INC_SRC, F_EXC_SRC) ||
+            !F_OK(bd, ff & FF_ADDR_INC_DST, F_INC_DST, F_EXC_DST) ||
+            !F_OK(any, ff & FF_ADDR_INC_ANY, F_INC_ANY, F_EXC_ANY))
+            return 0;
+    }
+    return 1;
+}
+
+/* Add the packet to its flow in the live map. Returns 0 and sets *first when
+ * it is among the first `first_n` packets of a flow that is new, or -1 when
+ * the map is full (the caller falls back to the ring buffer). */
+static __always_inline int flow_account(const struct pkt_record *r, u32 slot, u32 first_n, int *first)
+{
+    struct flow_key k = {};
+    k.ifindex = r->ifindex;
+    k.direction = r->direction;
+    k.ip_version = r->ip_version;
+    k.ip_proto = r->ip_proto;
+    __builtin_memcpy(k.src_ip, r->src_ip, 16);
+    __builtin_memcpy(k.dst_ip, r->dst_ip, 16);
+    k.src_port = r->src_port;
+    k.dst_port = r->dst_port;
+
+    void *live = flow_maps.lookup(&slot);
+    if (!live)
+        return -1;
+    struct flow_value *v = bpf_map_lookup_elem(live, &k);
+    if (!v) {
+        struct flow_value nv = {};
+        nv.packets = 1;
+        nv.bytes = r->wire_len;
+        nv.first_ns = r->mono_ns;
+        nv.last_ns = r->mono_ns;
+        nv.tcp_flags = r->tcp_flags;
+        if (first_n) {
+            u32 other = slot ^ 1;
+            void *om = flow_maps.lookup(&other);
+            if (om && bpf_map_lookup_elem(om, &k))
+                nv.flags = FLOW_CONTINUED;
+        }
+        int err = bpf_map_update_elem(live, &k, &nv, BPF_NOEXIST);
+        if (err == 0) {
+            *first = first_n > 0 && !(nv.flags & FLOW_CONTINUED);
+            return 0;
+        }
+        /* -EEXIST: another CPU created it meanwhile; add to theirs. Else full. */
+        v = bpf_map_lookup_elem(live, &k);
+        if (!v)
+            return -1;
+    }
+    u64 before = __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->bytes, r->wire_len);
+    if (r->mono_ns > v->last_ns)
+        v->last_ns = r->mono_ns;
+    u32 tf = r->tcp_flags;
+    if (tf & ~v->tcp_flags) /* a 64-bit OR over tcp_flags and flags (little-endian: tcp_flags low) */
+        __sync_fetch_and_or((u64 *)&v->tcp_flags, (u64)tf);
+    *first = before < first_n && !(v->flags & FLOW_CONTINUED);
+    return 0;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, u8 dir)
 {
     u32 zero = 0;
@@ -561,12 +687,54 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         return TC_ACT_UNSPEC;
     c->n[CNT_SEEN]++;
     struct pkt_scratch *s = scratch.lookup(&zero);
-    if (!s) /* cannot happen either */
+    struct hdrlog_cfg *cf = cfg.lookup(&zero);
+    if (!s || !cf) /* cannot happen either */
         return TC_ACT_UNSPEC;
     struct pkt_record *r = &s->rec;
     __builtin_memset(r, 0, sizeof(*r));
     parse(skb, r, dir);
-    copy_candidate(skb, s);
+    if (!filter_pass(r, cf)) {
+        c->n[CNT_FILTERED]++;
+        return TC_ACT_UNSPEC;
+    }
+    u32 mode = cf->mode;
+    u32 n = cf->sample_n;
+    u8 why = 0;
+    int first = 0;
+    if (mode != MODE_PACKETS) {
+        if (flow_account(r, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
+            c->n[CNT_FLOW_MAP_FULL]++;
+            why = LOG_FLOW_FALLBACK;
+        } else {
+            c->n[CNT_FLOWED]++;
+        }
+        if (mode == MODE_FLOWS && !why)
+            return TC_ACT_UNSPEC;
+    }
+    if (mode != MODE_FLOWS)
+        copy_candidate(skb, s); /* one call site: the verifier walks it once */
+    if (mode == MODE_PACKETS) {
+        if (n > 1) {
+            if (bpf_get_prandom_u32() % n) {
+                c->n[CNT_SAMPLED_OUT]++;
+                return TC_ACT_UNSPEC;
+            }
+            why = LOG_SAMPLED;
+        } else {
+            why = LOG_ALL;
+        }
+    } else if (mode == MODE_AUTO) {
+        u8 nb = notable(r, first);
+        if (nb)
+            why |= nb;
+        else if (n && bpf_get_prandom_u32() % n == 0)
+            why |= LOG_SAMPLED;
+        else
+            c->n[CNT_SAMPLED_OUT]++;
+        if (!why)
+            return TC_ACT_UNSPEC;
+    }
+    r->log_reason = why;
     u64 size = sizeof(struct pkt_record) + r->payload_len;
     barrier_var(size);
     if (size > sizeof(struct pkt_scratch))

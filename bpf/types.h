@@ -50,7 +50,11 @@
 #define CNT_RINGBUF_FULL 2 /* records dropped: ring buffer full (raise ringbuf_bytes) */
 #define CNT_TRUNCATED    3 /* records with a PARSE_TRUNC_* bit (informational) */
 #define CNT_PAYLOAD      4 /* records carrying payload bytes (app-layer candidates) */
-#define CNT_MAX          5
+#define CNT_FILTERED     5 /* packets rejected by the filters (in no flow either) */
+#define CNT_SAMPLED_OUT  6 /* packets not sent as records by sampling (still in flows in auto mode) */
+#define CNT_FLOWED       7 /* packets added to a flow in the flow map */
+#define CNT_FLOW_MAP_FULL 8 /* packets that found the flow map full: sent as records instead */
+#define CNT_MAX          9
 
 /* Value of the per-CPU `counters` map (one entry). */
 struct counters {
@@ -96,7 +100,7 @@ struct pkt_record {
     __u8  tcp_wscale;
     __u8  icmp_type;
     __u8  icmp_code;
-    __u8  _pad[1];
+    __u8  log_reason;     /* LOG_* (flows.h): why this record was sent */
     __u16 payload_len;    /* bytes of L4 payload that follow this header */
     __u8  _pad2[6];       /* keep the size a multiple of 8 */
 };

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -31,7 +32,9 @@ log = logging.getLogger("hdrlog.collector")
 STATS_INTERVAL = 10.0  # seconds between collector_stats rows
 POLL_MS = 100
 # Capture counters that mean a record was not kept (each becomes drop_<name>).
-CAPTURE_DROP_REASONS = ("ringbuf_full",)
+CAPTURE_DROP_REASONS = ("ringbuf_full", "filtered", "sampled_out")
+# Capture counters about what was kept, reported as they are.
+CAPTURE_KEPT = ("flowed", "flow_map_full", "payload")
 
 
 class Collector:
@@ -39,18 +42,23 @@ class Collector:
         self.config = config
         # A fresh id per incarnation: seqs restart at 1, so the server's dedup must not confuse runs.
         self.collector_id = f"{config.host_id}/{uuid.uuid4().hex[:12]}"
+        self._filter_mtime: float | None = None
         self.capture = Capture(CaptureConfig(ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes,
-                                             sample_rate=config.sample, dns_ports=list(config.dns_ports)))
+                                             sample_rate=config.sample, mode=config.mode,
+                                             first_packets=config.first_packets, flow_entries=config.flow_entries,
+                                             filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports)))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None
         self.records_captured = 0
+        self.flows_captured = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_stop = threading.Event()
         self._capture_error: BaseException | None = None
         self._stats_sent: dict[str, int] = {}
         self._stats_at = time.monotonic()
+        self._next_filter_check = 0.0
         self.metrics = CollectorMetrics(self.counters, self._sending)
         self._metrics_http: MetricsHttp | None = None
 
@@ -89,6 +97,14 @@ class Collector:
             self._thread = None
         await asyncio.sleep(0)  # let chunks queued by the capture thread land in the batcher
         if self.batcher is not None and self.sender is not None:
+            # Detach now, so the last packets and the final flow maps make it into the last batch.
+            chunk = self.capture.poll(0) if self.capture.attachments else None
+            if chunk:
+                self._on_packets(chunk)
+            self.capture.stop()
+            flows = self.capture.drain_flows()
+            if flows:
+                self._on_flows(flows)
             self._add_stats()
             self.batcher.flush()
             drained = await self.sender.wait_drained(self.config.shutdown_timeout)
@@ -115,22 +131,57 @@ class Collector:
                 raise RuntimeError(f"capture failed: {self._capture_error}") from self._capture_error
             self.batcher.flush_if_due()
             now = time.monotonic()
+            if self.config.filter_file and now >= self._next_filter_check:
+                self._next_filter_check = now + 1.0
+                await asyncio.get_running_loop().run_in_executor(None, self.reload_filters)
             if now - self._stats_at >= STATS_INTERVAL:
                 self._add_stats()
             if self.config.status_interval and now >= next_status:
                 log.info("%s", self.status_line())
                 next_status = now + self.config.status_interval
 
+    # -- filters -----------------------------------------------------------------------------
+    def _filter_rules(self) -> list[str]:
+        """--filter rules plus the filter file's, remembering the file's mtime."""
+        rules = list(self.config.filter)
+        if self.config.filter_file:
+            self._filter_mtime = os.stat(self.config.filter_file).st_mtime
+            with open(self.config.filter_file) as f:
+                rules += f.read().splitlines()
+        return rules
+
+    def reload_filters(self, force: bool = False) -> None:
+        """Re-read the filter file when it changed (or when forced, on SIGHUP); keep the old rules on error."""
+        if not self.config.filter_file:
+            return
+        try:
+            if not force and os.stat(self.config.filter_file).st_mtime == self._filter_mtime:
+                return
+            self.capture.set_filters(self._filter_rules())
+        except (OSError, ValueError) as e:
+            log.error("filter_file %s: %s; keeping the previous filters", self.config.filter_file, e)
+
     # -- the record path -------------------------------------------------------------------
     def _capture_loop(self) -> None:
         assert self._loop is not None
+        next_drain = time.monotonic() + self.config.flow_interval
         try:
             while not self._thread_stop.is_set():
                 chunk = self.capture.poll(POLL_MS)
                 if chunk:
                     self._loop.call_soon_threadsafe(self._on_packets, chunk)
+                if time.monotonic() >= next_drain:
+                    next_drain += self.config.flow_interval
+                    flows = self.capture.drain_flows()
+                    if flows:
+                        self._loop.call_soon_threadsafe(self._on_flows, flows)
         except BaseException as exc:  # surfaced by run(); the collector must not hang silently
             self._capture_error = exc
+
+    def _on_flows(self, chunk: dict[str, object]) -> None:
+        assert self.batcher is not None
+        self.flows_captured += len(chunk["packets"])  # type: ignore[arg-type]
+        self.batcher.add("flows", chunk)
 
     def _on_packets(self, chunk: dict[str, object]) -> None:
         assert self.batcher is not None
@@ -156,6 +207,9 @@ class Collector:
         capture = self.capture.counters()
         out = {"seen": capture.get("seen", 0), "logged": self.records_captured,
                "truncated": capture.get("truncated", 0)}
+        out["flows"] = self.flows_captured
+        for name in CAPTURE_KEPT:
+            out[name] = capture.get(name, 0)
         for reason in CAPTURE_DROP_REASONS:
             out[f"drop_{reason}"] = capture.get(reason, 0)
         if self.sender is not None:
@@ -192,7 +246,10 @@ class Collector:
         c = self.counters()
         s = self.sender.counters if self.sender else None
         dropped = sum(v for k, v in c.items() if k.startswith("drop_"))
-        return (f"collector: captured={c['logged']} sent={s.rows_sent if s else 0} "
+        return (f"collector: seen={c['seen']} captured={c['logged']} flows={c['flows']} "
+                f"filtered={c['drop_filtered']} sampled_out={c['drop_sampled_out']} "
+                f"ringbuf_full={c['drop_ringbuf_full']} flow_map_full={c['flow_map_full']} "
+                f"sent={s.rows_sent if s else 0} "
                 f"acked={s.rows_acked if s else 0} dropped={dropped} "
                 f"unacked={self.outbox.rows if self.outbox else 0} "
                 f"server={'up' if self.sender and self.sender.connected else 'down'}")
@@ -205,6 +262,7 @@ async def serve(config: CollectorConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, collector.reload_filters, True))
     try:
         await collector.start()
     except (ValueError, OSError) as exc:  # a bad interface, no permission to load BPF, ...

@@ -27,8 +27,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from hdrlog.bpf import SOURCE_DIR
+from hdrlog.collector import filters as filterlang
+from hdrlog.collector import flows as flowmod
 from hdrlog.collector import records
+from hdrlog.collector.ringbuf import RingBufReader
 from hdrlog.collector.appdecode import DEFAULT_DNS_PORTS
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,13 @@ MONO_OFFSET_REFRESH_NS = 1_000_000_000
 
 _GLOB_CHARS = set("*?[")
 
+# Logging modes (bpf/flows.h MODE_*) and their defaults.
+MODES = {"packets": 0, "flows": 1, "auto": 2}
+DEFAULT_AUTO_SAMPLE = 100  # auto mode's 1:N for packets that are not notable
+DEFAULT_FIRST_PACKETS = 3
+DEFAULT_FLOW_ENTRIES = 65536
+READERS = ("mmap", "callback")
+
 # Payload copy (bpf/types.h HDRLOG_PAYLOAD_*): a TLS ClientHello's SNI can sit
 # several hundred bytes in (long key shares, shuffled extensions), DNS names up
 # to ~270; see scripts/bench_payload_copy.py for what the copy costs.
@@ -66,7 +78,19 @@ class CaptureConfig:
     ringbuf_bytes: int = 8 << 20
     """Ring buffer size; rounded up to a power of two of pages. Raise it when ringbuf_full grows."""
     sample_rate: int = 1
-    """Written into the sample_rate column (real sampling is a later issue)."""
+    """1:N sampling: packets mode logs one packet in N (1 = all); auto mode logs one in N of the
+    packets that are not notable (1 = its default, 100; 0 = none of them)."""
+    mode: str = "packets"
+    """packets (a row per packet), flows (in-kernel aggregates only) or auto (flows + notable
+    packets + the 1:N sample of the rest). The collector's default is auto."""
+    first_packets: int = DEFAULT_FIRST_PACKETS
+    """auto mode: log the first N packets of each new flow."""
+    flow_entries: int = DEFAULT_FLOW_ENTRIES
+    """Capacity of each of the two in-kernel flow maps; beyond it packets go to the ring buffer."""
+    filters: list[str] = field(default_factory=list)
+    """In-kernel filter rules (collector/filters.py); changeable with set_filters() while running."""
+    reader: str = "mmap"
+    """Ring-buffer consumer: mmap (bulk, collector/ringbuf.py) or callback (BCC's, one call per record)."""
     dns_ports: list[int] = field(default_factory=lambda: list(DEFAULT_DNS_PORTS))
     """UDP/TCP ports whose payload is decoded as DNS (in the kernel's copy decision and in user space)."""
     payload_bytes: int = PAYLOAD_BYTES
@@ -82,8 +106,19 @@ class CaptureConfig:
             raise ValueError(
                 f"capture ringbuf_bytes={self.ringbuf_bytes!r}: must be an integer from {PAGE_SIZE} to {1 << 30}"
             )
-        if not isinstance(self.sample_rate, int) or self.sample_rate < 1:
-            raise ValueError(f"capture sample_rate={self.sample_rate!r}: must be an integer >= 1")
+        if not isinstance(self.sample_rate, int) or self.sample_rate < 0:
+            raise ValueError(f"capture sample_rate={self.sample_rate!r}: must be an integer >= 0")
+        if self.mode not in MODES:
+            raise ValueError(f"capture mode={self.mode!r}: must be one of {', '.join(MODES)}")
+        if self.mode == "packets" and self.sample_rate == 0:
+            pass
+        if not isinstance(self.first_packets, int) or not 0 <= self.first_packets <= 1 << 20:
+            raise ValueError(f"capture first_packets={self.first_packets!r}: must be an integer from 0 to {1 << 20}")
+        if not isinstance(self.flow_entries, int) or not 16 <= self.flow_entries <= 1 << 24:
+            raise ValueError(f"capture flow_entries={self.flow_entries!r}: must be an integer from 16 to {1 << 24}")
+        if self.reader not in READERS:
+            raise ValueError(f"capture reader={self.reader!r}: must be one of {', '.join(READERS)}")
+        filterlang.parse_rules(self.filters)
         if not isinstance(self.dns_ports, (list, tuple)) or len(self.dns_ports) > MAX_DNS_PORTS or not all(
             isinstance(p, int) and 1 <= p <= 65535 for p in self.dns_ports
         ):
@@ -92,6 +127,13 @@ class CaptureConfig:
                 or self.payload_bytes % PAYLOAD_CHUNK):
             raise ValueError(f"capture payload_bytes={self.payload_bytes!r}: must be a multiple of "
                              f"{PAYLOAD_CHUNK} from 0 to {MAX_PAYLOAD_BYTES}")
+
+    @property
+    def effective_sample(self) -> int:
+        """The 1:N the kernel applies (0 = none of the rest, in auto mode)."""
+        if self.mode == "auto" and self.sample_rate == 1:
+            return DEFAULT_AUTO_SAMPLE
+        return self.sample_rate
 
     @property
     def ringbuf_pages(self) -> int:
@@ -106,6 +148,7 @@ def cflags(config: CaptureConfig) -> list[str]:
     return [
         f"-I{SOURCE_DIR}",
         f"-DHDRLOG_RINGBUF_PAGES={config.ringbuf_pages}",
+        f"-DHDRLOG_FLOW_ENTRIES={config.flow_entries}",
         f"-DHDRLOG_PAYLOAD_BYTES={config.payload_bytes}",
         f"-DHDRLOG_PAYLOAD_CHUNK={PAYLOAD_CHUNK}",
         f"-DHDRLOG_IS_DNS_PORT(p)=({is_dns})",
@@ -195,6 +238,23 @@ class _CallbackReader:
         return raw, n, payloads
 
 
+class _BulkReader:
+    """Ring-buffer consumer without a Python call per record (collector/ringbuf.py)."""
+
+    def __init__(self, bpf, map_name: str):
+        self._rb = RingBufReader(bpf[map_name.encode()].map_fd, records.RECORD_SIZE)
+
+    @property
+    def _odd(self) -> int:
+        return self._rb.odd
+
+    def read(self, timeout_ms: int) -> tuple[bytes, int, list[tuple[int, bytes]]]:
+        return self._rb.read(timeout_ms)
+
+    def close(self) -> None:
+        self._rb.close()
+
+
 class Capture:
     """The TC classifier on a set of interfaces; ``start()`` / ``poll()`` / ``stop()``."""
 
@@ -211,6 +271,11 @@ class Capture:
         self._lock = threading.Lock()
         self._final_counters: dict[str, int] | None = None
         self._polled = 0
+        self._cfg_leaf = None  # Python-side copy of the BPF cfg entry (bpf/flows.h struct hdrlog_cfg)
+        self._flow_drain: flowmod.FlowDrain | None = None
+        self._fallback: list = []  # records with LOG_FLOW_FALLBACK, for the next drain_flows()
+        self._final_flows: tuple | None = None
+        self.filter_rules: list[filterlang.Rule] = filterlang.parse_rules(config.filters)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -237,7 +302,11 @@ class Capture:
         try:
             for direction, prog in PROG_NAMES.items():
                 self._fns[direction] = bpf.load_func(prog.encode(), BPF.SCHED_CLS)
-            self._reader = _CallbackReader(bpf, "records")
+            self._init_maps(links)
+            if self.config.reader == "mmap":
+                self._reader = _BulkReader(bpf, "records")
+            else:
+                self._reader = _CallbackReader(bpf, "records")
             self._refresh_offset(force=True)
             with IPRoute() as ipr:
                 for name, idx in targets:
@@ -270,8 +339,63 @@ class Capture:
             missing = {int(i) for i in records.as_records(raw, n)["ifindex"]} - self._ifnames.keys()
             if missing:
                 self._refresh_ifnames()
-            return records.decode(raw, n, self._ifnames, self._offset_ns, self.config.sample_rate,
-                                  payloads=payloads, dns_ports=self.config.dns_ports)
+            rec = records.as_records(raw, n)
+            why = rec["log_reason"]
+            fallback = (why & records.LOG_FLOW_FALLBACK) != 0
+            if fallback.any():  # the flow map was full: these packets are counted into flows here
+                self._fallback.append(rec[fallback].copy())
+                keep = (why & (0xFF ^ records.LOG_FLOW_FALLBACK)) != 0
+                if not keep.all():
+                    if not keep.any():
+                        return None
+                    idx = np.flatnonzero(keep)
+                    remap = {int(j): i for i, j in enumerate(idx)}
+                    payloads = [(remap[i], b) for i, b in payloads if i in remap]
+                    raw = rec[keep].tobytes()
+                    n = len(idx)
+                    rec = records.as_records(raw, n)
+                    why = rec["log_reason"]
+            out = records.decode(raw, n, self._ifnames, self._offset_ns, 1,
+                                 payloads=payloads, dns_ports=self.config.dns_ports)
+            sampled = (why & records.LOG_SAMPLED) != 0
+            if sampled.any():  # a sampled record stands for N packets, unless it is notable anyway
+                rate = np.ones(n, dtype=np.uint32)
+                rate[sampled & ((why & records.LOG_NOTABLE) == 0)] = max(1, self.config.effective_sample)
+                out["sample_rate"] = rate.astype(out["sample_rate"].dtype)
+            return out
+
+    def drain_flows(self) -> dict[str, object] | None:
+        """``flows`` columns for the interval that just ended (kernel maps + fallback records), or None.
+
+        Flips the live flow map, waits a grace period, empties the other one in
+        bulk. After stop() it returns what the final drain found, once.
+        """
+        with self._lock:
+            if self._bpf is None:
+                final, self._final_flows = self._final_flows, None
+                if final is None:
+                    return None
+                keys, vals = final
+            else:
+                if self._flow_drain is None:
+                    return None
+                keys, vals = self._flow_drain.drain()
+                keys, vals = self._with_fallback(keys, vals)
+            if not len(keys):
+                return None
+            self._refresh_offset()
+            if {int(i) for i in keys["ifindex"]} - self._ifnames.keys():
+                self._refresh_ifnames()
+            return flowmod.flow_columns(keys, vals, self._ifnames, self._offset_ns)
+
+    def set_filters(self, rules) -> None:
+        """Replace the in-kernel filters while running (expressions or text; see collector/filters.py)."""
+        parsed = filterlang.parse_rules(rules)
+        with self._lock:
+            self.filter_rules = parsed
+            if self._bpf is not None:
+                self._apply_filters()
+        log.info("capture filters now: %s", "; ".join(map(str, parsed)) or "none (everything passes)")
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts: seen, logged, ringbuf_full, truncated, payload, polled."""
@@ -286,6 +410,50 @@ class Capture:
         return render_source(self.config)
 
     # -- internals ------------------------------------------------------------
+
+    def _init_maps(self, links: dict[str, int]) -> None:
+        bpf = self._bpf
+        outer = bpf[b"flow_maps"]
+        for slot in (0, 1):
+            outer[ctypes.c_int(slot)] = ctypes.c_int(bpf[f"flows{slot}".encode()].map_fd)
+        table = bpf[b"cfg"]
+        leaf = table.Leaf()
+        leaf.mode = MODES[self.config.mode]
+        leaf.sample_n = self.config.effective_sample
+        leaf.first_packets = self.config.first_packets
+        leaf.flow_slot = 0
+        self._cfg_leaf = leaf
+        self._links = links
+        self._apply_filters()
+        if self.config.mode != "packets":
+            self._flow_drain = flowmod.FlowDrain(bpf, self._set_flow_slot, self.config.flow_entries)
+
+    def _write_cfg(self) -> None:
+        table = self._bpf[b"cfg"]
+        table[table.Key(0)] = self._cfg_leaf
+
+    def _set_flow_slot(self, slot: int) -> None:
+        self._cfg_leaf.flow_slot = slot
+        self._write_cfg()
+
+    def _apply_filters(self) -> None:
+        links = getattr(self, "_links", None) or {}
+        if any(r.what == "iface" for r in self.filter_rules):
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                links = {l.get_attr("IFLA_IFNAME"): l["index"] for l in ipr.get_links()}
+        tables = filterlang.compile_rules(self.filter_rules, links)
+        tables.apply(self._bpf, self._cfg_leaf)
+        self._write_cfg()
+
+    def _with_fallback(self, keys, vals):
+        if not self._fallback:
+            return keys, vals
+        rec = np.concatenate(self._fallback)
+        self._fallback.clear()
+        fk, fv = flowmod.from_records(rec)
+        return np.concatenate([keys, fk]), np.concatenate([vals, fv])
 
     def _read_counters(self) -> dict[str, int]:
         if self._bpf is None:
@@ -371,6 +539,14 @@ class Capture:
                 self._final_counters.pop("polled", None)
             except Exception:  # pragma: no cover
                 pass
+            if self._flow_drain is not None:  # detached: nothing writes the maps any more
+                try:
+                    self._final_flows = self._with_fallback(*self._flow_drain.drain_all())
+                except Exception as e:  # pragma: no cover
+                    log.warning("capture: final flow drain failed: %s", e)
+                self._flow_drain = None
+            if self._reader is not None and hasattr(self._reader, "close"):
+                self._reader.close()
             self._reader = None
             self._fns.clear()
             try:

@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from hdrlog.config import ConfigError, doc_field, parse_hostport
 
 DEFAULT_SERVER_PORT = 7600
+DEFAULT_SPOOL_MAX_BYTES = 1 << 30
+
+
+def default_spool() -> str:
+    """/var/lib/hdrlog/spool as root, else a spool under the working directory."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/hdrlog/spool"
+    return str(Path.cwd() / "var" / "spool")
 
 
 @dataclass
@@ -16,8 +25,25 @@ class CollectorConfig:
     server: str = doc_field("", "gRPC address of the hdrlog server, HOST:PORT")
     iface: list[str] = doc_field([], "interface to watch, a name or a glob such as 'veth*'")
     host_id: str = doc_field("", "name this host's records carry (default: the hostname)")
-    sample: int = doc_field(1, "log one packet in N (1 = every packet)")
-    spool: str = doc_field("", "directory for state that survives restarts (default: none)")
+    mode: str = doc_field("auto", "what is logged: packets (a row per packet), flows (in-kernel aggregates "
+                                  "only) or auto (flows, plus rows for notable packets and a 1:N sample of the rest)")
+    sample: int = doc_field(1, "1:N sampling of packet rows: packets mode logs one packet in N (1 = every packet); "
+                               "auto mode one in N of the packets that are not notable (1 = its default, 100)")
+    first_packets: int = doc_field(3, "auto mode: log the first N packets of every new flow")
+    flow_interval: float = doc_field(5.0, "seconds between drains of the in-kernel flow map: the longest a flow "
+                                          "row spans (active and idle timeout)")
+    flow_entries: int = doc_field(65536, "flows the kernel holds per interval; beyond this, packets go through "
+                                         "the ring buffer instead (counted as flow_map_full)")
+    filter: list[str] = doc_field([], "in-kernel filter rule, e.g. 'include src 198.18.0.0/15', 'exclude dport 22', "
+                                      "'include proto tcp,udp' (see docs/filters.md)")
+    filter_file: str = doc_field("", "file of filter rules, one per line; re-read when it changes and on SIGHUP")
+    reader: str = doc_field("mmap", "ring-buffer consumer: mmap (bulk) or callback (BCC's, slower)")
+    spool: str = doc_field(default_spool(), "durable spool: every batch is on disk (fsynced) before it is sent "
+                                            "and leaves when acked; also keeps this collector's identity and seqs "
+                                            "across restarts; one collector per directory; '' = memory only")
+    spool_max_bytes: int = doc_field(DEFAULT_SPOOL_MAX_BYTES, "largest the spool grows while the server does not "
+                                                              "ack; beyond this the oldest batches are dropped and "
+                                                              "counted (drop_spool_full)")
     metrics_listen: str = doc_field("", "HOST:PORT for Prometheus metrics at /metrics ('' = off)")
     insecure: bool = doc_field(False, "no TLS and no authentication (labs and demos only)")
     tls_cert: str = doc_field("", "this collector's certificate (PEM)")
@@ -25,8 +51,9 @@ class CollectorConfig:
     tls_ca: str = doc_field("", "CA certificate that signed the server's certificate (PEM)")
     batch_rows: int = doc_field(10_000, "close a batch when it holds this many records")
     batch_interval: float = doc_field(1.0, "close a batch at the latest this many seconds after its first record")
-    max_unacked_rows: int = doc_field(2_000_000, "records kept in memory waiting for the server's ack; "
-                                                 "beyond this the oldest batches are dropped and counted")
+    max_unacked_rows: int = doc_field(2_000_000, "without a spool: records kept in memory waiting for the "
+                                                 "server's ack; beyond this the oldest batches are dropped and "
+                                                 "counted (drop_unacked_full)")
     ringbuf_bytes: int = doc_field(8 << 20, "BPF ring buffer size in bytes (a power of two)")
     dns_ports: list[int] = doc_field([53, 5353], "UDP/TCP port whose payload is decoded as DNS "
                                                  "(besides the content-recognised HTTP and TLS)")
@@ -41,12 +68,32 @@ class CollectorConfig:
             raise ConfigError("iface", self.iface, "name at least one interface (--iface NAME, globs allowed)")
         if self.sample < 1:
             raise ConfigError("sample", self.sample, "must be 1 or more")
+        if self.mode not in ("packets", "flows", "auto"):
+            raise ConfigError("mode", self.mode, "must be packets, flows or auto")
+        if self.first_packets < 0:
+            raise ConfigError("first_packets", self.first_packets, "must not be negative")
+        if not 0.1 <= self.flow_interval <= 3600:
+            raise ConfigError("flow_interval", self.flow_interval, "must be from 0.1 to 3600 seconds")
+        if not 16 <= self.flow_entries <= 1 << 24:
+            raise ConfigError("flow_entries", self.flow_entries, f"must be from 16 to {1 << 24}")
+        if self.reader not in ("mmap", "callback"):
+            raise ConfigError("reader", self.reader, "must be mmap or callback")
+        from hdrlog.collector.filters import FilterError, parse_rules
+
+        try:
+            parse_rules(self.filter)
+        except FilterError as e:
+            raise ConfigError("filter", self.filter, str(e)) from None
+        if self.filter_file and not os.access(self.filter_file, os.R_OK):
+            raise ConfigError("filter_file", self.filter_file, "file not readable")
         if self.batch_rows < 1:
             raise ConfigError("batch_rows", self.batch_rows, "must be 1 or more")
         if not 0 < self.batch_interval <= 60:
             raise ConfigError("batch_interval", self.batch_interval, "must be more than 0 and at most 60 seconds")
         if self.max_unacked_rows < self.batch_rows:
             raise ConfigError("max_unacked_rows", self.max_unacked_rows, f"must be at least batch_rows ({self.batch_rows})")
+        if self.spool_max_bytes < 1 << 20:
+            raise ConfigError("spool_max_bytes", self.spool_max_bytes, "must be at least 1048576 (1 MiB)")
         if self.ringbuf_bytes < 4096 or self.ringbuf_bytes & (self.ringbuf_bytes - 1):
             raise ConfigError("ringbuf_bytes", self.ringbuf_bytes, "must be a power of two, at least 4096")
         try:

@@ -148,33 +148,32 @@ class FilterTables:
 
     def apply(self, bpf, cfg_leaf) -> None:
         """Write the maps, then the flags and tables inside ``cfg_leaf`` (the caller writes cfg)."""
-        _sync_hash(bpf[b"f_addr"], {_addr_key(bpf, p, a): bits for (p, a), bits in self.addr.items()},
-                   lambda t, k: (k.prefixlen, bytes(k.addr)))
-        _sync_hash(bpf[b"f_ifaces"], {i: b for i, b in self.ifaces.items()}, lambda t, k: k.value,
-                   make_key=lambda t, i: t.Key(i))
+        t = bpf[b"f_addr"]
+        _sync_hash(t, [(_addr_key(t, p, a), bits) for (p, a), bits in self.addr.items()],
+                   lambda k: (k.prefixlen, bytes(k.addr)))
+        t = bpf[b"f_ifaces"]
+        _sync_hash(t, [(t.Key(i), b) for i, b in self.ifaces.items()], lambda k: k.value)
         _write_ports(bpf[b"f_ports"], self.ports)
         cfg_leaf.filter_flags = self.flags
         ctypes.memmove(ctypes.addressof(cfg_leaf.dir), self.dir, 4)
         ctypes.memmove(ctypes.addressof(cfg_leaf.proto), self.proto, 256)
 
 
-def _addr_key(bpf, prefixlen: int, addr: bytes):
-    t = bpf[b"f_addr"]
+def _addr_key(t, prefixlen: int, addr: bytes):
     k = t.Key()
     k.prefixlen = prefixlen
     ctypes.memmove(ctypes.addressof(k.addr), addr, 16)
     return k
 
 
-def _sync_hash(table, want: dict, ident, make_key=None) -> None:
-    """Make a hash/trie map hold exactly ``want`` (key -> u8 bits): update, then delete the rest."""
+def _sync_hash(table, want: list, ident) -> None:
+    """Make a hash/trie map hold exactly ``want`` [(key, u8 bits)]: update, then delete the rest."""
     wanted_ids = set()
-    for key, bits in want.items():
-        k = make_key(table, key) if make_key else key
+    for k, bits in want:
         table[k] = table.Leaf(bits)
-        wanted_ids.add(ident(table, k))
+        wanted_ids.add(ident(k))
     for k in list(table.keys()):
-        if ident(table, k) not in wanted_ids:
+        if ident(k) not in wanted_ids:
             try:
                 del table[k]
             except KeyError:

@@ -38,7 +38,19 @@ PARSE_FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("PARSE_")
 PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
 
 # Per-CPU counter indexes (bpf/types.h CNT_*), in index order.
-COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated", "payload")
+COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated", "payload", "filtered", "sampled_out",
+                 "flowed", "flow_map_full")
+
+# log_reason bits (bpf/flows.h LOG_*): why a record was sent.
+LOG_ALL = 1 << 0  # packets mode, every packet
+LOG_SAMPLED = 1 << 1  # the 1:N sample: stands for N packets
+LOG_FIRST = 1 << 2  # among the first packets of its flow
+LOG_TCP_CTRL = 1 << 3  # TCP SYN, FIN or RST
+LOG_DNS = 1 << 4  # to or from a DNS port
+LOG_ICMP = 1 << 5  # ICMP / ICMPv6
+LOG_APP = 1 << 6  # app-layer candidate (payload copied)
+LOG_FLOW_FALLBACK = 1 << 7  # flow map full: counted into flows from this record
+LOG_NOTABLE = LOG_FIRST | LOG_TCP_CTRL | LOG_DNS | LOG_ICMP | LOG_APP
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2
@@ -79,7 +91,7 @@ RECORD_DTYPE = np.dtype(
         ("tcp_wscale", "u1"),
         ("icmp_type", "u1"),
         ("icmp_code", "u1"),
-        ("_pad", "V1"),
+        ("log_reason", "u1"),
         ("payload_len", "<u2"),
         ("_pad2", "V6"),
     ]
