@@ -162,6 +162,228 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ]),
 ]
 
+# -- issue 7: a schema worth querying ------------------------------------------------------
+# Codecs measured by bench/schema_bench.py (BENCHMARKS.md): small integers in narrow ranges take
+# T64 (bit-transposed, drops unused high bits) then ZSTD; addresses, MACs and random numbers take
+# ZSTD; names repeat a lot and take LowCardinality (a dictionary per part). A codec change is
+# metadata only (new parts and merges use it); a LowCardinality change rewrites the column once.
+_PACKETS_CODECS = {
+    **{c: "UInt8 CODEC(T64, ZSTD(1))" for c in (
+        "ip_version", "ip_proto", "ttl", "dscp", "ecn", "more_fragments", "dont_fragment", "tcp_wscale",
+        "icmp_type", "icmp_code", "dns_rcode")},
+    **{c: "UInt16 CODEC(T64, ZSTD(1))" for c in (
+        "vlan_id", "eth_type", "frag_offset", "src_port", "dst_port", "tcp_flags", "tcp_window", "tcp_mss",
+        "udp_len", "dns_qtype", "http_status", "parse_flags", "dns_flags", "dns_answers", "tls_version")},
+    "dns_id": "UInt16 CODEC(ZSTD(1))",
+    **{c: "UInt32 CODEC(T64, ZSTD(1))" for c in ("sample_rate", "wire_len")},
+    **{c: "UInt32 CODEC(ZSTD(1))" for c in ("ip_id", "flow_label", "tcp_seq", "tcp_ack")},
+    **{c: "UInt64 CODEC(ZSTD(1))" for c in ("eth_src", "eth_dst")},
+    **{c: "IPv6 CODEC(ZSTD(1))" for c in ("src_ip", "dst_ip")},
+    **{c: "LowCardinality(String) CODEC(ZSTD(1))" for c in ("dns_qname", "http_host", "tls_sni", "http_user_agent")},
+}
+_FLOWS_CODECS = {
+    **{c: "UInt8 CODEC(T64, ZSTD(1))" for c in ("ip_version", "ip_proto")},
+    **{c: "UInt16 CODEC(T64, ZSTD(1))" for c in ("src_port", "dst_port", "tcp_flags")},
+    **{c: "UInt64 CODEC(T64, ZSTD(1))" for c in ("packets", "bytes")},
+    "sample_rate": "UInt32 CODEC(T64, ZSTD(1))",
+    **{c: "IPv6 CODEC(ZSTD(1))" for c in ("src_ip", "dst_ip")},
+}
+# Skip indexes for "a time range plus an address or a port" when the host is not given (the
+# primary key (host, ts) serves "time range plus host"). Bloom filters over 4 granules (32k rows):
+# measured on the bench's data, a lookup of one address or port reads a fraction of the granules.
+_SKIP_INDEXES = {
+    "packets": [("idx_src_ip", "src_ip", "bloom_filter(0.01)", 4), ("idx_dst_ip", "dst_ip", "bloom_filter(0.01)", 4),
+                ("idx_src_port", "src_port", "bloom_filter(0.01)", 4), ("idx_dst_port", "dst_port", "bloom_filter(0.01)", 4)],
+    "flows": [("idx_src_ip", "src_ip", "bloom_filter(0.01)", 4), ("idx_dst_ip", "dst_ip", "bloom_filter(0.01)", 4),
+              ("idx_dst_port", "dst_port", "bloom_filter(0.01)", 4)],
+}
+
+
+def _codec_ddl(table: str, codecs: dict[str, str]) -> list[str]:
+    return [f"ALTER TABLE {DATABASE}.{table} MODIFY COLUMN IF EXISTS {c} {t}" for c, t in codecs.items()]
+
+
+def _index_ddl(table: str) -> list[str]:
+    out = []
+    for name, expr, kind, gran in _SKIP_INDEXES[table]:
+        out.append(f"ALTER TABLE {DATABASE}.{table} ADD INDEX IF NOT EXISTS {name} {expr} TYPE {kind} GRANULARITY {gran}")
+        out.append(f"ALTER TABLE {DATABASE}.{table} MATERIALIZE INDEX IF EXISTS {name}")
+    return out
+
+
+# Per-minute rollups, filled by materialized views on every insert into packets (so also
+# deduplicated with it: a repeated insert token drops the view's block too). Counts are weighted
+# by sample_rate (estimated packets on the wire); `records` counts logged rows.
+# `port` is the service side by the usual heuristic: the lower of the two ports (0 without L4).
+ROLLUP_TABLES = ("packets_1m", "pairs_1m", "services_1m")
+_ROLLUP_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000"
+
+_PACKETS_1M = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.packets_1m
+(
+    minute      DateTime('UTC') CODEC(Delta, ZSTD(1)),
+    host        LowCardinality(String),
+    direction   LowCardinality(String),
+    ip_proto    UInt8,
+    port        UInt16,
+    packets     UInt64 CODEC(T64, ZSTD(1)),
+    bytes       UInt64 CODEC(T64, ZSTD(1)),
+    records     UInt64 CODEC(T64, ZSTD(1))
+)
+ENGINE = SummingMergeTree((packets, bytes, records))
+PARTITION BY toDate(minute)
+ORDER BY (host, minute, direction, ip_proto, port)
+{_ROLLUP_SETTINGS}
+"""
+
+_PACKETS_1M_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.packets_1m_mv TO {DATABASE}.packets_1m AS
+SELECT toStartOfMinute(ts) AS minute, host, direction, ip_proto,
+       if(src_port = 0 OR dst_port = 0, greatest(src_port, dst_port), least(src_port, dst_port)) AS port,
+       sum(toUInt64(sample_rate)) AS packets, sum(toUInt64(wire_len) * sample_rate) AS bytes, count() AS records
+FROM {DATABASE}.packets
+GROUP BY minute, host, direction, ip_proto, port
+"""
+
+# Connections by pair: TCP SYNs (connection attempts), SYN-ACKs (accepted), RSTs, and how many
+# distinct destination ports the pair used (uniqMerge(dst_ports) to read it).
+_PAIRS_1M = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.pairs_1m
+(
+    minute      DateTime('UTC') CODEC(Delta, ZSTD(1)),
+    host        LowCardinality(String),
+    src_ip      IPv6 CODEC(ZSTD(1)),
+    dst_ip      IPv6 CODEC(ZSTD(1)),
+    ip_proto    UInt8,
+    packets     SimpleAggregateFunction(sum, UInt64),
+    bytes       SimpleAggregateFunction(sum, UInt64),
+    syns        SimpleAggregateFunction(sum, UInt64),
+    synacks     SimpleAggregateFunction(sum, UInt64),
+    rsts        SimpleAggregateFunction(sum, UInt64),
+    dst_ports   AggregateFunction(uniq, UInt16)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (host, minute, src_ip, dst_ip, ip_proto)
+{_ROLLUP_SETTINGS}
+"""
+
+_PAIRS_1M_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.pairs_1m_mv TO {DATABASE}.pairs_1m AS
+SELECT toStartOfMinute(ts) AS minute, host, src_ip, dst_ip, ip_proto,
+       sum(toUInt64(sample_rate)) AS packets, sum(toUInt64(wire_len) * sample_rate) AS bytes,
+       sumIf(toUInt64(sample_rate), ip_proto = 6 AND bitAnd(tcp_flags, 0x12) = 0x02) AS syns,
+       sumIf(toUInt64(sample_rate), ip_proto = 6 AND bitAnd(tcp_flags, 0x12) = 0x12) AS synacks,
+       sumIf(toUInt64(sample_rate), ip_proto = 6 AND bitAnd(tcp_flags, 0x04) != 0) AS rsts,
+       uniqState(dst_port) AS dst_ports
+FROM {DATABASE}.packets
+WHERE ip_version != 0
+GROUP BY minute, host, src_ip, dst_ip, ip_proto
+"""
+
+# Services that answered: a TCP SYN-ACK from (ip, port), or a UDP packet from a port below the
+# peer's one and below 32768 (a reply from a service, by the usual heuristic).
+_SERVICES_1M = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.services_1m
+(
+    minute      DateTime('UTC') CODEC(Delta, ZSTD(1)),
+    host        LowCardinality(String),
+    ip          IPv6 CODEC(ZSTD(1)),
+    ip_proto    UInt8,
+    port        UInt16,
+    replies     SimpleAggregateFunction(sum, UInt64),
+    clients     AggregateFunction(uniq, IPv6)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (host, minute, ip, ip_proto, port)
+{_ROLLUP_SETTINGS}
+"""
+
+_SERVICES_1M_MV = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.services_1m_mv TO {DATABASE}.services_1m AS
+SELECT toStartOfMinute(ts) AS minute, host, src_ip AS ip, ip_proto, src_port AS port,
+       sum(toUInt64(sample_rate)) AS replies, uniqState(dst_ip) AS clients
+FROM {DATABASE}.packets
+WHERE (ip_proto = 6 AND bitAnd(tcp_flags, 0x12) = 0x12)
+   OR (ip_proto = 17 AND src_port != 0 AND src_port < dst_port AND src_port < 32768)
+GROUP BY minute, host, ip, ip_proto, port
+"""
+
+# One row per finding of a report (hdrlog report, or the server's --report-every).
+_ANOMALIES = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.anomalies
+(
+    report_id     String,
+    report_ts     DateTime64(3, 'UTC'),
+    window_start  DateTime64(3, 'UTC'),
+    window_end    DateTime64(3, 'UTC'),
+    detector      LowCardinality(String),
+    severity      LowCardinality(String),
+    subject_kind  LowCardinality(String),
+    subject       String,
+    host          LowCardinality(String),
+    title         String,
+    score         Float64,
+    first_seen    DateTime64(3, 'UTC'),
+    last_seen     DateTime64(3, 'UTC'),
+    evidence      String CODEC(ZSTD(3))
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(report_ts)
+ORDER BY (report_ts, detector, subject)
+"""
+
+MIGRATIONS += [
+    (4, "codecs, LowCardinality names and skip indexes on packets and flows",
+     _codec_ddl("packets", _PACKETS_CODECS) + _codec_ddl("flows", _FLOWS_CODECS)
+     + _index_ddl("packets") + _index_ddl("flows")),
+    (5, "per-minute rollups: packets_1m, pairs_1m, services_1m and their materialized views",
+     [_PACKETS_1M, _PAIRS_1M, _SERVICES_1M,
+      _PACKETS_1M_MV, _PAIRS_1M_MV, _SERVICES_1M_MV]),
+    (6, "anomalies (findings of hdrlog report)", [_ANOMALIES]),
+]
+
+# Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
+TTL_COLUMNS = {"packets": "ts", "flows": "start_ts", "collector_stats": "ts", "packets_1m": "minute",
+               "pairs_1m": "minute", "services_1m": "minute", "anomalies": "report_ts"}
+
+
+def current_ttl(command: Callable[[str], object], table: str) -> str:
+    """The table's TTL clause as ClickHouse shows it ('' when none)."""
+    out = command(f"SELECT create_table_query FROM system.tables WHERE database = '{DATABASE}' AND name = '{table}'")
+    text = out if isinstance(out, str) else " ".join(map(str, out)) if isinstance(out, (list, tuple)) else str(out)
+    import re
+    m = re.search(r"\bTTL (.*?)(?: SETTINGS |$)", text)
+    return m.group(1).strip() if m else ""
+
+
+def apply_ttl(command: Callable[[str], object], days: dict[str, int]) -> list[str]:
+    """Set each table's age limit (days; 0 = keep forever). Only changed tables are altered.
+
+    Rows older than the limit go when ClickHouse merges or checks TTLs; data tables are
+    partitioned by day and set ``ttl_only_drop_parts``, so a whole day goes at once, cheaply.
+    Returns the tables changed.
+    """
+    changed = []
+    for table, n in days.items():
+        col = TTL_COLUMNS[table]
+        have = current_ttl(command, table)
+        want = f"toDateTime({col}) + toIntervalDay({n})" if n > 0 else ""
+        if have == want:
+            continue
+        if n > 0:
+            drop_parts = "1" if table != "anomalies" else "0"
+            command(f"ALTER TABLE {DATABASE}.{table} MODIFY SETTING ttl_only_drop_parts = {drop_parts}")
+            command(f"ALTER TABLE {DATABASE}.{table} MODIFY TTL toDateTime({col}) + INTERVAL {n} DAY "
+                    "SETTINGS materialize_ttl_after_modify = 0")
+        else:
+            command(f"ALTER TABLE {DATABASE}.{table} REMOVE TTL")
+        log.info("server: %s keeps %s", table, f"{n} days" if n > 0 else "rows forever")
+        changed.append(table)
+    return changed
+
+
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 
