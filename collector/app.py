@@ -1,9 +1,11 @@
 """The collector: capture -> decode -> batch -> send, started in order and stopped in reverse.
 
 The capture thread polls the BPF ring buffer and hands decoded column chunks
-to the asyncio loop, where the batcher closes batches and the sender streams
-them. On SIGINT/SIGTERM the collector closes the open batch, waits up to
-``shutdown_timeout`` for acks, detaches its own TC filters and exits 0.
+to the asyncio loop, where the batcher closes batches, the spool writes each one
+to disk (``--spool``, on by default) and the sender streams them. On
+SIGINT/SIGTERM the collector closes the open batch, waits up to
+``shutdown_timeout`` for acks (what is still unacked stays in the spool for the
+next start), detaches its own TC filters and exits 0.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.config import CollectorConfig
 from hdrlog.collector.metrics import CollectorMetrics
 from hdrlog.collector.sender import Outbox, Sender
+from hdrlog.collector.spool import Spool, SpoolError
 from hdrlog.collector import tls
 from hdrlog.config import parse_hostport
 from hdrlog.metrics_http import MetricsHttp
@@ -40,8 +43,10 @@ CAPTURE_KEPT = ("flowed", "flow_map_full", "payload")
 class Collector:
     def __init__(self, config: CollectorConfig):
         self.config = config
-        # A fresh id per incarnation: seqs restart at 1, so the server's dedup must not confuse runs.
+        # Without a spool: a fresh id per incarnation (seqs restart at 1, so the server's dedup must not
+        # confuse runs). With one, the spool's persistent id and seqs (set in start()).
         self.collector_id = f"{config.host_id}/{uuid.uuid4().hex[:12]}"
+        self.spool: Spool | None = None
         self._filter_mtime: float | None = None
         self.capture = Capture(CaptureConfig(ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes,
                                              sample_rate=config.sample, mode=config.mode,
@@ -65,15 +70,19 @@ class Collector:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.outbox = Outbox(self.config.max_unacked_rows)
-        self.sender = Sender(self.config.server, self.outbox,
-                             credentials=tls.channel_credentials(self.config),
-                             on_connected=self._on_connected)
-        self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
-                               batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
-                               emit=self._emit)
+        credentials = tls.channel_credentials(self.config)
         self.capture.start()
         try:
+            self._open_spool()
+            self.outbox = Outbox(self.config.max_unacked_rows, self.spool)
+            if self.spool is not None:
+                self.outbox.restore(list(self.spool.items.values()))
+            self.sender = Sender(self.config.server, self.outbox, credentials=credentials,
+                                 on_connected=self._on_connected)
+            self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
+                                   batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
+                                   emit=self._emit, seq_source=self.spool.next_seq if self.spool else None,
+                                   on_records=self.spool.count_read if self.spool else None)
             listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
             if listen:
                 self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
@@ -85,6 +94,8 @@ class Collector:
             if self._metrics_http:
                 self._metrics_http.stop()
             self.capture.stop()
+            if self.spool is not None:
+                self.spool.close()
             raise
         where = ", ".join(f"{i}/{d}" for i, d in self.capture.attachments)
         log.info("collector %s capturing on %s, sending to %s", self.collector_id, where, self.config.server)
@@ -108,14 +119,20 @@ class Collector:
             self._add_stats()
             self.batcher.flush()
             drained = await self.sender.wait_drained(self.config.shutdown_timeout)
-            if not drained:
-                log.error("stopping with %d batches (%d records) unacked by the server: they are lost",
+            if not drained and self.spool is not None:
+                log.warning("stopping with %d batches (%d records) unacked by the server: they stay in the "
+                            "spool %s and are sent when the collector starts again",
+                            len(self.outbox or ()), self.outbox.rows if self.outbox else 0, self.spool.dir)
+            elif not drained:
+                log.error("stopping with %d batches (%d records) unacked by the server and no spool: they are lost",
                           len(self.outbox or ()), self.outbox.rows if self.outbox else 0)
             await self.sender.stop()
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None
         self.capture.stop()
+        if self.spool is not None:
+            self.spool.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set or capture fails."""
@@ -161,6 +178,27 @@ class Collector:
         except (OSError, ValueError) as e:
             log.error("filter_file %s: %s; keeping the previous filters", self.config.filter_file, e)
 
+    def _open_spool(self) -> None:
+        """Open the spool (unless --spool ''): identity, seqs and the batches an earlier run left."""
+        if not self.config.spool:
+            log.warning("no spool: unacked batches live in memory only (at most max_unacked_rows=%d records) "
+                        "and are lost if the collector stops before the server acks them",
+                        self.config.max_unacked_rows)
+            return
+        spool = Spool(self.config.spool, self.config.spool_max_bytes, self.config.host_id)
+        try:
+            left = spool.open()
+        except SpoolError:
+            raise
+        except OSError as exc:
+            spool.close()
+            raise SpoolError(f"spool {self.config.spool}: {exc}") from None
+        self.spool = spool
+        self.collector_id = spool.collector_id
+        if left:
+            log.info("spool %s: %d batches (%d records) left by an earlier run, sending them first",
+                     spool.dir, len(left), sum(b.rows for b in left))
+
     # -- the record path -------------------------------------------------------------------
     def _capture_loop(self) -> None:
         assert self._loop is not None
@@ -191,7 +229,7 @@ class Collector:
     def _emit(self, batch, rows: int) -> None:
         assert self.outbox is not None and self.sender is not None
         dropped = self.outbox.put(batch, rows)
-        if dropped:
+        if dropped and self.spool is None:
             self.sender.counters.rows_dropped_unacked_full += dropped
             log.warning("unacked buffer full (max_unacked_rows=%d): dropped %d oldest records; "
                         "the server is not keeping up or unreachable — raise max_unacked_rows or check it",
@@ -216,6 +254,11 @@ class Collector:
             c = self.sender.counters
             out["drop_unacked_full"] = c.rows_dropped_unacked_full
             out["drop_rejected_by_server"] = c.rows_rejected
+        if self.spool is not None:
+            # Cumulative per run; a crash's loss is counted once, by the run that found it.
+            out["drop_spool_full"] = self.spool.dropped_rows
+            out["drop_lost_at_crash"] = self.spool.lost_at_crash
+            out["drop_spool_unreadable"] = self.outbox.unreadable_rows if self.outbox else 0
         return out
 
     def _sending(self) -> dict[str, float]:

@@ -39,6 +39,8 @@ class Batcher:
 
     def __init__(self, *, collector_id: str, host: str, batch_rows: int, batch_interval: float,
                  emit: Callable[[ingest_pb2.Batch, int], None], first_seq: int = 1,
+                 seq_source: Callable[[], int] | None = None,
+                 on_records: Callable[[int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.collector_id = collector_id
         self.host = host
@@ -47,6 +49,8 @@ class Batcher:
         self._emit = emit
         self._clock = clock
         self.next_seq = first_seq
+        self._seq_source = seq_source  # the spool's persistent seqs, when there is one
+        self._on_records = on_records  # told how many header/flow records entered the open batch
         self._chunks: dict[str, list[ColumnChunk]] = {}
         self._rows = 0
         self._opened_at: float | None = None
@@ -63,6 +67,8 @@ class Batcher:
             self._opened_at = self._clock()
         self._chunks.setdefault(table, []).append(chunk)
         self._rows += rows
+        if self._on_records is not None and table != "collector_stats":
+            self._on_records(rows)
         if self._rows >= self.batch_rows:
             self.flush()
 
@@ -79,7 +85,8 @@ class Batcher:
         """Close the open batch (if it holds anything) and hand it to ``emit``."""
         if not self._chunks:
             return
-        batch = ingest_pb2.Batch(collector_id=self.collector_id, host=self.host, seq=self.next_seq,
+        seq = self._seq_source() if self._seq_source is not None else self.next_seq
+        batch = ingest_pb2.Batch(collector_id=self.collector_id, host=self.host, seq=seq,
                                  created_unix_ns=time.time_ns())
         records = 0  # header and flow records; collector_stats rows are bookkeeping, not counted
         for table, chunks in self._chunks.items():
@@ -87,7 +94,7 @@ class Batcher:
             batch.tables.append(columns.encode_table(table, cols, n))
             if table != "collector_stats":
                 records += n
-        self.next_seq += 1
+        self.next_seq = seq + 1
         self._chunks = {}
         self._rows = 0
         self._opened_at = None

@@ -54,40 +54,108 @@ class SendCounters:
 
 
 class Outbox:
-    """Batches waiting for their ack, oldest first, bounded by a row count."""
+    """Batches waiting for their ack, oldest first.
 
-    def __init__(self, max_rows: int):
+    Without a spool the batches live in memory, at most ``max_rows`` records; beyond
+    that the oldest are dropped. With a spool (``hdrlog.collector.spool``) every batch
+    is on disk before it is offered to the sender, the spool's byte limit decides
+    what is dropped (the oldest), and memory holds only the bodies of at most
+    ``CACHED_BATCHES`` batches not yet sent: a resend, or a backlog built while the
+    server was away, is read back from disk one batch at a time.
+    """
+
+    CACHED_BATCHES = 8
+
+    def __init__(self, max_rows: int, spool=None):
         self.max_rows = max_rows
-        self._items: OrderedDict[int, tuple[ingest_pb2.Batch, int]] = OrderedDict()
+        self.spool = spool
+        self._items: OrderedDict[int, tuple[ingest_pb2.Batch | None, int]] = OrderedDict()
+        self._cached = 0
         self.rows = 0
+        self.unreadable_rows = 0  # spooled batches that could not be read back (disk trouble)
         self.changed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def restore(self, spooled) -> None:
+        """Batches an earlier run left in the spool, sent first (they have the lowest seqs)."""
+        for b in spooled:
+            self._items[b.seq] = (None, b.rows)
+            self.rows += b.rows
+        self.changed.set()
+
     def put(self, batch: ingest_pb2.Batch, rows: int) -> int:
         """Add a batch; returns how many rows of older batches had to be dropped to fit."""
         dropped = 0
-        while self._items and self.rows + rows > self.max_rows:
-            _, (_, old_rows) = self._items.popitem(last=False)
-            self.rows -= old_rows
-            dropped += old_rows
-        self._items[batch.seq] = (batch, rows)
+        if self.spool is not None:
+            for old in self.spool.write(batch, rows):
+                dropped += self._drop(old.seq)
+            self._items[batch.seq] = (batch, rows)
+            self._cached += 1
+            while self._cached > self.CACHED_BATCHES:
+                for seq, (body, r) in self._items.items():  # uncache the oldest cached body
+                    if body is not None:
+                        self._items[seq] = (None, r)
+                        self._cached -= 1
+                        break
+        else:
+            while self._items and self.rows + rows > self.max_rows:
+                dropped += self._drop(next(iter(self._items)))
+            self._items[batch.seq] = (batch, rows)
         self.rows += rows
         self.changed.set()
         return dropped
 
-    def pop(self, seq: int) -> int | None:
+    def _drop(self, seq: int) -> int:
         item = self._items.pop(seq, None)
         if item is None:
-            return None
+            return 0
+        if item[0] is not None and self.spool is not None:
+            self._cached -= 1
         self.rows -= item[1]
-        self.changed.set()
         return item[1]
 
+    def pop(self, seq: int) -> int | None:
+        """The batch was acked (or rejected): forget it, on disk too."""
+        if seq not in self._items:
+            return None
+        rows = self._drop(seq)
+        if self.spool is not None:
+            self.spool.remove(seq)
+        self.changed.set()
+        return rows
+
+    def seqs_after(self, seq: int) -> list[int]:
+        return [s for s in self._items if s > seq]
+
+    def get(self, seq: int) -> tuple[ingest_pb2.Batch, int] | None:
+        """The batch to send, read back from the spool when it is not in memory; None when gone."""
+        item = self._items.get(seq)
+        if item is None:
+            return None
+        body, rows = item
+        if body is not None:
+            if self.spool is not None:  # sent once: from now on it lives on disk only
+                self._items[seq] = (None, rows)
+                self._cached -= 1
+            return body, rows
+        try:
+            return self.spool.load(seq), rows
+        except (OSError, ValueError) as exc:
+            log.error("spool: cannot read back batch %d (%s); %d records lost", seq, exc, rows)
+            self._drop(seq)
+            self.unreadable_rows += rows
+            return None
+
     def after(self, seq: int) -> list[tuple[int, ingest_pb2.Batch, int]]:
-        """Unacked batches with a seq above ``seq``, in order."""
-        return [(s, b, r) for s, (b, r) in self._items.items() if s > seq]
+        """Unacked batches with a seq above ``seq``, in order (bodies read from the spool if needed)."""
+        out = []
+        for s in self.seqs_after(seq):
+            got = self.get(s)
+            if got is not None:
+                out.append((s, got[0], got[1]))
+        return out
 
 
 class Sender:
@@ -191,7 +259,11 @@ class Sender:
         last_sent = 0
         while True:
             self.outbox.changed.clear()
-            for seq, batch, rows in self.outbox.after(last_sent):
+            for seq in self.outbox.seqs_after(last_sent):
+                got = self.outbox.get(seq)  # None: acked or dropped meanwhile
+                if got is None:
+                    continue
+                batch, rows = got
                 await call.write(batch)
                 last_sent = seq
                 self.counters.batches_sent += 1

@@ -2,8 +2,11 @@
 
 Layout of the spool directory::
 
-    state.json            {"collector_id": ..., "seq_reserved": N}
+    state.json            {"collector_id": ..., "host_id": ..., "seq_reserved": N}
     batches/<seq>.batch   one closed Batch each: header + serialized protobuf
+    lock                  flock()ed while a collector uses the spool (one collector per spool)
+    tally                 two little-endian uint64 in a shared mapping: records read from the
+                          ring buffer, and records written into spooled batches (this run)
 
 A batch file is written to a temporary name, fsynced and renamed, so after a
 crash a file is either whole or absent; the header's CRC32 catches what a disk
@@ -14,18 +17,34 @@ its collector_id, which is what lets the server drop resent batches.
 
 When the spool would grow past ``max_bytes`` the oldest batches are dropped,
 counted and logged: the newest data is worth more to someone debugging now.
+
+What a crash costs, and how it is counted: records are durable once their batch
+is written here (at the latest ``batch_interval`` after they were read). The
+records read but not yet spooled live in the collector's memory only. Their
+number is kept in ``tally``, a file mapped ``MAP_SHARED``: the collector updates it
+with plain memory stores (no syscall, no fsync), and the kernel's page cache keeps
+those stores when the process is SIGKILLed (not when the machine loses power).
+The next run reads ``read - spooled`` from it (``lost_at_crash``), logs it and
+counts it in ``collector_stats`` as ``drop_lost_at_crash``. What no process can
+count: records still in the kernel ring buffer at the kill, and packets that
+crossed the interface while no collector ran.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import mmap
 import os
 import struct
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from hdrlog.proto import ingest_pb2
 
@@ -34,9 +53,10 @@ log = logging.getLogger("hdrlog.collector")
 MAGIC = b"HLB1"
 HEADER = struct.Struct("<4sIII")  # magic, crc32 of payload, rows, payload length
 SEQ_BLOCK = 1000
+TALLY_READ, TALLY_SPOOLED = 0, 1
 
 
-class SpoolError(RuntimeError):
+class SpoolError(OSError):
     """The spool directory cannot be used; the message names the path."""
 
 
@@ -68,17 +88,44 @@ class Spool:
         self.bytes = 0
         self.dropped_rows = 0  # rows dropped because the spool was full
         self.corrupt_files = 0
+        self.lost_at_crash = 0  # records the previous run had read but not spooled when it died
+        self.tally: np.ndarray | None = None  # [records read, records spooled], shared mapping
+        self._lock_fd: int | None = None
+        self._unlogged_drops = 0
+        self._next_full_log = 0.0
+        self._full_log_every = 5.0  # doubles up to 10 minutes while the spool stays full
+        self._tally_map: mmap.mmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     # -- opening ---------------------------------------------------------------------------
     def open(self) -> list[SpooledBatch]:
         """Read state and list the batches left by an earlier run, oldest first."""
         try:
             self.batches_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"spool {self.dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise SpoolError(f"spool {self.dir} is in use by another collector; "
+                             "give each collector its own --spool") from None
         state = self._read_state()
         self.collector_id = state.get("collector_id") or f"{self.host_id}/{uuid.uuid4().hex[:12]}"
         self._next_seq = int(state.get("seq_reserved", 0)) + 1
+        owner = state.get("host_id", self.host_id)
+        if owner != self.host_id:
+            if any(p.suffix == ".batch" for p in self.batches_dir.iterdir()):
+                self.close()
+                raise SpoolError(f"spool {self.dir} holds unsent batches of host {owner!r}, not {self.host_id!r}: "
+                                 "start with --host-id " + owner + " to send them, or move the spool away")
+            log.info("spool %s: host changed from %r to %r, starting a new collector identity",
+                     self.dir, owner, self.host_id)
+            self.collector_id = f"{self.host_id}/{uuid.uuid4().hex[:12]}"
+        self._open_tally()
         found: list[SpooledBatch] = []
         for path in self.batches_dir.iterdir():
             if path.suffix == ".tmp":
@@ -101,6 +148,46 @@ class Spool:
         self._reserve()
         return found
 
+    def _open_tally(self) -> None:
+        """Map the tally file; what it holds from the previous run becomes ``lost_at_crash``."""
+        path = self.dir / "tally"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size != 16:
+                    os.ftruncate(fd, 16)
+                self._tally_map = mmap.mmap(fd, 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SpoolError(f"spool {path}: {exc.strerror}") from None
+        self.tally = np.frombuffer(self._tally_map, dtype="<u8")
+        read, spooled = int(self.tally[TALLY_READ]), int(self.tally[TALLY_SPOOLED])
+        self.lost_at_crash = max(0, read - spooled)
+        if self.lost_at_crash:
+            log.error("spool %s: the previous run stopped without writing its last %d records to the spool "
+                      "(killed or crashed); counted as drop_lost_at_crash", self.dir, self.lost_at_crash)
+        self.tally[:] = 0
+
+    def count_read(self, records: int) -> None:
+        """Records read from the ring buffer (call from the capture thread, the only writer of this slot)."""
+        if self.tally is not None:
+            self.tally[TALLY_READ] += records
+
+    def close(self) -> None:
+        """Release the lock and the tally mapping. The batches stay for the next run."""
+        if self.tally is not None:
+            self.tally = None
+        if self._tally_map is not None:
+            try:
+                self._tally_map.close()
+            except BufferError:  # a view is still alive somewhere; the mapping dies with the process
+                pass
+            self._tally_map = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _read_state(self) -> dict:
         path = self.dir / "state.json"
         try:
@@ -115,7 +202,8 @@ class Spool:
         self._reserved = self._next_seq + SEQ_BLOCK - 1
         tmp = self.dir / "state.json.tmp"
         with open(tmp, "w") as f:
-            json.dump({"collector_id": self.collector_id, "seq_reserved": self._reserved}, f)
+            json.dump({"collector_id": self.collector_id, "host_id": self.host_id,
+                       "seq_reserved": self._reserved}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / "state.json")
@@ -164,6 +252,19 @@ class Spool:
         _fsync_dir(self.batches_dir)
         self.items[batch.seq] = SpooledBatch(batch.seq, rows, len(data))
         self.bytes += len(data)
+        if self.tally is not None:
+            self.tally[TALLY_SPOOLED] += rows
+        if dropped:
+            self._unlogged_drops += sum(b.rows for b in dropped)
+            now = time.monotonic()
+            if now >= self._next_full_log:
+                log.warning("spool %s full (spool_max_bytes=%d): dropped the oldest batches, %d records so far "
+                            "(%d since the last warning); the server is unreachable or slow — raise "
+                            "spool_max_bytes or check it", self.dir, self.max_bytes, self.dropped_rows,
+                            self._unlogged_drops)
+                self._unlogged_drops = 0
+                self._full_log_every = min(self._full_log_every * 2, 600.0)
+                self._next_full_log = now + self._full_log_every
         return dropped
 
     def load(self, seq: int) -> ingest_pb2.Batch:

@@ -64,6 +64,32 @@ def test_outbox_drops_oldest_when_full():
     asyncio.run(go())
 
 
+def test_spooled_outbox_keeps_bodies_on_disk_and_drops_oldest_by_bytes(tmp_path):
+    from hdrlog.collector.spool import Spool
+
+    def body(seq):
+        return ingest_pb2.Batch(collector_id="c", seq=seq, tables=[columns.encode_table("packets", packets(50), 50)])
+
+    async def go():
+        size = len(body(1).SerializeToString()) + 16
+        spool = Spool(tmp_path, max_bytes=size * 20, host_id="h")
+        spool.open()
+        box = Outbox(max_rows=10, spool=spool)  # max_rows does not apply with a spool
+        dropped = sum(box.put(body(spool.next_seq()), 50) for _ in range(25))
+        assert dropped == 5 * 50 and spool.dropped_rows == 250 and len(box) == 20 and box.rows == 1000
+        assert box._cached <= Outbox.CACHED_BATCHES
+        assert [s for s, _, _ in box.after(0)] == list(range(6, 26))  # bodies read back from disk
+        assert box.pop(6) == 50 and not spool._path(6).exists()
+        spool.close()
+        again = Spool(tmp_path, max_bytes=size * 20, host_id="h")
+        box2 = Outbox(max_rows=10, spool=again)
+        box2.restore(again.open())
+        assert box2.seqs_after(0) == list(range(7, 26)) and box2.rows == 950
+        assert box2.get(7)[0].tables[0].rows == 50
+        again.close()
+    asyncio.run(go())
+
+
 class ScriptedIngest(ingest_pb2_grpc.IngestServicer):
     """Acks each batch; the test decides per (stream number, seq) to drop the stream, retry or reject."""
 
