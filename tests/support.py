@@ -130,7 +130,8 @@ class CollectorProcess(Process):
     def __init__(self, server: str, ifaces: list[str], host_id: str, log_dir: Path, *extra: str):
         self.spool = log_dir / f"spool-{host_id}"
         cmd = [*HDRLOG, "collector", "run", "--insecure", "--server", server, "--host-id", host_id,
-               "--status-interval", "1", "--batch-interval", "0.2", "--spool", str(self.spool)]
+               "--status-interval", "1", "--batch-interval", "0.2", "--spool", str(self.spool),
+               "--mode", "packets"]
         for iface in ifaces:
             cmd += ["--iface", iface]
         super().__init__(f"collector-{host_id}", [*cmd, *extra], log_dir)
