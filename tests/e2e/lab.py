@@ -278,10 +278,11 @@ class Lab:
             if m.proc and m.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     m.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         for m in self.machines:
             if m.proc:
                 try:
-                    m.proc.wait(timeout=30)
+                    m.proc.wait(timeout=max(1.0, 30 - (time.monotonic() - t0)))  # 30 s for all together
                 except subprocess.TimeoutExpired:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(m.proc.pid, signal.SIGKILL)
@@ -290,11 +291,13 @@ class Lab:
                 if _run("umount", str(m.root), check=False).returncode != 0:
                     _run("umount", "-l", str(m.root), check=False)
                 m.mounted = False
+        t1 = time.monotonic()
         if self._bridge_up:
             _run("ip", "link", "del", self.bridge, check=False)
             self._bridge_up = False
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+        self.log(f"lab: powered off in {t1 - t0:.1f} s, removed in {time.monotonic() - t1:.1f} s")
 
     # -- machines ---------------------------------------------------------------------------
     def _boot(self, m: Machine, image: Path) -> None:

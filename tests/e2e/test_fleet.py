@@ -162,7 +162,7 @@ def _positions(output: str, task: str, status: str) -> dict[str, int]:
         if line.startswith(("TASK [", "RUNNING HANDLER [")):
             current = line
         elif current and task in current:
-            m = re.match(rf"^{status}: \[([^\]]+)\]", line)
+            m = re.match(rf"^{status}: \[([^\]\s]+)", line)  # "[host]" or "[host -> delegate(...)]"
             if m:
                 pos.setdefault(m.group(1), i)
     return pos
