@@ -141,7 +141,9 @@ class RingBufReader:
                 body = data[start : start + ok * slot].reshape(ok, slot)[:, HDR_SIZE : HDR_SIZE + rsize]
                 keep = (hdr[:ok] & DISCARD_BIT) == 0
                 if keep.all():
-                    parts.append(np.ascontiguousarray(body))
+                    # Always a copy: the producer reuses this space once consumer_pos moves
+                    # (ascontiguousarray would hand out a view of the map for a single record).
+                    parts.append(body.copy())
                     total += ok
                 else:
                     kept = body[keep]
@@ -184,6 +186,9 @@ class RingBufReader:
         self._ep.close()
         self._ep = None
         del self._cons, self._prod, self._data, self._data32
-        self._cons_mm.close()
-        self._data_mm.close()
+        for mm in (self._cons_mm, self._data_mm):
+            try:
+                mm.close()
+            except BufferError:  # a view is still held somewhere; unmapped when it goes
+                pass
 
