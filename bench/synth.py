@@ -63,7 +63,8 @@ def packets(rows: int, *, start_ns: int, seconds: float, hosts: int = 8, seed: i
     cols["ip_id"] = rng.integers(0, 65536, rows).astype("<u4")
     # TCP: mostly ACK/PSH-ACK, some SYN, SYN-ACK, FIN-ACK.
     phase = rng.random(rows)
-    flags = np.select([phase < 0.03, phase < 0.06, phase < 0.08], [0x02, 0x12, 0x11], np.where(phase < 0.5, 0x18, 0x10))
+    # SYNs go out from the local (client) side, SYN-ACKs come back from the service side.
+    flags = np.select([phase < 0.06, phase < 0.08], [np.where(egress, 0x02, 0x12), 0x11], np.where(phase < 0.5, 0x18, 0x10))
     cols["tcp_flags"] = np.where(udp, 0, flags).astype("<u2")
     cols["tcp_seq"] = np.where(udp, 0, rng.integers(0, 2**32, rows, dtype=np.uint64)).astype("<u4")
     cols["tcp_ack"] = np.where(udp, 0, rng.integers(0, 2**32, rows, dtype=np.uint64)).astype("<u4")

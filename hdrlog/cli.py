@@ -1,4 +1,4 @@
-"""The `hdrlog` command: server, collector and sql subcommands.
+"""The `hdrlog` command: server, collector, sql, report and pki subcommands.
 
 Every component flag comes from its config dataclass (hdrlog.config), so the
 flag, the HDRLOG_* variable and the config-file key can never drift apart.
@@ -24,6 +24,7 @@ EPILOG = textwrap.dedent("""\
       hdrlog server run --insecure --clickhouse chdb:///var/lib/hdrlog/clickhouse
       hdrlog collector run --insecure --server 198.18.0.1:7600 --iface eth0 --iface 'veth*'
       hdrlog sql "SELECT host, count() FROM hdrlog.packets GROUP BY host"
+      hdrlog report --url http://127.0.0.1:7623 --since 1h --format md
     """)
 
 
@@ -41,6 +42,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from hdrlog.collector.config import CollectorConfig
     from hdrlog.server.config import ServerConfig
+    from hdrlog.server.reportconfig import ReportConfig
 
     top = argparse.ArgumentParser(
         prog="hdrlog", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -60,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     cfg.add_arguments(run, ServerConfig)
     run.set_defaults(handler=_server_run)
+    migrate = server_sub.add_parser(
+        "migrate", help="create or upgrade the schema, apply the TTLs, then exit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Apply the versioned schema migrations (database hdrlog: tables, codecs, skip indexes, "
+                    "rollups) and the configured TTLs, print what was done and exit. `server run` does the "
+                    "same at start; run this before upgrading a fleet, or against a ClickHouse server. An "
+                    "embedded chDB store must not be held by a running server.")
+    _common(migrate)
+    migrate.add_argument("--clickhouse", help="store: chdb:///PATH or http(s)://USER:PASSWORD@HOST:PORT "
+                                              "[env HDRLOG_CLICKHOUSE; default: the server's]")
+    migrate.set_defaults(handler=_server_migrate)
 
     collector = sub.add_parser("collector", help="the per-host collector (eBPF at TC ingress and egress)")
     collector_sub = collector.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -96,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                      help=argparse.SUPPRESS)
     sql.set_defaults(handler=_sql)
+
+    report = sub.add_parser(
+        "report", help="anomaly report over a window, against the same hours of previous days",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the anomaly detectors (port scan, SYN flood, traffic spike/drop, new services and "
+                    "destinations, DNS anomalies, TCP flag and TTL oddities, silent hosts, collector drops) over "
+                    "the last --since, against the same hours of the previous --baseline-days days. Writes HTML, "
+                    "Markdown or JSON to --out (a file, a directory, or standard output), and optionally POSTs "
+                    "the JSON to --webhook and mails it. With --clickhouse the findings are also written to "
+                    "hdrlog.anomalies; through the read-only SQL endpoint (--url) they are not (the server's "
+                    "--report-every records them). Exit 0 when the report was made, whatever it found.",
+        epilog="examples:\n"
+               "  hdrlog report --url http://127.0.0.1:7623 --since 1h --format md\n"
+               "  hdrlog report --clickhouse http://default:pw@ch1:8123 --out /var/lib/hdrlog/reports/ "
+               "--webhook https://hooks.example/hdrlog")
+    _common(report)
+    cfg.add_arguments(report, ReportConfig)
+    report.add_argument("--url", dest="sql_url", default=None, help="same as --sql-url (the SQL endpoint to ask)")
+    report.set_defaults(handler=_report)
 
     pki = sub.add_parser("pki", help="certificates for mTLS between collectors and the server")
     pki_sub = pki.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -150,8 +182,59 @@ def _server_run(ns: argparse.Namespace) -> int:
     from hdrlog.server.app import serve
     from hdrlog.server.config import ServerConfig
 
+    from hdrlog.server.reportconfig import ReportConfig
+
     config = cfg.load(ServerConfig, args=vars(ns), file=ns.config, section="server")
-    return asyncio.run(serve(config))
+    # Scheduled reports (--report-every) read their settings from the report: section and HDRLOG_* only.
+    report = cfg.load(ReportConfig, args={}, file=ns.config, section="report") if config.report_every else None
+    return asyncio.run(serve(config, report=report))
+
+
+def _server_migrate(ns: argparse.Namespace) -> int:
+    from hdrlog.server.config import ServerConfig
+    from hdrlog.server.store import Store, StoreError, redact
+
+    args = {"clickhouse": ns.clickhouse, "insecure": True}
+    config = cfg.load(ServerConfig, args=args, file=ns.config, section="server")
+    store = Store(config.clickhouse)
+    try:
+        store.open()
+        applied = store.migrate()
+        changed = store.apply_ttl(config.ttl_days())
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        store.close()
+    from hdrlog.server.schema import LATEST_VERSION
+    print(f"{redact(config.clickhouse)}: schema at version {LATEST_VERSION}; "
+          f"{'applied ' + ', '.join(map(str, applied)) if applied else 'no migration needed'}; "
+          f"{'TTL changed on ' + ', '.join(changed) if changed else 'TTLs unchanged'}")
+    return 0
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from hdrlog.server import report as reporting
+    from hdrlog.server.reportconfig import ReportConfig
+
+    config = cfg.load(ReportConfig, args=vars(ns), file=ns.config, section="report")
+    try:
+        conn = reporting.connect(config)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line for the person at the terminal
+        raise UserError(f"unable to connect to {config.clickhouse or config.sql_url or 'the local SQL endpoint'}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
+    try:
+        result = reporting.run(config, conn)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"report failed: {' '.join(str(exc).split())[:400]}") from None
+    finally:
+        conn.close()
+    if config.out and config.out != "-":
+        print(result.summary(), file=sys.stderr)
+    for note in result.notes:
+        print(f"hdrlog report: {note}", file=sys.stderr)
+    return 0
 
 
 def _collector_run(ns: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from hdrlog.config import markdown_table
 def render() -> str:
     from hdrlog.collector.config import CollectorConfig
     from hdrlog.server.config import ServerConfig
+    from hdrlog.server.reportconfig import ReportConfig
 
     return (
         "# Configuration\n\n"
@@ -28,6 +29,7 @@ def render() -> str:
         "A bad value stops the command at start with one line naming the key, the value and what is "
         "allowed; an unknown key in the file is an error too.\n\n"
         + markdown_table(ServerConfig, "server") + "\n" + markdown_table(CollectorConfig, "collector")
+        + "\n" + markdown_table(ReportConfig, "report")
     )
 
 

@@ -63,6 +63,9 @@ class Server:
         self._started = True
         if cfg.insecure:
             log.warning("server: --insecure: no TLS and no client authentication; collectors' host names are trusted")
+        if self.sql_port and not cfg.sql_user:
+            log.warning("server: the SQL endpoint on port %d asks for no credentials (--insecure without --sql-user)",
+                        self.sql_port)
         log.info("server: listening gRPC %s:%d, SQL %s, metrics %s, store %s",
                  parse_hostport("listen", cfg.listen)[0], self.grpc_port,
                  f"port {self.sql_port}" if self.sql_port else "off",
@@ -88,10 +91,11 @@ class Server:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
         ]
         self._grpc = grpc.aio.server(options=options)
         ingest_pb2_grpc.add_IngestServicer_to_server(
-            IngestServicer(self.writer, self.metrics, insecure=cfg.insecure), self._grpc)
+            IngestServicer(self.writer, self.metrics, insecure=cfg.insecure, max_streams=cfg.max_streams), self._grpc)
         host, port = parse_hostport("listen", cfg.listen)  # type: ignore[misc]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -107,7 +111,11 @@ class Server:
 
         sql = parse_hostport("sql_listen", cfg.sql_listen, allow_empty=True)
         if sql is not None:
-            self._sql = SqlEndpoint(self.store, self.metrics, sql[0], sql[1])
+            try:
+                credentials = cfg.sql_credentials()
+            except OSError as exc:
+                raise StartError(f"unable to read sql_password_file {cfg.sql_password_file}: {exc.strerror}") from None
+            self._sql = SqlEndpoint(self.store, self.metrics, sql[0], sql[1], credentials=credentials)
             try:
                 self.sql_port = await self._sql.start()
             except OSError as exc:

@@ -9,6 +9,7 @@ key, the value and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_STATUS_INTERVAL = 5.0
 DEFAULT_PENDING_FACTOR = 4
+DEFAULT_MAX_STREAMS = 4096
+DEFAULT_STREAMS_PER_CONNECTION = 8
 
 
 def default_clickhouse() -> str:
@@ -44,6 +47,17 @@ class ServerConfig:
     tls_cert: str = doc_field("", "server certificate (PEM) for mTLS")
     tls_key: str = doc_field("", "server private key (PEM) for mTLS")
     tls_ca: str = doc_field("", "CA certificate (PEM) that signed the collectors' certificates")
+    sql_user: str = doc_field("", "user name the SQL endpoint asks for (HTTP basic auth, X-ClickHouse-User/Key "
+                                  "headers or user/password URL parameters); required unless --insecure")
+    sql_password_file: str = doc_field("", "file whose first line is the SQL endpoint's password "
+                                           "(or set HDRLOG_SQL_PASSWORD; there is no password flag)")
+    sql_password: str = doc_field("", "the SQL endpoint's password, from the environment or the config file "
+                                      "only (never a flag: command lines are visible to every user)", flag=False)
+    max_streams: int = doc_field(DEFAULT_MAX_STREAMS, "ingest streams open at once, all clients together; "
+                                                      "beyond this a new stream is refused (RESOURCE_EXHAUSTED)")
+    max_streams_per_connection: int = doc_field(
+        DEFAULT_STREAMS_PER_CONNECTION, "concurrent streams one gRPC connection may open (a collector uses one); "
+                                        "more wait on the client's side")
     flush_rows: int = doc_field(DEFAULT_FLUSH_ROWS, "insert when this many rows are pending (all streams together)")
     flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending")
     max_pending_rows: int = doc_field(
@@ -54,6 +68,29 @@ class ServerConfig:
     @property
     def pending_rows_cap(self) -> int:
         return self.max_pending_rows or DEFAULT_PENDING_FACTOR * self.flush_rows
+
+    def sql_credentials(self) -> tuple[str, str] | None:
+        """(user, password) the SQL endpoint checks, or None when it is open (--insecure, no --sql-user)."""
+        if not self.sql_user:
+            return None
+        password = self.sql_password
+        if self.sql_password_file:
+            with open(self.sql_password_file, encoding="utf-8") as fh:
+                password = fh.readline().rstrip("\r\n")
+        return self.sql_user, password
+
+    def ttl_days(self) -> dict[str, int]:
+        """Age limit per table (schema.apply_ttl)."""
+        r = self.ttl_rollups_days
+        return {"packets": self.ttl_packets_days, "flows": self.ttl_flows_days,
+                "collector_stats": self.ttl_collector_stats_days, "packets_1m": r, "pairs_1m": r, "services_1m": r,
+                "anomalies": self.ttl_anomalies_days}
+
+    @property
+    def report_every_seconds(self) -> float:
+        from hdrlog.server.reportconfig import parse_duration
+
+        return parse_duration("report_every", self.report_every) if self.report_every else 0.0
 
     @property
     def tls_enabled(self) -> bool:
@@ -84,6 +121,33 @@ class ServerConfig:
             for key, path in tls.items():
                 if not os.path.isfile(path):
                     raise ConfigError(key, path, "expected a readable PEM file")
+        if self.sql_password and self.sql_password_file:
+            raise ConfigError("sql_password_file", self.sql_password_file,
+                              "give the password once: HDRLOG_SQL_PASSWORD or --sql-password-file, not both")
+        if self.sql_password_file:
+            try:
+                with open(self.sql_password_file, encoding="utf-8") as fh:
+                    first = fh.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError("sql_password_file", self.sql_password_file,
+                                  f"expected a readable file with the password on its first line ({exc})") from None
+            if not first:
+                raise ConfigError("sql_password_file", self.sql_password_file, "its first line (the password) is empty")
+        has_password = bool(self.sql_password or self.sql_password_file)
+        if (self.sql_user or has_password) and not (self.sql_user and has_password):
+            raise ConfigError("sql_user" if not self.sql_user else "sql_password_file", self.sql_user or "",
+                              "the SQL endpoint needs both --sql-user and a password "
+                              "(HDRLOG_SQL_PASSWORD or --sql-password-file)")
+        if not self.insecure and self.sql_listen and not self.sql_user:
+            raise ConfigError("sql_user", "", "the SQL endpoint asks for credentials: give --sql-user and a password "
+                                              "(HDRLOG_SQL_PASSWORD or --sql-password-file), or --sql-listen '' to "
+                                              "turn it off, or --insecure for a lab")
+        if self.sql_user and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", self.sql_user):
+            raise ConfigError("sql_user", self.sql_user, "letters, digits and _.@- up to 64 characters")
+        if not 1 <= self.max_streams <= 1_000_000:
+            raise ConfigError("max_streams", self.max_streams, "expected 1 to 1000000")
+        if not 1 <= self.max_streams_per_connection <= 1000:
+            raise ConfigError("max_streams_per_connection", self.max_streams_per_connection, "expected 1 to 1000")
         if self.flush_rows < 1:
             raise ConfigError("flush_rows", self.flush_rows, "expected an integer >= 1")
         if not 0 < self.flush_interval <= 3600:

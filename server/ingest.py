@@ -6,6 +6,20 @@ INSERT; each batch's Ack is written (by one writer coroutine per stream, so
 writes never interleave) as soon as its outcome is known, which may be out of
 order. A malformed batch is answered ``REJECTED`` with the reason and the
 stream carries on; nothing a collector sends can end another stream.
+
+Identity: with mTLS the stream belongs to the client certificate's name (its
+common name, as ``hdrlog pki issue --name`` writes it). A batch must say that
+name in ``host`` and carry a ``collector_id`` under it (``NAME/...``), else it is
+refused: a collector writes rows for its own host only, and cannot touch
+another collector's exactly-once watermarks. Rows are stored with the
+certificate's name as ``host``. ``--insecure`` trusts ``Batch.host``.
+
+Limits: at most ``max_streams`` streams at once (more are refused with
+RESOURCE_EXHAUSTED); a client that stops reading its acks stops being read once
+``MAX_UNSENT_ACKS`` acks wait for it, so it costs a bounded amount of memory and
+nobody else anything; a seq of 0, or one more than ``MAX_SEQ_JUMP`` past what is
+stored for its collector, is refused (it would make every later batch of that
+collector look like a duplicate).
 """
 
 from __future__ import annotations
@@ -26,27 +40,46 @@ log = logging.getLogger("hdrlog.server")
 # Batches with at most this many rows are converted on the event loop; larger ones in a thread.
 INLINE_ROWS = 20_000
 REJECT_LOG_INTERVAL = 1.0
+MAX_UNSENT_ACKS = 10_000
+# A restarted collector skips at most one reserved block of seqs (1000); this allows for a billion.
+MAX_SEQ_JUMP = 1_000_000_000
 
 
-def identity_for(context: grpc.aio.ServicerContext, batch: ingest_pb2.Batch, *, insecure: bool) -> str:
+def peer_identity(context: grpc.aio.ServicerContext) -> str:
+    """The client certificate's common name ('' when there is none)."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode("utf-8", "replace") if names else ""
+
+
+def identity_for(identity: str | None, batch: ingest_pb2.Batch) -> str:
     """The host name the batch's rows are stored under.
 
-    Insecure mode trusts ``Batch.host``. The mTLS issue binds it to the peer
-    certificate's name here (``context.auth_context()``) and refuses a mismatch.
+    ``identity`` is the peer certificate's name, or None in insecure mode (which
+    trusts ``Batch.host``). With a certificate the batch must name that host and
+    a collector_id under it.
     """
-    if insecure:
+    if identity is None:
         return batch.host
-    names = context.auth_context().get("x509_common_name") or []
-    if not names:
-        raise BatchError("identity", "no client certificate name")
-    return names[0].decode()
+    if not identity:
+        raise BatchError("identity", "the client certificate has no common name; issue it with `hdrlog pki issue --name HOST`")
+    if batch.host != identity:
+        shown = batch.host if len(batch.host) <= 64 else batch.host[:61] + "..."
+        raise BatchError("identity", f"host {shown!r} does not match the client certificate's name {identity!r}: "
+                                     "a collector may write rows only for its own host")
+    if not batch.collector_id.startswith(identity + "/"):
+        shown = batch.collector_id if len(batch.collector_id) <= 64 else batch.collector_id[:61] + "..."
+        raise BatchError("identity", f"collector_id {shown!r} is not under the certificate's name "
+                                     f"(expected {identity + '/...'!r})")
+    return identity
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
-    def __init__(self, writer: Writer, metrics: ServerMetrics, *, insecure: bool):
+    def __init__(self, writer: Writer, metrics: ServerMetrics, *, insecure: bool, max_streams: int = 1 << 30):
         self.writer = writer
         self.metrics = metrics
         self.insecure = insecure
+        self.max_streams = max_streams
+        self.open_streams = 0
         self._last_reject_log = 0.0
         self._suppressed = 0
 
@@ -61,12 +94,33 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self._last_reject_log, self._suppressed = now, 0
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC name)
+        if self.open_streams >= self.max_streams:
+            self.metrics.rejected("too_many_streams")
+            self._log_reject(f"server: stream from {context.peer()} refused: {self.open_streams} streams open "
+                             f"(max_streams={self.max_streams})")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many streams open ({self.max_streams}); retry later")
+        identity = None if self.insecure else peer_identity(context)
+        self.open_streams += 1
+        try:
+            await self._stream(context, identity)
+        finally:
+            self.open_streams -= 1
+
+    async def _stream(self, context: grpc.aio.ServicerContext, identity: str | None) -> None:
         acks: asyncio.Queue[ingest_pb2.Ack | None] = asyncio.Queue()
         outstanding = 0
         drained = asyncio.Event()
         drained.set()
+        room = asyncio.Event()  # set while fewer than MAX_UNSENT_ACKS acks wait to be written
+        room.set()
         self.metrics.stream_opened()
         peer = context.peer()
+
+        def queue_ack(ack: ingest_pb2.Ack) -> None:
+            acks.put_nowait(ack)
+            if acks.qsize() >= MAX_UNSENT_ACKS:
+                room.clear()
 
         def on_done(seq: int, fut: asyncio.Future) -> None:
             nonlocal outstanding
@@ -75,11 +129,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 drained.set()
             if fut.cancelled():
                 return
-            acks.put_nowait(_ack(seq, fut.result()))
+            queue_ack(_ack(seq, fut.result()))
 
         async def write_acks() -> None:
             while True:
                 ack = await acks.get()
+                if acks.qsize() < MAX_UNSENT_ACKS:
+                    room.set()
                 if ack is None:
                     return
                 await context.write(ack)
@@ -87,12 +143,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         writer_task = asyncio.create_task(write_acks(), name=f"hdrlog-acks {peer}")
         try:
             while True:
+                # A client that does not read its acks is not read either (bounded memory, gRPC flow control).
+                await room.wait()
                 batch = await context.read()
                 if batch is grpc.aio.EOF:
                     break
                 self.metrics.received(batch.ByteSize())
                 try:
-                    host = identity_for(context, batch, insecure=self.insecure)
+                    host = identity_for(identity, batch)
+                    self._check_seq(batch)
                     rows = sum(t.rows for t in batch.tables)
                     if rows > INLINE_ROWS:
                         tables = await asyncio.to_thread(convert_batch, batch, host)
@@ -101,7 +160,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 except BatchError as exc:
                     self.metrics.rejected(exc.kind)
                     self._log_reject(f"server: batch {batch.collector_id[:64]!r}/{batch.seq} from {peer} rejected: {exc}")
-                    acks.put_nowait(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc)))
+                    queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc)))
                     continue
                 fut = await self.writer.submit(batch.collector_id, batch.seq, tables)
                 outstanding += 1
@@ -116,6 +175,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the peer went away
                 pass
             self.metrics.stream_closed()
+
+
+    def _check_seq(self, batch: ingest_pb2.Batch) -> None:
+        if batch.seq == 0:
+            raise BatchError("seq", "seq 0 is not allowed: a collector's seqs start at 1")
+        last = max((self.writer.watermark(batch.collector_id, t.name) for t in batch.tables), default=-1)
+        if batch.seq > max(last, 0) + MAX_SEQ_JUMP:
+            raise BatchError("seq", f"seq {batch.seq} jumps more than {MAX_SEQ_JUMP} past the last stored seq "
+                                    f"{max(last, 0)} of collector {batch.collector_id[:64]!r}")
 
 
 def _ack(seq: int, outcome: Outcome) -> ingest_pb2.Ack:

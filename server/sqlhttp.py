@@ -21,6 +21,14 @@ The check reads tokens outside string literals and comments (``check_readonly``)
 the queries then run on chDB handles with ``readonly = 2``, so ClickHouse itself
 refuses any write that got past it.
 
+Unless the server runs ``--insecure`` without ``--sql-user``, every query needs
+the configured user and password, given the ClickHouse ways: HTTP basic auth
+(``http://user:password@host:port``), the ``X-ClickHouse-User`` /
+``X-ClickHouse-Key`` headers, or ``user`` / ``password`` URL parameters. They are
+compared in constant time; no credentials is HTTP 401 (code 194,
+REQUIRED_PASSWORD), wrong ones HTTP 403 (code 516, AUTHENTICATION_FAILED), each
+after a short pause. ``/ping`` answers without credentials, as ClickHouse's does.
+
 The HTTP side is a small asyncio server on the ingest event loop (HTTP/1.1,
 keep-alive, Content-Length or chunked bodies); queries run in a small thread
 pool on their own chDB handles, so a slow query never stalls ingest.
@@ -29,9 +37,14 @@ pool on their own chDB handles, so a slow query never stalls ingest.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +58,7 @@ log = logging.getLogger("hdrlog.server")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 KEEPALIVE_SECONDS = 30.0
+AUTH_FAILURE_PAUSE = 0.25  # seconds before answering a failed login: slows guessing down
 DEFAULT_FORMAT = "TabSeparated"
 
 ALLOWED_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
@@ -77,14 +91,15 @@ ERROR_NAMES = {
     1: "UNSUPPORTED_METHOD", 27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED", 36: "BAD_ARGUMENTS", 46: "UNKNOWN_FUNCTION",
     47: "UNKNOWN_IDENTIFIER", 60: "UNKNOWN_TABLE", 62: "SYNTAX_ERROR", 73: "UNKNOWN_FORMAT",
     81: "UNKNOWN_DATABASE", 115: "UNKNOWN_SETTING", 159: "TIMEOUT_EXCEEDED", 164: "READONLY",
+    194: "REQUIRED_PASSWORD", 516: "AUTHENTICATION_FAILED",
     241: "MEMORY_LIMIT_EXCEEDED", 1000: "POCO_EXCEPTION", 1002: "UNKNOWN_EXCEPTION",
 }
 # ClickHouse's HTTP status per exception code (src/Server/HTTPHandler.cpp), the ones that matter here.
 _STATUS_400 = {6, 27, 36, 41, 42, 43, 44, 46, 47, 48, 53, 62, 69, 70, 72, 73, 115, 117, 130, 184, 190, 215, 386, 395}
-_STATUS_403 = {164, 192, 193, 194, 195, 196, 497}
+_STATUS_403 = {164, 192, 193, 195, 196, 497, 516}
 _STATUS_404 = {60, 81, 82}
 
-_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             411: "Length Required", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -211,9 +226,34 @@ class _BadRequest(Exception):
         self.status = status
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+def credentials_of(req: "Request", params: dict[str, str]) -> tuple[str, str] | None:
+    """(user, password) as a ClickHouse client sends them, or None when it sent none."""
+    user = req.headers.get("x-clickhouse-user")
+    if user is not None:
+        return user, req.headers.get("x-clickhouse-key", "")
+    auth = req.headers.get("authorization", "")
+    if auth[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "", "\0invalid"
+        user, _, password = decoded.partition(":")
+        return user, password
+    if "user" in params:
+        return params["user"], params.get("password", "")
+    return None
+
+
 class SqlEndpoint:
-    def __init__(self, store: Store, metrics: ServerMetrics, host: str, port: int, *, workers: int = 4):
+    def __init__(self, store: Store, metrics: ServerMetrics, host: str, port: int, *, workers: int = 4,
+                 credentials: tuple[str, str] | None = None):
         self.store = store
+        self._credentials = (_digest(credentials[0]), _digest(credentials[1])) if credentials else None
+        self._last_auth_log = 0.0
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -294,6 +334,11 @@ class SqlEndpoint:
             query = query or body
         if not query.strip():
             return 200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"}
+        refused = self._authenticate(req, params)
+        if refused is not None:
+            self.metrics.sql_queries.labels("unauthenticated").inc()
+            await asyncio.sleep(AUTH_FAILURE_PAUSE)
+            return refused
         query_id = params.get("query_id") or str(uuid.uuid4())
         try:
             stmt = check_readonly(query)
@@ -325,6 +370,31 @@ class SqlEndpoint:
             "X-ClickHouse-Summary": json.dumps({"result_bytes": str(len(out))}),
         }
         return 200, out, headers
+
+
+    def _authenticate(self, req: Request, params: dict[str, str]) -> tuple[int, bytes, dict[str, str]] | None:
+        """None when the request may run; else the 401/403 answer."""
+        if self._credentials is None:
+            return None
+        given = credentials_of(req, params)
+        if given is None:
+            status, body, headers = _error(SqlError(
+                194, "Authentication required: this endpoint asks for a user and password "
+                     "(http://USER:PASSWORD@host:port, X-ClickHouse-User/X-ClickHouse-Key headers, "
+                     "or user/password URL parameters)"), 401)
+            headers["WWW-Authenticate"] = 'Basic realm="hdrlog", charset="UTF-8"'
+            return status, body, headers
+        user_ok = hmac.compare_digest(_digest(given[0]), self._credentials[0])
+        password_ok = hmac.compare_digest(_digest(given[1]), self._credentials[1])
+        if user_ok & password_ok:
+            return None
+        now = time.monotonic()
+        if now - self._last_auth_log >= 1.0:
+            self._last_auth_log = now
+            log.warning("server: SQL login failed for user %r", given[0][:64])
+        shown = given[0][:64] or "default"
+        return _error(SqlError(516, f"{shown}: Authentication failed: password is incorrect, "
+                                    "or there is no user with such name"))
 
 
 def _tidy(message: str) -> str:

@@ -144,6 +144,19 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to apply the schema: {short_message(exc)}") from None
 
+    def apply_ttl(self, days: dict[str, int]) -> list[str]:
+        """Set each table's age limit (schema.apply_ttl); returns the tables changed."""
+        try:
+            return schema.apply_ttl(self._client.command, days)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to set the tables' TTL: {short_message(exc)}") from None
+
+    def new_client(self) -> Any:
+        """A separate client that may write (its own chDB handle): for the scheduled reports."""
+        if self._closed:
+            raise StoreError("store is closed")
+        return self._connect()
+
     def close(self) -> None:
         self._closed = True
         with self._readers_lock:

@@ -1,0 +1,186 @@
+"""Nobody let in: mTLS identities on the ingest stream, credentials on the SQL endpoint.
+
+A real server (in a thread, over loopback) with certificates from `hdrlog pki`: a collector's
+certificate name is the only host it may write rows for; no certificate, an expired one, one
+from another CA, and plaintext are refused at the handshake. The SQL endpoint asks for a user
+and password the ClickHouse ways and compares them in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+
+from hdrlog import pki
+from hdrlog.config import ConfigError
+from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
+from hdrlog.server import ServerConfig
+from tests.support import HDRLOG
+from tests.test_server_helpers import ServerThread, batch
+
+OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
+USER, PASSWORD = "analyst", "s3cret: with spaces & ünïcode"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
+    pki.issue(d, "host-a")
+    pki.issue(d, "host-b")
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    pki.issue(d, "expired", not_before=old, days=1)
+    other = d / "other"
+    pki.init_ca(other, name="some other CA")
+    pki.issue(other, "host-a")
+    return d
+
+
+def tls_config(store, certs, **kw) -> ServerConfig:
+    base = dict(listen="127.0.0.1:0", sql_listen="127.0.0.1:0", clickhouse=f"chdb://{store}",
+                tls_cert=str(certs / "central.crt"), tls_key=str(certs / "central.key"), tls_ca=str(certs / "ca.crt"),
+                sql_user=USER, sql_password=PASSWORD, flush_interval=0.05, status_interval=0)
+    base.update(kw)
+    cfg = ServerConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def server(certs, tmp_path_factory):
+    srv = ServerThread(tls_config(tmp_path_factory.mktemp("store") / "store", certs)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def channel(srv, certs, name: str | None, ca_dir=None) -> grpc.Channel:
+    ca_dir = ca_dir or certs
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.crt").read_bytes(),
+        private_key=(ca_dir / f"{name}.key").read_bytes() if name else None,
+        certificate_chain=(ca_dir / f"{name}.crt").read_bytes() if name else None)
+    return grpc.secure_channel(srv.target, creds)
+
+
+def send(ch: grpc.Channel, batches, timeout: float = 20) -> list[ingest_pb2.Ack]:
+    with ch:
+        return list(ingest_pb2_grpc.IngestStub(ch).Stream(iter(batches), timeout=timeout))
+
+
+def rows_by_host(srv) -> dict[str, int]:
+    return dict(srv.query("SELECT host, count() FROM hdrlog.packets GROUP BY host"))
+
+
+def test_a_collector_writes_rows_for_its_own_host_only(server, certs):
+    acks = send(channel(server, certs, "host-a"), [
+        batch(1, 7, host="host-a", collector_id="host-a/1"),
+        batch(2, 5, host="host-b", collector_id="host-a/1"),           # another host's rows
+        batch(3, 5, host="host-a", collector_id="host-b/1"),           # another collector's watermarks
+        batch(4, 3, host="host-a", collector_id="host-a/1"),
+    ])
+    by_seq = {a.seq: a for a in acks}
+    assert by_seq[1].status == OK and by_seq[4].status == OK
+    assert by_seq[2].status == REJECTED
+    assert "host 'host-b' does not match the client certificate's name 'host-a'" in by_seq[2].error
+    assert by_seq[3].status == REJECTED and "collector_id 'host-b/1' is not under" in by_seq[3].error
+    # host B's own certificate still works, and nothing A sent landed under B
+    assert [a.status for a in send(channel(server, certs, "host-b"),
+                                   [batch(1, 2, host="host-b", collector_id="host-b/1")])] == [OK]
+    assert rows_by_host(server) == {"host-a": 10, "host-b": 2}
+    assert server.server.metrics.value("hdrlog_server_batches_rejected_total", reason="identity") == 2
+
+
+@pytest.mark.parametrize("who", ["no certificate", "expired", "other CA", "plaintext"])
+def test_the_handshake_refuses(server, certs, who):
+    if who == "plaintext":
+        ch = grpc.insecure_channel(server.target)
+    elif who == "other CA":
+        ch = channel(server, certs, "host-a", ca_dir=certs / "other")
+    else:
+        ch = channel(server, certs, None if who == "no certificate" else "expired")
+    with pytest.raises(grpc.RpcError) as err:
+        send(ch, [batch(1, 3, host="host-a", collector_id="host-a/x")], timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert "host-a/x" not in str(server.query("SELECT groupUniqArray(collector_id) FROM hdrlog.packets"))
+
+
+# -- the SQL endpoint ----------------------------------------------------------
+
+def http(srv, query: str, *, headers=None, params=None, auth=None) -> tuple[int, str, dict]:
+    qs = {"query": query, **(params or {})}
+    req = urllib.request.Request(srv.sql_url + "/?" + urllib.parse.urlencode(qs), headers=dict(headers or {}))
+    if auth is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+def test_sql_asks_for_credentials_the_clickhouse_ways(server):
+    status, body, headers = http(server, "SELECT 1")
+    assert status == 401 and "REQUIRED_PASSWORD" in body and headers["X-ClickHouse-Exception-Code"] == "194"
+    assert headers["WWW-Authenticate"].startswith("Basic")
+    for wrong in ((USER, "nope"), ("root", PASSWORD), ("", "")):
+        status, body, headers = http(server, "SELECT 1", auth=wrong)
+        assert status == 403 and "AUTHENTICATION_FAILED" in body and headers["X-ClickHouse-Exception-Code"] == "516"
+    assert http(server, "SELECT 1", auth=(USER, PASSWORD))[:2] == (200, "1\n")
+    assert http(server, "SELECT 2", headers={"X-ClickHouse-User": USER,
+                                             "X-ClickHouse-Key": PASSWORD.encode().decode("latin-1")})[:2] == (200, "2\n")
+    assert http(server, "SELECT 3", params={"user": USER, "password": PASSWORD})[:2] == (200, "3\n")
+    assert http(server, "SELECT 4", params={"user": USER, "password": "x"})[0] == 403
+    # still read-only behind the login
+    status, body, _ = http(server, "DROP TABLE hdrlog.packets", auth=(USER, PASSWORD))
+    assert status == 403 and "READONLY" in body
+    with urllib.request.urlopen(server.sql_url + "/ping", timeout=10) as r:
+        assert r.read() == b"Ok.\n"
+
+
+def test_hdrlog_sql_with_user_and_password_in_the_url(server):
+    url = urllib.parse.urlsplit(server.sql_url)
+    good = f"http://{USER}:{urllib.parse.quote(PASSWORD, safe='')}@{url.netloc}"
+    out = subprocess.run([*HDRLOG, "sql", "--url", good, "SELECT 40 + 2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
+    bad = subprocess.run([*HDRLOG, "sql", "--url", f"http://{USER}:wrong@{url.netloc}", "SELECT 1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Authentication failed" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_config_rules_for_tls_and_sql_credentials(tmp_path, certs):
+    store = f"chdb://{tmp_path}/s"
+    tls = dict(tls_cert=str(certs / "central.crt"), tls_key=str(certs / "central.key"), tls_ca=str(certs / "ca.crt"))
+    cases = [
+        (dict(), "insecure"),                                               # neither TLS nor --insecure
+        (dict(**tls), "sql_user"),                                          # TLS but an open SQL endpoint
+        (dict(**tls, sql_user="u"), "sql_user"),                            # user without password
+        (dict(**tls, sql_password="p"), "sql_user"),                        # password without user
+        (dict(**tls, sql_user="u", sql_password="p", sql_password_file=str(tmp_path / "pw")), "sql_password_file"),
+        (dict(**tls, sql_user="u", sql_password_file=str(tmp_path / "missing")), "sql_password_file"),
+        (dict(**tls, sql_user="bad user", sql_password="p"), "sql_user"),
+    ]
+    (tmp_path / "pw").write_text("from-file\n")
+    for kw, key in cases:
+        with pytest.raises(ConfigError) as err:
+            ServerConfig(clickhouse=store, **kw).validate()
+        assert err.value.key == key, (kw, err.value)
+    ok = ServerConfig(clickhouse=store, **tls, sql_user="u", sql_password_file=str(tmp_path / "pw"))
+    ok.validate()
+    assert ok.sql_credentials() == ("u", "from-file")
+    ServerConfig(clickhouse=store, **tls, sql_listen="").validate()   # no SQL endpoint, no credentials needed
+    ServerConfig(clickhouse=store, insecure=True).validate()            # a lab: open
+    # the password is never a flag
+    help_text = subprocess.run([*HDRLOG, "server", "run", "--help"], capture_output=True, text=True).stdout
+    assert "--sql-password-file" in help_text and "--sql-password " not in help_text
+    assert "--sql-password=" not in help_text
