@@ -25,6 +25,8 @@ from hdrlog.proto import ingest_pb2_grpc
 from hdrlog.server.config import ServerConfig
 from hdrlog.server.ingest import IngestServicer
 from hdrlog.server.metrics import ServerMetrics
+from hdrlog.server.report import Connection, ReportScheduler
+from hdrlog.server.reportconfig import ReportConfig
 from hdrlog.server.sqlhttp import SqlEndpoint
 from hdrlog.server.store import Store, StoreError, redact
 from hdrlog.server.writer import Writer
@@ -37,8 +39,10 @@ class StartError(RuntimeError):
 
 
 class Server:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, report: "ReportConfig | None" = None):
         self.config = config
+        self.report_config = report
+        self.reports: ReportScheduler | None = None
         self.metrics = ServerMetrics()
         self.store = Store(config.clickhouse)
         self.writer: Writer | None = None
@@ -76,6 +80,7 @@ class Server:
             await asyncio.to_thread(self.store.open)
             self._store_open = True
             await asyncio.to_thread(self.store.migrate)
+            await asyncio.to_thread(self.store.apply_ttl, cfg.ttl_days())
         except StoreError as exc:
             raise StartError(f"unable to initialize the store: {exc}") from None
         self.writer = Writer(self.store, cfg, self.metrics)
@@ -129,11 +134,20 @@ class Server:
             except OSError as exc:
                 raise StartError(f"unable to listen for metrics on {cfg.metrics_listen}: {exc.strerror or exc}") from None
 
+        if cfg.report_every:
+            self.reports = ReportScheduler(self._report_connection, self.report_config or ReportConfig(),
+                                           cfg.report_every_seconds)
+            self.reports.start()
+            log.info("server: anomaly report every %s, findings recorded in hdrlog.anomalies", cfg.report_every)
+
         if cfg.status_interval > 0:
             self._status_task = asyncio.create_task(self._status_loop(), name="hdrlog-status")
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, flush and answer what is pending, close everything. Idempotent."""
+        if self.reports is not None:
+            await self.reports.stop()
+            self.reports = None
         if self._status_task is not None:
             self._status_task.cancel()
             await asyncio.gather(self._status_task, return_exceptions=True)
@@ -178,6 +192,9 @@ class Server:
             await self.stop()
         return 0
 
+    def _report_connection(self) -> Connection:
+        return Connection(self.store.new_client(), writable=True, label="the server's store")
+
     # -- status ------------------------------------------------------------
 
     def status_line(self) -> str:
@@ -211,10 +228,11 @@ def _ensure_logging() -> None:
         log.setLevel(logging.INFO)
 
 
-async def serve(config: ServerConfig, on_started: Callable[[Server], None] | None = None) -> int:
+async def serve(config: ServerConfig, on_started: Callable[[Server], None] | None = None,
+                report: ReportConfig | None = None) -> int:
     """Run the server until SIGINT/SIGTERM. Returns 0 after a clean stop, 1 when it cannot start."""
     _ensure_logging()
-    server = Server(config)
+    server = Server(config, report)
     try:
         return await server.run_until_signal(on_started)
     except StartError as exc:

@@ -22,6 +22,8 @@ DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_STATUS_INTERVAL = 5.0
 DEFAULT_PENDING_FACTOR = 4
+# Age limits per table, in days (0 = forever): raw rows a month, rollups and findings about a year.
+DEFAULT_TTL_DAYS = {"packets": 30, "flows": 90, "collector_stats": 90, "rollups": 400, "anomalies": 400}
 DEFAULT_MAX_STREAMS = 4096
 DEFAULT_STREAMS_PER_CONNECTION = 8
 
@@ -64,6 +66,17 @@ class ServerConfig:
         0, "rows held in memory before streams are paused (backpressure); 0 means 4 x flush_rows")
     max_message_bytes: int = doc_field(DEFAULT_MAX_MESSAGE_BYTES, "largest Batch message accepted, in bytes")
     status_interval: float = doc_field(DEFAULT_STATUS_INTERVAL, "seconds between one-line status logs; 0 disables them")
+    ttl_packets_days: int = doc_field(DEFAULT_TTL_DAYS["packets"], "days hdrlog.packets keeps rows (whole days "
+                                      "dropped at once); 0 keeps them forever")
+    ttl_flows_days: int = doc_field(DEFAULT_TTL_DAYS["flows"], "days hdrlog.flows keeps rows; 0 = forever")
+    ttl_collector_stats_days: int = doc_field(DEFAULT_TTL_DAYS["collector_stats"],
+                                              "days hdrlog.collector_stats keeps rows; 0 = forever")
+    ttl_rollups_days: int = doc_field(DEFAULT_TTL_DAYS["rollups"], "days the per-minute rollups (packets_1m, "
+                                      "pairs_1m, services_1m) keep rows; 0 = forever")
+    ttl_anomalies_days: int = doc_field(DEFAULT_TTL_DAYS["anomalies"], "days hdrlog.anomalies keeps findings; 0 = forever")
+    report_every: str = doc_field("", "run the anomaly report in the server this often (15m, 1h, 1d; on the clock), "
+                                      "over the period just ended, recording findings in hdrlog.anomalies; "
+                                      "delivery settings come from the report: section / HDRLOG_* ('' = off)")
 
     @property
     def pending_rows_cap(self) -> int:
@@ -158,3 +171,9 @@ class ServerConfig:
             raise ConfigError("max_message_bytes", self.max_message_bytes, "expected bytes from 1024 to 2147483647")
         if self.status_interval < 0:
             raise ConfigError("status_interval", self.status_interval, "expected seconds >= 0 (0 disables)")
+        for key in ("ttl_packets_days", "ttl_flows_days", "ttl_collector_stats_days", "ttl_rollups_days",
+                    "ttl_anomalies_days"):
+            if not 0 <= getattr(self, key) <= 36500:
+                raise ConfigError(key, getattr(self, key), "expected days from 0 (keep forever) to 36500")
+        if self.report_every and self.report_every_seconds < 10:
+            raise ConfigError("report_every", self.report_every, "expected a period of at least 10s (or '' for off)")
