@@ -5,11 +5,12 @@ PY    := $(VENV)/bin/python
 # Debian's python3 so that the virtualenv sees the OS's BCC (python3-bpfcc).
 SYSPY := /usr/bin/python3
 
-.PHONY: install os venv demo test proto check-clean help
+.PHONY: install os venv demo test bench proto check-clean help
 
 help:
 	@echo "make demo   install everything, run server + collector on a namespace lab, print SQL answers"
 	@echo "make test   install everything and run the whole test suite"
+	@echo "make bench  run the benchmarks, print the table, write BENCHMARKS.md"
 	@echo "make proto  regenerate proto/ingest_pb2*.py from proto/ingest.proto"
 
 install: os venv
@@ -31,6 +32,9 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -q
 	@bash scripts/check-clean.sh
+
+bench: install
+	$(PY) -m bench.run BENCHMARKS.md
 
 check-clean:
 	@bash scripts/check-clean.sh
