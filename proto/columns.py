@@ -145,6 +145,15 @@ def empty_columns(table: str, rows: int) -> dict[str, object]:
 
 def encode_strings(values: Sequence[str]) -> tuple[bytes, bytes]:
     """UTF-8 data and Arrow-style int32 offsets (rows + 1 of them)."""
+    rows = len(values)
+    # Fast paths, no Python work per row: most app-layer columns are all empty, and
+    # ifname usually holds one interface name for a whole batch.
+    if not any(values):
+        return b"", bytes(4 * (rows + 1))
+    distinct = set(values)
+    if len(distinct) == 1:
+        one = distinct.pop().encode("utf-8", "replace")
+        return one * rows, (np.arange(rows + 1, dtype="<i4") * len(one)).tobytes()
     encoded = [v.encode("utf-8", "replace") for v in values]
     lengths = np.fromiter((len(b) for b in encoded), dtype="<i4", count=len(encoded))
     offsets = np.zeros(len(encoded) + 1, dtype="<i4")
