@@ -394,7 +394,9 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
             flags |= PARSE_NONFIRST_FRAG;
             goto out;
         }
-        l3_end = off + be16(ip.tot_len);
+        /* tot_len 0: a TSO/GSO frame seen before segmentation (tshark reads it
+         * the same way); its payload runs to the end of the frame. */
+        l3_end = ip.tot_len ? off + be16(ip.tot_len) : len;
         off += ihl * 4;
         if (off > len) {
             flags |= PARSE_TRUNC_L3;
@@ -425,7 +427,9 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
             goto out;
         }
         __builtin_memcpy(r->dst_ip, ip6.daddr, 16);
-        l3_end = off + sizeof(ip6) + be16(ip6.payload_len);
+        /* payload_len 0: a jumbogram / BIG TCP frame (RFC 2675 jumbo option):
+         * the payload runs to the end of the frame. */
+        l3_end = ip6.payload_len ? off + sizeof(ip6) + be16(ip6.payload_len) : len;
         off += sizeof(ip6);
         u8 nh = ip6.nexthdr;
         u16 frag_offset = 0;
