@@ -296,7 +296,7 @@ class Lab:
             _run("ip", "link", "del", self.bridge, check=False)
             self._bridge_up = False
         if self.dir.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
+            _run("rm", "-rf", "--one-file-system", str(self.dir), check=False, timeout=600)  # faster than rmtree
         self.log(f"lab: powered off in {t1 - t0:.1f} s, removed in {time.monotonic() - t1:.1f} s")
 
     # -- machines ---------------------------------------------------------------------------
