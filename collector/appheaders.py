@@ -236,17 +236,22 @@ def _tls_alpn(data: bytes, h: AppHeaders) -> None:
 # -- dispatch ---------------------------------------------------------------------------
 def parse_payload(payload: bytes, ip_proto: int, src_port: int, dst_port: int,
                   dns_ports: frozenset[int] = frozenset({53, 5353})) -> AppHeaders | None:
-    """Decode whichever application header the payload carries, or None."""
+    """Decode whichever application header the payload carries, or None.
+
+    On a DNS port any message of 12 bytes or more is decoded as DNS, as tshark
+    does: the header's fields are what they are even when the opcode or counts
+    are bogus (``looks_like_dns`` tells plausible ones apart when that matters).
+    """
     if not payload:
         return None
     h = AppHeaders()
     if ip_proto == 17 and (src_port in dns_ports or dst_port in dns_ports):
-        return h if looks_like_dns(payload) and parse_dns(payload, h) else None
+        return h if parse_dns(payload, h) else None
     if ip_proto != 6:
         return None
     if (src_port in dns_ports or dst_port in dns_ports) and len(payload) >= 14:
         # DNS over TCP: a 2-byte length, then the message.
-        return h if looks_like_dns(payload[2:]) and parse_dns(payload[2:], h) else None
+        return h if parse_dns(payload[2:], h) else None
     if payload[:4] in HTTP_PREFIXES:
         return h if parse_http(payload, h) else None
     if payload[0] == TLS_HANDSHAKE:

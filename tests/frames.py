@@ -141,7 +141,7 @@ def scripted_frames(h) -> list[tuple[str, bytes, dict]]:
     ip4 = dict(src=h.addr4, dst=h.peer_addr4)
     ip6 = dict(src=h.addr6, dst=h.peer_addr6)
     syn_opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (12345, 0)), ("NOP", None), ("WScale", 7)]
-    frags = fragment(IP(id=0xBEEF, ttl=33, **ip4) / UDP(sport=5353, dport=5354) / Raw(b"z" * 1200), fragsize=800)
+    frags = fragment(IP(id=0xBEEF, ttl=33, **ip4) / UDP(sport=5300, dport=5354) / Raw(b"z" * 1200), fragsize=800)
     assert len(frags) == 2
     trunc_tcp = bytes(TCP(sport=4321, dport=80, seq=0x01020304, ack=0x0A0B0C0D, flags="A"))[:12]
     cases = [
