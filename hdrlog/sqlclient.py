@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -39,7 +39,7 @@ def connect(url: str):
     if parts.scheme in ("http", "https"):
         return clickhouse_connect.get_client(
             host=parts.hostname or "127.0.0.1", port=parts.port or (8443 if parts.scheme == "https" else 8123),
-            username=parts.username or "default", password=parts.password or "",
+            username=unquote(parts.username or "") or "default", password=unquote(parts.password or ""),
             secure=parts.scheme == "https", connect_timeout=5, send_receive_timeout=300)
     raise UserError(f"cannot use {url!r}: expected chdb:///PATH or http(s)://host:port")
 
@@ -54,6 +54,14 @@ def _short(exc: Exception) -> str:
         return "the store is open in another process (a running server?): ask it with --url"
     text = re.sub(r"\s*\(version [^)]*\)\s*$", "", text)
     return text[:400]
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
 
 
 def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None = None) -> bytes:
@@ -76,7 +84,10 @@ def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None 
         except UserError:
             raise
         except Exception as exc:
-            failures.append(f"{target}: {_short(exc)}")
+            if re.search(r"\bcode: (516|194)\b", str(exc)):  # reachable, but the credentials are refused
+                raise UserError(f"{_redact(target)}: authentication failed: check the user and password in the URL "
+                                "(http://USER:PASSWORD@host:port)") from None
+            failures.append(f"{_redact(target)}: {_short(exc)}")
             continue
         try:
             if FORMAT_CLAUSE.search(query):

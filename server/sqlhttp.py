@@ -230,11 +230,19 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
+def _utf8(header_value: str) -> str:
+    """Header values arrive as latin-1 text; clients send UTF-8 bytes."""
+    try:
+        return header_value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return header_value
+
+
 def credentials_of(req: "Request", params: dict[str, str]) -> tuple[str, str] | None:
     """(user, password) as a ClickHouse client sends them, or None when it sent none."""
     user = req.headers.get("x-clickhouse-user")
     if user is not None:
-        return user, req.headers.get("x-clickhouse-key", "")
+        return _utf8(user), _utf8(req.headers.get("x-clickhouse-key", ""))
     auth = req.headers.get("authorization", "")
     if auth[:6].lower() == "basic ":
         try:
@@ -243,8 +251,8 @@ def credentials_of(req: "Request", params: dict[str, str]) -> tuple[str, str] | 
             return "", "\0invalid"
         user, _, password = decoded.partition(":")
         return user, password
-    if "user" in params:
-        return params["user"], params.get("password", "")
+    if "user" in params or "password" in params:
+        return params.get("user", "default"), params.get("password", "")
     return None
 
 
