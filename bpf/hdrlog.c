@@ -451,6 +451,14 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
                 r->more_fragments = fo & 1;
                 r->ip_id = be32(ext.ident);
                 off += 8;
+                if (frag_offset) {
+                    /* A non-first fragment: what follows is fragment data, not
+                     * headers. Its next header names the fragmented protocol. */
+                    nh = ext.nexthdr;
+                    r->ip_proto = nh;
+                    flags |= PARSE_NONFIRST_FRAG;
+                    goto out;
+                }
             } else if (nh == NEXTHDR_AUTH) {
                 off += ((u32)ext.hdrlen + 2) * 4;
             } else {
