@@ -62,6 +62,10 @@ class Collector:
         self._thread_stop = threading.Event()
         self._capture_error: BaseException | None = None
         self._stats_sent: dict[str, int] = {}
+        # collector_stats deltas not yet in a batch, and those in each unacked batch: when a full
+        # spool drops a batch, its deltas are reported again in the next row instead of vanishing.
+        self._stats_pending: dict[str, int] = {}
+        self._stats_by_seq: dict[int, dict[str, int]] = {}
         self._stats_at = time.monotonic()
         self._next_filter_check = 0.0
         self.metrics = CollectorMetrics(self.counters, self._sending)
@@ -199,6 +203,27 @@ class Collector:
             log.info("spool %s: %d batches (%d records) left by an earlier run, sending them first",
                      spool.dir, len(left), sum(b.rows for b in left))
 
+    def _open_spool(self) -> None:
+        """Open the spool (unless --spool ''): identity, seqs and the batches an earlier run left."""
+        if not self.config.spool:
+            log.warning("no spool: unacked batches live in memory only (at most max_unacked_rows=%d records) "
+                        "and are lost if the collector stops before the server acks them",
+                        self.config.max_unacked_rows)
+            return
+        spool = Spool(self.config.spool, self.config.spool_max_bytes, self.config.host_id)
+        try:
+            left = spool.open()
+        except SpoolError:
+            raise
+        except OSError as exc:
+            spool.close()
+            raise SpoolError(f"spool {self.config.spool}: {exc}") from None
+        self.spool = spool
+        self.collector_id = spool.collector_id
+        if left:
+            log.info("spool %s: %d batches (%d records) left by an earlier run, sending them first",
+                     spool.dir, len(left), sum(b.rows for b in left))
+
     # -- the record path -------------------------------------------------------------------
     def _capture_loop(self) -> None:
         assert self._loop is not None
@@ -229,11 +254,25 @@ class Collector:
     def _emit(self, batch, rows: int) -> None:
         assert self.outbox is not None and self.sender is not None
         dropped = self.outbox.put(batch, rows)
+        self._track_stats(batch)
         if dropped and self.spool is None:
             self.sender.counters.rows_dropped_unacked_full += dropped
             log.warning("unacked buffer full (max_unacked_rows=%d): dropped %d oldest records; "
                         "the server is not keeping up or unreachable — raise max_unacked_rows or check it",
                         self.config.max_unacked_rows, dropped)
+
+    def _track_stats(self, batch) -> None:
+        """Remember which counter deltas rode in this batch; re-report those of dropped batches."""
+        assert self.outbox is not None
+        for seq in [s for s in self._stats_by_seq if s not in self.outbox]:
+            deltas = self._stats_by_seq.pop(seq)
+            if seq in self.outbox.last_dropped:
+                for name, value in deltas.items():
+                    self._stats_sent[name] = self._stats_sent.get(name, 0) - value
+        if self._stats_pending and any(t.name == "collector_stats" for t in batch.tables):
+            if batch.seq in self.outbox:
+                self._stats_by_seq[batch.seq] = self._stats_pending
+            self._stats_pending = {}
 
     def _on_connected(self, up: bool) -> None:
         log.info("server %s %s", self.config.server, "connected" if up else "disconnected")
@@ -276,6 +315,9 @@ class Collector:
         deltas = [current[n] - self._stats_sent.get(n, 0) for n in names]
         interval_ms = int((now - self._stats_at) * 1000)
         self._stats_sent, self._stats_at = current, now
+        for name, delta in zip(names, deltas):
+            if delta:
+                self._stats_pending[name] = self._stats_pending.get(name, 0) + delta
         assert self.batcher is not None
         n = len(names)
         self.batcher.add("collector_stats", {

@@ -73,6 +73,7 @@ class Outbox:
         self._cached = 0
         self.rows = 0
         self.unreadable_rows = 0  # spooled batches that could not be read back (disk trouble)
+        self.last_dropped: list[int] = []  # seqs the last put() dropped to make room
         self.changed = asyncio.Event()
 
     def __len__(self) -> int:
@@ -86,10 +87,13 @@ class Outbox:
         self.changed.set()
 
     def put(self, batch: ingest_pb2.Batch, rows: int) -> int:
-        """Add a batch; returns how many rows of older batches had to be dropped to fit."""
+        """Add a batch; returns how many rows of older batches had to be dropped to fit
+        (their seqs are in ``last_dropped``)."""
         dropped = 0
+        self.last_dropped = []
         if self.spool is not None:
             for old in self.spool.write(batch, rows):
+                self.last_dropped.append(old.seq)
                 dropped += self._drop(old.seq)
             self._items[batch.seq] = (batch, rows)
             self._cached += 1
@@ -101,7 +105,8 @@ class Outbox:
                         break
         else:
             while self._items and self.rows + rows > self.max_rows:
-                dropped += self._drop(next(iter(self._items)))
+                self.last_dropped.append(next(iter(self._items)))
+                dropped += self._drop(self.last_dropped[-1])
             self._items[batch.seq] = (batch, rows)
         self.rows += rows
         self.changed.set()
@@ -125,6 +130,9 @@ class Outbox:
             self.spool.remove(seq)
         self.changed.set()
         return rows
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._items
 
     def seqs_after(self, seq: int) -> list[int]:
         return [s for s in self._items if s > seq]
