@@ -60,7 +60,9 @@ def dns_name(msg: bytes, offset: int) -> tuple[str, int]:
 
     Lowercased; bytes outside printable ASCII and dots inside a label are written
     as \\DDD (as in zone files). Each pointer must point before everything read
-    so far, so no name can loop; a bad or cut name returns what was read.
+    so far, so no name can loop. A name cut short by the end of the bytes returns
+    what was read; an invalid one (forward or looping pointer, over 255 octets)
+    returns ("", -1).
     """
     labels: list[str] = []
     length = 0
@@ -80,7 +82,7 @@ def dns_name(msg: bytes, offset: int) -> tuple[str, int]:
                 end = pos + 2
             jumps += 1
             if target >= floor or jumps > DNS_MAX_POINTERS:
-                break  # forward or looping pointer: stop with what we have
+                return "", -1  # forward or looping pointer: not a name (tshark agrees)
             pos = floor = target
             continue
         if n & 0xC0:
@@ -92,7 +94,7 @@ def dns_name(msg: bytes, offset: int) -> tuple[str, int]:
             break
         length += n + 1
         if length > DNS_MAX_NAME:
-            break
+            return "", -1  # longer than a name can be: not a name (tshark: "<name too long>")
         labels.append(_label(label))
         pos += 1 + n
     name = ".".join(labels)
@@ -117,7 +119,7 @@ def parse_dns(msg: bytes, h: AppHeaders) -> bool:
     h.dns_id, h.dns_flags, h.dns_rcode, h.dns_answers = dns_id, flags, flags & 0xF, ancount
     if qdcount:
         h.dns_qname, after = dns_name(msg, 12)
-        if after + 2 <= len(msg):
+        if 0 <= after and after + 2 <= len(msg):
             h.dns_qtype = struct.unpack_from("!H", msg, after)[0]
     return True
 
