@@ -85,8 +85,8 @@ class Collector:
                                  on_connected=self._on_connected)
             self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
                                    batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
-                                   emit=self._emit, seq_source=self.spool.next_seq if self.spool else None,
-                                   on_records=self.spool.count_read if self.spool else None)
+                                   emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
+                                   on_records=self.spool.count_read if self.spool is not None else None)
             listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
             if listen:
                 self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
