@@ -508,9 +508,19 @@ class Capture:
             except Exception as e:
                 hint = ""
                 if getattr(e, "code", None) == errno.EEXIST:
+                    if _take_over_orphan(ipr, idx, direction):  # left by a killed collector (orphans.py)
+                        self._attach_one(ipr, idx, direction, parent, fn)
+                        self._attached.append((name, idx, direction))
+                        continue
                     hint = f" (prio {TC_PRIO} handle {TC_HANDLE:#x} is taken: another hdrlog collector on it?)"
                 raise RuntimeError(f"unable to attach to {name} {direction}: {e}{hint}") from e
             self._attached.append((name, idx, direction))
+
+    @staticmethod
+    def _attach_one(ipr, idx: int, direction: str, parent, fn) -> None:
+        ipr.tc("add-filter", "bpf", idx, TC_HANDLE, fd=fn.fd,
+               name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+               parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
 
     def _teardown(self) -> None:
         if self._attached or self._created_clsact:
@@ -576,6 +586,17 @@ def _is_ours(msg, direction: str) -> bool:
     opts = msg.get_attr("TCA_OPTIONS")
     name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
     return name is None or str(name).startswith(PROG_NAMES[direction])
+
+
+def _take_over_orphan(ipr, idx: int, direction: str) -> bool:
+    """Delete our prio/handle's filter when no live process holds its program; True if done."""
+    from hdrlog.collector.orphans import is_orphan
+
+    for msg in _filters(ipr, idx, direction):
+        if _is_ours(msg, direction) and is_orphan(idx, direction, TC_PRIO, TC_HANDLE):
+            ipr.tc("del-filter", "bpf", idx, TC_HANDLE, parent=PARENTS[direction], prio=TC_PRIO)
+            return True
+    return False
 
 
 def _del_own_filter(ipr, idx: int, direction: str) -> None:

@@ -39,16 +39,18 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 class Process:
-    """A tracked child process with its output in a log file."""
+    """A tracked child process with its output in a log file (``env``: extra environment)."""
 
-    def __init__(self, name: str, cmd: list[str], log_dir: Path):
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None):
         self.name, self.cmd = name, cmd
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self.env = env
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log.close()
 
     def alive(self) -> bool:
@@ -81,21 +83,37 @@ class Process:
 
 
 class ServerProcess(Process):
-    def __init__(self, store: str, log_dir: Path, *extra: str):
-        self.grpc_port, self.sql_port = free_port(), free_port()
-        self.store = store
-        super().__init__("server", [*HDRLOG, "server", "run", "--insecure",
-                                    "--listen", f"127.0.0.1:{self.grpc_port}",
-                                    "--sql-listen", f"127.0.0.1:{self.sql_port}",
-                                    "--clickhouse", store, "--status-interval", "1", *extra], log_dir)
+    """``hdrlog server run`` on ``store``.
+
+    Options: ``host`` to listen on (default loopback), ``netns`` to run inside a lab namespace,
+    ``pki`` (a `hdrlog pki` directory with a ``central`` server certificate) for mTLS plus SQL
+    credentials ``SQL_USER``/``SQL_PASSWORD``, ``command`` to replace ``hdrlog`` (a fault-injecting
+    wrapper), ``grpc_port`` to reuse a port.
+    """
+
+    SQL_USER, SQL_PASSWORD = "tester", "pw-for-tests"
+
+    def __init__(self, store: str, log_dir: Path, *extra: str, host: str = "127.0.0.1", netns: str | None = None,
+                 pki: Path | None = None, command: list[str] | None = None, grpc_port: int | None = None):
+        self.grpc_port, self.sql_port = grpc_port or free_port(), free_port()
+        self.store, self.host, self.pki = store, host, pki
+        security = ["--insecure"] if pki is None else [
+            "--tls-cert", str(pki / "central.crt"), "--tls-key", str(pki / "central.key"),
+            "--tls-ca", str(pki / "ca.crt"), "--sql-user", self.SQL_USER]
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        super().__init__("server", [*prefix, *(command or HDRLOG), "server", "run", *security,
+                                    "--listen", f"{host}:{self.grpc_port}",
+                                    "--sql-listen", f"{host}:{self.sql_port}",
+                                    "--clickhouse", store, "--status-interval", "1", *extra], log_dir,
+                         env={"HDRLOG_SQL_PASSWORD": self.SQL_PASSWORD} if pki is not None else None)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def sql_url(self) -> str:
-        return f"http://127.0.0.1:{self.sql_port}"
+        return f"http://{self.host}:{self.sql_port}"
 
     def start(self, timeout: float = 60) -> None:
         super().start()
@@ -110,7 +128,11 @@ class ServerProcess(Process):
         wait_until(ready, timeout, "the server's SQL endpoint")
 
     def http(self, path: str, data: bytes | None = None) -> str:
-        with urllib.request.urlopen(self.sql_url + path, data=data, timeout=30) as resp:
+        req = urllib.request.Request(self.sql_url + path, data=data)
+        if self.pki is not None:
+            req.add_header("X-ClickHouse-User", self.SQL_USER)
+            req.add_header("X-ClickHouse-Key", self.SQL_PASSWORD)
+        with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read().decode()
 
     def sql(self, query: str, fmt: str = "JSONEachRow") -> list[dict] | str:
@@ -125,11 +147,16 @@ class ServerProcess(Process):
 
 
 class CollectorProcess(Process):
-    """The collector; its spool is ``log_dir/spool-<host_id>`` unless ``extra`` names one."""
+    """The collector; its spool is ``log_dir/spool-<host_id>`` unless ``extra`` names one.
+    With ``pki`` it uses the certificate ``<host_id>.crt`` from that directory (mTLS)."""
 
-    def __init__(self, server: str, ifaces: list[str], host_id: str, log_dir: Path, *extra: str):
+    def __init__(self, server: str, ifaces: list[str], host_id: str, log_dir: Path, *extra: str,
+                 pki: Path | None = None, prefix: list[str] | None = None):
         self.spool = log_dir / f"spool-{host_id}"
-        cmd = [*HDRLOG, "collector", "run", "--insecure", "--server", server, "--host-id", host_id,
+        security = ["--insecure"] if pki is None else [
+            "--tls-cert", str(pki / f"{host_id}.crt"), "--tls-key", str(pki / f"{host_id}.key"),
+            "--tls-ca", str(pki / "ca.crt")]
+        cmd = [*(prefix or []), *HDRLOG, "collector", "run", *security, "--server", server, "--host-id", host_id,
                "--status-interval", "1", "--batch-interval", "0.2", "--spool", str(self.spool),
                "--mode", "packets"]
         for iface in ifaces:
@@ -138,6 +165,7 @@ class CollectorProcess(Process):
         self.ifaces = ifaces
 
     def start(self, timeout: float = 60) -> None:
+        seen = len(self.log())
         super().start()
 
         def attached():
@@ -145,5 +173,6 @@ class CollectorProcess(Process):
                 raise AssertionError(f"collector exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             out = subprocess.run(["tc", "filter", "show", "dev", self.ifaces[0], "egress"],
                                  capture_output=True, text=True).stdout
-            return "hdrlog" in out
+            # (a filter alone may be one a killed collector left; the log says this one is capturing)
+            return "hdrlog" in out and "capturing on" in self.log()[seen:]
         wait_until(attached, timeout, "the collector's TC filters")
