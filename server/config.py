@@ -22,8 +22,9 @@ DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_STATUS_INTERVAL = 5.0
 DEFAULT_PENDING_FACTOR = 4
-# Age limits per table, in days (0 = forever): raw rows a month, rollups and findings about a year.
-DEFAULT_TTL_DAYS = {"packets": 30, "flows": 90, "collector_stats": 90, "rollups": 400, "anomalies": 400}
+# Age limits per table, in days. 0 = forever by default: a TTL deletes rows as they are inserted when
+# they are already older (replayed captures, backfills), so the operator chooses it (ttl_*_days).
+DEFAULT_TTL_DAYS = {"packets": 0, "flows": 0, "collector_stats": 0, "rollups": 0, "anomalies": 0}
 DEFAULT_MAX_STREAMS = 4096
 DEFAULT_STREAMS_PER_CONNECTION = 8
 

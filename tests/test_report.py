@@ -278,9 +278,11 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
     assert "findings from" in p.stderr
     text = out.read_text()
     assert "<svg" in text and "198.19.9.9" in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
-    for _ in range(2):  # the first run sets the default TTLs (this store was made without them), the second nothing
-        m = subprocess.run([*HDRLOG, "server", "migrate", "--clickhouse", url], capture_output=True, text=True,
-                           timeout=60)
+    conf = tmp_path / "hdrlog.yml"
+    conf.write_text("server:\n  ttl_packets_days: 30\n  ttl_anomalies_days: 400\n")
+    for _ in range(2):  # the first run sets the configured TTLs, the second finds nothing to do
+        m = subprocess.run([*HDRLOG, "server", "migrate", "--clickhouse", url, "--config", str(conf)],
+                           capture_output=True, text=True, timeout=60)
         assert m.returncode == 0, m.stderr
     assert "no migration needed" in m.stdout and "TTLs unchanged" in m.stdout
     store = Store(url)
