@@ -62,7 +62,9 @@ def dns_name(msg: bytes, offset: int) -> tuple[str, int]:
     as \\DDD (as in zone files). Each pointer must point before everything read
     so far, so no name can loop. A name cut short by the end of the bytes returns
     what was read; an invalid one (forward or looping pointer, over 255 octets)
-    returns ("", -1).
+    returns "" and the offset after its first pointer (a pointer ends a name's
+    encoding wherever it points; -1 when there was none), so the question's
+    type is still read where tshark reads it.
     """
     labels: list[str] = []
     length = 0
@@ -82,7 +84,7 @@ def dns_name(msg: bytes, offset: int) -> tuple[str, int]:
                 end = pos + 2
             jumps += 1
             if target >= floor or jumps > DNS_MAX_POINTERS:
-                return "", -1  # forward or looping pointer: not a name (tshark agrees)
+                return "", end  # forward or looping pointer: not a name (tshark agrees)
             pos = floor = target
             continue
         if n & 0xC0:
@@ -94,7 +96,7 @@ def dns_name(msg: bytes, offset: int) -> tuple[str, int]:
             break
         length += n + 1
         if length > DNS_MAX_NAME:
-            return "", -1  # longer than a name can be: not a name (tshark: "<name too long>")
+            return "", end  # longer than a name can be: not a name (tshark: "<name too long>")
         labels.append(_label(label))
         pos += 1 + n
     name = ".".join(labels)

@@ -32,8 +32,8 @@ def test_dns_names_compression_loops_and_odd_bytes():
     header = struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0)
     # A pointer back to an earlier name is followed; loops and forward pointers are not.
     assert ah.dns_name(header + b"\x03org\x00\x03abc\xc0\x0c", 17) == ("abc.org", 23)
-    assert ah.dns_name(header + b"\x03abc\xc0\x0c", 12) == ("", -1)  # back to its own start: a loop
-    assert ah.dns_name(header + b"\x03abc\xc0\x10", 12) == ("", -1)  # points at itself
+    assert ah.dns_name(header + b"\x03abc\xc0\x0c", 12) == ("", 18)  # back to its own start: a loop
+    assert ah.dns_name(header + b"\x03abc\xc0\x10", 12) == ("", 18)  # points at itself
     assert ah.dns_name(header + b"\xc0\x20", 12)[0] == ""
     assert ah.dns_name(header + b"\x03a.b\x00", 12)[0] == "a\\046b"
     assert ah.dns_name(header + b"\x05ab", 12)[0] == "ab"  # cut short
