@@ -133,6 +133,14 @@ def ensure_image(log=print) -> tuple[Path, float]:
         return final, time.monotonic() - t0
 
 
+def _check_dev_null(when: str) -> None:
+    """systemd-nspawn copies /dev/null into each machine; say so clearly when it is broken."""
+    import stat as _stat
+    if not _stat.S_ISCHR(os.stat("/dev/null").st_mode):
+        raise LabError(f"/dev/null is not a character device {when} (something replaced it with a file); "
+                       "restore it: rm /dev/null && mknod -m 666 /dev/null c 1 3")
+
+
 def _unmount_below(path: Path) -> None:
     """Unmount everything mounted at or below ``path``, deepest first."""
     prefix = str(path.resolve())
@@ -242,6 +250,7 @@ class Lab:
         self.close()
 
     def start(self) -> None:
+        _check_dev_null("before the lab starts")
         image, build_s = ensure_image(self.log)
         self.timings["image build (debootstrap, uncached)" if build_s else "image build (cached)"] = build_s
         t0 = time.monotonic()
@@ -298,6 +307,10 @@ class Lab:
         if self.dir.exists():
             _run("rm", "-rf", "--one-file-system", str(self.dir), check=False, timeout=600)  # faster than rmtree
         self.log(f"lab: powered off in {t1 - t0:.1f} s, removed in {time.monotonic() - t1:.1f} s")
+        try:
+            _check_dev_null("after the lab was removed")
+        except LabError as exc:  # not ours to fail on (seen: another test wrote a report to /dev/null)
+            self.log(f"lab: WARNING: {exc}")
 
     # -- machines ---------------------------------------------------------------------------
     def _boot(self, m: Machine, image: Path) -> None:
