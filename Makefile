@@ -5,11 +5,12 @@ PY    := $(VENV)/bin/python
 # Debian's python3 so that the virtualenv sees the OS's BCC (python3-bpfcc).
 SYSPY := /usr/bin/python3
 
-.PHONY: install os venv report-deps demo test bench proto check-clean help
+.PHONY: install os venv report-deps demo test corpus bench proto check-clean help
 
 help:
 	@echo "make demo   install everything, run server + collector on a namespace lab, print SQL answers"
 	@echo "make test   install everything and run the whole test suite"
+	@echo "make corpus replay all 401 corpus captures and compare every field with tshark"
 	@echo "make bench  run the benchmarks, print the table, write BENCHMARKS.md"
 	@echo "make proto  regenerate proto/ingest_pb2*.py from proto/ingest.proto"
 
@@ -35,6 +36,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+	@bash scripts/check-clean.sh
+
+corpus: install
+	HDRLOG_CORPUS=full $(VENV)/bin/pytest -q -s tests/corpus/test_corpus.py
 	@bash scripts/check-clean.sh
 
 bench: install
