@@ -29,6 +29,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server.convert import BatchError, convert_batch
@@ -145,7 +146,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             while True:
                 # A client that does not read its acks is not read either (bounded memory, gRPC flow control).
                 await room.wait()
-                batch = await context.read()
+                try:
+                    batch = await context.read()
+                except DecodeError as exc:  # not a Batch at all: end this stream only, with the reason
+                    self.metrics.rejected("decode")
+                    self._log_reject(f"server: stream from {peer} ended: not a hdrlog.v1.Batch message ({exc})")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"not a hdrlog.v1.Batch message: {exc}")
                 if batch is grpc.aio.EOF:
                     break
                 self.metrics.received(batch.ByteSize())
