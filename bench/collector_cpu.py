@@ -56,8 +56,8 @@ def run() -> list[dict]:
     for mode, (cpu, idle, pps) in res.items():
         rows.append({
             "figure": f"collector CPU per 100k packets/s, mode {mode}",
-            "value": f"{cpu * 100:.0f}% of a core",
-            "baseline": f"{base * 100:.0f}% (packets mode)",
+            "value": f"{cpu * 100:.1f}% of a core",
+            "baseline": f"{base * 100:.1f}% (packets mode)",
             "ratio": f"{cpu / base:.2f}x" if base else "n/a",
             "note": (f"user+system CPU of the collector process, less its idle {idle * 100:.1f}%, per packet sent; "
                      f"median of {ROUNDS} x {RATE * SECONDS} packets by tcpreplay at {pps / 1e3:.0f}k pps "
