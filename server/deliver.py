@@ -67,9 +67,14 @@ def write(text: str, out: str, fmt: str, generated_at: float) -> str:
         path.mkdir(parents=True, exist_ok=True)
         stamp = datetime.fromtimestamp(generated_at, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         path = path / f"hdrlog-report-{stamp}.{EXTENSIONS[fmt]}"
+    if path.exists() and not path.is_file():
+        # A device or pipe (/dev/stdout, a FIFO): write into it; renaming over it would replace it.
+        with open(path, "w") as f:
+            f.write(text)
+        return str(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # readers never see half a report
     return str(path)
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import email
 import http.server
 import json
+import os
 import socket
 import socketserver
+import stat
 import subprocess
 import threading
 import time
@@ -302,12 +304,12 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
                                                            "such as 90s, 15m, 1h30m or 2d")
 
 
-def test_scheduler_records_in_the_server_store(filled):
+def test_scheduler_records_in_the_server_store(filled, tmp_path):
     url, _ = filled
     store = Store(url)
     store.open()
     try:
-        cfg = ReportConfig(internal_nets=LAB_NETS, out=str("/dev/null"))
+        cfg = ReportConfig(internal_nets=LAB_NETS, out=str(tmp_path / "reports") + "/")
         sched = reporting.ReportScheduler(
             lambda: reporting.Connection(store.new_client(), writable=True, label="test"), cfg, every=3600)
         before = store.count("anomalies")
@@ -328,3 +330,14 @@ def test_report_config_validation():
             load(ReportConfig, args=args, section="report", environ={})
         assert err.value.key == key, args
     assert load(ReportConfig, args={"since": "1h30m"}, section="report", environ={}).since_seconds == 5400
+
+
+def test_writing_to_a_device_writes_into_it_and_leaves_it_a_device(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    deliver.write("report text\n", str(fifo), "md", 0.0)
+    reader.join(10)
+    assert got == ["report text\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
