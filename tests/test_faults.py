@@ -164,6 +164,7 @@ def test_collector_sigkill_loses_at_most_one_flush_interval_and_counts_it(lab, t
     counted = stat(server, "kill9", "drop_lost_at_crash")
     assert stored == distinct, "duplicates"
     assert counts(server, f"dst_port = {p2}") == (500, 500)
+    print(f"FAULT collector SIGKILL: sent 2500+500, stored {stored}+500, lost {lost}, counted {counted}")
     assert lost == counted, (lost, counted)
     assert lost <= rate * interval * 1.2, f"lost {lost} records, more than one flush interval"
     assert "drop_lost_at_crash" in collector.log() or counted == 0
@@ -186,6 +187,7 @@ def test_spool_full_drops_the_oldest_and_exactly_the_counted_number_is_missing(l
         f"SELECT dst_port AS p, count() AS n FROM hdrlog.packets WHERE host = 'spoolfull' GROUP BY p"))
     stored = sum(per_port.values())
     counted = stat(server, "spoolfull", "drop_spool_full")
+    print(f"FAULT spool full: sent {n}, stored {stored}, counted drop_spool_full {counted}")
     assert 0 < stored < n
     assert stored + counted == n, (stored, counted)
     # the oldest went: ports before the boundary are empty, after it complete
