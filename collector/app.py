@@ -350,8 +350,10 @@ async def serve(config: CollectorConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, collector.reload_filters, True))
     try:
         await collector.start()
-    except (ValueError, OSError) as exc:  # a bad interface, no permission to load BPF, ...
-        log.error("collector: unable to start: %s", exc)
+    except Exception as exc:  # a bad interface, a spool in use, BCC refusing to load without CAP_BPF, ...
+        log.debug("collector start failed", exc_info=True)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        log.error("collector: unable to start: %s", reason[:500])
         return 1
     try:
         await collector.run(stop)
