@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # Debian's python3 so that the virtualenv sees the OS's BCC (python3-bpfcc).
 SYSPY := /usr/bin/python3
 
-.PHONY: install os venv report-deps demo test corpus bench proto check-clean help
+.PHONY: install os venv demo test corpus bench proto check-clean help
 
 help:
 	@echo "make demo   install everything, run server + collector on a namespace lab, print SQL answers"
@@ -14,14 +14,10 @@ help:
 	@echo "make bench  run the benchmarks, print the table, write BENCHMARKS.md"
 	@echo "make proto  regenerate proto/ingest_pb2*.py from proto/ingest.proto"
 
-install: os venv report-deps
+install: os venv
 
 os:
 	@bash scripts/install-os.sh
-
-# Headless Chromium: the report tests render the HTML report and look at it.
-report-deps:
-	@bash scripts/install-report-deps.sh
 
 # Reinstall the project only when its declaration changed.
 venv: $(VENV)/.installed

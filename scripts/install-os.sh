@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Install the OS packages hdrlog needs on Debian 12, and kernel headers for BCC.
+# Install the OS packages hdrlog, its demo and its tests need on Debian 12, and kernel headers for BCC.
 # Idempotent: does nothing when everything is already there. Needs root.
 set -euo pipefail
 
 PACKAGES=(
-  python3-bpfcc bpfcc-tools python3-pyroute2 python3-venv python3-dev   # BCC and netlink from the OS
-  iproute2 iputils-ping ethtool curl iperf3 procps                                   # labs: namespaces, veth, tc, traffic
-  tshark tcpreplay                                                        # tests: the oracle and the replayer
+  # BCC and netlink from the OS (PyPI's "bcc" is an unrelated package)
+  python3-bpfcc bpfcc-tools python3-pyroute2 python3-venv python3-dev
+  # namespace labs: veth, tc, traffic
+  iproute2 iputils-ping ethtool curl iperf3 procps
+  # tests: tshark is the oracle, tcpreplay replays the corpus
+  tshark tcpreplay
+  # report tests render the HTML report in headless Chromium
+  chromium fonts-dejavu-core fonts-liberation
+  # the multi-host Ansible lab (tests/e2e): a Debian root filesystem booted with systemd-nspawn,
+  # reached over SSH; the bridge comes from iproute2 (bridge-utils only to inspect it)
+  debootstrap debian-archive-keyring systemd-container openssh-client bridge-utils
 )
 
 if [ "$(id -u)" -ne 0 ]; then

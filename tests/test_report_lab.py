@@ -332,7 +332,7 @@ def _png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
 def _screenshot(html: Path, png: Path) -> list[bytes]:
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.fail("chromium is not installed: run scripts/install-report-deps.sh (make install does)")
+        pytest.fail("chromium is not installed: run scripts/install-os.sh (make install does)")
     profile = tempfile.mkdtemp(prefix="hdrlog-chromium-")
     try:
         p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -30,7 +30,7 @@ def _missing_prerequisites() -> str:
         return "the fleet lab needs root (systemd-nspawn, bridges, overlay mounts)"
     missing = [t for t in ("debootstrap", "systemd-nspawn", "ssh", "ssh-keygen") if not shutil.which(t)]
     if missing:
-        return f"missing {', '.join(missing)}: run scripts/install-lab.sh"
+        return f"missing {', '.join(missing)}: run scripts/install-os.sh (make install does)"
     if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "ansible-playbook")):
         return "ansible-core is not installed in this virtualenv (pip install ansible-core ansible-lint)"
     return ""
