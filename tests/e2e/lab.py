@@ -133,6 +133,15 @@ def ensure_image(log=print) -> tuple[Path, float]:
         return final, time.monotonic() - t0
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (for nspawn: the machine's PID 1)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def _check_dev_null(when: str, repair: bool = False) -> None:
     """systemd-nspawn copies /dev/null into each machine and refuses to boot when it is a file.
 
@@ -308,6 +317,12 @@ class Lab:
                 try:
                     m.proc.wait(timeout=max(1.0, 30 - (time.monotonic() - t0)))  # 30 s for all together
                 except subprocess.TimeoutExpired:
+                    # The machine's PID 1 is not in nspawn's process group: killing it ends every
+                    # process of the machine (its PID namespace), then nspawn exits by itself.
+                    self.log(f"lab: {m.name} did not power off in time; killing it")
+                    for pid in _children(m.proc.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(m.proc.pid, signal.SIGKILL)
                     m.proc.wait(timeout=10)
