@@ -5,11 +5,12 @@ PY    := $(VENV)/bin/python
 # Debian's python3 so that the virtualenv sees the OS's BCC (python3-bpfcc).
 SYSPY := /usr/bin/python3
 
-.PHONY: install os venv demo test corpus bench proto check-clean help
+.PHONY: install os venv demo test e2e corpus bench proto check-clean help
 
 help:
 	@echo "make demo   install everything, run server + collector on a namespace lab, print SQL answers"
 	@echo "make test   install everything and run the whole test suite"
+	@echo "make e2e    boot a 4-machine nspawn fleet and prove site/upgrade/uninstall.yml on it"
 	@echo "make corpus replay all 401 corpus captures and compare every field with tshark"
 	@echo "make bench  run the benchmarks, print the table, write BENCHMARKS.md"
 	@echo "make proto  regenerate proto/ingest_pb2*.py from proto/ingest.proto"
@@ -32,6 +33,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+	@bash scripts/check-clean.sh
+
+e2e: install
+	$(VENV)/bin/pytest -q tests/e2e
 	@bash scripts/check-clean.sh
 
 corpus: install
