@@ -203,27 +203,6 @@ class Collector:
             log.info("spool %s: %d batches (%d records) left by an earlier run, sending them first",
                      spool.dir, len(left), sum(b.rows for b in left))
 
-    def _open_spool(self) -> None:
-        """Open the spool (unless --spool ''): identity, seqs and the batches an earlier run left."""
-        if not self.config.spool:
-            log.warning("no spool: unacked batches live in memory only (at most max_unacked_rows=%d records) "
-                        "and are lost if the collector stops before the server acks them",
-                        self.config.max_unacked_rows)
-            return
-        spool = Spool(self.config.spool, self.config.spool_max_bytes, self.config.host_id)
-        try:
-            left = spool.open()
-        except SpoolError:
-            raise
-        except OSError as exc:
-            spool.close()
-            raise SpoolError(f"spool {self.config.spool}: {exc}") from None
-        self.spool = spool
-        self.collector_id = spool.collector_id
-        if left:
-            log.info("spool %s: %d batches (%d records) left by an earlier run, sending them first",
-                     spool.dir, len(left), sum(b.rows for b in left))
-
     # -- the record path -------------------------------------------------------------------
     def _capture_loop(self) -> None:
         assert self._loop is not None
