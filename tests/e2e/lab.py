@@ -142,27 +142,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _check_dev_null(when: str, repair: bool = False) -> None:
+def _check_dev_null(when: str) -> None:
     """systemd-nspawn copies /dev/null into each machine and refuses to boot when it is a file.
 
-    Seen here: another test wrote a report to /dev/null with an atomic rename, which
-    replaced the device with a regular file. Before booting, the lab puts the device back
-    (and says so); after teardown it only checks, so the culprit is not hidden.
+    Seen here once: a report written to /dev/null by an atomic rename replaced the device
+    (server/deliver.py no longer renames over non-regular files). Say so plainly rather
+    than fail later inside nspawn.
     """
     import stat as _stat
-    if _stat.S_ISCHR(os.stat("/dev/null").st_mode):
-        return
-    if repair:
-        print(f"lab: WARNING: /dev/null was a regular file {when}; restoring the device (1,3)", file=sys.stderr)
-        tmp = "/dev/.null.hdrlog-lab"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.mknod(tmp, 0o666 | _stat.S_IFCHR, os.makedev(1, 3))
-        os.chmod(tmp, 0o666)
-        os.replace(tmp, "/dev/null")  # atomic: /dev/null never goes missing
-        return
-    raise LabError(f"/dev/null is not a character device {when} (something replaced it with a file); "
-                   "restore it: rm /dev/null && mknod -m 666 /dev/null c 1 3")
+    if not _stat.S_ISCHR(os.stat("/dev/null").st_mode):
+        raise LabError(f"/dev/null is not a character device {when} (something replaced it with a file); "
+                       "restore it: rm /dev/null && mknod -m 666 /dev/null c 1 3")
 
 
 def _unmount_below(path: Path) -> None:
@@ -274,7 +264,7 @@ class Lab:
         self.close()
 
     def start(self) -> None:
-        _check_dev_null("before the lab starts", repair=True)
+        _check_dev_null("before the lab starts")
         image, build_s = ensure_image(self.log)
         self.timings["image build (debootstrap, uncached)" if build_s else "image build (cached)"] = build_s
         t0 = time.monotonic()
