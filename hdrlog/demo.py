@@ -39,14 +39,16 @@ QUERIES = [
      "count() AS packets, sum(wire_len) AS bytes FROM hdrlog.packets "
      "WHERE host = '{host}' AND ts >= fromUnixTimestamp64Nano({since}) AND direction = 'ingress' AND ip_version != 0 "
      "GROUP BY src, dst, ip_proto, dst_port ORDER BY packets DESC LIMIT 10"),
-    ("TCP handshakes and ICMP messages, as the headers tell them",
-     "SELECT multiIf(ip_proto IN (1, 58), concat('ICMP type ', toString(icmp_type), ' code ', "
-     "toString(icmp_code)), bitAnd(tcp_flags, 0x12) = 0x02, concat('TCP SYN to port ', toString(dst_port)), "
-     "bitAnd(tcp_flags, 0x12) = 0x12, concat('TCP SYN-ACK from port ', toString(src_port)), "
-     "bitAnd(tcp_flags, 0x01) = 0x01, 'TCP FIN', 'other') AS event, direction, count() AS n, "
-     "min(ttl) AS min_ttl, max(tcp_mss) AS mss FROM hdrlog.packets "
-     "WHERE host = '{host}' AND ts >= fromUnixTimestamp64Nano({since}) AND (ip_proto IN (1, 58) OR bitAnd(tcp_flags, 0x03) != 0) "
-     "GROUP BY event, direction ORDER BY event, direction"),
+    ("Application headers: the DNS question and the HTTP requests, as the collector decoded them",
+     "SELECT direction, multiIf(dns_qname != '', 'DNS', tls_sni != '', 'TLS', 'HTTP') AS app, "
+     "multiIf(dns_qname != '', concat(dns_qname, ' type ', toString(dns_qtype), "
+     "if(bitAnd(dns_flags, 0x8000) != 0, concat(' -> rcode ', toString(dns_rcode), ', ', toString(dns_answers), "
+     "' answer(s)'), ' (query)')), http_method != '', concat(http_method, ' http://', http_host, http_path, "
+     "'  [', http_user_agent, ']'), tls_sni != '', concat('SNI ', tls_sni), "
+     "concat('HTTP status ', toString(http_status))) AS what, count() AS n "
+     "FROM hdrlog.packets WHERE host = '{host}' AND ts >= fromUnixTimestamp64Nano({since}) "
+     "AND (dns_qname != '' OR http_method != '' OR http_status != 0 OR tls_sni != '') "
+     "GROUP BY direction, app, what ORDER BY app, direction"),
 ]
 
 CLIENT_SCRIPT = r"""
