@@ -48,10 +48,10 @@ class Collector:
         self.collector_id = f"{config.host_id}/{uuid.uuid4().hex[:12]}"
         self.spool: Spool | None = None
         self._filter_mtime: float | None = None
-        self.capture = Capture(CaptureConfig(ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes,
-                                             sample_rate=config.sample, mode=config.mode,
-                                             first_packets=config.first_packets, flow_entries=config.flow_entries,
-                                             filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports)))
+        self.capture = Capture(CaptureConfig(
+            ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes, sample_rate=config.sample,
+            mode=config.mode, first_packets=config.first_packets, flow_entries=config.flow_entries,
+            filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports)))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None
