@@ -23,6 +23,7 @@ their image (OS packages) and from the controller (the wheelhouse).
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -459,9 +460,15 @@ class Lab:
 
     # -- the fleet's data -------------------------------------------------------------------
     def sql(self, query: str, timeout: float = 30) -> str:
-        """Ask the server's SQL endpoint (the lab sets sql_listen to the server's lab address)."""
+        """Ask the server's SQL endpoint (the lab sets sql_listen to the server's lab address), with the
+        inventory's hdrlog_server_sql_user/_password when set."""
         url = f"http://{self.server.ipv4}:7623/?" + urllib.parse.urlencode({"query": query})
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        req = urllib.request.Request(url)
+        gv = getattr(self, "group_vars", {})
+        if gv.get("hdrlog_server_sql_user"):  # the inventory's credentials, as HTTP basic auth
+            token = f"{gv['hdrlog_server_sql_user']}:{gv.get('hdrlog_server_sql_password', '')}"
+            req.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.read().decode()
 
     def count(self, where: str) -> int:

@@ -12,7 +12,10 @@ duplicates are counted exactly.
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
+import urllib.error
+import urllib.request
 import sys
 import time
 from pathlib import Path
@@ -31,12 +34,15 @@ WHEELHOUSE = Path("/var/cache/hdrlog-lab/wheelhouse")  # dependency wheels are r
 VENV_PY = "/opt/hdrlog/venv/bin/python"
 
 
-# The lab's inventory variables (group_vars of "all"): plaintext until mTLS lands, the
-# machines' interface, the SQL endpoint reachable from the test. In the inventory, not in
-# extra vars, so that a host_vars entry can still override them (the failing-host test).
+# The lab's inventory variables (group_vars of "all"): mTLS (hdrlog_pki_dir, under the lab's
+# run directory, is added in the first deploy), the SQL endpoint's credentials, the machines'
+# interface, the SQL endpoint reachable from the test. In the inventory, not in extra vars, so
+# that a host_vars entry can still override them (the failing-host test).
+SQL_USER = "e2e"
+SQL_PASSWORD = secrets.token_urlsafe(18)
 LAB_GROUP_VARS = {
-    "hdrlog_server_insecure": True,
-    "hdrlog_collector_insecure": True,
+    "hdrlog_server_sql_user": SQL_USER,
+    "hdrlog_server_sql_password": SQL_PASSWORD,
     "hdrlog_collector_ifaces": ["host0"],
     "hdrlog_server_sql_listen": "0.0.0.0:7623",
     "hdrlog_wheelhouse_dir": str(WHEELHOUSE),
@@ -122,7 +128,7 @@ def test_ansible_lint_production_profile_is_clean(stopwatch):
 # -- deploy ---------------------------------------------------------------------------------
 
 def test_site_on_a_fresh_fleet_starts_every_service_and_logs_each_host(fleet, builds):
-    fleet.write_inventory(group_vars=LAB_GROUP_VARS)
+    fleet.write_inventory(group_vars={**LAB_GROUP_VARS, "hdrlog_pki_dir": str(fleet.dir / "pki")})
     r = fleet.playbook("site.yml", lab_vars(hdrlog_wheelhouse_source=str(builds["v1"]),
                                             hdrlog_wheelhouse_rebuild=True))
     record("site.yml on the fresh fleet (wheelhouse build + install)", r.seconds)
@@ -140,6 +146,15 @@ def test_site_on_a_fresh_fleet_starts_every_service_and_logs_each_host(fleet, bu
     assert "cap_sys_admin" not in show, show
     pid_user = fleet.ssh("hl-server", "ps -o user= -p $(systemctl show -p MainPID --value hdrlog-server)").stdout
     assert pid_user.strip() == "hdrlog"
+    # mTLS on both ends, and the SQL endpoint turns away a request without the credentials.
+    conf = fleet.ssh("hl-server", "cat /etc/hdrlog/server.yaml; stat -c '%a %U' /etc/hdrlog/sql-password").stdout
+    assert "insecure: false" in conf and "tls_ca:" in conf and f"sql_user: {SQL_USER}" in conf, conf
+    assert "600 hdrlog" in conf and SQL_PASSWORD not in conf, conf
+    conf = fleet.ssh("hl-col1", "cat /etc/hdrlog/collector.yaml").stdout
+    assert "insecure: false" in conf and "tls_cert:" in conf, conf
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"http://{fleet.server.ipv4}:7623/?query=SELECT%201", timeout=10)
+    assert denied.value.code in (401, 403), denied.value
     send_and_count(fleet, [m.name for m in fleet.collectors], dport=9001)
 
 
