@@ -62,7 +62,7 @@ READERS = ("mmap", "callback")
 
 # Payload copy (bpf/types.h HDRLOG_PAYLOAD_*): a TLS ClientHello's SNI can sit
 # several hundred bytes in (long key shares, shuffled extensions), DNS names up
-# to ~270; see scripts/bench_payload_copy.py for what the copy costs.
+# to ~270; see bench/payload_copy.py for what the copy costs.
 PAYLOAD_BYTES = 1024
 PAYLOAD_CHUNK = 128
 MAX_PAYLOAD_BYTES = 4096

@@ -1,6 +1,6 @@
 """Benchmark: BPF run time per packet of the TC classifier, by packet kind and payload-copy size.
 
-Run as root: ``.venv/bin/python scripts/bench_payload_copy.py [--sizes 0,256,512,1024,2048]``.
+Run as root from the repository: ``.venv/bin/python -m bench.payload_copy [--sizes 0,256,512,1024,2048]``.
 For each HDRLOG_PAYLOAD_BYTES it loads the classifier on a lab veth, turns on
 kernel.bpf_stats_enabled (restored afterwards), sends a few thousand frames of each
 kind from inside the lab namespace and reads run_time_ns / run_cnt from the program's
@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from scapy.all import IP, TCP, UDP, Ether, Raw
 from scapy.layers.dns import DNS, DNSQR
@@ -23,6 +22,7 @@ from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName
 from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
 
+from bench.bpfrun import prog_stats
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.lab import Lab
 
@@ -50,15 +50,6 @@ def frames(h) -> dict[str, bytes]:
                           / Raw(b"GET /index.html HTTP/1.1\r\nHost: bench.example.org\r\nUser-Agent: bench\r\n\r\n")),
         "tls-hello": bytes(eth / ip / TCP(sport=40000, dport=443, flags="PA") / Raw(bytes(hello) + b"\0" * 400)),
     }
-
-
-def prog_stats(fd: int) -> tuple[int, int]:
-    info = {}
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            info[k.strip()] = v.strip()
-    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
 
 
 def measure(lab, host, size: int, kinds: dict[str, bytes], reps: int, tmp: str) -> dict[str, float]:
