@@ -26,7 +26,7 @@ from hdrlog.collector.config import CollectorConfig
 from hdrlog.collector.metrics import CollectorMetrics
 from hdrlog.collector.sender import Outbox, Sender
 from hdrlog.collector.spool import Spool, SpoolError
-from hdrlog.collector import tls
+from hdrlog.collector import fdstore, tls
 from hdrlog.config import parse_hostport
 from hdrlog.metrics_http import MetricsHttp
 
@@ -51,7 +51,8 @@ class Collector:
         self.capture = Capture(CaptureConfig(
             ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes, sample_rate=config.sample,
             mode=config.mode, first_packets=config.first_packets, flow_entries=config.flow_entries,
-            filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports)))
+            filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports),
+            attach=config.attach))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None
@@ -103,6 +104,7 @@ class Collector:
             raise
         where = ", ".join(f"{i}/{d}" for i, d in self.capture.attachments)
         log.info("collector %s capturing on %s, sending to %s", self.collector_id, where, self.config.server)
+        fdstore.notify("READY=1")  # systemd (Type=notify): a restart returns once we capture
 
     async def stop(self) -> None:
         """Flush, wait briefly for acks, detach. Safe to call twice."""
@@ -257,10 +259,10 @@ class Collector:
         log.info("server %s %s", self.config.server, "connected" if up else "disconnected")
 
     # -- accounting ------------------------------------------------------------------------
-    def counters(self) -> dict[str, int]:
+    def counters(self, reported: bool = False) -> dict[str, int]:
         """Cumulative counts: packets seen, records logged, truncated headers, and every
-        record not kept by reason (drop_<reason>)."""
-        capture = self.capture.counters()
+        record not kept by reason (drop_<reason>). ``reported``: for a collector_stats row."""
+        capture = self.capture.counters(reported=reported)
         out = {"seen": capture.get("seen", 0), "logged": self.records_captured,
                "truncated": capture.get("truncated", 0)}
         out["flows"] = self.flows_captured
@@ -289,7 +291,7 @@ class Collector:
     def _add_stats(self) -> None:
         """Queue one collector_stats row per counter with its change since the last row."""
         now = time.monotonic()
-        current = self.counters()
+        current = self.counters(reported=True)
         names = sorted(current)
         deltas = [current[n] - self._stats_sent.get(n, 0) for n in names]
         interval_ms = int((now - self._stats_at) * 1000)

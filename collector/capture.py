@@ -22,6 +22,7 @@ import ctypes
 import errno
 import fnmatch
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from hdrlog.bpf import SOURCE_DIR
+from hdrlog.collector import bpfsys, fdstore, handover, records
 from hdrlog.collector import filters as filterlang
 from hdrlog.collector import flows as flowmod
-from hdrlog.collector import records
 from hdrlog.collector.ringbuf import RingBufReader
 from hdrlog.collector.appdecode import DEFAULT_DNS_PORTS
 
@@ -59,6 +60,9 @@ DEFAULT_AUTO_SAMPLE = 100  # auto mode's 1:N for packets that are not notable
 DEFAULT_FIRST_PACKETS = 3
 DEFAULT_FLOW_ENTRIES = 65536
 READERS = ("mmap", "callback")
+# How the classifier is attached: tcx links (Linux 6.6+; an fd owns the attachment, and a restart
+# under systemd hands it over without a gap, collector/handover.py) or cls_bpf tc filters.
+ATTACH_KINDS = ("auto", "tcx", "tc")
 
 # Payload copy (bpf/types.h HDRLOG_PAYLOAD_*): a TLS ClientHello's SNI can sit
 # several hundred bytes in (long key shares, shuffled extensions), DNS names up
@@ -95,6 +99,8 @@ class CaptureConfig:
     """UDP/TCP ports whose payload is decoded as DNS (in the kernel's copy decision and in user space)."""
     payload_bytes: int = PAYLOAD_BYTES
     """Payload bytes copied per app-layer candidate (bpf HDRLOG_PAYLOAD_BYTES; 0 = none)."""
+    attach: str = "auto"
+    """tcx (links, Linux 6.6+), tc (cls_bpf filters) or auto (tcx where the kernel has it)."""
 
     def validate(self) -> None:
         if not self.ifaces:
@@ -116,6 +122,8 @@ class CaptureConfig:
             raise ValueError(f"capture first_packets={self.first_packets!r}: must be an integer from 0 to {1 << 20}")
         if not isinstance(self.flow_entries, int) or not 16 <= self.flow_entries <= 1 << 24:
             raise ValueError(f"capture flow_entries={self.flow_entries!r}: must be an integer from 16 to {1 << 24}")
+        if self.attach not in ATTACH_KINDS:
+            raise ValueError(f"capture attach={self.attach!r}: must be one of {', '.join(ATTACH_KINDS)}")
         if self.reader not in READERS:
             raise ValueError(f"capture reader={self.reader!r}: must be one of {', '.join(READERS)}")
         filterlang.parse_rules(self.filters)
@@ -264,6 +272,13 @@ class Capture:
         self._reader: _CallbackReader | None = None
         self._fns: dict[str, object] = {}
         self._attached: list[tuple[str, int, str]] = []  # (ifname, ifindex, direction)
+        self._attach_kind = config.attach  # "auto" until the first attach decides
+        self._link_fds: dict[tuple[int, str], int] = {}  # tcx link fds by (ifindex, direction)
+        self._keeper: handover.Keeper | None = None  # set when systemd keeps our fds across restarts
+        self._pending: list[tuple] = []  # records a predecessor left in its ring buffer, for poll()
+        self._inherited_flows: list[tuple[np.ndarray, np.ndarray]] = []  # and its flows
+        self._inherited_counts: dict[str, int] = {}  # and what it saw after its last report
+        self._kernel_counters: dict[str, int] = {}  # this program's counters at the last reading
         self._created_clsact: set[int] = set()
         self._ifnames: dict[int, str] = {}
         self._offset_ns = 0
@@ -299,6 +314,8 @@ class Capture:
             raise RuntimeError(f"unable to initialize capture: compiling {BPF_SOURCE.name} failed: {e}") from e
         self._bpf = bpf
         self._final_counters = None
+        inheritance = (handover.Inheritance.from_service_manager()
+                       if fdstore.available() and self.config.attach != "tc" else None)
         try:
             for direction, prog in PROG_NAMES.items():
                 self._fns[direction] = bpf.load_func(prog.encode(), BPF.SCHED_CLS)
@@ -308,9 +325,17 @@ class Capture:
             else:
                 self._reader = _CallbackReader(bpf, "records")
             self._refresh_offset(force=True)
+            if fdstore.available() and self.config.attach != "tc":
+                # Our maps go to the store before any link runs the program that fills them.
+                self._keeper = handover.Keeper(inheritance.next_gen if inheritance else 1)
+                if not self._keeper.keep_maps({n: bpf[n.encode()].map_fd for n in handover.MAPS}):
+                    self._keeper.close()
+                    self._keeper = None
             with IPRoute() as ipr:
                 for name, idx in targets:
-                    self._attach(ipr, name, idx)
+                    self._attach(ipr, name, idx, inheritance)
+            if inheritance:
+                self._adopt(inheritance)
         except BaseException:
             self._teardown()
             raise
@@ -319,7 +344,12 @@ class Capture:
         log.info("capture attached to %s", ", ".join(f"{n} {d}" for n, d in self.attachments))
 
     def stop(self) -> None:
-        """Detach our filters, remove clsact qdiscs we created, free BPF. Idempotent."""
+        """Detach our filters, remove clsact qdiscs we created, free BPF. Idempotent.
+
+        Under systemd with our links in its fd store, nothing is detached: the
+        program keeps capturing for the next collector (handover.py), and
+        systemd detaches it by closing the links if the service stays stopped.
+        """
         with self._lock:
             self._teardown()
         atexit.unregister(self.stop)
@@ -331,7 +361,7 @@ class Capture:
         with self._lock:
             if self._reader is None:
                 raise RuntimeError("capture is not started")
-            raw, n, payloads = self._reader.read(timeout_ms)
+            raw, n, payloads = self._pending.pop(0) if self._pending else self._reader.read(timeout_ms)
             if not n:
                 return None
             self._polled += n
@@ -377,9 +407,9 @@ class Capture:
                     return None
                 keys, vals = final
             else:
-                if self._flow_drain is None:
+                if self._flow_drain is None and not self._inherited_flows:
                     return None
-                keys, vals = self._flow_drain.drain()
+                keys, vals = self._flow_drain.drain() if self._flow_drain else flowmod.empty()
                 keys, vals = self._with_fallback(keys, vals)
             if not len(keys):
                 return None
@@ -397,10 +427,17 @@ class Capture:
                 self._apply_filters()
         log.info("capture filters now: %s", "; ".join(map(str, parsed)) or "none (everything passes)")
 
-    def counters(self) -> dict[str, int]:
-        """Cumulative counts: seen, logged, ringbuf_full, truncated, payload, polled."""
+    def counters(self, reported: bool = False) -> dict[str, int]:
+        """Cumulative counts: seen, logged, ringbuf_full, truncated, payload, polled.
+
+        ``reported=True``: these values go into a collector_stats row; a successor
+        that takes the capture over reports only what the kernel counts after them.
+        """
         with self._lock:
-            return self._read_counters()
+            out = self._read_counters()
+            if reported and self._keeper is not None and self._bpf is not None:
+                self._keeper.write_state(self._kernel_counters)
+            return out
 
     @property
     def attachments(self) -> list[tuple[str, str]]:
@@ -448,12 +485,15 @@ class Capture:
         self._write_cfg()
 
     def _with_fallback(self, keys, vals):
-        if not self._fallback:
+        """Add the flows of fallback records and those a predecessor left."""
+        parts = [(keys, vals), *self._inherited_flows]
+        self._inherited_flows.clear()
+        if self._fallback:
+            parts.append(flowmod.from_records(np.concatenate(self._fallback)))
+            self._fallback.clear()
+        if len(parts) == 1:
             return keys, vals
-        rec = np.concatenate(self._fallback)
-        self._fallback.clear()
-        fk, fv = flowmod.from_records(rec)
-        return np.concatenate([keys, fk]), np.concatenate([vals, fv])
+        return np.concatenate([k for k, _ in parts]), np.concatenate([v for _, v in parts])
 
     def _read_counters(self) -> dict[str, int]:
         if self._bpf is None:
@@ -461,12 +501,43 @@ class Capture:
         else:
             table = self._bpf.get_table(b"counters")
             per_cpu = table.getvalue(table.Key(0))
-            out = {
+            self._kernel_counters = {
                 name: int(sum(cpu.n[i] for cpu in per_cpu))
                 for i, name in enumerate(records.COUNTER_NAMES)
             }
+            out = {n: v + self._inherited_counts.get(n, 0) for n, v in self._kernel_counters.items()}
         out["polled"] = self._polled
         return out
+
+    def _adopt(self, inheritance: handover.Inheritance) -> None:
+        """Read what the predecessors' programs left, now that ours runs in their links."""
+        gone = inheritance.release_untaken_links()
+        if gone:
+            log.info("capture: detached the previous collector from %s (not in ifaces now)",
+                     ", ".join(f"ifindex {i} {d}" for i, d in gone))
+        time.sleep(flowmod.DEFAULT_GRACE)  # a CPU still in an old program finishes its packet
+        got_records = got_flows = 0
+        for gen in inheritance.generations:
+            state = gen.state()
+            if state.get("layout") != handover.LAYOUT_ID:
+                log.warning("capture: the previous collector (generation %d) wrote another record layout: "
+                            "what it left in the kernel is not read", gen.gen)
+                gen.release()
+                continue
+            reported = state.get("reported") or {}
+            for name, value in gen.counters().items():
+                self._inherited_counts[name] = self._inherited_counts.get(name, 0) + max(0, value - reported.get(name, 0))
+            chunks, odd = gen.drain_records()
+            self._pending.extend(chunks)
+            got_records += sum(n for _, n, _ in chunks)
+            keys, vals = gen.drain_flows()
+            if len(keys):
+                self._inherited_flows.append((keys, vals))
+                got_flows += len(keys)
+            gen.release()
+        log.info("capture: took over from the previous collector without a gap: %d records and %d flows it "
+                 "left in the kernel, %d packets it saw after its last report", got_records, got_flows,
+                 self._inherited_counts.get("seen", 0))
 
     def _refresh_offset(self, force: bool = False) -> None:
         now = time.monotonic_ns()
@@ -481,7 +552,26 @@ class Capture:
             for l in ipr.get_links():
                 self._ifnames[l["index"]] = l.get_attr("IFLA_IFNAME")
 
-    def _attach(self, ipr, name: str, idx: int) -> None:
+    def _attach(self, ipr, name: str, idx: int, inheritance: handover.Inheritance | None = None) -> None:
+        self._ifnames[idx] = name
+        if self._attach_kind != "tc":
+            for direction in PARENTS:
+                try:
+                    self._attach_link(idx, direction, inheritance)
+                except OSError as e:
+                    if self._attach_kind == "tcx" or self._link_fds or not bpfsys.unsupported(e):
+                        raise RuntimeError(f"unable to attach to {name} {direction}: {e}") from e
+                    log.warning("capture: this kernel has no tcx links (Linux 6.6+): attaching as tc filters, "
+                                "and a restart will miss the packets that pass meanwhile")
+                    self._attach_kind = "tc"
+                    if self._keeper is not None:
+                        self._keeper.forget()
+                        self._keeper = None
+                    break
+                self._attach_kind = "tcx"
+                self._attached.append((name, idx, direction))
+            else:
+                return
         if not _has_clsact(ipr, idx):
             try:
                 ipr.tc("add", "clsact", idx)
@@ -489,7 +579,6 @@ class Capture:
             except Exception as e:
                 if getattr(e, "code", None) != errno.EEXIST:
                     raise RuntimeError(f"unable to add a clsact qdisc to {name}: {e}") from e
-        self._ifnames[idx] = name
         for direction, parent in PARENTS.items():
             fn = self._fns[direction]
             try:
@@ -516,6 +605,19 @@ class Capture:
                 raise RuntimeError(f"unable to attach to {name} {direction}: {e}{hint}") from e
             self._attached.append((name, idx, direction))
 
+    def _attach_link(self, idx: int, direction: str, inheritance: handover.Inheritance | None) -> None:
+        """Attach through a tcx link: the predecessor's, with our program swapped in, or a new one."""
+        fd = self._fns[direction].fd
+        link = inheritance.take_link(idx, direction) if inheritance else None
+        if link is not None:
+            self._link_fds[(idx, direction)] = link
+            bpfsys.link_update(link, fd)  # atomic: each packet sees the old program or ours
+            return
+        link = bpfsys.link_create(fd, idx, direction)
+        self._link_fds[(idx, direction)] = link
+        if self._keeper is not None:
+            self._keeper.keep_link(idx, direction, link)
+
     @staticmethod
     def _attach_one(ipr, idx: int, direction: str, parent, fn) -> None:
         ipr.tc("add-filter", "bpf", idx, TC_HANDLE, fd=fn.fd,
@@ -523,38 +625,28 @@ class Capture:
                parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
 
     def _teardown(self) -> None:
-        if self._attached or self._created_clsact:
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                for name, idx, direction in reversed(self._attached):
-                    try:
-                        _del_own_filter(ipr, idx, direction)
-                    except Exception as e:  # interface gone, or someone removed it
-                        log.warning("capture: unable to detach from %s %s: %s", name, direction, e)
-                self._attached.clear()
-                for idx in sorted(self._created_clsact):
-                    try:
-                        if not _filters(ipr, idx, "ingress") and not _filters(ipr, idx, "egress"):
-                            ipr.tc("del", "clsact", idx)
-                        else:
-                            log.info("capture: leaving clsact on ifindex %d, other filters use it", idx)
-                    except Exception as e:
-                        if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
-                            log.warning("capture: unable to remove clsact from ifindex %d: %s", idx, e)
-                self._created_clsact.clear()
+        handing_over = self._keeper is not None and bool(self._link_fds)
+        self._detach()
         if self._bpf is not None:
             try:
                 self._final_counters = self._read_counters()
                 self._final_counters.pop("polled", None)
+                if handing_over:
+                    self._keeper.write_state(self._kernel_counters)
             except Exception:  # pragma: no cover
                 pass
-            if self._flow_drain is not None:  # detached: nothing writes the maps any more
+            if self._flow_drain is not None:
                 try:
-                    self._final_flows = self._with_fallback(*self._flow_drain.drain_all())
+                    # Detached: nothing writes the maps any more. Handing over: the program still
+                    # does, so take the interval so far and leave the live map to the successor.
+                    keys, vals = self._flow_drain.drain() if handing_over else self._flow_drain.drain_all()
+                    self._final_flows = self._with_fallback(keys, vals)
                 except Exception as e:  # pragma: no cover
                     log.warning("capture: final flow drain failed: %s", e)
                 self._flow_drain = None
+            if handing_over:
+                log.info("capture: left running in the kernel for the next collector (systemd keeps it; "
+                         "a stop for good detaches it)")
             if self._reader is not None and hasattr(self._reader, "close"):
                 self._reader.close()
             self._reader = None
@@ -563,6 +655,38 @@ class Capture:
                 self._bpf.cleanup()
             finally:
                 self._bpf = None
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
+        self._pending.clear()
+
+    def _detach(self) -> None:
+        """Close our tcx links (detaching them unless systemd keeps copies) and remove our tc filters."""
+        for fd in self._link_fds.values():
+            os.close(fd)
+        self._link_fds.clear()
+        if self._attach_kind == "tcx" or not (self._attached or self._created_clsact):
+            self._attached.clear()
+            return
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for name, idx, direction in reversed(self._attached):
+                try:
+                    _del_own_filter(ipr, idx, direction)
+                except Exception as e:  # interface gone, or someone removed it
+                    log.warning("capture: unable to detach from %s %s: %s", name, direction, e)
+            self._attached.clear()
+            for idx in sorted(self._created_clsact):
+                try:
+                    if not _filters(ipr, idx, "ingress") and not _filters(ipr, idx, "egress"):
+                        ipr.tc("del", "clsact", idx)
+                    else:
+                        log.info("capture: leaving clsact on ifindex %d, other filters use it", idx)
+                except Exception as e:
+                    if getattr(e, "code", None) not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                        log.warning("capture: unable to remove clsact from ifindex %d: %s", idx, e)
+            self._created_clsact.clear()
 
 
 def _has_clsact(ipr, idx: int) -> bool:

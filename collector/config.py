@@ -38,6 +38,9 @@ class CollectorConfig:
                                       "'include proto tcp,udp' (see docs/filters.md)")
     filter_file: str = doc_field("", "file of filter rules, one per line; re-read when it changes and on SIGHUP")
     reader: str = doc_field("mmap", "ring-buffer consumer: mmap (bulk) or callback (BCC's, slower)")
+    attach: str = doc_field("auto", "how the classifier attaches: tcx (links, Linux 6.6+; under systemd a "
+                            "restart hands the running capture over without a gap), tc (cls_bpf filters) "
+                            "or auto (tcx where the kernel has it)")
     spool: str = doc_field(default_spool(), "durable spool: every batch is on disk (fsynced) before it is sent "
                                             "and leaves when acked; also keeps this collector's identity and seqs "
                                             "across restarts; one collector per directory; '' = memory only")
@@ -76,6 +79,8 @@ class CollectorConfig:
             raise ConfigError("flow_interval", self.flow_interval, "must be from 0.1 to 3600 seconds")
         if not 16 <= self.flow_entries <= 1 << 24:
             raise ConfigError("flow_entries", self.flow_entries, f"must be from 16 to {1 << 24}")
+        if self.attach not in ("auto", "tcx", "tc"):
+            raise ConfigError("attach", self.attach, "must be auto, tcx or tc")
         if self.reader not in ("mmap", "callback"):
             raise ConfigError("reader", self.reader, "must be mmap or callback")
         from hdrlog.collector.filters import FilterError, parse_rules

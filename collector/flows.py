@@ -98,37 +98,45 @@ class FlowDrain:
         return np.concatenate([k0, k1]), np.concatenate([v0, v1])
 
     def read_map(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        from bcc import libbcc
+        return read_flow_map(self._maps[slot].map_fd, self._keys, self._vals)
 
-        fd = self._maps[slot].map_fd
-        keys, vals = self._keys, self._vals
-        cap = len(keys)
-        total = 0
-        token = ctypes.c_uint32(0)
-        first = True
-        while total < cap:
-            count = ctypes.c_uint32(cap - total)
-            rc = libbcc.lib.bpf_lookup_and_delete_batch(
-                fd, None if first else ctypes.byref(token), ctypes.byref(token),
-                ctypes.c_void_p(keys.ctypes.data + total * keys.itemsize),
-                ctypes.c_void_p(vals.ctypes.data + total * vals.itemsize), ctypes.byref(count))
-            err = ctypes.get_errno() if rc else 0
-            total += count.value
-            first = False
-            if rc:
-                if err == errno.ENOENT or rc == -errno.ENOENT:
-                    break
-                raise OSError(err or -rc, f"flow map drain: {os.strerror(err or -rc)}")
-            if count.value == 0:
+
+def empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, FLOW_KEY_DTYPE), np.zeros(0, FLOW_VALUE_DTYPE)
+
+
+def read_flow_map(fd: int, keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empty the flow map ``fd`` with BPF_MAP_LOOKUP_AND_DELETE_BATCH through the scratch arrays
+    ``keys``/``vals`` (its capacity); returns copies of what it held."""
+    from bcc import libbcc
+
+    cap = len(keys)
+    total = 0
+    token = ctypes.c_uint32(0)
+    first = True
+    while total < cap:
+        count = ctypes.c_uint32(cap - total)
+        rc = libbcc.lib.bpf_lookup_and_delete_batch(
+            fd, None if first else ctypes.byref(token), ctypes.byref(token),
+            ctypes.c_void_p(keys.ctypes.data + total * keys.itemsize),
+            ctypes.c_void_p(vals.ctypes.data + total * vals.itemsize), ctypes.byref(count))
+        err = ctypes.get_errno() if rc else 0
+        total += count.value
+        first = False
+        if rc:
+            if err == errno.ENOENT or rc == -errno.ENOENT:
                 break
-        return keys[:total].copy(), vals[:total].copy()
+            raise OSError(err or -rc, f"flow map drain: {os.strerror(err or -rc)}")
+        if count.value == 0:
+            break
+    return keys[:total].copy(), vals[:total].copy()
 
 
 def from_records(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flow (keys, values) aggregated from packet records (``records.RECORD_DTYPE``)."""
     n = len(rec)
     if not n:
-        return np.zeros(0, FLOW_KEY_DTYPE), np.zeros(0, FLOW_VALUE_DTYPE)
+        return empty()
     keys = np.zeros(n, FLOW_KEY_DTYPE)
     for f in _KEY_FIELDS:
         keys[f] = rec[f]

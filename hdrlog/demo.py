@@ -22,6 +22,7 @@ import time
 from contextlib import ExitStack
 
 from hdrlog import sqlclient
+from hdrlog.collector import bpfsys
 from hdrlog.lab import Lab
 
 GRPC = "127.0.0.1:7600"
@@ -122,7 +123,8 @@ def _wait_for_attach(ifname: str, proc: subprocess.Popen, timeout: float = 120) 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"demo: the collector exited early with code {proc.returncode} (its log is above)")
-        hooks = [subprocess.run(["tc", "filter", "show", "dev", ifname, d], capture_output=True, text=True).stdout
+        hooks = [" ".join(bpfsys.tcx_program_names(ifname, d)) +  # tcx links, or tc filters on old kernels
+                 subprocess.run(["tc", "filter", "show", "dev", ifname, d], capture_output=True, text=True).stdout
                  for d in ("ingress", "egress")]
         if all("hdrlog_" in h for h in hooks):
             return

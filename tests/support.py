@@ -38,19 +38,38 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def hdrlog_hooks(dev: str, direction: str) -> list[str]:
+    """hdrlog's programs on a TC hook of ``dev``, as the kernel reports them: tcx links
+    ("tcx hdrlog_egress") and tc filters ("tc hdrlog_egress")."""
+    from hdrlog.collector import bpfsys
+
+    out = [f"tcx {n}" for n in bpfsys.tcx_program_names(dev, direction) if n.startswith("hdrlog")]
+    tc = subprocess.run(["tc", "filter", "show", "dev", dev, direction], capture_output=True, text=True).stdout
+    for line in tc.splitlines():  # a filter's line names its program twice
+        names = [word for word in line.split() if word.startswith("hdrlog")]
+        out += [f"tc {names[0]}"] if names else []
+    return out
+
+
 class Process:
     """A tracked child process with its output in a log file (``env``: extra environment)."""
 
-    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 manager=None):
         self.name, self.cmd = name, cmd
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.env = env
+        self.manager = manager  # a tests/servicemanager.py FdStoreManager: started as systemd would
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        env = {**os.environ, **self.env} if self.env else None
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        if self.manager is not None:
+            self.proc = self.manager.popen(self.cmd, log, self.env)
+        else:
+            env = {**os.environ, **self.env} if self.env else None
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env)
         log.close()
 
     def alive(self) -> bool:
@@ -151,7 +170,7 @@ class CollectorProcess(Process):
     With ``pki`` it uses the certificate ``<host_id>.crt`` from that directory (mTLS)."""
 
     def __init__(self, server: str, ifaces: list[str], host_id: str, log_dir: Path, *extra: str,
-                 pki: Path | None = None, prefix: list[str] | None = None):
+                 pki: Path | None = None, prefix: list[str] | None = None, manager=None):
         self.spool = log_dir / f"spool-{host_id}"
         security = ["--insecure"] if pki is None else [
             "--tls-cert", str(pki / f"{host_id}.crt"), "--tls-key", str(pki / f"{host_id}.key"),
@@ -161,7 +180,7 @@ class CollectorProcess(Process):
                "--mode", "packets"]
         for iface in ifaces:
             cmd += ["--iface", iface]
-        super().__init__(f"collector-{host_id}", [*cmd, *extra], log_dir)
+        super().__init__(f"collector-{host_id}", [*cmd, *extra], log_dir, manager=manager)
         self.ifaces = ifaces
 
     def start(self, timeout: float = 60) -> None:
@@ -171,8 +190,6 @@ class CollectorProcess(Process):
         def attached():
             if not self.alive():
                 raise AssertionError(f"collector exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            out = subprocess.run(["tc", "filter", "show", "dev", self.ifaces[0], "egress"],
-                                 capture_output=True, text=True).stdout
             # (a filter alone may be one a killed collector left; the log says this one is capturing)
-            return "hdrlog" in out and "capturing on" in self.log()[seen:]
-        wait_until(attached, timeout, "the collector's TC filters")
+            return hdrlog_hooks(self.ifaces[0], "egress") and "capturing on" in self.log()[seen:]
+        wait_until(attached, timeout, "the collector's TC hooks")

@@ -32,6 +32,7 @@ from hdrlog.proto.columns import PACKETS
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
 
 from tests.frames import FAKE_SRC, IGNORED_FLAGS, expected, mac_int, scripted_frames, send_frames, v16
+from tests.support import hdrlog_hooks
 
 def row(cols: dict, i: int) -> dict:
     out = {}
@@ -177,32 +178,35 @@ def test_egress_direction(lab, host, capture, tmp_path):
     assert r6["wire_len"] == 14 + 40 + 8 + 7
 
 
-def test_stop_leaves_no_filter_or_qdisc(host):
+@pytest.mark.parametrize("attach", ["tcx", "tc"])
+def test_stop_leaves_no_filter_or_qdisc(host, attach):
     dev = host.peer_ifname
-    cap = Capture(CaptureConfig(ifaces=[dev]))
+    cap = Capture(CaptureConfig(ifaces=[dev], attach=attach))
     cap.start()
     assert cap.attachments == [(dev, "ingress"), (dev, "egress")]
-    assert "hdrlog_ingress" in tc("filter", "show", "dev", dev, "ingress")
-    assert "hdrlog_egress" in tc("filter", "show", "dev", dev, "egress")
+    assert hdrlog_hooks(dev, "ingress") == [f"{attach} hdrlog_ingress"]
+    assert hdrlog_hooks(dev, "egress") == [f"{attach} hdrlog_egress"]
     cap.stop()
     cap.stop()  # idempotent
     assert cap.attachments == []
+    assert hdrlog_hooks(dev, "ingress") == hdrlog_hooks(dev, "egress") == []
     assert tc("filter", "show", "dev", dev, "ingress").strip() == ""
     assert tc("filter", "show", "dev", dev, "egress").strip() == ""
     assert "clsact" not in tc("qdisc", "show", "dev", dev)
     assert cap.counters()["seen"] >= 0  # still answers after stop
 
 
-def test_foreign_clsact_and_filter_left_intact(host):
+@pytest.mark.parametrize("attach", ["tcx", "tc"])
+def test_foreign_clsact_and_filter_left_intact(host, attach):
     dev = host.peer_ifname
     subprocess.run(["tc", "qdisc", "add", "dev", dev, "clsact"], check=True)
     subprocess.run(["tc", "filter", "add", "dev", dev, "ingress", "pref", "20", "protocol", "all",
                     "u32", "match", "u32", "0", "0", "flowid", "1:1"], check=True)
     try:
-        cap = Capture(CaptureConfig(ifaces=[dev]))
+        cap = Capture(CaptureConfig(ifaces=[dev], attach=attach))
         cap.start()
         shown = tc("filter", "show", "dev", dev, "ingress")
-        assert "u32" in shown and "hdrlog_ingress" in shown
+        assert "u32" in shown and hdrlog_hooks(dev, "ingress") == [f"{attach} hdrlog_ingress"]
         cap.stop()
         shown = tc("filter", "show", "dev", dev, "ingress")
         assert "u32" in shown and "hdrlog" not in shown
@@ -212,13 +216,14 @@ def test_foreign_clsact_and_filter_left_intact(host):
 
 
 def test_start_rolls_back_when_an_attach_fails(lab):
+    """(tc filters; tcx links need no rollback beyond closing their fds, see test_handover.py)"""
     a, b = lab.add_host("ra"), lab.add_host("rb")
     # Someone else's filter of another kind at our prio on b makes our attach there fail.
     subprocess.run(["tc", "qdisc", "add", "dev", b.peer_ifname, "clsact"], check=True)
     subprocess.run(["tc", "filter", "add", "dev", b.peer_ifname, "ingress", "pref", str(TC_PRIO),
                     "protocol", "all", "u32", "match", "u32", "0", "0", "flowid", "1:1"], check=True)
     try:
-        cap = Capture(CaptureConfig(ifaces=[a.peer_ifname, b.peer_ifname]))
+        cap = Capture(CaptureConfig(ifaces=[a.peer_ifname, b.peer_ifname], attach="tc"))
         with pytest.raises(RuntimeError, match=b.peer_ifname):
             cap.start()
         assert cap.attachments == []

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support import CollectorProcess, ServerProcess, wait_until, HDRLOG
+from tests.support import CollectorProcess, ServerProcess, hdrlog_hooks, wait_until, HDRLOG
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
 
@@ -119,6 +119,7 @@ def test_collector_sigterm_flushes_detaches_and_exits_zero(lab, server, collecto
     assert collector.stop() == 0
     assert server.count("dst_port = 40003 AND direction = 'ingress'") == 500
     for direction in ("ingress", "egress"):
+        assert hdrlog_hooks(host.peer_ifname, direction) == [], f"programs left on {direction}"
         out = subprocess.run(["tc", "filter", "show", "dev", host.peer_ifname, direction],
                              capture_output=True, text=True).stdout
         assert out.strip() == "", f"filters left on {direction}: {out}"

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from hdrlog import pki
-from tests.support import CollectorProcess, ServerProcess, free_port, wait_until
+from tests.servicemanager import FdStoreManager
+from tests.support import CollectorProcess, ServerProcess, free_port, hdrlog_hooks, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
 
@@ -144,18 +145,31 @@ def test_network_cut_60s_mtls_collector_catches_up_without_loss_or_duplicates(la
     assert "disconnected" in collector.log()
 
 
-def test_collector_sigkill_loses_at_most_one_flush_interval_and_counts_it(lab, tmp_path, procs):
+@pytest.mark.parametrize("attach", ["tc", "tcx", "tcx-fdstore"])
+def test_collector_sigkill_loses_at_most_one_flush_interval_and_counts_it(lab, tmp_path, procs, attach):
     server = start(procs, ServerProcess(f"chdb://{tmp_path}/store", tmp_path))
     host = lab.add_host("a")
     p1, p2 = 41003, 41004
     interval, rate = 1.0, 1000
-    args = (server.address, [host.peer_ifname], "kill9", tmp_path, *only(p1, p2), "--batch-interval", str(interval))
-    collector = start(procs, CollectorProcess(*args))
-    assert send(lab, host, p1, 2500, rate).wait(60) == 0
-    time.sleep(0.3)  # every packet read from the ring buffer; the last batch is still open
-    collector.kill()
-    collector = start(procs, CollectorProcess(*args))  # same spool: same identity, resends, counts the loss
-    assert "taken over" in collector.log()  # the killed collector's TC filters
+    manager = FdStoreManager(tmp_path) if attach == "tcx-fdstore" else None  # systemd's part, as in the units
+    try:
+        args = (server.address, [host.peer_ifname], "kill9", tmp_path, *only(p1, p2),
+                "--batch-interval", str(interval), "--attach", attach.split("-")[0])
+        collector = start(procs, CollectorProcess(*args, manager=manager))
+        assert send(lab, host, p1, 2500, rate).wait(60) == 0
+        time.sleep(0.3)  # every packet read from the ring buffer; the last batch is still open
+        collector.kill()
+        left = hdrlog_hooks(host.peer_ifname, "ingress")
+        collector = start(procs, CollectorProcess(*args, manager=manager))  # same spool: resends, counts the loss
+    finally:
+        if manager is not None:
+            manager.close()
+    if attach == "tc":  # the killed collector's filters stay until the next one takes them over
+        assert left == ["tc hdrlog_ingress"] and "taken over" in collector.log()
+    elif attach == "tcx":  # its links went with it
+        assert left == []
+    else:  # systemd's copies kept the capture running, and the new collector took it over
+        assert left == ["tcx hdrlog_ingress"] and "took over from the previous collector" in collector.log()
     assert send(lab, host, p2, 500, rate).wait(60) == 0
     wait_until(lambda: counts(server, f"dst_port = {p2}")[0] >= 500, 30, "the second run's rows")
     assert collector.stop() == 0

@@ -504,12 +504,30 @@ class Lab:
         self.ssh(m, f"rm -f /run/hdrlog-e2e-udp-{dport}.done /run/hdrlog-e2e-udp-{dport}.stop; "
                     f"nohup python3 /root/hdrlog-e2e-udp-{dport}.py >/dev/null 2>&1 </dev/null &")
 
+    def hooks(self, m: Machine | str, ifname: str = "host0") -> dict[str, list[str]]:
+        """hdrlog's programs on each TC hook of the host's interface, as its kernel reports them:
+        tcx links (through a copy of collector/bpfsys.py, which needs only the standard library)
+        and tc filters."""
+        m = self[m] if isinstance(m, str) else m
+        shutil.copy(REPO / "collector" / "bpfsys.py", m.root / "root/hdrlog_e2e_bpfsys.py")
+        tcx = ("import sys; sys.path.insert(0, '/root'); import hdrlog_e2e_bpfsys as b; "
+               f"[print(d, n) for d in ('ingress', 'egress') for n in b.tcx_program_names('{ifname}', d)]")
+        out = self.ssh(m, f'python3 -c "{tcx}"; echo ---; tc filter show dev {ifname} ingress; echo ---; '
+                          f'tc filter show dev {ifname} egress', check=False).stdout
+        links, tc_in, tc_out = (out.split("---") + ["", "", ""])[:3]
+        found: dict[str, list[str]] = {"ingress": [], "egress": []}
+        for line in links.splitlines():
+            direction, _, name = line.partition(" ")
+            if direction in found and name.startswith("hdrlog"):
+                found[direction].append(f"tcx {name}")
+        for direction, text in (("ingress", tc_in), ("egress", tc_out)):
+            found[direction] += [f"tc {w}" for w in text.split() if w.startswith("hdrlog")]
+        return found
+
     def attached(self, m: Machine | str, ifname: str = "host0") -> bool:
         """True when hdrlog's classifier sits on both TC hooks of the host's interface."""
-        out = self.ssh(m, f"tc filter show dev {ifname} ingress; echo ---; tc filter show dev {ifname} egress",
-                       check=False).stdout
-        ingress, _, egress = out.partition("---")
-        return "hdrlog" in ingress and "hdrlog" in egress
+        hooks = self.hooks(m, ifname)
+        return bool(hooks["ingress"] and hooks["egress"])
 
     def done_udp(self, m: Machine | str, dport: int) -> bool:
         return self.ssh(m, f"test -e /run/hdrlog-e2e-udp-{dport}.done", check=False).returncode == 0

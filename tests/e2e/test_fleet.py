@@ -219,8 +219,8 @@ def test_rolling_upgrade_while_traffic_flows_loses_and_duplicates_nothing(fleet,
     for h in ["hl-server", *collectors]:
         assert installed_version(fleet, h) == V2
 
-    # Every datagram is one row: no duplicates at all. The only datagrams missing are those sent
-    # while that host's own collector was restarting: one contiguous run, a few seconds long.
+    # Every datagram is one row: none twice, none missing, also those sent while the host's own
+    # collector restarted (systemd kept its capture running; the new collector took it over).
     for h in collectors:
         def settled(h=h):
             a = udp_rows(fleet, h, dport)
@@ -233,12 +233,11 @@ def test_rolling_upgrade_while_traffic_flows_loses_and_duplicates_nothing(fleet,
         missing = sorted(set(range(20000, 20000 + sent[h])) - set(rows))
         extra = sorted(set(rows) - set(range(20000, 20000 + sent[h])))
         assert not extra, f"{h}: rows for datagrams never sent: {extra[:20]}"
-        if missing:
-            assert missing == list(range(missing[0], missing[-1] + 1)), \
-                f"{h}: loss outside its collector's restart: missing {missing[:10]}...{missing[-10:]}"
-            assert len(missing) <= rate * 30, f"{h}: {len(missing)} datagrams missed in the restart gap"
-        record(f"upgrade: {h} sent {sent[h]}, logged {len(rows)}, gap while its collector restarted "
-               f"{len(missing) / rate:.1f} s", 0.0)
+        assert not missing, f"{h}: {len(missing)} datagrams never stored: {missing[:10]}...{missing[-10:]}"
+        took_over = fleet.ssh(h, "journalctl -u hdrlog-collector --no-pager -o cat | "
+                                 "grep -c 'took over from the previous collector without a gap'", check=False)
+        assert int(took_over.stdout.strip() or 0) >= 1, f"{h}: the new collector did not take the capture over"
+        record(f"upgrade: {h} sent {sent[h]}, logged {len(rows)}, missing 0", 0.0)
 
 
 def test_a_host_failing_mid_upgrade_stops_the_rollout_and_the_others_keep_serving(fleet, builds):
@@ -272,8 +271,8 @@ def test_uninstall_leaves_no_unit_process_filter_or_file(fleet):
         left = fleet.ssh(m, "ls -d /etc/systemd/system/hdrlog* /opt/hdrlog /etc/hdrlog /var/lib/hdrlog 2>/dev/null; "
                             "systemctl list-units --all --no-legend 'hdrlog*'; "
                             "pgrep -a -f 'hdrlog (server|collector)'; getent passwd hdrlog; "
-                            "for d in ingress egress; do tc filter show dev host0 $d; done; "
                             "tc qdisc show dev host0 | grep clsact; true").stdout
         assert left.strip() == "", f"{m.name} still has: {left}"
+        assert fleet.hooks(m) == {"ingress": [], "egress": []}, f"{m.name}: programs still attached"
     again = fleet.playbook("uninstall.yml", {"hdrlog_uninstall_remove_data": True})
     assert again.rc == 0 and again.changed() == {h: 0 for h in again.recap}, tail(again)
