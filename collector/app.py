@@ -5,7 +5,9 @@ to the asyncio loop, where the batcher closes batches, the spool writes each one
 to disk (``--spool``, on by default) and the sender streams them. On
 SIGINT/SIGTERM the collector closes the open batch, waits up to
 ``shutdown_timeout`` for acks (what is still unacked stays in the spool for the
-next start), detaches its own TC filters and exits 0.
+next start), detaches its classifier and exits 0. Under systemd the classifier
+stays attached through the fd store for the next collector instead
+(collector/handover.py).
 """
 
 from __future__ import annotations
@@ -339,6 +341,7 @@ async def serve(config: CollectorConfig) -> int:
     try:
         await collector.run(stop)
     finally:
+        fdstore.notify("STOPPING=1")
         await collector.stop()
         log.info("%s", collector.status_line())
     return 0

@@ -1,12 +1,15 @@
 """Capture component: the TC classifier (bpf/hdrlog.c) on chosen interfaces.
 
 ``Capture(config)`` is inert; ``start()`` compiles the C through BCC, resolves the
-interface names and globs, creates a clsact qdisc where none exists, and attaches
-the classifier to ingress and egress of each interface (rolling everything back if
-any step fails). ``poll()`` returns what the ring buffer holds as ``packets``
-columns; ``stop()`` detaches only the filters this component added (matched by
-prio, handle and program name) and removes a clsact qdisc only if it created it
-and nothing else is attached to it.
+interface names and globs, and attaches the classifier to ingress and egress of
+each interface (rolling everything back if any step fails): through tcx links
+where the kernel has them (collector/bpfsys.py; closing the link detaches), else
+as cls_bpf filters on a clsact qdisc it creates where none exists. Under systemd
+it takes over a predecessor's running classifier and keeps its own in the fd
+store (collector/handover.py). ``poll()`` returns what the ring buffer holds as
+``packets`` columns; ``stop()`` detaches only what this component attached (tc
+filters matched by prio, handle and program name) and removes a clsact qdisc only
+if it created it and nothing else is attached to it.
 
 Reading the ring buffer goes through ``_CallbackReader``: BCC calls back once
 per record and we copy the raw bytes out (the fixed header into one run, the
@@ -314,9 +317,14 @@ class Capture:
             raise RuntimeError(f"unable to initialize capture: compiling {BPF_SOURCE.name} failed: {e}") from e
         self._bpf = bpf
         self._final_counters = None
-        inheritance = (handover.Inheritance.from_service_manager()
-                       if fdstore.available() and self.config.attach != "tc" else None)
+        inheritance = handover.Inheritance.from_service_manager() if fdstore.available() else None
         try:
+            if inheritance:  # a predecessor's links where we will not put ours: detach them first
+                ours = {(idx, d) for _, idx in targets for d in PARENTS} if self.config.attach != "tc" else set()
+                gone = inheritance.release_links_except(ours)
+                if gone:
+                    log.info("capture: detached the previous collector's classifier from %s (not ours to keep)",
+                             ", ".join(f"ifindex {i} {d}" for i, d in gone))
             for direction, prog in PROG_NAMES.items():
                 self._fns[direction] = bpf.load_func(prog.encode(), BPF.SCHED_CLS)
             self._init_maps(links)
@@ -511,10 +519,6 @@ class Capture:
 
     def _adopt(self, inheritance: handover.Inheritance) -> None:
         """Read what the predecessors' programs left, now that ours runs in their links."""
-        gone = inheritance.release_untaken_links()
-        if gone:
-            log.info("capture: detached the previous collector from %s (not in ifaces now)",
-                     ", ".join(f"ifindex {i} {d}" for i, d in gone))
         time.sleep(flowmod.DEFAULT_GRACE)  # a CPU still in an old program finishes its packet
         got_records = got_flows = 0
         for gen in inheritance.generations:

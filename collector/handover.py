@@ -161,13 +161,13 @@ class Inheritance:
     def take_link(self, ifindex: int, direction: str) -> int | None:
         return self.links.pop((ifindex, direction), None)
 
-    def release_untaken_links(self) -> list[tuple[int, str]]:
-        """Detach links on interfaces this collector no longer captures: drop them from the store, close."""
-        gone = sorted(self.links)
-        for (ifindex, direction), fd in self.links.items():
+    def release_links_except(self, keep: set[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Detach the links not in ``keep`` (interfaces this collector does not capture, or all of
+        them when it uses tc filters): drop them from the store and close them."""
+        gone = sorted(k for k in self.links if k not in keep)
+        for ifindex, direction in gone:
             fdstore.remove(link_name(ifindex, direction))
-            os.close(fd)
-        self.links.clear()
+            os.close(self.links.pop((ifindex, direction)))
         return gone
 
 

@@ -116,3 +116,27 @@ def test_without_a_service_manager_a_killed_collector_leaves_nothing_attached(la
     assert sorted(hooks(host.peer_ifname)) == ["tcx hdrlog_egress", "tcx hdrlog_ingress"]
     c.kill()
     wait_until(lambda: not hooks(host.peer_ifname), 10, "the links to go with the process")
+
+
+def test_a_restart_with_other_interfaces_or_tc_filters_detaches_what_it_does_not_keep(
+        lab, tmp_path, server, manager, collectors):
+    a, b = lab.add_host("a"), lab.add_host("b")
+
+    def collector(ifaces: list[str], *extra: str) -> CollectorProcess:
+        c = CollectorProcess(server.address, ifaces, "handover-ifaces", tmp_path, *extra, manager=manager)
+        collectors.append(c)
+        c.start()
+        return c
+
+    first = collector([a.peer_ifname, b.peer_ifname])
+    assert first.stop() == 0
+    assert len(hooks(a.peer_ifname)) == len(hooks(b.peer_ifname)) == 2  # kept running by the store
+    # The next one captures only on a, with tc filters: nothing of the old classifier may stay
+    # (it would log every packet twice).
+    second = collector([a.peer_ifname], "--attach", "tc")
+    assert hooks(b.peer_ifname) == []
+    assert sorted(hooks(a.peer_ifname)) == ["tc hdrlog_egress", "tc hdrlog_ingress"]
+    assert "detached the previous collector's classifier" in second.log()
+    assert not any(n.startswith("hdrlog.link.") for n in manager.names())
+    assert second.stop() == 0
+    assert hooks(a.peer_ifname) == []  # tc filters are removed at stop: no store keeps them
