@@ -532,6 +532,8 @@ class Capture:
             for name, value in gen.counters().items():
                 self._inherited_counts[name] = self._inherited_counts.get(name, 0) + max(0, value - reported.get(name, 0))
             chunks, odd = gen.drain_records()
+            if odd:  # should stay 0: the layout id matched
+                log.warning("capture: %d records the previous collector left were of another size: skipped", odd)
             self._pending.extend(chunks)
             got_records += sum(n for _, n, _ in chunks)
             keys, vals = gen.drain_flows()

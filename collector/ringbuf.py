@@ -29,12 +29,14 @@ payload tail, bpf/types.h) goes through a short scalar path: its fixed part
 joins the others, its tail is returned apart as ``(index, bytes)``. A shorter
 one (none are expected) is stepped over and counted in ``odd``. Wakeups come from ``epoll`` on the map fd,
 which the kernel signals (adaptive wakeup) when a record is submitted into an
-empty ring. A reader that keeps up is therefore woken for nearly every record;
-so after a wakeup ``read()`` waits ``gather_s`` (10 ms by default) for more to
-arrive, unless the ring is already a quarter full. That bounds wakeups to about
-100/s whatever the record rate: measured with bench/collector_cpu.py, without it
-the per-read overhead, not the decode, was most of the collector's CPU at
-40k packets/s (it adds at most 10 ms to a record's path; batches wait 1 s).
+empty ring. A reader that keeps up is therefore woken for nearly every record,
+and one called again at once finds only the few records that came meanwhile;
+so ``read()`` lets records gather: ``gather_s`` (10 ms by default) after a
+wakeup, and otherwise until ``gather_s`` has passed since its last read, unless
+the ring is already a quarter full. That bounds reads to about 100/s whatever
+the record rate: measured with bench/collector_cpu.py, without it the per-read
+overhead, not the decode, was most of the collector's CPU at 40k packets/s
+(it adds at most 10 ms to a record's path; batches wait 1 s).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class RingBufReader:
         self.slot = (record_size + HDR_SIZE + 7) & ~7  # header + record, 8-byte aligned
         self.max_records = max_records
         self.gather_s = gather_s
+        self._last_read = 0.0
         self.odd = 0  # records of another size, stepped over (should stay 0)
         self.discarded = 0  # records the program discarded (bpf_ringbuf_discard)
         self._mask = self.size - 1
@@ -121,13 +124,20 @@ class RingBufReader:
         none came), and ``[(index, bytes)]`` with what longer records carry
         beyond ``record_size`` (the payload tails of bpf/types.h).
         """
-        out = self._consume()
-        if out[1] or timeout_ms == 0:
-            return out
+        if timeout_ms == 0:
+            return self._consume()
         if self.pending_bytes() == 0:
             self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1)
+            woken = True
+        else:
+            woken = False
         if self.gather_s > 0 and 0 < self.pending_bytes() < self.size // 4:
-            time.sleep(self.gather_s)  # woken by the first record: let a batch gather (see the top)
+            # Let a batch gather (see the top): a full interval after a wakeup, else what is left of
+            # it since the last read, so a reader that keeps up still reads about 1/gather_s times a second.
+            wait = self.gather_s if woken else self._last_read + self.gather_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        self._last_read = time.monotonic()
         return self._consume()
 
     def _consume(self) -> tuple[np.ndarray | bytes, int, list[tuple[int, bytes]]]:
