@@ -178,7 +178,23 @@ def _pki_issue(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _require_server_extra(command: str) -> None:
+    """One clear line, not an ImportError, on a host installed without the server extra."""
+    import importlib
+
+    missing = []
+    for module in ("pyarrow", "chdb"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(f"{command} needs hdrlog's server extra ({' and '.join(missing)} not installed): "
+                        f"pip install 'hdrlog[server]'")
+
+
 def _server_run(ns: argparse.Namespace) -> int:
+    _require_server_extra("hdrlog server run")
     from hdrlog.server.app import serve
     from hdrlog.server.config import ServerConfig
 
@@ -191,8 +207,10 @@ def _server_run(ns: argparse.Namespace) -> int:
 
 
 def _server_migrate(ns: argparse.Namespace) -> int:
+    _require_server_extra("hdrlog server migrate")
     from hdrlog.server.config import ServerConfig
-    from hdrlog.server.store import Store, StoreError, redact
+    from hdrlog.server.store import Store, StoreError
+    from hdrlog.sqlclient import redact
 
     args = {"clickhouse": ns.clickhouse, "insecure": True}
     config = cfg.load(ServerConfig, args=args, file=ns.config, section="server")

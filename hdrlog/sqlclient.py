@@ -35,6 +35,11 @@ def connect(url: str):
     """A clickhouse-connect client for chdb:///PATH or http(s)://[user:pw@]host:port."""
     parts = urlsplit(url)
     if parts.scheme == "chdb":
+        try:
+            import chdb  # noqa: F401  (the embedded store comes with the server extra)
+        except ImportError:
+            raise UserError(f"cannot open {url!r}: the embedded store needs hdrlog's server extra "
+                            f"(pip install 'hdrlog[server]'); ask a server with --url instead") from None
         return clickhouse_connect.get_client(dsn=url)
     if parts.scheme in ("http", "https"):
         return clickhouse_connect.get_client(
@@ -56,12 +61,12 @@ def _short(exc: Exception) -> str:
     return text[:400]
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:
         return url
-    return parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
+    return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@")).geturl()
 
 
 def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None = None) -> bytes:
@@ -85,9 +90,9 @@ def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None 
             raise
         except Exception as exc:
             if re.search(r"\bcode: (516|194)\b", str(exc)):  # reachable, but the credentials are refused
-                raise UserError(f"{_redact(target)}: authentication failed: check the user and password in the URL "
+                raise UserError(f"{redact(target)}: authentication failed: check the user and password in the URL "
                                 "(http://USER:PASSWORD@host:port)") from None
-            failures.append(f"{_redact(target)}: {_short(exc)}")
+            failures.append(f"{redact(target)}: {_short(exc)}")
             continue
         try:
             if FORMAT_CLAUSE.search(query):

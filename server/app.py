@@ -28,7 +28,8 @@ from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.report import Connection, ReportScheduler
 from hdrlog.server.reportconfig import ReportConfig
 from hdrlog.server.sqlhttp import SqlEndpoint
-from hdrlog.server.store import Store, StoreError, redact
+from hdrlog.server.store import Store, StoreError
+from hdrlog.sqlclient import redact
 from hdrlog.server.writer import Writer
 
 log = logging.getLogger("hdrlog.server")

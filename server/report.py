@@ -183,13 +183,12 @@ class Connection:
 def connect(cfg: ReportConfig) -> Connection:
     """--clickhouse (may write) or --url (read-only endpoint); with neither, the local endpoint."""
     from hdrlog import sqlclient
-    from hdrlog.server.store import redact
 
     if cfg.clickhouse:
         url, writable = cfg.clickhouse, True
     else:
         url, writable = cfg.sql_url or sqlclient.DEFAULT_SQL_URL, False
-    return Connection(sqlclient.connect(url), writable=writable, label=redact(url))
+    return Connection(sqlclient.connect(url), writable=writable, label=sqlclient.redact(url))
 
 
 def run(cfg: ReportConfig, conn: Connection, *, now: float | None = None) -> Report:

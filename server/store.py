@@ -27,6 +27,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 
 from hdrlog.server import schema
+from hdrlog.sqlclient import redact
 
 log = logging.getLogger("hdrlog.server")
 
@@ -249,12 +250,3 @@ class Store:
                                     settings=use or None, use_database=True)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parsed = urlparse(url)
-    if parsed.password:
-        netloc = parsed.netloc.replace(":" + parsed.password + "@", ":***@")
-        return parsed._replace(netloc=netloc).geturl()
-    return url

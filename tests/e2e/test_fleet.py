@@ -139,6 +139,14 @@ def test_site_on_a_fresh_fleet_starts_every_service_and_logs_each_host(fleet, bu
         assert unit_state(fleet, m.name, "hdrlog-collector") == "active", \
             fleet.ssh(m, "journalctl -u hdrlog-collector --no-pager | tail -30", check=False).stdout
         assert installed_version(fleet, m.name) == BASE_VERSION
+    # Only the server host gets the server extra (chDB, pyarrow): collectors neither install it
+    # nor receive its wheels.
+    has_chdb = "/opt/hdrlog/venv/bin/python -c 'import chdb, pyarrow' 2>/dev/null && echo yes || echo no"
+    assert fleet.ssh("hl-server", has_chdb).stdout.strip() == "yes"
+    for m in fleet.collectors:
+        assert fleet.ssh(m, has_chdb).stdout.strip() == "no", m.name
+        wheels = fleet.ssh(m, "ls /opt/hdrlog/wheelhouse").stdout.split()
+        assert wheels and not [w for w in wheels if w.startswith(("chdb", "pyarrow", "pandas"))], wheels
     # The collector runs as its own user with only its capabilities; the server with none.
     show = fleet.ssh("hl-col1", "systemctl show -p User -p NoNewPrivileges -p ProtectSystem "
                                 "-p CapabilityBoundingSet hdrlog-collector").stdout
