@@ -32,7 +32,6 @@ BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
-BPF_F_REPLACE = 1 << 2
 ATTACH_TYPES = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
 ATTR_SIZE = 128  # union bpf_attr prefix we fill; the rest must be zero
 
@@ -57,11 +56,10 @@ def link_create(prog_fd: int, ifindex: int, direction: str) -> int:
     return fd
 
 
-def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
-    """Swap the program behind a link atomically (only if it still runs ``old_prog_fd``, when given)."""
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the program behind a link atomically."""
     attr = ctypes.create_string_buffer(ATTR_SIZE)
-    flags = BPF_F_REPLACE if old_prog_fd is not None else 0
-    struct.pack_into("<IIII", attr, 0, link_fd, new_prog_fd, flags, old_prog_fd or 0)
+    struct.pack_into("<II", attr, 0, link_fd, new_prog_fd)
     _bpf(BPF_LINK_UPDATE, attr)
 
 

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 import clickhouse_connect
-from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
+from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from hdrlog.server import schema
 from hdrlog.sqlclient import redact

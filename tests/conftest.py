@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hdrlog.lab import Lab
+from tests.support import ServerProcess
 
 
 @pytest.fixture
@@ -12,3 +13,12 @@ def lab():
     """A network-namespace lab (hdrlog.lab.Lab), torn down after the test even on failure."""
     with Lab() as lab:
         yield lab
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real ``hdrlog server`` (plaintext, loopback) on a fresh embedded store, stopped after the test."""
+    proc = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)
+    proc.start()
+    yield proc
+    proc.stop()

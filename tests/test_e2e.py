@@ -33,14 +33,6 @@ for i in range(n):
 
 
 @pytest.fixture
-def server(tmp_path):
-    proc = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)
-    proc.start()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
 def collector_factory(tmp_path):
     started: list[CollectorProcess] = []
 

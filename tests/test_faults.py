@@ -198,7 +198,7 @@ def test_spool_full_drops_the_oldest_and_exactly_the_counted_number_is_missing(l
         (time.sleep(1.5), counts(server, "1")[0])[1]), 60, "the spool to drain")
     assert collector.stop() == 0
     per_port = dict((int(r["p"]), int(r["n"])) for r in server.sql(
-        f"SELECT dst_port AS p, count() AS n FROM hdrlog.packets WHERE host = 'spoolfull' GROUP BY p"))
+        "SELECT dst_port AS p, count() AS n FROM hdrlog.packets WHERE host = 'spoolfull' GROUP BY p"))
     stored = sum(per_port.values())
     counted = stat(server, "spoolfull", "drop_spool_full")
     print(f"FAULT spool full: sent {n}, stored {stored}, counted drop_spool_full {counted}")

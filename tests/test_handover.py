@@ -17,18 +17,10 @@ import time
 import pytest
 
 from tests.servicemanager import FdStoreManager
-from tests.support import CollectorProcess, ServerProcess, hdrlog_hooks, wait_until
+from tests.support import CollectorProcess, hdrlog_hooks, wait_until
 from tests.test_e2e import send_udp
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
-
-
-@pytest.fixture
-def server(tmp_path):
-    proc = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture
