@@ -10,12 +10,15 @@ leaves nothing attached.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
 import time
 
 import pytest
 
+from hdrlog.collector import bpfsys
 from tests.servicemanager import FdStoreManager
 from tests.support import CollectorProcess, hdrlog_hooks, wait_until
 from tests.test_e2e import send_udp
@@ -132,3 +135,30 @@ def test_a_restart_with_other_interfaces_or_tc_filters_detaches_what_it_does_not
     assert not any(n.startswith("hdrlog.link.") for n in manager.names())
     assert second.stop() == 0
     assert hooks(a.peer_ifname) == []  # tc filters are removed at stop: no store keeps them
+
+
+def test_a_predecessor_with_another_record_layout_is_swapped_out_but_not_read(
+        lab, tmp_path, server, manager, collectors):
+    host = lab.add_host("a")
+    dev = host.peer_ifname
+
+    def collector() -> CollectorProcess:
+        c = CollectorProcess(server.address, [dev], "handover-layout", tmp_path, manager=manager)
+        collectors.append(c)
+        c.start()
+        return c
+
+    first = collector()
+    assert first.stop() == 0
+    ifindex = socket.if_nametoindex(dev)
+    old_ids = [bpfsys.attached_prog_ids(ifindex, d) for d in ("ingress", "egress")]
+    # What an older build would have left: its state names another layout id.
+    state = dict((n, fd) for n, fd in manager.store)["hdrlog.1.state"]
+    os.pwrite(state, json.dumps({"layout": 1, "reported": {}}).encode().ljust(4096, b"\0"), 0)
+    second = collector()
+    assert "wrote another record layout: what it left in the kernel is not read" in second.log()
+    new_ids = [bpfsys.attached_prog_ids(ifindex, d) for d in ("ingress", "egress")]
+    assert sorted(hooks(dev)) == ["tcx hdrlog_egress", "tcx hdrlog_ingress"]  # one program per hook:
+    assert all(len(n) == 1 and n != o for n, o in zip(new_ids, old_ids)), (old_ids, new_ids)  # ours now
+    assert not any(n.startswith("hdrlog.1.") for n in manager.names())
+    assert second.stop() == 0
