@@ -38,6 +38,8 @@ STATS_INTERVAL = 10.0  # seconds between collector_stats rows
 POLL_MS = 100
 # Capture counters that mean a record was not kept (each becomes drop_<name>).
 CAPTURE_DROP_REASONS = ("ringbuf_full", "filtered", "sampled_out")
+# Of those, the ones the configuration asks for (filters, sampling): not losses.
+DELIBERATE_DROPS = ("drop_filtered", "drop_sampled_out")
 # Capture counters about what was kept, reported as they are.
 CAPTURE_KEPT = ("flowed", "flow_map_full", "payload")
 
@@ -313,12 +315,14 @@ class Collector:
     def status_line(self) -> str:
         c = self.counters()
         s = self.sender.counters if self.sender else None
-        dropped = sum(v for k, v in c.items() if k.startswith("drop_"))
+        # Lost: records that should have been kept and were not. Filtered and sampled-out
+        # packets are left out on purpose, and shown on their own.
+        lost = sum(v for k, v in c.items() if k.startswith("drop_") and k not in DELIBERATE_DROPS)
         return (f"collector: seen={c['seen']} captured={c['logged']} flows={c['flows']} "
                 f"filtered={c['drop_filtered']} sampled_out={c['drop_sampled_out']} "
                 f"ringbuf_full={c['drop_ringbuf_full']} flow_map_full={c['flow_map_full']} "
                 f"sent={s.rows_sent if s else 0} "
-                f"acked={s.rows_acked if s else 0} dropped={dropped} "
+                f"acked={s.rows_acked if s else 0} lost={lost} "
                 f"unacked={self.outbox.rows if self.outbox else 0} "
                 f"server={'up' if self.sender and self.sender.connected else 'down'}")
 
