@@ -100,8 +100,9 @@ class Server:
             ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
         ]
         self._grpc = grpc.aio.server(options=options)
-        ingest_pb2_grpc.add_IngestServicer_to_server(
-            IngestServicer(self.writer, self.metrics, insecure=cfg.insecure, max_streams=cfg.max_streams), self._grpc)
+        self.ingest = IngestServicer(self.writer, self.metrics, insecure=cfg.insecure, max_streams=cfg.max_streams,
+                                     max_streams_per_host=cfg.max_streams_per_host)
+        ingest_pb2_grpc.add_IngestServicer_to_server(self.ingest, self._grpc)
         host, port = parse_hostport("listen", cfg.listen)  # type: ignore[misc]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:

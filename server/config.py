@@ -27,6 +27,7 @@ DEFAULT_PENDING_FACTOR = 4
 DEFAULT_TTL_DAYS = {"packets": 0, "flows": 0, "collector_stats": 0, "rollups": 0, "anomalies": 0}
 DEFAULT_MAX_STREAMS = 4096
 DEFAULT_STREAMS_PER_CONNECTION = 8
+DEFAULT_STREAMS_PER_HOST = 16
 
 
 def default_clickhouse() -> str:
@@ -58,6 +59,9 @@ class ServerConfig:
                                       "only (never a flag: command lines are visible to every user)", flag=False)
     max_streams: int = doc_field(DEFAULT_MAX_STREAMS, "ingest streams open at once, all clients together; "
                                                       "beyond this a new stream is refused (RESOURCE_EXHAUSTED)")
+    max_streams_per_host: int = doc_field(
+        DEFAULT_STREAMS_PER_HOST, "ingest streams one client certificate (one host) may hold open at once "
+                                  "(a collector uses one; mTLS only); beyond this its new streams are refused")
     max_streams_per_connection: int = doc_field(
         DEFAULT_STREAMS_PER_CONNECTION, "concurrent streams one gRPC connection may open (a collector uses one); "
                                         "more wait on the client's side")
@@ -160,6 +164,8 @@ class ServerConfig:
             raise ConfigError("sql_user", self.sql_user, "letters, digits and _.@- up to 64 characters")
         if not 1 <= self.max_streams <= 1_000_000:
             raise ConfigError("max_streams", self.max_streams, "expected 1 to 1000000")
+        if not 1 <= self.max_streams_per_host <= 1_000_000:
+            raise ConfigError("max_streams_per_host", self.max_streams_per_host, "expected 1 to 1000000")
         if not 1 <= self.max_streams_per_connection <= 1000:
             raise ConfigError("max_streams_per_connection", self.max_streams_per_connection, "expected 1 to 1000")
         if self.flush_rows < 1:

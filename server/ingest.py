@@ -14,7 +14,9 @@ refused: a collector writes rows for its own host only, and cannot touch
 another collector's exactly-once watermarks. Rows are stored with the
 certificate's name as ``host``. ``--insecure`` trusts ``Batch.host``.
 
-Limits: at most ``max_streams`` streams at once (more are refused with
+Limits: at most ``max_streams`` streams at once, and with mTLS at most
+``max_streams_per_host`` of them under one certificate name, so one host (or a
+stolen certificate) cannot take every slot (more are refused with
 RESOURCE_EXHAUSTED); a client that stops reading its acks stops being read once
 ``MAX_UNSENT_ACKS`` acks wait for it, so it costs a bounded amount of memory and
 nobody else anything; a seq of 0, or one more than ``MAX_SEQ_JUMP`` past what is
@@ -75,12 +77,15 @@ def identity_for(identity: str | None, batch: ingest_pb2.Batch) -> str:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
-    def __init__(self, writer: Writer, metrics: ServerMetrics, *, insecure: bool, max_streams: int = 1 << 30):
+    def __init__(self, writer: Writer, metrics: ServerMetrics, *, insecure: bool, max_streams: int = 1 << 30,
+                 max_streams_per_host: int = 1 << 30):
         self.writer = writer
         self.metrics = metrics
         self.insecure = insecure
         self.max_streams = max_streams
+        self.max_streams_per_host = max_streams_per_host
         self.open_streams = 0
+        self.open_by_identity: dict[str, int] = {}
         self._last_reject_log = 0.0
         self._suppressed = 0
 
@@ -102,11 +107,26 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many streams open ({self.max_streams}); retry later")
         identity = None if self.insecure else peer_identity(context)
+        if identity is not None and self.open_by_identity.get(identity, 0) >= self.max_streams_per_host:
+            self.metrics.rejected("too_many_streams_per_host")
+            self._log_reject(f"server: stream from {context.peer()} refused: {identity!r} has "
+                             f"{self.open_by_identity[identity]} streams open (max_streams_per_host="
+                             f"{self.max_streams_per_host})")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many streams open for {identity!r} ({self.max_streams_per_host}); retry later")
         self.open_streams += 1
+        if identity is not None:
+            self.open_by_identity[identity] = self.open_by_identity.get(identity, 0) + 1
         try:
             await self._stream(context, identity)
         finally:
             self.open_streams -= 1
+            if identity is not None:
+                left = self.open_by_identity[identity] - 1
+                if left:
+                    self.open_by_identity[identity] = left
+                else:
+                    del self.open_by_identity[identity]
 
     async def _stream(self, context: grpc.aio.ServicerContext, identity: str | None) -> None:
         acks: asyncio.Queue[ingest_pb2.Ack | None] = asyncio.Queue()

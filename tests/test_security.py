@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -185,3 +187,47 @@ def test_config_rules_for_tls_and_sql_credentials(tmp_path, certs):
     help_text = subprocess.run([*HDRLOG, "server", "run", "--help"], capture_output=True, text=True).stdout
     assert "--sql-password-file" in help_text and "--sql-password " not in help_text
     assert "--sql-password=" not in help_text
+
+
+def test_one_certificate_cannot_take_every_stream_slot(server, certs):
+    """With mTLS each host may hold max_streams_per_host streams; the others are refused while
+    other hosts are still served."""
+    srv = server
+    ingest = srv.server.ingest
+    assert ingest.max_streams_per_host == 16  # the default, from the config
+    ingest.max_streams_per_host = 3  # (one chDB store per process: this module's server, limit lowered)
+    held: list = []
+    quiet = threading.Event()
+
+    def idle():  # a request stream that sends nothing and stays open until the test ends
+        quiet.wait(30)
+        return
+        yield
+
+    try:
+        def open_stream(name: str):
+            ch = channel(srv, certs, name)
+            held.append(ch)
+            return ingest_pb2_grpc.IngestStub(ch).Stream(idle(), timeout=30)
+
+        calls = [open_stream("host-a") for _ in range(3)]  # one channel each
+        deadline = time.monotonic() + 20
+        while ingest.open_by_identity.get("host-a", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ingest.open_by_identity.get("host-a") == 3
+        with pytest.raises(grpc.RpcError) as refused:
+            list(open_stream("host-a"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many streams open for 'host-a' (3)" in refused.value.details()
+        # Another host is unaffected, and nothing host-a held was disturbed.
+        assert [a.status for a in send(channel(srv, certs, "host-b"),
+                                       [batch(1, 2, host="host-b", collector_id="host-b/1")])] == [OK]
+        assert ingest.open_by_identity.get("host-a") == 3
+        assert srv.server.metrics.value("hdrlog_server_batches_rejected_total", reason="too_many_streams_per_host") == 1
+        for c in calls:
+            c.cancel()
+    finally:
+        quiet.set()
+        for ch in held:
+            ch.close()
+        ingest.max_streams_per_host = 16
