@@ -507,12 +507,7 @@ class Capture:
         if self._bpf is None:
             out = dict(self._final_counters or {n: 0 for n in records.COUNTER_NAMES})
         else:
-            table = self._bpf.get_table(b"counters")
-            per_cpu = table.getvalue(table.Key(0))
-            self._kernel_counters = {
-                name: int(sum(cpu.n[i] for cpu in per_cpu))
-                for i, name in enumerate(records.COUNTER_NAMES)
-            }
+            self._kernel_counters = handover.read_counters(self._bpf[b"counters"].map_fd)
             out = {n: v + self._inherited_counts.get(n, 0) for n, v in self._kernel_counters.items()}
         out["polled"] = self._polled
         return out

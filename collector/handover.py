@@ -117,7 +117,7 @@ class Generation:
 
 
 def read_counters(fd: int) -> dict[str, int]:
-    """The per-CPU ``counters`` map summed over CPUs, by name."""
+    """The per-CPU ``counters`` map summed over CPUs, by name: ours, or a predecessor's."""
     ncpu = bpfsys.possible_cpus()
     size = len(records.COUNTER_NAMES) * 8
     raw = bpfsys.map_lookup(fd, b"\0\0\0\0", size * ncpu)
