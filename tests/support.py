@@ -45,7 +45,13 @@ def hdrlog_hooks(dev: str, direction: str) -> list[str]:
 
     out = [f"tcx {n}" for n in bpfsys.tcx_program_names(dev, direction) if n.startswith("hdrlog")]
     tc = subprocess.run(["tc", "filter", "show", "dev", dev, direction], capture_output=True, text=True).stdout
-    for line in tc.splitlines():  # a filter's line names its program twice
+    return out + hdrlog_tc_filters(tc)
+
+
+def hdrlog_tc_filters(tc_output: str) -> list[str]:
+    """hdrlog's filters in ``tc filter show`` output, one "tc hdrlog_..." per filter."""
+    out = []
+    for line in tc_output.splitlines():  # a filter's line names its program twice
         names = [word for word in line.split() if word.startswith("hdrlog")]
         out += [f"tc {names[0]}"] if names else []
     return out

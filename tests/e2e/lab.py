@@ -42,6 +42,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import hdrlog_tc_filters
+
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = REPO / "playbooks"
 CACHE_DIR = Path(os.environ.get("HDRLOG_LAB_CACHE", "/var/cache/hdrlog-lab"))
@@ -521,7 +523,7 @@ class Lab:
             if direction in found and name.startswith("hdrlog"):
                 found[direction].append(f"tcx {name}")
         for direction, text in (("ingress", tc_in), ("egress", tc_out)):
-            found[direction] += [f"tc {w}" for w in text.split() if w.startswith("hdrlog")]
+            found[direction] += hdrlog_tc_filters(text)
         return found
 
     def attached(self, m: Machine | str, ifname: str = "host0") -> bool:
