@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -25,6 +26,26 @@ def as_nobody_with(caps: list[str]) -> list[str]:
     spec = ",".join(["-all"] + [f"+{c}" for c in caps])
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
             f"--inh-caps={spec}", f"--ambient-caps={spec}", f"--bounding-set={spec}", "--"]
+
+
+@pytest.fixture(autouse=True)
+def checkout_reachable_by_nobody():
+    """nobody must reach the checkout and its .venv to import hdrlog. A clone under a private
+    directory (mktemp -d makes 0700 ones) is not: grant search (o+x, not read) on exactly the
+    directories above it that lack it, for this test only."""
+    repo = Path(__file__).resolve().parents[1]
+    dirs = {p for top in (repo, Path(sys.executable).parent) for p in (top, *top.parents)}
+    granted = []
+    try:
+        for d in sorted(dirs):
+            mode = d.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
+                granted.append((d, stat.S_IMODE(mode)))
+        yield
+    finally:
+        for d, mode in reversed(granted):
+            os.chmod(d, mode)
 
 
 @pytest.fixture
