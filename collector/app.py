@@ -128,7 +128,9 @@ class Collector:
                 self._on_flows(flows)
             self._add_stats()
             self.batcher.flush()
-            drained = await self.sender.wait_drained(self.config.shutdown_timeout)
+            # A refused sender sends nothing more: do not wait for acks that cannot come.
+            wait = 0 if self.sender.refused else self.config.shutdown_timeout
+            drained = await self.sender.wait_drained(wait)
             if not drained and self.spool is not None:
                 log.warning("stopping with %d batches (%d records) unacked by the server: they stay in the "
                             "spool %s and are sent when the collector starts again",
@@ -156,6 +158,8 @@ class Collector:
                 pass
             if self._capture_error is not None:
                 raise RuntimeError(f"capture failed: {self._capture_error}") from self._capture_error
+            if self.sender is not None and self.sender.refused:
+                raise RuntimeError(self.sender.refused)
             self.batcher.flush_if_due()
             now = time.monotonic()
             if self.config.filter_file and now >= self._next_filter_check:
@@ -342,10 +346,14 @@ async def serve(config: CollectorConfig) -> int:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         log.error("collector: unable to start: %s", reason[:500])
         return 1
+    code = 0
     try:
         await collector.run(stop)
+    except RuntimeError as exc:  # capture failed, or the server refuses this collector's identity
+        log.error("collector: stopping: %s", " ".join(str(exc).split())[:500])
+        code = 1
     finally:
         fdstore.notify("STOPPING=1")
         await collector.stop()
         log.info("%s", collector.status_line())
-    return 0
+    return code

@@ -24,7 +24,8 @@ def default_spool() -> str:
 class CollectorConfig:
     server: str = doc_field("", "gRPC address of the hdrlog server, HOST:PORT")
     iface: list[str] = doc_field([], "interface to watch, a name or a glob such as 'veth*'")
-    host_id: str = doc_field("", "name this host's records carry (default: the hostname)")
+    host_id: str = doc_field("", "name this host's records carry (default: the client certificate's name under "
+                                 "mTLS, which the server requires; the hostname with --insecure)")
     mode: str = doc_field("auto", "what is logged: packets (a row per packet), flows (in-kernel aggregates "
                                   "only) or auto (flows, plus rows for notable packets and a 1:N sample of the rest)")
     sample: int = doc_field(1, "1:N sampling of packet rows: packets mode logs one packet in N (1 = every packet); "
@@ -120,5 +121,27 @@ class CollectorConfig:
             path = getattr(self, key)
             if path and not os.access(path, os.R_OK):
                 raise ConfigError(key, path, "file not readable")
+        if not self.insecure:
+            # Under mTLS the identity *is* the certificate: the server stores rows only under its name.
+            identity = _certificate_name(self.tls_cert)
+            if self.host_id and self.host_id != identity:
+                raise ConfigError("host_id", self.host_id,
+                                  f"must be the client certificate's name {identity!r} (the server accepts rows "
+                                  "only for that host), or left out to take it from the certificate")
+            self.host_id = identity
         if not self.host_id:
             self.host_id = socket.gethostname()
+
+
+def _certificate_name(path: str) -> str:
+    """The common name of the PEM certificate at ``path``: the identity the server sees."""
+    from hdrlog.pki import identity_of
+
+    try:
+        name = identity_of(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("tls_cert", path, f"not a readable PEM certificate ({exc})") from None
+    if not name:
+        raise ConfigError("tls_cert", path, "the certificate has no common name; issue it with "
+                                            "`hdrlog pki issue --name HOST`")
+    return name

@@ -40,6 +40,10 @@ class RetryLater(Exception):
     """The server asked for a resend later."""
 
 
+class Refused(Exception):
+    """The server refuses this collector's identity: resending cannot help, and dropping would lose data."""
+
+
 @dataclass
 class SendCounters:
     batches_sent: int = 0
@@ -181,6 +185,7 @@ class Sender:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_error = ""
+        self.refused = ""  # set when the server refused our identity: the sender has stopped
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hdrlog-sender")
@@ -225,6 +230,12 @@ class Sender:
                 raise
             except RetryLater as exc:
                 self._last_error = str(exc)
+            except Refused as exc:
+                self.refused = str(exc)
+                self._set_connected(False)
+                log.error("server %s: %s; %d batches (%d records) kept unsent", self.target, exc,
+                          len(self.outbox), self.outbox.rows)
+                return
             except grpc.aio.AioRpcError as exc:
                 self._last_error = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # never let a transport surprise end the collector
@@ -283,6 +294,9 @@ class Sender:
             self._set_connected(True)
             if ack.status == ingest_pb2.Ack.RETRY:
                 raise RetryLater(f"server asked to retry seq {ack.seq}: {ack.error}")
+            if ack.status == ingest_pb2.Ack.REJECTED and ack.reason == "identity":
+                # Keep the batch (in the spool too): it is fine, only who sends it is wrong.
+                raise Refused(f"server refuses this collector's identity: {ack.error}")
             rows = self.outbox.pop(ack.seq)
             if rows is None:
                 continue  # an ack for a batch already acked on an earlier stream

@@ -39,12 +39,31 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="how much to say on stderr (default info)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching: `--sql-password x` must not quietly become `--sql-password-file x`.
+
+    Subcommand parsers are made of the same class (add_subparsers uses type(self))."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Name the unknown options, never echo their values: one may be a password.
+            flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+            self.error(f"unrecognized arguments: {' '.join(flags) or 'a value with no option'} "
+                       "(values not shown); see --help")
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hdrlog.collector.config import CollectorConfig
     from hdrlog.server.config import ServerConfig
     from hdrlog.server.reportconfig import ReportConfig
 
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="hdrlog", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Log packet header elements across a fleet: eBPF collectors stream columnar "
                     "batches over gRPC to a server that stores them in ClickHouse.")

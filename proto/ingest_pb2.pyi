@@ -42,7 +42,7 @@ class Batch(_message.Message):
     def __init__(self, collector_id: _Optional[str] = ..., host: _Optional[str] = ..., seq: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[Table, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq", "status", "error", "rows", "duplicate")
+    __slots__ = ("seq", "status", "error", "rows", "duplicate", "reason")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OK: _ClassVar[Ack.Status]
@@ -56,9 +56,11 @@ class Ack(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     seq: int
     status: Ack.Status
     error: str
     rows: int
     duplicate: bool
-    def __init__(self, seq: _Optional[int] = ..., status: _Optional[_Union[Ack.Status, str]] = ..., error: _Optional[str] = ..., rows: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., status: _Optional[_Union[Ack.Status, str]] = ..., error: _Optional[str] = ..., rows: _Optional[int] = ..., duplicate: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

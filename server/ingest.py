@@ -187,7 +187,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 except BatchError as exc:
                     self.metrics.rejected(exc.kind)
                     self._log_reject(f"server: batch {batch.collector_id[:64]!r}/{batch.seq} from {peer} rejected: {exc}")
-                    queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc)))
+                    queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc),
+                                             reason=exc.kind))
                     continue
                 fut = await self.writer.submit(batch.collector_id, batch.seq, tables)
                 outstanding += 1

@@ -135,6 +135,11 @@ def filled(tmp_path_factory):
     fill._send("host-02", "collector_stats", {
         "ts": np.array([int(s * NS)] * 2, dtype="<i8"), "interval_ms": np.array([1000, 1000], dtype="<u4"),
         "counter": ["seen", "drop_ringbuf_full"], "value": np.array([10_000, 500], dtype="<u8")})
+    # host-01 samples 1:10 and filters some: what it was asked to do, coverage not loss
+    fill._send("host-01", "collector_stats", {
+        "ts": np.array([int(s * NS)] * 3, dtype="<i8"), "interval_ms": np.array([1000] * 3, dtype="<u4"),
+        "counter": ["seen", "drop_sampled_out", "drop_filtered"],
+        "value": np.array([10_000, 9_000, 400], dtype="<u8")})
     store.close()
     return url, end
 
@@ -172,7 +177,9 @@ def test_every_detector_flags_its_injected_anomaly(filled):
     assert got.get("dns_many_subdomains") == got.get("dns_long_names")
     assert got.get("ttl") == {"198.19.7.7"}
     assert got.get("silent_host") == {"host-03"}
-    assert got.get("collector_drops") == {"host-02:drop_ringbuf_full"}
+    assert got.get("collector_drops") == {"host-02:drop_ringbuf_full"}  # sampling is not loss
+    coverage = [n for n in report.notes if n.startswith("coverage: host-01")]
+    assert coverage and "9000 sampled out" in coverage[0] and "400 filtered" in coverage[0], report.notes
     flood = next(f for f in report.findings if f.detector == "syn_flood")
     assert flood.evidence["syns"] == 2000 and flood.evidence["handshakes_completed"] == 0
     spike = next(f for f in report.findings if f.detector == "traffic_spike")
@@ -341,3 +348,11 @@ def test_writing_to_a_device_writes_into_it_and_leaves_it_a_device(tmp_path):
     deliver.write("report text\n", str(fifo), "md", 0.0)
     reader.join(10)
     assert got == ["report text\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_deliberate_drops_are_the_collectors():
+    """The report's idea of what is not loss is the collector's own (one list each, kept equal)."""
+    from hdrlog.collector import app
+    from hdrlog.server import detectors
+
+    assert set(detectors.DELIBERATE_DROPS) == set(app.DELIBERATE_DROPS)

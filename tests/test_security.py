@@ -231,3 +231,57 @@ def test_one_certificate_cannot_take_every_stream_slot(server, certs):
         for ch in held:
             ch.close()
         ingest.max_streams_per_host = 16
+
+
+def test_the_collector_takes_its_host_id_from_its_certificate(tmp_path, certs):
+    """Under mTLS the identity is the certificate: no --host-id means its name; another name is refused."""
+    from hdrlog.collector.config import CollectorConfig
+
+    tls = dict(tls_cert=str(certs / "host-a.crt"), tls_key=str(certs / "host-a.key"), tls_ca=str(certs / "ca.crt"))
+    c = CollectorConfig(server="127.0.0.1:1", iface=["lo"], spool="", **tls)
+    c.validate()
+    assert c.host_id == "host-a"   # not this machine's hostname
+    CollectorConfig(server="127.0.0.1:1", iface=["lo"], spool="", host_id="host-a", **tls).validate()
+    with pytest.raises(ConfigError) as err:
+        CollectorConfig(server="127.0.0.1:1", iface=["lo"], spool="", host_id="web-01", **tls).validate()
+    assert err.value.key == "host_id" and "'host-a'" in str(err.value)
+    # the command line: one line, exit 2, before anything starts
+    bad = subprocess.run([*HDRLOG, "collector", "run", "--server", "127.0.0.1:1", "--iface", "lo", "--spool", "",
+                          "--host-id", "web-01", "--tls-cert", tls["tls_cert"], "--tls-key", tls["tls_key"],
+                          "--tls-ca", tls["tls_ca"]], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "host_id" in bad.stderr, bad.stderr
+    (tmp_path / "not-a-cert.crt").write_text("hello\n")
+    with pytest.raises(ConfigError) as err:
+        CollectorConfig(server="127.0.0.1:1", iface=["lo"], spool="", **{**tls, "tls_cert": str(tmp_path / "not-a-cert.crt")}).validate()
+    assert err.value.key == "tls_cert"
+
+
+def test_a_batch_refused_for_identity_is_kept_and_the_sender_stops(server, certs):
+    """Resending cannot fix an identity refusal, and dropping it would lose data silently: keep it, stop, say so."""
+    import asyncio
+
+    from hdrlog.collector.sender import Outbox, Sender
+
+    async def go():
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(certs / "ca.crt").read_bytes(), private_key=(certs / "host-a.key").read_bytes(),
+            certificate_chain=(certs / "host-a.crt").read_bytes())
+        box = Outbox(max_rows=1000)
+        box.put(batch(1, 4, host="host-a", collector_id="host-a/refused"), 4)
+        box.put(batch(2, 4, host="web-01", collector_id="web-01/refused"), 4)  # not host-a's to write
+        sender = Sender(server.target, box, credentials=creds)
+        sender.start()
+        try:
+            for _ in range(200):
+                if sender.refused:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await sender.stop()
+        return sender, box
+
+    sender, box = asyncio.run(go())
+    assert "identity" in sender.refused and "web-01" in sender.refused
+    # seq 2 kept, never counted as rejected (seq 1's OK may come after the refusal: it is resent, harmlessly)
+    assert 2 in box and sender.counters.rows_rejected == 0 and sender.counters.batches_rejected == 0
