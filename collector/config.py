@@ -32,7 +32,7 @@ class CollectorConfig:
                                "auto mode one in N of the packets that are not notable (1 = its default, 100)")
     first_packets: int = doc_field(3, "auto mode: log the first N packets of every new flow")
     flow_interval: float = doc_field(5.0, "seconds between drains of the in-kernel flow map: the longest a flow "
-                                          "row spans (active and idle timeout)")
+                                          "row spans (active and idle timeout)", duration=True)
     flow_entries: int = doc_field(65536, "flows the kernel holds per interval; beyond this, packets go through "
                                          "the ring buffer instead (counted as flow_map_full)")
     filter: list[str] = doc_field([], "in-kernel filter rule, e.g. 'include src 198.18.0.0/15', 'exclude dport 22', "
@@ -54,15 +54,17 @@ class CollectorConfig:
     tls_key: str = doc_field("", "this collector's private key (PEM)")
     tls_ca: str = doc_field("", "CA certificate that signed the server's certificate (PEM)")
     batch_rows: int = doc_field(10_000, "close a batch when it holds this many records")
-    batch_interval: float = doc_field(1.0, "close a batch at the latest this many seconds after its first record")
+    batch_interval: float = doc_field(1.0, "close a batch at the latest this many seconds after its first record",
+                                      duration=True)
     max_unacked_rows: int = doc_field(2_000_000, "without a spool: records kept in memory waiting for the "
                                                  "server's ack; beyond this the oldest batches are dropped and "
                                                  "counted (drop_unacked_full)")
     ringbuf_bytes: int = doc_field(8 << 20, "BPF ring buffer size in bytes (a power of two)")
     dns_ports: list[int] = doc_field([53, 5353], "UDP/TCP port whose payload is decoded as DNS "
                                                  "(besides the content-recognised HTTP and TLS)")
-    status_interval: float = doc_field(5.0, "seconds between one-line status reports on stderr (0 = off)")
-    shutdown_timeout: float = doc_field(5.0, "seconds to wait for the server's acks when stopping")
+    status_interval: float = doc_field(5.0, "seconds between one-line status reports on stderr (0 = off)",
+                                       duration=True)
+    shutdown_timeout: float = doc_field(5.0, "seconds to wait for the server's acks when stopping", duration=True)
 
     def validate(self) -> None:
         if not self.server:

@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     cfg.add_arguments(run, ServerConfig)
     run.set_defaults(handler=_server_run)
+    check = server_sub.add_parser(
+        "check", help="validate the configuration (flags, HDRLOG_* variables, --config file) and exit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read the configuration exactly as `server run` would (flag > environment > file > default), "
+                    "check every value and the TLS files, print a summary and exit: 0 when it is valid, 2 with one "
+                    "line naming the bad key otherwise. Opens no store and no port.",
+        epilog="example: hdrlog server check --config /etc/hdrlog/server.yaml")
+    _common(check)
+    cfg.add_arguments(check, ServerConfig)
+    check.set_defaults(handler=_server_check)
     migrate = server_sub.add_parser(
         "migrate", help="create or upgrade the schema, apply the TTLs, then exit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "its own filters, exit 0. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).")
     _common(run)
     cfg.add_arguments(run, CollectorConfig)
+    check = collector_sub.add_parser(
+        "check", help="validate the configuration and exit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read the configuration exactly as `collector run` would, check every value and the TLS "
+                    "files, say which interfaces match --iface now, and exit: 0 when it is valid, 2 with one "
+                    "line naming the bad key otherwise. Loads no BPF and needs no privileges.",
+        epilog="example: hdrlog collector check --config /etc/hdrlog/collector.yaml")
+    _common(check)
+    cfg.add_arguments(check, CollectorConfig)
+    check.set_defaults(handler=_collector_check)
     run.add_argument("--print-bpf", action="store_true",
                      help="print the BPF C source and compiler flags that would be loaded, then exit")
     run.set_defaults(handler=_collector_run)
@@ -225,6 +245,20 @@ def _server_run(ns: argparse.Namespace) -> int:
     return asyncio.run(serve(config, report=report))
 
 
+def _server_check(ns: argparse.Namespace) -> int:
+    from hdrlog.server.config import ServerConfig
+    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.sqlclient import redact
+
+    config = cfg.load(ServerConfig, args=vars(ns), file=ns.config, section="server")
+    if config.report_every:
+        cfg.load(ReportConfig, args={}, file=ns.config, section="report")
+    security = "--insecure (no TLS, no authentication)" if config.insecure else f"mTLS (CA {config.tls_ca})"
+    print(f"server configuration OK: gRPC {config.listen}, SQL {config.sql_listen or 'off'}, "
+          f"store {redact(config.clickhouse)}, {security}")
+    return 0
+
+
 def _server_migrate(ns: argparse.Namespace) -> int:
     _require_server_extra("hdrlog server migrate")
     from hdrlog.server.config import ServerConfig
@@ -286,6 +320,21 @@ def _collector_run(ns: argparse.Namespace) -> int:
     from hdrlog.collector.app import serve
 
     return asyncio.run(serve(config))
+
+
+def _collector_check(ns: argparse.Namespace) -> int:
+    import fnmatch
+    import socket
+
+    from hdrlog.collector.config import CollectorConfig
+
+    config = cfg.load(CollectorConfig, args=vars(ns), file=ns.config, section="collector")
+    names = [name for _, name in socket.if_nameindex()]
+    matched = sorted({n for pattern in config.iface for n in names if fnmatch.fnmatchcase(n, pattern)})
+    security = "--insecure (no TLS)" if config.insecure else f"mTLS as {config.host_id!r}"
+    print(f"collector configuration OK: host {config.host_id!r}, server {config.server}, {security}, "
+          f"mode {config.mode}; interfaces matching now: {', '.join(matched) or 'none (they may appear later)'}")
+    return 0
 
 
 def _sql(ns: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any, Mapping
 import yaml
 
 ENV_PREFIX = "HDRLOG_"
+# The sections a config file may have, one per command that reads one.
+SECTIONS = ("collector", "report", "server")
 
 
 class ConfigError(ValueError):
@@ -33,12 +36,35 @@ class ConfigError(ValueError):
         super().__init__(f"bad config {key}={value!r}: {allowed}")
 
 
-def doc_field(default: Any = dataclasses.MISSING, doc: str = "", *, flag: bool = True, **kwargs: Any) -> Any:
-    """A dataclass field with its documentation (shown in --help and docs/config.md)."""
+def doc_field(default: Any = dataclasses.MISSING, doc: str = "", *, flag: bool = True, duration: bool = False,
+              metavar: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with its documentation (shown in --help and docs/config.md).
+
+    ``duration``: a float of seconds that also takes the one duration syntax (500ms, 1s, 15m, 1h30m, 2d)."""
     if isinstance(default, list):
         kwargs["default_factory"] = lambda d=default: list(d)
         default = dataclasses.MISSING
-    return dataclasses.field(default=default, metadata={"doc": doc, "flag": flag}, **kwargs)
+    return dataclasses.field(default=default, metadata={"doc": doc, "flag": flag, "duration": duration,
+                                                        "metavar": metavar}, **kwargs)
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
+
+
+def parse_duration(key: str, value: object, *, allow_zero: bool = False) -> float:
+    """'500ms', '90s', '15m', '1h30m', '2d' or plain seconds -> seconds; the one syntax of every duration."""
+    text = str(value).strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        m = _DURATION.match(text)
+        if not text or not m or not any(m.groups()):
+            raise ConfigError(key, value, "expected a duration such as 500ms, 90s, 15m, 1h30m or 2d") from None
+        d, h, mi, s, ms = m.groups()
+        seconds = int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
+    if seconds != seconds or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ConfigError(key, value, "expected a duration >= 0" if allow_zero else "expected a duration > 0")
+    return seconds
 
 
 def env_name(field_name: str) -> str:
@@ -58,11 +84,13 @@ def _base_type(tp: Any) -> Any:
     return origin or tp
 
 
-def _convert(key: str, tp: Any, raw: Any) -> Any:
+def _convert(key: str, tp: Any, raw: Any, *, duration: bool = False) -> Any:
     """Turn a string (env, flag) or YAML value into the field's type."""
     base = _base_type(tp)
     if raw is None:
         return None
+    if duration and not isinstance(raw, bool):
+        return parse_duration(key, raw, allow_zero=True)
     try:
         if base is bool:
             if isinstance(raw, bool):
@@ -104,15 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         helptext = f"{f.metadata.get('doc', '')} [env {env_name(f.name)}; default {default!r}]"
+        metavar = f.metadata.get("metavar") or ("DURATION" if f.metadata.get("duration") else f.name.upper())
         if base is bool:
             parser.add_argument(flag_name(f.name), dest=f.name, action="store_const", const=True,
                                 default=None, help=helptext)
         elif base is list:
             parser.add_argument(flag_name(f.name), dest=f.name, action="append", default=None,
-                                metavar=f.name.split("_")[-1].upper(), help=helptext + " (repeatable)")
+                                metavar=metavar, help=helptext + " (repeatable)")
         else:
-            parser.add_argument(flag_name(f.name), dest=f.name, default=None,
-                                metavar=f.name.split("_")[-1].upper(), help=helptext)
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=metavar, help=helptext)
 
 
 def read_file(path: str | os.PathLike[str] | None, section: str) -> dict[str, Any]:
@@ -129,6 +157,9 @@ def read_file(path: str | os.PathLike[str] | None, section: str) -> dict[str, An
         raise ConfigError("config", str(path), f"not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise ConfigError("config", str(path), "expected a mapping with a section per command")
+    unknown = sorted(str(k) for k in data if k not in SECTIONS)
+    if unknown:
+        raise ConfigError("config", str(path), f"unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
     body = data.get(section, {})
     if not isinstance(body, dict):
         raise ConfigError(section, body, "expected a mapping of keys to values")
@@ -140,7 +171,8 @@ def load(cls: type, *, args: Mapping[str, Any] | None = None, file: str | None =
     """Build and validate a config dataclass: flag > environment > file > default."""
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     from_file = read_file(file, section)
     unknown = sorted(set(from_file) - names)
     if unknown:
@@ -149,12 +181,13 @@ def load(cls: type, *, args: Mapping[str, Any] | None = None, file: str | None =
     values: dict[str, Any] = {}
     for name in names:
         key = f"{section}.{name}"
+        duration = bool(fields[name].metadata.get("duration"))
         if args is not None and args.get(name) is not None:
-            values[name] = _convert(flag_name(name), hints[name], args[name])
+            values[name] = _convert(flag_name(name), hints[name], args[name], duration=duration)
         elif env_name(name) in environ:
-            values[name] = _convert(env_name(name), hints[name], environ[env_name(name)])
+            values[name] = _convert(env_name(name), hints[name], environ[env_name(name)], duration=duration)
         elif name in from_file:
-            values[name] = _convert(key, hints[name], from_file[name])
+            values[name] = _convert(key, hints[name], from_file[name], duration=duration)
     config = cls(**values)
     validate = getattr(config, "validate", None)
     if validate is not None:

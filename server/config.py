@@ -66,11 +66,13 @@ class ServerConfig:
         DEFAULT_STREAMS_PER_CONNECTION, "concurrent streams one gRPC connection may open (a collector uses one); "
                                         "more wait on the client's side")
     flush_rows: int = doc_field(DEFAULT_FLUSH_ROWS, "insert when this many rows are pending (all streams together)")
-    flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending")
+    flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending",
+                                      duration=True)
     max_pending_rows: int = doc_field(
         0, "rows held in memory before streams are paused (backpressure); 0 means 4 x flush_rows")
     max_message_bytes: int = doc_field(DEFAULT_MAX_MESSAGE_BYTES, "largest Batch message accepted, in bytes")
-    status_interval: float = doc_field(DEFAULT_STATUS_INTERVAL, "seconds between one-line status logs; 0 disables them")
+    status_interval: float = doc_field(DEFAULT_STATUS_INTERVAL, "seconds between one-line status logs; 0 disables them",
+                                       duration=True)
     ttl_packets_days: int = doc_field(DEFAULT_TTL_DAYS["packets"], "days hdrlog.packets keeps rows (whole days "
                                       "dropped at once); 0 keeps them forever")
     ttl_flows_days: int = doc_field(DEFAULT_TTL_DAYS["flows"], "days hdrlog.flows keeps rows; 0 = forever")
@@ -106,7 +108,7 @@ class ServerConfig:
 
     @property
     def report_every_seconds(self) -> float:
-        from hdrlog.server.reportconfig import parse_duration
+        from hdrlog.config import parse_duration
 
         return parse_duration("report_every", self.report_every) if self.report_every else 0.0
 

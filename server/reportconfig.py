@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 
-from hdrlog.config import ConfigError, doc_field
+from hdrlog.config import ConfigError, doc_field, parse_duration
 
 FORMATS = ("html", "md", "json")
 DEFAULT_SINCE = "1h"
@@ -21,25 +20,6 @@ DEFAULT_SILENT_AFTER = "10m"
 DEFAULT_INTERNAL_NETS = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
                          "169.254.0.0/16", "fc00::/7", "fe80::/10", "::1/128"]
 SEVERITIES = ("info", "low", "medium", "high", "critical")
-
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(key: str, value: object) -> float:
-    """'90s', '15m', '1h30m', '2d' or plain seconds -> seconds (> 0)."""
-    text = str(value).strip().lower()
-    try:
-        seconds = float(text)
-    except ValueError:
-        m = _DURATION.match(text)
-        if not text or not m or not any(m.groups()):
-            raise ConfigError(key, value, "expected a duration such as 90s, 15m, 1h30m or 2d") from None
-        d, h, mi, s = m.groups()
-        seconds = int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60 + float(s or 0)
-    if seconds <= 0:
-        raise ConfigError(key, value, "expected a duration > 0")
-    return seconds
-
 
 @dataclass
 class ReportConfig:
@@ -57,7 +37,7 @@ class ReportConfig:
     format: str = doc_field("html", "html, md or json")
     out: str = doc_field("", "file to write, or a directory (one file per report); '' = standard output")
     webhook: str = doc_field("", "POST the JSON report to this http(s) URL ('' = off)")
-    webhook_timeout: float = doc_field(10.0, "seconds before a webhook POST gives up")
+    webhook_timeout: float = doc_field(10.0, "seconds before a webhook POST gives up", duration=True)
     smtp_host: str = doc_field("", "mail the report through this SMTP server ('' = off)")
     smtp_port: int = doc_field(25, "SMTP port")
     smtp_starttls: bool = doc_field(False, "STARTTLS before sending")

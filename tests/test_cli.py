@@ -66,3 +66,33 @@ def test_without_the_server_extra_collector_commands_work_and_server_ones_say_wh
         p = run_without_server_extra(*args)
         assert p.returncode == 1 and "the embedded store needs hdrlog's server extra" in last_line(p), p.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_no_option_prefix_matching_and_no_value_echoed():
+    """`--sql-password x` once became `--sql-password-file x`, and the error printed the password."""
+    r = subprocess.run([*HDRLOG, "server", "run", "--insecure", "--sql-password", "hunter2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--sql-password" in r.stderr and "hunter2" not in r.stderr, r.stderr
+
+
+def test_help_names_arguments_by_their_keys():
+    out = subprocess.run([*HDRLOG, "collector", "run", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--host-id HOST_ID" in out and "--batch-interval DURATION" in out
+    out = subprocess.run([*HDRLOG, "server", "run", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--report-every REPORT_EVERY" in out and " Z\n" not in out and "CONNECTION " not in out
+
+
+def test_check_validates_a_config_and_exits(tmp_path):
+    good = subprocess.run([*HDRLOG, "server", "check", "--insecure", "--flush-interval", "500ms"],
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and "configuration OK" in good.stdout, good.stderr
+    bad = subprocess.run([*HDRLOG, "server", "check", "--insecure", "--status-interval", "soon"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--status-interval" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    good = subprocess.run([*HDRLOG, "collector", "check", "--insecure", "--server", "127.0.0.1:1", "--iface", "lo"],
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and "interfaces matching now: lo" in good.stdout, good.stderr
+    bad = subprocess.run([*HDRLOG, "collector", "check", "--insecure", "--iface", "lo"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "server" in bad.stderr

@@ -64,3 +64,34 @@ def test_hostport():
     assert cfg.parse_hostport("k", "", allow_empty=True) is None
     with pytest.raises(cfg.ConfigError):
         cfg.parse_hostport("k", "host:99999")
+
+
+@pytest.mark.parametrize("text, seconds", [("500ms", 0.5), ("1s", 1.0), ("15m", 900.0), ("1h30m", 5400.0),
+                                           ("2d", 172800.0), ("2.5", 2.5), ("1m500ms", 60.5), ("0", 0.0)])
+def test_one_duration_syntax_for_every_duration(text, seconds):
+    c = load(args={"server": "s:1", "iface": ["lo"], "insecure": True, "shutdown_timeout": text}, environ={})
+    assert c.shutdown_timeout == seconds
+    assert cfg.parse_duration("k", text, allow_zero=True) == seconds
+
+
+def test_durations_are_the_same_syntax_in_file_env_and_every_command(tmp_path):
+    from hdrlog.server.config import ServerConfig
+    from hdrlog.server.reportconfig import ReportConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("server:\n  insecure: true\n  flush_interval: 250ms\nreport:\n  webhook_timeout: 1m\n")
+    s = cfg.load(ServerConfig, args={}, file=str(f), section="server", environ={"HDRLOG_STATUS_INTERVAL": "15m"})
+    assert (s.flush_interval, s.status_interval) == (0.25, 900.0)
+    r = cfg.load(ReportConfig, args={}, file=str(f), section="report", environ={})
+    assert r.webhook_timeout == 60.0
+    with pytest.raises(cfg.ConfigError) as err:
+        load(args={"server": "s:1", "iface": ["lo"], "insecure": True, "shutdown_timeout": "5 minutes"})
+    assert err.value.key == "--shutdown-timeout" and "500ms" in str(err.value)
+
+
+def test_an_unknown_section_is_an_error_like_an_unknown_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("colector:\n  server: s:1\n")
+    with pytest.raises(cfg.ConfigError) as err:
+        load(file=str(f))
+    assert "unknown section 'colector'" in str(err.value) and "collector" in str(err.value)
