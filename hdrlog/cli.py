@@ -134,13 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one read-only SQL query and print the result in a ClickHouse output format. "
                     "Asks the server's SQL endpoint (--url), a real ClickHouse (--url http(s)://...), "
                     "or opens an embedded store no server holds (--clickhouse chdb:///PATH). "
-                    "With neither, it tries the local server endpoint, then the default store.",
+                    "With neither, it asks the local server's endpoint, and only that.",
         epilog="example: hdrlog sql --format JSONEachRow "
                "\"SELECT dst_port, count() c FROM hdrlog.packets GROUP BY dst_port ORDER BY c DESC LIMIT 5\"")
     sql.add_argument("--url", help="SQL endpoint or ClickHouse HTTP URL, http(s)://[user:password@]host:port "
                                    "[env HDRLOG_SQL_URL]")
     sql.add_argument("--clickhouse", help="store to open directly: chdb:///PATH or http(s)://... "
                                           "[env HDRLOG_CLICKHOUSE]")
+    sql.add_argument("--user", default=None, help="user when the URL names none [env HDRLOG_SQL_USER]")
+    sql.add_argument("--password-file", metavar="FILE", default=None,
+                     help="read the password from FILE when the URL has none [else env HDRLOG_SQL_PASSWORD]")
     sql.add_argument("--format", default=None,
                      help="ClickHouse output format: PrettyCompact (default on a terminal), "
                           "TabSeparated (default otherwise), CSV, JSONEachRow, ...")
@@ -342,7 +345,8 @@ def _sql(ns: argparse.Namespace) -> int:
 
     query = sys.stdin.read() if ns.query == "-" else ns.query
     fmt = ns.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
-    out = sqlclient.run(query, fmt=fmt, url=ns.url, clickhouse=ns.clickhouse)
+    out = sqlclient.run(query, fmt=fmt, url=ns.url, clickhouse=ns.clickhouse, user=ns.user,
+                        password_file=ns.password_file)
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
     return 0

@@ -23,6 +23,18 @@ def test_sql_names_the_store_it_could_not_reach():
     assert p.stderr.strip() == f"hdrlog: no store reachable: http://127.0.0.1:{port}: connection refused"
 
 
+def test_sql_never_answers_from_a_store_it_was_not_given(tmp_path):
+    """Nothing on the default endpoint: say so and what to try, never open the default store instead."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HDRLOG_SQL_URL", "HDRLOG_CLICKHOUSE")}
+    p = subprocess.run([*HDRLOG, "sql", "SELECT 1"], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=tmp_path)
+    assert p.returncode == 1 and p.stdout == "", p.stdout
+    assert p.stderr.startswith("hdrlog: no server answers at http://127.0.0.1:7623") and "--clickhouse" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 def test_sql_against_an_embedded_store(tmp_path):
     p = run("sql", "--clickhouse", f"chdb://{tmp_path}/store", "--format", "CSV", "SELECT 40 + 2 AS answer")
     assert p.returncode == 0 and p.stdout.strip() == "42", p.stderr

@@ -285,3 +285,23 @@ def test_a_batch_refused_for_identity_is_kept_and_the_sender_stops(server, certs
     assert "identity" in sender.refused and "web-01" in sender.refused
     # seq 2 kept, never counted as rejected (seq 1's OK may come after the refusal: it is resent, harmlessly)
     assert 2 in box and sender.counters.rows_rejected == 0 and sender.counters.batches_rejected == 0
+
+
+def test_hdrlog_sql_takes_the_password_from_the_environment_or_a_file(server, tmp_path):
+    import os
+
+    url = server.sql_url
+    env = {**os.environ, "HDRLOG_SQL_PASSWORD": PASSWORD}
+    out = subprocess.run([*HDRLOG, "sql", "--url", url, "--user", USER, "SELECT 6 * 7"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "HDRLOG_SQL_PASSWORD"}
+    out = subprocess.run([*HDRLOG, "sql", "--url", url, "--user", USER, "--password-file", str(tmp_path / "pw"),
+                          "SELECT 6 * 7"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
+    # the engine's own error, once, without the client library's wrapper around it
+    out = subprocess.run([*HDRLOG, "sql", "--url", url, "--user", USER, "--password-file", str(tmp_path / "pw"),
+                          "SELEC 1"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and out.stderr.startswith("hdrlog: Code: 62. "), out.stderr
+    assert "HTTPDriver" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
