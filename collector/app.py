@@ -80,6 +80,10 @@ class Collector:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         credentials = tls.channel_credentials(self.config)
+        problem = await asyncio.to_thread(tls.check_server, self.config)
+        if problem:
+            # Keep capturing (into the spool) while someone fixes the server: but say why nothing gets through.
+            log.error("collector: %s", problem)
         self.capture.start()
         try:
             self._open_spool()

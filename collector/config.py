@@ -124,6 +124,12 @@ class CollectorConfig:
             if path and not os.access(path, os.R_OK):
                 raise ConfigError(key, path, "file not readable")
         if not self.insecure:
+            from hdrlog.pki import TlsFileError, check_tls_files
+
+            try:
+                check_tls_files(self.tls_cert, self.tls_key, self.tls_ca)
+            except TlsFileError as exc:
+                raise ConfigError(exc.key, exc.path, str(exc)) from None
             # Under mTLS the identity *is* the certificate: the server stores rows only under its name.
             identity = _certificate_name(self.tls_cert)
             if self.host_id and self.host_id != identity:

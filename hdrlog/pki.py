@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -138,3 +139,66 @@ def identity_of(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else ""
+
+
+class TlsFileError(ValueError):
+    """A TLS file that cannot work; ``key`` names the config key (tls_cert, tls_key, tls_ca)."""
+
+    def __init__(self, key: str, path: str, reason: str):
+        super().__init__(reason)
+        self.key, self.path = key, path
+
+
+def check_tls_files(cert_path: str, key_path: str, ca_path: str, *, now: dt.datetime | None = None) -> x509.Certificate:
+    """Catch at start what would otherwise be a vague handshake failure later: files that are not PEM,
+    a key that is not the certificate's, a certificate expired or not yet valid, or one the CA did not sign.
+    Returns the certificate."""
+    now = now or _now()
+
+    def load_cert(key: str, path: str) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(Path(path).read_bytes())
+        except OSError as exc:
+            raise TlsFileError(key, path, f"cannot read it: {exc.strerror}") from None
+        except ValueError:
+            raise TlsFileError(key, path, "not a PEM certificate") from None
+
+    cert, ca = load_cert("tls_cert", cert_path), load_cert("tls_ca", ca_path)
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except OSError as exc:
+        raise TlsFileError("tls_key", key_path, f"cannot read it: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise TlsFileError("tls_key", key_path, "not an unencrypted PEM private key") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise TlsFileError("tls_key", key_path, f"is not the private key of the certificate {cert_path} "
+                                                f"({_subject(cert)}): give the key issued with it")
+    for which, c, path in (("tls_cert", cert, cert_path), ("tls_ca", ca, ca_path)):
+        if c.not_valid_after_utc < now:
+            raise TlsFileError(which, path, f"certificate {_subject(c)} expired on "
+                                            f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: issue a new one")
+        if c.not_valid_before_utc > now:
+            raise TlsFileError(which, path, f"certificate {_subject(c)} is not valid before "
+                                            f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is this clock right?)")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TlsFileError("tls_ca", ca_path, f"did not sign the certificate {cert_path} ({_subject(cert)}, issued "
+                                              f"by {cert.issuer.rfc4514_string()!r}, this CA is "
+                                              f"{ca.subject.rfc4514_string()!r}): give the CA that issued it") from None
+    return cert
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return repr(identity_of(cert.public_bytes(serialization.Encoding.PEM)) or cert.subject.rfc4514_string())
+
+
+def names_of(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a server certificate is valid for."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName), *(str(a) for a in san.get_values_for_type(x509.IPAddress))]

@@ -141,6 +141,12 @@ class ServerConfig:
             for key, path in tls.items():
                 if not os.path.isfile(path):
                     raise ConfigError(key, path, "expected a readable PEM file")
+            from hdrlog.pki import TlsFileError, check_tls_files
+
+            try:
+                check_tls_files(self.tls_cert, self.tls_key, self.tls_ca)
+            except TlsFileError as exc:
+                raise ConfigError(exc.key, exc.path, str(exc)) from None
         if self.sql_password and self.sql_password_file:
             raise ConfigError("sql_password_file", self.sql_password_file,
                               "give the password once: HDRLOG_SQL_PASSWORD or --sql-password-file, not both")

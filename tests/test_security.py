@@ -305,3 +305,74 @@ def test_hdrlog_sql_takes_the_password_from_the_environment_or_a_file(server, tm
                           "SELEC 1"], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 1 and out.stderr.startswith("hdrlog: Code: 62. "), out.stderr
     assert "HTTPDriver" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_tls_mistakes_are_one_sentence_at_start(tmp_path, certs):
+    """A key that is not the certificate's, an expired certificate, the wrong CA: refused by the config, named."""
+    from hdrlog.collector.config import CollectorConfig
+
+    other = certs / "other"
+    cases = [
+        (dict(tls_key=str(certs / "host-b.key")), "tls_key", "is not the private key of the certificate"),
+        (dict(tls_cert=str(certs / "expired.crt"), tls_key=str(certs / "expired.key")), "tls_cert", "expired on"),
+        (dict(tls_ca=str(other / "ca.crt")), "tls_ca", "did not sign the certificate"),
+    ]
+    base = dict(tls_cert=str(certs / "host-a.crt"), tls_key=str(certs / "host-a.key"), tls_ca=str(certs / "ca.crt"))
+    for change, key, needle in cases:
+        with pytest.raises(ConfigError) as err:
+            CollectorConfig(server="127.0.0.1:1", iface=["lo"], spool="", **{**base, **change}).validate()
+        assert err.value.key == key and needle in str(err.value), (change, err.value)
+        with pytest.raises(ConfigError) as err:
+            tls_config(tmp_path / "s", certs, **{k.replace("host-a", "central"): v for k, v in change.items()},
+                       **({} if "tls_cert" in change else {"tls_cert": str(certs / "central.crt")})).validate()
+        assert err.value.key == key, (change, err.value)
+
+
+def test_the_collector_names_a_server_name_its_certificate_does_not_cover(server, certs, tmp_path):
+    from hdrlog.collector import tls
+    from hdrlog.collector.config import CollectorConfig
+
+    base = dict(iface=["lo"], spool="", tls_cert=str(certs / "host-a.crt"), tls_key=str(certs / "host-a.key"),
+                tls_ca=str(certs / "ca.crt"))
+    port = server.server.grpc_port
+    good = CollectorConfig(server=f"127.0.0.1:{port}", **base)
+    good.validate()
+    assert tls.check_server(good) == ""
+    # a server whose certificate is for another address than the one the collector dials
+    import shutil
+
+    for f in ("ca.key", "ca.crt"):
+        shutil.copy(certs / f, tmp_path / f)
+    pki.issue(tmp_path, "elsewhere", server=True, sans=["198.18.0.1", "central.example"])
+    # (a plain TLS listener with that certificate: the check is one handshake, as gRPC makes it)
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs / "ca.crt"))
+    ctx.load_cert_chain(tmp_path / "elsewhere.crt", tmp_path / "elsewhere.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            try:
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (OSError, ssl.SSLError):
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        wrong = CollectorConfig(server=f"127.0.0.1:{listener.getsockname()[1]}", **base)
+        wrong.validate()
+        problem = tls.check_server(wrong)
+    finally:
+        listener.close()
+        t.join(5)
+    assert "not '127.0.0.1'" in problem and "198.18.0.1" in problem and "central.example" in problem, problem
+    other_ca = CollectorConfig(server=f"127.0.0.1:{port}", iface=["lo"], spool="",
+                               tls_cert=str(certs / "other" / "host-a.crt"), tls_key=str(certs / "other" / "host-a.key"),
+                               tls_ca=str(certs / "other" / "ca.crt"))
+    other_ca.validate()
+    assert "does not verify" in tls.check_server(other_ca)
