@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import textwrap
 
@@ -29,8 +28,9 @@ EPILOG = textwrap.dedent("""\
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    from hdrlog import logs
+
+    logs.configure(level)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from typing import Callable
 
 import grpc
@@ -222,10 +221,9 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
 def _ensure_logging() -> None:
     """Status lines go to stderr even when the caller configured no logging."""
     if not logging.getLogger().handlers and not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+        from hdrlog import logs
+
+        logs.configure("info")
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)
 

@@ -501,7 +501,6 @@ def detect_collector_drops(ctx: Ctx) -> list[Finding]:
     if "collector_stats" not in ctx.tables:
         ctx.notes.append("collector drops: no collector_stats table")
         return []
-    deliberate = ", ".join(f"'{c}'" for c in DELIBERATE_DROPS)
     rows = ctx.query(f"""
         SELECT host, counter, sum(value) AS dropped,
                (SELECT sum(value) FROM hdrlog.collector_stats AS s WHERE s.host = c.host AND {ctx.win('s.ts')}

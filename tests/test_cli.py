@@ -108,3 +108,23 @@ def test_check_validates_a_config_and_exits(tmp_path):
     bad = subprocess.run([*HDRLOG, "collector", "check", "--insecure", "--iface", "lo"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "server" in bad.stderr
+
+
+def test_log_lines_carry_an_rfc3339_time_or_under_journald_a_priority(tmp_path):
+    """Not under journald: '2026-12-01T11:25:15.123+00:00 WARNING ...'. Under it (JOURNAL_STREAM names our
+    stderr): no time of our own, and '<4>' so that `journalctl -p warning` selects the line."""
+    import os
+    import re
+
+    p = run("collector", "run", "--insecure", "--server", "127.0.0.1:1", "--iface", "nosuch0")
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}([+-]\d\d:\d\d|Z) (WARNING|ERROR)", p.stderr), p.stderr
+    err = tmp_path / "stderr"
+    with open(err, "w") as f:
+        st = os.fstat(f.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        subprocess.run([*HDRLOG, "collector", "run", "--insecure", "--server", "127.0.0.1:1", "--iface", "nosuch0"],
+                       stdout=subprocess.DEVNULL, stderr=f, env=env, timeout=120)
+    lines = err.read_text().splitlines()
+    assert lines and all(re.match(r"^<[2-7]>", line) for line in lines), lines
+    assert any(line.startswith("<3>collector: unable to start") for line in lines), lines
+    assert any(line.startswith("<4>--insecure") for line in lines), lines
