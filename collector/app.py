@@ -99,7 +99,7 @@ class Collector:
             listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
             if listen:
                 self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
-                log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.port)
+                log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.start())
             self.sender.start()
             self._thread = threading.Thread(target=self._capture_loop, name="hdrlog-capture", daemon=True)
             self._thread.start()

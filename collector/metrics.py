@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hdrlog.metrics_http import add_standard_metrics
+
 NS = "hdrlog_collector"
 
 
@@ -22,6 +24,7 @@ class CollectorMetrics(Collector):
         self._sending = sending
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        add_standard_metrics(self.registry, "collector")
 
     def collect(self) -> Iterator:
         c = self._counters()
@@ -30,6 +33,10 @@ class CollectorMetrics(Collector):
                                   value=c.get("logged", 0))
         yield CounterMetricFamily(f"{NS}_truncated_records", "Records whose headers were cut short",
                                   value=c.get("truncated", 0))
+        yield CounterMetricFamily(f"{NS}_flowed_packets", "Packets counted into an in-kernel flow",
+                                  value=c.get("flowed", 0))
+        yield CounterMetricFamily(f"{NS}_flow_map_full_packets", "Packets that found the flow map full "
+                                  "(logged as rows instead; raise flow_entries)", value=c.get("flow_map_full", 0))
         dropped = CounterMetricFamily(f"{NS}_dropped_records", "Records not kept, by reason", labels=["reason"])
         for name, value in sorted(c.items()):
             if name.startswith("drop_"):

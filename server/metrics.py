@@ -12,7 +12,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hdrlog.metrics_http import MetricsHttp
+from hdrlog.metrics_http import MetricsHttp, add_standard_metrics
 
 log = logging.getLogger("hdrlog.server")
 
@@ -23,6 +23,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        add_standard_metrics(r, "server")
         self.batches_received = Counter(f"{NS}_batches_received", "Batches read from collector streams", registry=r)
         self.batches_rejected = Counter(f"{NS}_batches_rejected", "Batches answered REJECTED, by reason kind",
                                         ["reason"], registry=r)
@@ -95,7 +96,7 @@ class ServerMetrics:
 
     def start_http(self, host: str, port: int) -> int:
         self._http = MetricsHttp(self.registry, host, port)
-        self.port = self._http.port
+        self.port = self._http.start()
         return self.port
 
     def stop_http(self) -> None:

@@ -1,0 +1,43 @@
+"""The /metrics endpoints: process figures, build info, every drop reason, no *_created series, only /metrics."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from hdrlog.collector.metrics import CollectorMetrics
+from hdrlog.metrics_http import MetricsHttp
+from hdrlog.server.metrics import ServerMetrics
+
+
+def scrape(port: int, path: str = "/metrics") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read().decode()
+
+
+@pytest.mark.parametrize("component", ["collector", "server"])
+def test_standard_metrics_and_only_metrics_served(component):
+    if component == "collector":
+        counters = {"seen": 10, "logged": 7, "flowed": 3, "drop_ringbuf_full": 2, "drop_spool_full": 1}
+        registry = CollectorMetrics(lambda: counters, lambda: {"sent_rows": 5}).registry
+    else:
+        registry = ServerMetrics().registry
+    http = MetricsHttp(registry, "127.0.0.1", 0)
+    port = http.start()
+    try:
+        text = scrape(port)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            scrape(port, "/")
+        assert err.value.code == 404
+    finally:
+        http.stop()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert f"\n{name} " in text, name
+    assert f'hdrlog_build_info{{component="{component}",version=' in text
+    assert "_created" not in text
+    if component == "collector":
+        assert 'hdrlog_collector_dropped_records_total{reason="ringbuf_full"} 2.0' in text
+        assert 'hdrlog_collector_dropped_records_total{reason="spool_full"} 1.0' in text
+        assert "hdrlog_collector_flowed_packets_total 3.0" in text
