@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Markdown or JSON to --out (a file, a directory, or standard output), and optionally POSTs "
                     "the JSON to --webhook and mails it. With --clickhouse the findings are also written to "
                     "hdrlog.anomalies; through the read-only SQL endpoint (--url) they are not (the server's "
-                    "--report-every records them). Exit 0 when the report was made, whatever it found.",
+                    "--report-every records them). Exit 0 when the report was made and delivered, whatever it found; "
+                    "1 when it could not be made or a delivery (file, webhook, mail) failed.",
         epilog="examples:\n"
                "  hdrlog report --url http://127.0.0.1:7623 --since 1h --format md\n"
                "  hdrlog report --clickhouse http://default:pw@ch1:8123 --out /var/lib/hdrlog/reports/ "
@@ -308,7 +309,8 @@ def _report(ns: argparse.Namespace) -> int:
         print(result.summary(), file=sys.stderr)
     for note in result.notes:
         print(f"hdrlog report: {note}", file=sys.stderr)
-    return 0
+    # Non-zero when a delivery failed, so that a timer's OnFailure= (or cron's mail) hears of it.
+    return 1 if result.undelivered else 0
 
 
 def _collector_run(ns: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ def deliver(report: Report, cfg: ReportConfig) -> list[str]:
     for e in errors:
         log.error("report: %s", e)
     report.notes.extend(errors)
+    report.undelivered.extend(errors)
     return done
 
 

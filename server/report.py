@@ -48,6 +48,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     detectors_run: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    undelivered: list[str] = field(default_factory=list)  # deliveries (file, webhook, mail) that failed
     overview: dict[str, Any] = field(default_factory=dict)
     recorded: bool = False
     source: str = ""

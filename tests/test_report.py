@@ -285,6 +285,12 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
                         "--internal-nets", LAB_NETS[0]], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "findings from" in p.stderr
+    # a delivery that fails makes the exit code non-zero, so that a timer's OnFailure= hears of it
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the report's directory should be\n")
+    failed = subprocess.run([*HDRLOG, "report", "--clickhouse", url, "--since", "1h", "--out", f"{blocked}/r.html",
+                             "--internal-nets", LAB_NETS[0]], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "report not written" in failed.stderr, failed.stderr
     text = out.read_text()
     assert "<svg" in text and "198.19.9.9" in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
     conf = tmp_path / "hdrlog.yml"
@@ -308,7 +314,7 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
     bad = subprocess.run([*HDRLOG, "report", "--clickhouse", url, "--since", "forever"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == ("hdrlog: bad config since='forever': expected a duration "
-                                                           "such as 90s, 15m, 1h30m or 2d")
+                                                           "such as 500ms, 90s, 15m, 1h30m or 2d")
 
 
 def test_scheduler_records_in_the_server_store(filled, tmp_path):
