@@ -26,6 +26,9 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(SYSPY) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@# `hdrlog` on PATH for the README's commands (root only: /usr/local/bin is root's).
+	@if [ "$$(id -u)" -eq 0 ] && [ ! -e /usr/local/bin/hdrlog -o -L /usr/local/bin/hdrlog ]; then \
+	  ln -sfn $(CURDIR)/$(VENV)/bin/hdrlog /usr/local/bin/hdrlog; fi
 	@touch $@
 
 demo: install
