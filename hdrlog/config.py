@@ -67,8 +67,9 @@ def parse_duration(key: str, value: object, *, allow_zero: bool = False) -> floa
     return seconds
 
 
-def env_name(field_name: str) -> str:
-    return ENV_PREFIX + field_name.upper()
+def env_name(field_name: str, section: str = "") -> str:
+    """HDRLOG_SQL_LISTEN; with a section, the command's own HDRLOG_SERVER_SQL_LISTEN."""
+    return ENV_PREFIX + (section.upper() + "_" if section else "") + field_name.upper()
 
 
 def flag_name(field_name: str) -> str:
@@ -168,7 +169,10 @@ def read_file(path: str | os.PathLike[str] | None, section: str) -> dict[str, An
 
 def load(cls: type, *, args: Mapping[str, Any] | None = None, file: str | None = None,
          section: str, environ: Mapping[str, str] | None = None) -> Any:
-    """Build and validate a config dataclass: flag > environment > file > default."""
+    """Build and validate a config dataclass: flag > environment > file > default.
+
+    In the environment HDRLOG_<SECTION>_<KEY> (HDRLOG_SERVER_METRICS_LISTEN) beats HDRLOG_<KEY>, so that keys
+    several commands share (clickhouse, metrics_listen, tls_*, ...) can differ per command on one host."""
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -184,6 +188,9 @@ def load(cls: type, *, args: Mapping[str, Any] | None = None, file: str | None =
         duration = bool(fields[name].metadata.get("duration"))
         if args is not None and args.get(name) is not None:
             values[name] = _convert(flag_name(name), hints[name], args[name], duration=duration)
+        elif env_name(name, section) in environ:  # the command's own variable beats the shared one
+            values[name] = _convert(env_name(name, section), hints[name], environ[env_name(name, section)],
+                                    duration=duration)
         elif env_name(name) in environ:
             values[name] = _convert(env_name(name), hints[name], environ[env_name(name)], duration=duration)
         elif name in from_file:

@@ -95,3 +95,14 @@ def test_an_unknown_section_is_an_error_like_an_unknown_key(tmp_path):
     with pytest.raises(cfg.ConfigError) as err:
         load(file=str(f))
     assert "unknown section 'colector'" in str(err.value) and "collector" in str(err.value)
+
+
+def test_a_commands_own_variable_beats_the_shared_one():
+    """HDRLOG_METRICS_LISTEN means the server's and the collector's port alike; HDRLOG_COLLECTOR_... is one."""
+    env = {"HDRLOG_METRICS_LISTEN": "127.0.0.1:9100", "HDRLOG_COLLECTOR_METRICS_LISTEN": "127.0.0.1:9200"}
+    c = load(args={"server": "s:1", "iface": ["lo"], "insecure": True}, environ=env)
+    assert c.metrics_listen == "127.0.0.1:9200"
+    from hdrlog.server.config import ServerConfig
+
+    s = cfg.load(ServerConfig, args={"insecure": True}, section="server", environ=env)
+    assert s.metrics_listen == "127.0.0.1:9100"
