@@ -152,7 +152,10 @@ class Collector:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set or capture fails."""
+        from hdrlog.logs import StatusLines
+
         next_status = time.monotonic() + self.config.status_interval
+        status = StatusLines(self.config.status_interval)
         while not stop.is_set():
             assert self.batcher is not None
             timeout = min(self.batcher.seconds_until_due(), 0.5)
@@ -172,7 +175,9 @@ class Collector:
             if now - self._stats_at >= STATS_INTERVAL:
                 self._add_stats()
             if self.config.status_interval and now >= next_status:
-                log.info("%s", self.status_line())
+                line = self.status_line()
+                if status.due(line, now):
+                    log.info("collector: %s", line)
                 next_status = now + self.config.status_interval
 
     # -- filters -----------------------------------------------------------------------------
@@ -326,7 +331,7 @@ class Collector:
         # Lost: records that should have been kept and were not. Filtered and sampled-out
         # packets are left out on purpose, and shown on their own.
         lost = sum(v for k, v in c.items() if k.startswith("drop_") and k not in DELIBERATE_DROPS)
-        return (f"collector: seen={c['seen']} captured={c['logged']} flows={c['flows']} "
+        return (f"seen={c['seen']} captured={c['logged']} flows={c['flows']} "
                 f"filtered={c['drop_filtered']} sampled_out={c['drop_sampled_out']} "
                 f"ringbuf_full={c['drop_ringbuf_full']} flow_map_full={c['flow_map_full']} "
                 f"sent={s.rows_sent if s else 0} "
@@ -359,5 +364,5 @@ async def serve(config: CollectorConfig) -> int:
     finally:
         fdstore.notify("STOPPING=1")
         await collector.stop()
-        log.info("%s", collector.status_line())
+        log.info("collector: stopped; %s", collector.status_line())
     return code

@@ -60,3 +60,26 @@ def configure(level: str | int = "info") -> None:
         handler.setFormatter(formatter(sys.stderr))
         handler._hdrlog = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+
+
+class StatusLines:
+    """Periodic status lines that grow rarer while nothing changes.
+
+    ``due(line, now)`` is True when ``line`` differs from the last one logged, or when the
+    same line has not been logged for a gap that doubles each time (interval, 2x, 4x, ...
+    at most ``max_gap`` seconds): an idle process says it is alive without filling the log."""
+
+    def __init__(self, interval: float, max_gap: float = 600.0):
+        self.interval, self.max_gap = interval, max(max_gap, interval)
+        self._last = ""
+        self._at = float("-inf")
+        self._gap = interval
+
+    def due(self, line: str, now: float) -> bool:
+        if line != self._last:
+            self._last, self._at, self._gap = line, now, self.interval
+            return True
+        if now - self._at >= self._gap:
+            self._at, self._gap = now, min(self._gap * 2, self.max_gap)
+            return True
+        return False

@@ -205,9 +205,15 @@ class Server:
                 f"dup={m.total_dup} rejected={m.total_rejected} pending={pending}")
 
     async def _status_loop(self) -> None:
+        from hdrlog.logs import StatusLines
+
+        lines = StatusLines(self.config.status_interval)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.status_interval)
-            log.info("server: %s", self.status_line())
+            line = self.status_line()
+            if lines.due(line, loop.time()):
+                log.info("server: %s", line)
 
 
 def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:

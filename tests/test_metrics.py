@@ -41,3 +41,12 @@ def test_standard_metrics_and_only_metrics_served(component):
         assert 'hdrlog_collector_dropped_records_total{reason="ringbuf_full"} 2.0' in text
         assert 'hdrlog_collector_dropped_records_total{reason="spool_full"} 1.0' in text
         assert "hdrlog_collector_flowed_packets_total 3.0" in text
+
+
+def test_status_lines_grow_rarer_while_nothing_changes():
+    from hdrlog.logs import StatusLines
+
+    s = StatusLines(5.0, max_gap=40.0)
+    logged = [t for t in range(0, 200, 5) if s.due("idle", float(t))]
+    assert logged == [0, 5, 15, 35, 75, 115, 155, 195]   # gaps 5, 10, 20, 40, 40, ...
+    assert s.due("busy", 196.0) and s.due("busier", 197.0)  # a change is always logged at once
