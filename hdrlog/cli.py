@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from hdrlog.collector.config import CollectorConfig
     from hdrlog.server.config import ServerConfig
-    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.report.config import ReportConfig
 
     top = _Parser(
         prog="hdrlog", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -241,7 +241,7 @@ def _server_run(ns: argparse.Namespace) -> int:
     from hdrlog.server.app import serve
     from hdrlog.server.config import ServerConfig
 
-    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.report.config import ReportConfig
 
     config = cfg.load(ServerConfig, args=vars(ns), file=ns.config, section="server")
     # Scheduled reports (--report-every) read their settings from the report: section and HDRLOG_* only.
@@ -251,7 +251,7 @@ def _server_run(ns: argparse.Namespace) -> int:
 
 def _server_check(ns: argparse.Namespace) -> int:
     from hdrlog.server.config import ServerConfig
-    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.report.config import ReportConfig
     from hdrlog.sqlclient import redact
 
     config = cfg.load(ServerConfig, args=vars(ns), file=ns.config, section="server")
@@ -288,12 +288,13 @@ def _server_migrate(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
-    from hdrlog.server import report as reporting
-    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.report import build as reporting
+    from hdrlog.report.connection import connect
+    from hdrlog.report.config import ReportConfig
 
     config = cfg.load(ReportConfig, args=vars(ns), file=ns.config, section="report")
     try:
-        conn = reporting.connect(config)
+        conn = connect(config)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the person at the terminal

@@ -15,7 +15,7 @@ from hdrlog.config import markdown_table
 def render() -> str:
     from hdrlog.collector.config import CollectorConfig
     from hdrlog.server.config import ServerConfig
-    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.report.config import ReportConfig
 
     return (
         "# Configuration\n\n"

@@ -24,8 +24,9 @@ from hdrlog.proto import ingest_pb2_grpc
 from hdrlog.server.config import ServerConfig
 from hdrlog.server.ingest import IngestServicer
 from hdrlog.server.metrics import ServerMetrics
-from hdrlog.server.report import Connection, ReportScheduler
-from hdrlog.server.reportconfig import ReportConfig
+from hdrlog.report.connection import Connection
+from hdrlog.report.scheduler import ReportScheduler
+from hdrlog.report.config import ReportConfig
 from hdrlog.server.sqlhttp import SqlEndpoint
 from hdrlog.server.store import Store, StoreError
 from hdrlog.sqlclient import redact

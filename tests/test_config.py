@@ -76,7 +76,7 @@ def test_one_duration_syntax_for_every_duration(text, seconds):
 
 def test_durations_are_the_same_syntax_in_file_env_and_every_command(tmp_path):
     from hdrlog.server.config import ServerConfig
-    from hdrlog.server.reportconfig import ReportConfig
+    from hdrlog.report.config import ReportConfig
 
     f = tmp_path / "c.yaml"
     f.write_text("server:\n  insecure: true\n  flush_interval: 250ms\nreport:\n  webhook_timeout: 1m\n")

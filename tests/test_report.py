@@ -26,10 +26,12 @@ import pytest
 from bench import synth
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2
-from hdrlog.server import deliver, render
-from hdrlog.server import report as reporting
+from hdrlog.report import deliver, render
+from hdrlog.report import build as reporting
+from hdrlog.report.connection import Connection, connect
+from hdrlog.report.scheduler import ReportScheduler
 from hdrlog.server.convert import convert_batch
-from hdrlog.server.reportconfig import ReportConfig
+from hdrlog.report.config import ReportConfig
 from hdrlog.server.store import Store
 from tests.support import HDRLOG
 
@@ -147,7 +149,7 @@ def filled(tmp_path_factory):
 def _build(url: str, **kw) -> reporting.Report:
     cfg = ReportConfig(clickhouse=url, internal_nets=LAB_NETS, **kw)
     cfg.validate()
-    conn = reporting.connect(cfg)
+    conn = connect(cfg)
     try:
         return reporting.build(conn.query, cfg)
     finally:
@@ -323,8 +325,7 @@ def test_scheduler_records_in_the_server_store(filled, tmp_path):
     store.open()
     try:
         cfg = ReportConfig(internal_nets=LAB_NETS, out=str(tmp_path / "reports") + "/")
-        sched = reporting.ReportScheduler(
-            lambda: reporting.Connection(store.new_client(), writable=True, label="test"), cfg, every=3600)
+        sched = ReportScheduler(lambda: Connection(store.new_client(), writable=True, label="test"), cfg, every=3600)
         before = store.count("anomalies")
         rep = sched.run_once()
         assert rep.recorded and store.count("anomalies") == before + len(rep.findings) > before
@@ -359,6 +360,18 @@ def test_writing_to_a_device_writes_into_it_and_leaves_it_a_device(tmp_path):
 def test_deliberate_drops_are_the_collectors():
     """The report's idea of what is not loss is the collector's own (one list each, kept equal)."""
     from hdrlog.collector import app
-    from hdrlog.server import detectors
+    from hdrlog.report.detectors import collector_drops
 
-    assert set(detectors.DELIBERATE_DROPS) == set(app.DELIBERATE_DROPS)
+    assert set(collector_drops.DELIBERATE_DROPS) == set(app.DELIBERATE_DROPS)
+
+
+def test_every_detector_module_is_registered_in_order():
+    """Adding a detector is adding one file: the registry finds every module that declares one."""
+    import pkgutil
+
+    from hdrlog.report import detectors
+
+    names = [d.name for d in detectors.registry()]
+    modules = sorted(i.name for i in pkgutil.iter_modules(detectors.__path__))
+    assert sorted(names) == modules and names[0] == "port_scan" and names[-1] == "collector_drops"
+    assert len({d.order for d in detectors.registry()}) == len(names)

@@ -9,16 +9,16 @@ Where a report can write
     delivered but not recorded, and it says so.
 
 Steps
-    ``build(query, cfg)`` runs every detector (``detectors.DETECTORS``) and returns a
+    ``build(query, cfg)`` runs every detector (``detectors.registry()``) and returns a
     ``Report``; ``record(report, insert)`` writes the findings; ``render.render(report,
     fmt)`` makes HTML, Markdown or JSON; ``deliver.deliver(report, cfg)`` writes the file,
-    POSTs the webhook and sends the mail, each optional. ``ReportScheduler`` runs all of it
-    in the server every ``report_every`` seconds, on the clock (a 1 h period runs at :00).
+    POSTs the webhook and sends the mail, each optional; ``run(cfg, conn)`` does all of it on
+    a connection (``connection.py``). ``scheduler.ReportScheduler`` runs it in the server every
+    ``report_every`` seconds, on the clock (a 1 h period runs at :00).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from hdrlog.server import detectors
-from hdrlog.server.detectors import SEVERITY_RANK, Ctx, Finding
-from hdrlog.server.reportconfig import ReportConfig
+from hdrlog.report import detectors
+from hdrlog.report.config import ReportConfig
+from hdrlog.report.connection import Connection
+from hdrlog.report.detectors import SEVERITY_RANK, Ctx, Finding
 
 log = logging.getLogger("hdrlog.report")
 
@@ -106,14 +107,15 @@ def build(query: Callable[[str], list[dict[str, Any]]], cfg: ReportConfig, *, no
     if "packets" not in tables:
         report.notes.append("no hdrlog.packets table: nothing to judge (has the server ever started on this store?)")
         return report
-    for name, fn in detectors.DETECTORS:
-        needs = {"new_service": "services_1m", "new_destination": "pairs_1m"}.get(name)
-        if needs and needs not in tables:
-            report.notes.append(f"{name}: skipped, table hdrlog.{needs} is missing (run hdrlog server migrate)")
+    for detector in detectors.registry():
+        name = detector.name
+        if detector.needs and detector.needs not in tables:
+            report.notes.append(f"{name}: skipped, table hdrlog.{detector.needs} is missing "
+                                "(run hdrlog server migrate)")
             continue
         t0 = time.perf_counter()
         try:
-            report.findings += fn(ctx)
+            report.findings += detector.detect(ctx)
             report.detectors_run.append(name)
         except Exception as exc:  # noqa: BLE001 - one broken detector must not hide the others
             from hdrlog.server.store import short_message
@@ -128,7 +130,7 @@ def build(query: Callable[[str], list[dict[str, Any]]], cfg: ReportConfig, *, no
 
 def overview(ctx: Ctx) -> dict[str, Any]:
     """Context for the reader: packets per host over the window, top sources and ports."""
-    from hdrlog.server.detectors import ip
+    from hdrlog.report.detectors import ip
     bucket = max(1000, ctx.length_ms // 60)
     n = max(1, -(-ctx.length_ms // bucket))
     series: dict[str, list[float]] = {}
@@ -163,38 +165,9 @@ def record(report: Report, insert: Callable[[str, list[list[Any]], list[str]], N
     return len(rows)
 
 
-# -- connections ------------------------------------------------------------------------------
-
-class Connection:
-    """A clickhouse-connect client for the report: rows as dicts, inserts where allowed."""
-
-    def __init__(self, client: Any, *, writable: bool, label: str):
-        self.client, self.writable, self.label = client, writable, label
-
-    def query(self, sql: str) -> list[dict[str, Any]]:
-        return list(self.client.query(sql).named_results())
-
-    def insert(self, table: str, rows: list[list[Any]], columns: list[str]) -> None:
-        self.client.insert(table, rows, column_names=columns)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def connect(cfg: ReportConfig) -> Connection:
-    """--clickhouse (may write) or --url (read-only endpoint); with neither, the local endpoint."""
-    from hdrlog import sqlclient
-
-    if cfg.clickhouse:
-        url, writable = cfg.clickhouse, True
-    else:
-        url, writable = cfg.sql_url or sqlclient.DEFAULT_SQL_URL, False
-    return Connection(sqlclient.connect(url), writable=writable, label=sqlclient.redact(url))
-
-
 def run(cfg: ReportConfig, conn: Connection, *, now: float | None = None) -> Report:
     """Build, record (when the connection may write), deliver. Returns the report."""
-    from hdrlog.server import deliver
+    from hdrlog.report import deliver
 
     report = build(conn.query, cfg, now=now, source=conn.label)
     if conn.writable:
@@ -208,46 +181,3 @@ def run(cfg: ReportConfig, conn: Connection, *, now: float | None = None) -> Rep
                             "report with --clickhouse, or let the server run it (--report-every)")
     deliver.deliver(report, cfg)
     return report
-
-
-# -- in the server ------------------------------------------------------------------------------
-
-class ReportScheduler:
-    """Runs a report every ``every`` seconds inside the server, on its own store connection."""
-
-    def __init__(self, connect_fn: Callable[[], Connection], cfg: ReportConfig, every: float):
-        self.connect_fn, self.cfg, self.every = connect_fn, cfg, every
-        self._task: asyncio.Task | None = None
-        self.reports = 0
-        self.failures = 0
-        self.last: Report | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="hdrlog-report")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            now = time.time()
-            await asyncio.sleep(self.every - (now % self.every) + 0.5)
-            try:
-                self.last = await asyncio.to_thread(self.run_once)
-                self.reports += 1
-                log.info("report: %s", self.last.summary())
-            except Exception as exc:  # noqa: BLE001 - the next period tries again
-                self.failures += 1
-                log.error("report: failed, next try in %.0fs: %s", self.every, exc)
-
-    def run_once(self, now: float | None = None) -> Report:
-        from dataclasses import replace
-        cfg = replace(self.cfg, since=f"{self.every}s", until="")
-        conn = self.connect_fn()
-        try:
-            return run(cfg, conn, now=now)
-        finally:
-            conn.close()

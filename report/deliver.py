@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
 
-from hdrlog.server import render
-from hdrlog.server.report import Report
-from hdrlog.server.reportconfig import ReportConfig
+from hdrlog.report import render
+from hdrlog.report.build import Report
+from hdrlog.report.config import ReportConfig
 
 log = logging.getLogger("hdrlog.report")
 
