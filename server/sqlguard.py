@@ -409,4 +409,7 @@ def _scrub(message: str) -> str:
     if cut > 0:
         message = message[:cut]
     message = re.sub(r"\s*\([A-Z_]+\)\s*$", "", message)
+    cut = message.find(" Expected one of:")
+    if cut > 0:
+        message = message[:cut].rstrip(".,;: ")
     return message if len(message) <= 500 else message[:497] + "..."
