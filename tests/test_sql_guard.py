@@ -345,3 +345,58 @@ def test_guard_latency(env, capsys):
     with capsys.disabled():
         print(f"\nSQL endpoint: SELECT 1 {bare * 1000:.2f} ms/query, a Grafana-style aggregate "
               f"{typical * 1000:.2f} ms/query (guard included in both)")
+
+
+PROBE = r'''
+import json, sys, chdb
+d = sys.argv[1]
+c = chdb.connect(d + "/store")
+c.query("SET allow_introspection_functions = 0")
+c.query("SET readonly = 1")
+def run(sql):
+    try:
+        return "ok:" + c.query(sql, "TabSeparated").bytes().decode()
+    except Exception as exc:
+        return "err:" + str(exc)[:200]
+probes = {
+    "insert_function": f"INSERT INTO FUNCTION file('{d}/out/i.csv', 'CSV') SELECT 1",
+    "temporary_table": "CREATE TEMPORARY TABLE t (a UInt8)",
+    "system": "SYSTEM FLUSH LOGS",
+    "set": "SET max_threads = 1",
+    "settings_clause": "SELECT 1 SETTINGS max_threads = 1",
+    "lower_readonly": "SET readonly = 0",
+    "file_table_function": f"SELECT * FROM file('{d}/secret.txt', 'LineAsString')",
+    "url_table_function": "SELECT * FROM url('http://127.0.0.1:1/', 'LineAsString')",
+    "default_path": f"SELECT * FROM default.`{d}/secret.txt`",
+    "zeros": "SELECT * FROM zeros(1)",
+    "numbers": "SELECT count() FROM numbers(3)",
+    "into_outfile": f"SELECT 1 INTO OUTFILE '{d}/out/o.txt'",
+    "kill": "KILL QUERY WHERE 0",
+    "multi": "SELECT 1; SELECT 2",
+    "scalar_file": f"SELECT file('{d}/secret.txt')",
+    "introspection": "SELECT getSetting('allow_introspection_functions')",
+}
+print(json.dumps({k: run(v) for k, v in probes.items()}))
+'''
+
+
+def test_what_chdb_itself_honours_under_readonly_1(tmp_path):
+    """The table in docs/security.md: what a readonly = 1 handle refuses on its own, and what only the guard does."""
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "secret.txt").write_text(MARKER + "\n")
+    (tmp_path / "out").mkdir()
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for refused in ("insert_function", "temporary_table", "system", "set", "settings_clause", "lower_readonly",
+                    "file_table_function", "url_table_function", "default_path", "zeros"):
+        assert got[refused].startswith("err:") and "164" in got[refused], (refused, got[refused])
+    assert got["numbers"] == "ok:3\n"
+    assert got["introspection"] == "ok:false\n"
+    # not refused by the engine: the guard is the only thing that stops these
+    assert got["into_outfile"].startswith("ok:") and (tmp_path / "out" / "o.txt").exists()
+    assert got["kill"].startswith("ok:")
+    assert got["multi"] == "ok:1\n2\n"
+    assert MARKER in got["scalar_file"]
