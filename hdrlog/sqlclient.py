@@ -122,10 +122,13 @@ def run(query: str, *, fmt: str, url: str | None = None, clickhouse: str | None 
                                 "--user, HDRLOG_SQL_PASSWORD or --password-file)") from None
             failures.append(f"{redact(target)}: {_short(exc)}")
             continue
+        # A server that is read-only already (hdrlog's endpoint runs readonly = 1) refuses any change.
+        ro = getattr(client, "server_settings", {}).get("readonly")
+        settings = None if ro is not None and str(getattr(ro, "value", "0")) != "0" else READ_ONLY
         try:
             if FORMAT_CLAUSE.search(query):
-                return client.raw_query(query, settings=READ_ONLY)
-            return client.raw_query(query, fmt=fmt, settings=READ_ONLY)
+                return client.raw_query(query, settings=settings)
+            return client.raw_query(query, fmt=fmt, settings=settings)
         except ClickHouseError as exc:
             raise UserError(_short(exc)) from None
         finally:

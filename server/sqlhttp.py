@@ -14,12 +14,10 @@ curl and clickhouse-connect's HTTP client:
   ``X-ClickHouse-Exception-Code``, body ``Code: N. DB::Exception: ... (NAME)``.
 
 Only SELECT, WITH, SHOW, DESCRIBE/DESC, EXISTS and EXPLAIN run, one statement
-per request; table functions and functions that reach files, URLs, other
-servers or the process (``file()``, ``url()``, ``remote()``, ``s3()``,
-``Python()``, ...) and ``INTO OUTFILE`` are refused with code 164 (READONLY).
-The check reads tokens outside string literals and comments (``check_readonly``);
-the queries then run on chDB handles with ``readonly = 2``, so ClickHouse itself
-refuses any write that got past it.
+per request, decided by ``sqlguard`` with the engine's own parser (allowlists
+of statements, tables, table functions, settings and output formats; refusals
+are code 164, READONLY). What runs is the engine's canonical text of the checked
+statement, on chDB handles with ``readonly = 1``.
 
 Unless the server runs ``--insecure`` without ``--sql-user``, every query needs
 the configured user and password, given the ClickHouse ways: HTTP basic auth
@@ -50,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from hdrlog.server import sqlguard
 from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.store import Store, StoreError
 
@@ -61,24 +60,6 @@ KEEPALIVE_SECONDS = 30.0
 AUTH_FAILURE_PAUSE = 0.25  # seconds before answering a failed login: slows guessing down
 DEFAULT_FORMAT = "TabSeparated"
 
-ALLOWED_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN"})
-WRITE_STATEMENTS = frozenset({
-    "INSERT", "DROP", "ALTER", "CREATE", "ATTACH", "DETACH", "RENAME", "TRUNCATE", "DELETE", "UPDATE",
-    "OPTIMIZE", "SYSTEM", "KILL", "GRANT", "REVOKE", "SET", "USE", "BACKUP", "RESTORE", "EXCHANGE",
-    "UNDROP", "MOVE", "CHECK", "BEGIN", "COMMIT", "ROLLBACK", "REPLACE", "WATCH", "UNDO",
-})
-# Functions and table functions that read or write outside the tables (files, network, processes).
-DENIED_FUNCTIONS = frozenset({
-    "file", "filecluster", "url", "urlcluster", "remote", "remotesecure", "cluster", "clusterallreplicas",
-    "gcs", "oss", "cosn", "input", "pandas", "arrowtable", "python", "dictionary_source", "executable",
-    "executablepool", "prometheusquery", "prometheusqueryrange", "ytsaurus", "numbers_mt_file",
-})
-DENIED_PREFIXES = ("s3", "hdfs", "azureblob", "iceberg", "deltalake", "hudi", "paimon", "mysql", "postgresql",
-                   "mongodb", "redis", "sqlite", "jdbc", "odbc", "remote", "executable", "python", "arrowtable",
-                   "url", "file")
-# Legitimate functions that the prefixes above would catch.
-ALLOWED_FUNCTIONS = frozenset({"urlhierarchy", "urlpathhierarchy", "filesystemavailable", "filesystemcapacity",
-                               "filesystemunreserved"})
 # Transport parameters of ClickHouse's HTTP interface (not settings).
 TRANSPORT_PARAMS = frozenset({
     "query", "database", "default_format", "query_id", "session_id", "session_timeout", "session_check",
@@ -122,91 +103,6 @@ class SqlError(Exception):
     @property
     def name(self) -> str:
         return ERROR_NAMES.get(self.code, "UNKNOWN_EXCEPTION")
-
-
-# -- the read-only check -----------------------------------------------------
-
-_TOKEN_RE = re.compile(r"""
-    (?P<ws>\s+)
-  | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
-  | (?P<string>'(?:[^'\\]|\\.|'')*(?:'|\Z))
-  | (?P<quoted>"(?:[^"\\]|\\.|"")*(?:"|\Z)|`(?:[^`\\]|\\.|``)*(?:`|\Z))
-  | (?P<heredoc>\$(?P<tag>[A-Za-z0-9_]*)\$.*?(?:\$(?P=tag)\$|\Z))
-  | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
-  | (?P<number>[0-9][0-9A-Za-z_.]*)
-  | (?P<other>.)
-""", re.VERBOSE | re.DOTALL)
-
-
-@dataclass
-class Token:
-    kind: str
-    text: str
-    start: int
-    end: int
-
-
-def tokens(sql: str) -> list[Token]:
-    """Tokens outside whitespace and comments; literals stay one token."""
-    out: list[Token] = []
-    for m in _TOKEN_RE.finditer(sql):
-        kind = m.lastgroup if m.lastgroup != "tag" else "heredoc"
-        if kind in ("ws", "comment"):
-            continue
-        if m.group("heredoc") is not None:
-            kind = "heredoc"
-        out.append(Token(kind, m.group(0), m.start(), m.end()))
-    return out
-
-
-@dataclass
-class Statement:
-    sql: str            # the statement with its trailing ';' removed
-    fmt: str | None     # the FORMAT named in it, if any
-
-
-def check_readonly(sql: str) -> Statement:
-    """Refuse anything but one read-only statement; raises SqlError (62 or 164)."""
-    toks = tokens(sql)
-    while toks and toks[-1].text == ";":
-        sql = sql[: toks[-1].start]
-        toks.pop()
-    if not toks:
-        raise SqlError(62, "Empty query")
-    if any(t.text == ";" for t in toks):
-        raise SqlError(164, "Multi-statements are not allowed: send one statement per request")
-    first = toks[0]
-    head = first.text.upper() if first.kind == "word" else ""
-    if first.text == "(":
-        head = next((t.text.upper() for t in toks if t.kind == "word"), "")
-    if head in WRITE_STATEMENTS:
-        raise SqlError(164, f"Cannot execute {head} here: the SQL endpoint is read-only "
-                            "(SELECT, WITH, SHOW, DESCRIBE, EXISTS, EXPLAIN)")
-    if head not in ALLOWED_STATEMENTS:
-        shown = first.text if len(first.text) <= 40 else first.text[:37] + "..."
-        raise SqlError(62, f"Syntax error: unknown statement {shown!r}; "
-                           "the SQL endpoint runs SELECT, WITH, SHOW, DESCRIBE, EXISTS and EXPLAIN")
-    fmt = None
-    depth = 0
-    for i, t in enumerate(toks):
-        if t.text == "(":
-            depth += 1
-        elif t.text == ")":
-            depth -= 1
-        if t.kind != "word":
-            continue
-        word = t.text.lower()
-        nxt = toks[i + 1] if i + 1 < len(toks) else None
-        if nxt is not None and nxt.text == "(":
-            if word in DENIED_FUNCTIONS or (word.startswith(DENIED_PREFIXES) and word not in ALLOWED_FUNCTIONS):
-                raise SqlError(164, f"{t.text}() is not allowed here: the SQL endpoint reads only the database, "
-                                    "not files, URLs or other servers")
-        if word == "into" and nxt is not None and nxt.kind == "word" and nxt.text.lower() == "outfile":
-            raise SqlError(164, "INTO OUTFILE is not allowed here: the SQL endpoint returns results over HTTP")
-        if word == "format" and depth == 0 and nxt is not None and nxt.kind in ("word", "quoted") \
-                and (i + 2 == len(toks) or toks[i + 2].text.upper() == "SETTINGS"):
-            fmt = nxt.text.strip('"`')
-    return Statement(sql, fmt)
 
 
 # -- HTTP --------------------------------------------------------------------
@@ -260,6 +156,7 @@ class SqlEndpoint:
     def __init__(self, store: Store, metrics: ServerMetrics, host: str, port: int, *, workers: int = 4,
                  credentials: tuple[str, str] | None = None):
         self.store = store
+        self.guard = sqlguard.SqlGuard(store.parse, store.known_settings)
         self._credentials = (_digest(credentials[0]), _digest(credentials[1])) if credentials else None
         self._last_auth_log = 0.0
         self.metrics = metrics
@@ -348,21 +245,27 @@ class SqlEndpoint:
             await asyncio.sleep(AUTH_FAILURE_PAUSE)
             return refused
         query_id = params.get("query_id") or str(uuid.uuid4())
-        try:
-            stmt = check_readonly(query)
-        except SqlError as exc:
-            self.metrics.sql_queries.labels("refused").inc()
-            return _error(exc, query_id=query_id)
-        fmt = stmt.fmt or params.get("default_format") or req.headers.get("x-clickhouse-format") or DEFAULT_FORMAT
-        sql = stmt.sql if stmt.fmt else f"{stmt.sql}\nFORMAT {fmt}"
-        database = params.get("database") or req.headers.get("x-clickhouse-database") or None
         settings = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
         parameters = {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")}
         loop = asyncio.get_running_loop()
         try:
             assert self._pool is not None
+            stmt = await loop.run_in_executor(self._pool, lambda: self.guard.check(
+                query, default_format=params.get("default_format") or req.headers.get("x-clickhouse-format"),
+                database=params.get("database") or req.headers.get("x-clickhouse-database"),
+                settings=settings, parameters=parameters))
+        except sqlguard.SqlError as exc:
+            self.metrics.sql_queries.labels("refused").inc()
+            return _error(SqlError(exc.code, str(exc)), query_id=query_id)
+        except StoreError as exc:  # the engine's catalogue could not be read
+            self.metrics.sql_queries.labels("error").inc()
+            return _error(SqlError(exc.code or 1000, _tidy(str(exc))), query_id=query_id)
+        except RuntimeError as exc:  # the pool is shutting down
+            return _error(SqlError(1002, f"server is stopping ({exc})"), 503, query_id=query_id)
+        fmt = stmt.fmt
+        try:
             out = await loop.run_in_executor(self._pool, lambda: self.store.query(
-                sql, database=database, settings=settings, parameters=parameters))
+                stmt.sql, database=stmt.database, settings=stmt.settings, parameters=parameters))
         except StoreError as exc:
             self.metrics.sql_queries.labels("error").inc()
             return _error(SqlError(exc.code or 1000, _tidy(str(exc))), query_id=query_id)

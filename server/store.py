@@ -9,7 +9,7 @@ durably stored per collector (for exactly-once, see ``writer.py``) and
 All methods block; the asyncio side calls them in threads. The writer uses one
 client (one chDB connection handle, serialized by its own lock); each SQL
 worker thread gets its own read-only client (a separate chDB handle with
-``readonly = 2``, which chDB runs concurrently with the writer's inserts), so a
+``readonly = 1``, which chDB runs concurrently with the writer's inserts), so a
 slow SELECT never holds up an insert.
 """
 
@@ -59,6 +59,11 @@ class StoreError(Exception):
         super().__init__(message)
         self.code = code
         self.permanent = permanent
+
+
+def quote_value(value: str) -> str:
+    """A setting's value as a SQL string literal (ClickHouse converts it to the setting's type)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def short_message(exc: BaseException, limit: int = 400) -> str:
@@ -220,12 +225,7 @@ class Store:
         if client is None:
             if self._closed:
                 raise StoreError("store is closed")
-            client = self._connect()
-            if self.embedded:
-                # Per-handle session setting: writes refused, settings may change, readonly may not.
-                client.command("SET readonly = 2")
-            else:
-                client.set_client_setting("readonly", "2")
+            client = self._read_only(self._connect(), {})
             with self._readers_lock:
                 self._readers.append(client)
             self._local.client = client
@@ -240,13 +240,42 @@ class Store:
     def query(self, sql: str, *, database: str | None = None, settings: Mapping[str, str] | None = None,
               parameters: Mapping[str, str] | None = None) -> bytes:
         """Run one statement (already checked read-only by the caller) and return the raw output bytes."""
-        client = self._reader()
         known = self.known_settings()
         use = {k: v for k, v in (settings or {}).items() if k in known and k != "readonly"}
+        # Under readonly = 1 a handle cannot change a setting, so a query with settings gets a
+        # handle of its own that takes them before it turns read-only (about 1 ms with chDB).
+        client = self._read_only(self._connect(), use) if use and self.embedded else self._reader()
         # A chDB handle keeps its last USE, so always name the database.
         client.database = database or "default"
         try:
             return client.raw_query(sql, parameters=dict(parameters) if parameters else None,
-                                    settings=use or None, use_database=True)
+                                    settings=use if use and not self.embedded else None, use_database=True)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
+        finally:
+            if client is not getattr(self._local, "client", None):
+                client.close()
+
+    def _read_only(self, client: Any, settings: Mapping[str, str]) -> Any:
+        """Make ``client`` a SQL reader: ``settings`` first, then readonly = 1 (no writes, no SET,
+        no SETTINGS, no table functions but numbers/values/generateRandom) and no introspection."""
+        if not self.embedded:
+            client.set_client_setting("readonly", "1")
+            return client
+        for key, value in settings.items():
+            client.command(f"SET {key} = {quote_value(value)}")
+        client.command("SET allow_introspection_functions = 0")
+        client.command("SET readonly = 1")
+        return client
+
+    def parse(self, sql: str, parameters: Mapping[str, str] | None = None) -> str:
+        """Run the SQL guard's own statements (formatQuery, EXPLAIN AST, catalogue reads) on this
+        thread's read-only handle; the TabSeparated text (nothing appended: a FORMAT clause would
+        become part of the statement that EXPLAIN AST shows)."""
+        client = self._reader()
+        client.database = "default"
+        try:
+            out = client.raw_query(sql, parameters=dict(parameters) if parameters else None, use_database=True)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
+        return out.decode("utf-8", "replace")
