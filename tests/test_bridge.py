@@ -37,21 +37,24 @@ def _ping(lab: BridgeLab, addr: str, count: int = 10) -> tuple[float, float]:
 def test_ping_rtt_follows_the_configured_delay(bridge_lab, family):
     addr = bridge_lab.b.addr4 if family == "ipv4" else bridge_lab.b.addr6
     br = bridge_lab.start_bridge(0.0)
-    _, base = _ping(bridge_lab, addr)
+    base_min, base = _ping(bridge_lab, addr)
     plain = br.stop()
 
     br = bridge_lab.start_bridge(ONE_WAY)
     low, avg = _ping(bridge_lab, addr)
     delayed = br.stop()
-    added = avg - base
-    print(f"{family}: no delay avg {base:.2f} ms; 2 x {ONE_WAY * 1e3:.0f} ms: min {low:.2f} avg {avg:.2f} ms")
-    assert low >= 2 * ONE_WAY * 1e3 * 0.99  # the bridge holds each frame at least the delay
-    assert 0.95 <= added / (2 * ONE_WAY * 1e3) <= 1.5, (base, avg)
+    rtt = 2 * ONE_WAY * 1e3
+    print(f"{family}: no delay min {base_min:.2f} avg {base:.2f} ms; 2 x {ONE_WAY * 1e3:.0f} ms: "
+          f"min {low:.2f} avg {avg:.2f} ms")
+    # minima compare (a stall on this shared machine lifts an average, never a minimum)
+    assert low >= rtt * 0.99  # the bridge holds each frame at least the delay
+    assert 0.95 <= (low - base_min) / rtt <= 1.5, (base_min, low)
+    assert avg - base < 2 * rtt, (base, avg)
 
     br = bridge_lab.start_bridge(delay_ab=0.030, delay_ba=0.010)  # asymmetric, same RTT
-    _, asym = _ping(bridge_lab, addr)
+    asym_min, _ = _ping(bridge_lab, addr)
     br.stop()
-    assert 0.95 <= (asym - base) / 40 <= 1.5, (base, asym)
+    assert 0.95 <= (asym_min - base_min) / rtt <= 1.5, (base_min, asym_min)
 
     for stats in (plain, delayed):
         assert stats["a>b"]["forwarded"] >= 10 and stats["b>a"]["forwarded"] >= 10, stats
