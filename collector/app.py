@@ -82,21 +82,7 @@ class Collector:
         credentials = tls.channel_credentials(self.config)
         self.capture.start()
         try:
-            self._open_spool()
-            self.outbox = Outbox(self.config.max_unacked_rows, self.spool)
-            if self.spool is not None:
-                self.outbox.restore(list(self.spool.items.values()))
-            self.sender = Sender(self.config.server, self.outbox, credentials=credentials,
-                                 on_connected=self._on_connected)
-            self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
-                                   batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
-                                   emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
-                                   on_records=self.spool.count_read if self.spool is not None else None)
-            listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
-            if listen:
-                self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
-                log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.port)
-            self.sender.start()
+            self.start_pipeline(credentials)
             self._thread = threading.Thread(target=self._capture_loop, name="hdrlog-capture", daemon=True)
             self._thread.start()
         except BaseException:
@@ -109,6 +95,25 @@ class Collector:
         where = ", ".join(f"{i}/{d}" for i, d in self.capture.attachments)
         log.info("collector %s capturing on %s, sending to %s", self.collector_id, where, self.config.server)
         fdstore.notify("READY=1")  # systemd (Type=notify): a restart returns once we capture
+
+    def start_pipeline(self, credentials, start_sender: bool = True) -> None:
+        """Everything after capture: spool, outbox, batcher, metrics, sender (tests drive it alone)."""
+        self._open_spool()
+        self.outbox = Outbox(self.config.max_unacked_rows, self.spool)
+        if self.spool is not None:
+            self.outbox.restore(list(self.spool.items.values()))
+        self.sender = Sender(self.config.server, self.outbox, credentials=credentials,
+                             on_connected=self._on_connected)
+        self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
+                               batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
+                               emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
+                               on_records=self.spool.count_read if self.spool is not None else None)
+        listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
+        if listen:
+            self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
+            log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.port)
+        if start_sender:
+            self.sender.start()
 
     async def stop(self) -> None:
         """Flush, wait briefly for acks, detach. Safe to call twice."""
@@ -240,8 +245,7 @@ class Collector:
         assert self.outbox is not None and self.sender is not None
         dropped = self.outbox.put(batch, rows)
         self._track_stats(batch)
-        if dropped and self.spool is None:
-            self.sender.counters.rows_dropped_unacked_full += dropped
+        if dropped and self.spool is None:  # (with a spool, the spool and the outbox say what was dropped)
             log.warning("unacked buffer full (max_unacked_rows=%d): dropped %d oldest records; "
                         "the server is not keeping up or unreachable — raise max_unacked_rows or check it",
                         self.config.max_unacked_rows, dropped)
@@ -276,13 +280,18 @@ class Collector:
             out[f"drop_{reason}"] = capture.get(reason, 0)
         if self.sender is not None:
             c = self.sender.counters
-            out["drop_unacked_full"] = c.rows_dropped_unacked_full
             out["drop_rejected_by_server"] = c.rows_rejected
+        if self.outbox is not None:
+            # without a spool, or with one whose disk refuses: memory was full
+            out["drop_unacked_full"] = self.outbox.memory_dropped_rows
         if self.spool is not None:
             # Cumulative per run; a crash's loss is counted once, by the run that found it.
             out["drop_spool_full"] = self.spool.dropped_rows
             out["drop_lost_at_crash"] = self.spool.lost_at_crash
             out["drop_spool_unreadable"] = self.outbox.unreadable_rows if self.outbox else 0
+            out["drop_spool_corrupt"] = self.spool.corrupt_rows  # failed the checksum or did not parse
+            out["spool_corrupt_files"] = self.spool.corrupt_files
+            out["spool_write_errors"] = self.spool.write_errors  # each such batch was kept in memory
         return out
 
     def _sending(self) -> dict[str, float]:
@@ -290,7 +299,8 @@ class Collector:
             return {}
         c = self.sender.counters
         return {"sent_rows": c.rows_sent, "acked_rows": c.rows_acked, "reconnects": c.reconnects,
-                "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected)}
+                "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected),
+                "spool_degraded": float(bool(self.spool is not None and self.spool.degraded))}
 
     def _add_stats(self) -> None:
         """Queue one collector_stats row per counter with its change since the last row."""
@@ -324,7 +334,13 @@ class Collector:
                 f"sent={s.rows_sent if s else 0} "
                 f"acked={s.rows_acked if s else 0} lost={lost} "
                 f"unacked={self.outbox.rows if self.outbox else 0} "
-                f"server={'up' if self.sender and self.sender.connected else 'down'}")
+                f"server={'up' if self.sender and self.sender.connected else 'down'} "
+                f"spool={self._spool_state()}")
+
+    def _spool_state(self) -> str:
+        if self.spool is None:
+            return "off"
+        return "memory-only" if self.spool.degraded else "ok"
 
 
 async def serve(config: CollectorConfig) -> int:
