@@ -135,9 +135,14 @@ class Collector:
             self.batcher.flush()
             drained = await self.sender.wait_drained(self.config.shutdown_timeout)
             if not drained and self.spool is not None:
+                memory = self.outbox.memory_rows if self.outbox else 0
                 log.warning("stopping with %d batches (%d records) unacked by the server: they stay in the "
                             "spool %s and are sent when the collector starts again",
-                            len(self.outbox or ()), self.outbox.rows if self.outbox else 0, self.spool.dir)
+                            len(self.outbox or ()), (self.outbox.rows if self.outbox else 0) - memory, self.spool.dir)
+                if memory:  # the disk refused them
+                    log.error("stopping with %d records held in memory only (the spool's disk refused them): lost; "
+                              "%s", memory, "the next start counts them as drop_lost_at_crash"
+                              if self.spool.tally is not None else "uncounted (no tally on this disk)")
             elif not drained:
                 log.error("stopping with %d batches (%d records) unacked by the server and no spool: they are lost",
                           len(self.outbox or ()), self.outbox.rows if self.outbox else 0)

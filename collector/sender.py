@@ -89,6 +89,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def memory_rows(self) -> int:
+        """Records of batches held in memory only (the spool's disk refused them)."""
+        return self._memory_rows
+
     def restore(self, spooled) -> None:
         """Batches an earlier run left in the spool, sent first (they have the lowest seqs)."""
         for b in spooled:

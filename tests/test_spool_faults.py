@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +420,49 @@ def test_corrupt_spooled_files_do_not_stall_sending_to_a_real_server(tmp_path):
                    30, "drop_spool_corrupt in collector_stats")
     finally:
         server.stop()
+
+
+def test_collector_process_with_its_spool_disk_full_keeps_running_and_counts_every_loss(lab, tmp_path):
+    """Issue 11's run, end to end: real eBPF capture on a lab veth, the `hdrlog collector` process with
+    its spool on a 256 KiB tmpfs, the server away while 6,000 packets arrive (the disk fills, memory
+    holds max_unacked_rows), then the server: the collector never dies and stored + counted == sent."""
+    from tests.test_faults import counts, only, send, stat
+    from tests.support import CollectorProcess
+
+    port, host_id, base, n = free_port(), "spooldisk", 43100, 6000
+    host = lab.add_host("a")
+    procs: list = []
+    with mounted_tmpfs(tmp_path / f"spool-{host_id}", "256k"):
+        try:
+            collector = CollectorProcess(f"127.0.0.1:{port}", [host.peer_ifname], host_id, tmp_path,
+                                         *only(base), "--spool-max-bytes", str(1 << 30),
+                                         "--max-unacked-rows", "1500", "--batch-rows", "200")
+            procs.append(collector)
+            collector.start()
+            assert send(lab, host, base, n, rate=2000).wait(60) == 0
+            wait_until(lambda: "captured=6000" in collector.log() or not collector.alive(), 30,
+                       "every packet captured")
+            assert collector.alive(), collector.log()[-3000:]
+            server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path, grpc_port=port)
+            procs.append(server)
+            server.start()
+            wait_until(lambda: " unacked=0 server=up" in collector.log().splitlines()[-1]
+                       or not collector.alive(), 90, "the collector to drain")
+            assert collector.stop() == 0, collector.log()[-3000:]
+            time.sleep(0)  # (the final collector_stats row was acked before the collector exited)
+            stored, distinct = counts(server, f"host = '{host_id}'")
+            reasons = {r["counter"]: int(r["v"]) for r in server.sql(
+                "SELECT counter, sum(value) AS v FROM hdrlog.collector_stats WHERE host = "
+                f"'{host_id}' AND counter LIKE 'drop_%' AND counter NOT IN ('drop_filtered', 'drop_sampled_out') "
+                "GROUP BY counter HAVING v > 0")}
+            log_text = collector.log()
+            print(f"FAULT spool disk full (process): sent {n}, stored {stored}, counted {reasons}, "
+                  f"uncounted {n - stored - sum(reasons.values())}")
+            assert "Traceback" not in log_text
+            assert distinct == stored
+            assert stored + sum(reasons.values()) == n, (stored, reasons)
+            assert reasons.get("drop_unacked_full", 0) > 0 and stat(server, host_id, "spool_write_errors") > 0
+            assert "running from memory" in log_text and "spooling again" in log_text
+        finally:
+            for p in reversed(procs):
+                p.stop()
