@@ -257,12 +257,13 @@ def alter(path: Path) -> None:
 
 def test_altered_file_is_skipped_and_counted_on_resend(tmp_path):
     async def go():
-        s, box, seqs = _spooled(tmp_path)
+        s, box, seqs = _spooled(tmp_path, n=5)
         alter(s._path(seqs[1]))
         s._path(seqs[2]).write_bytes(s._path(seqs[2]).read_bytes()[:HEADER.size + 7])  # unparseable
+        s._path(seqs[4]).write_bytes(s._path(seqs[0]).read_bytes())  # a whole, valid file of another seq
         sent = [seq for seq, _, _ in box.after(0)]
         assert sent == [seqs[0], seqs[3]]
-        assert s.corrupt_rows == 100 and s.corrupt_files == 2
+        assert s.corrupt_rows == 150 and s.corrupt_files == 3
         assert not s._path(seqs[1]).exists() and not s._path(seqs[2]).exists()
         assert box.rows == 100 and len(box) == 2
         s.close()
@@ -349,6 +350,10 @@ def test_spool_fills_mid_run_with_a_real_server_and_the_numbers_add_up(tmp_path)
             p.send(6000)  # the disk is full: memory holds 3,000, the oldest 3,000 of memory go
             assert p.c.spool.degraded and p.c.outbox.memory_dropped_rows == 3000
             assert "spool=memory-only" in p.c.status_line()
+            from prometheus_client import generate_latest
+            metrics = generate_latest(p.c.metrics.registry).decode()
+            assert "hdrlog_collector_spool_degraded 1.0" in metrics
+            assert 'hdrlog_collector_dropped_records_total{reason="unacked_full"} 3000.0' in metrics
             server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path, grpc_port=port)
             server_box.append(server)
             await asyncio.get_running_loop().run_in_executor(None, server.start)
@@ -466,3 +471,54 @@ def test_collector_process_with_its_spool_disk_full_keeps_running_and_counts_eve
         finally:
             for p in reversed(procs):
                 p.stop()
+
+
+def test_kill_while_degraded_counts_what_memory_held(tmpfs):
+    """SIGKILL while the disk refuses: the batches memory held are counted by the next run
+    (drop_lost_at_crash), those acked from memory are not."""
+    import signal
+    import sys
+    code = f"""
+import asyncio, os, signal
+from hdrlog.collector.sender import Outbox
+from hdrlog.collector.spool import Spool
+from tests.test_spool_faults import body, fill
+from pathlib import Path
+async def go():
+    s = Spool({str(tmpfs / "spool")!r}, max_bytes=1 << 30, host_id="h")
+    s.open()
+    box = Outbox(max_rows=10_000, spool=s)
+    s.count_read(50); box.put(body(s.next_seq()), 50)        # on disk
+    fill(Path({str(tmpfs)!r}))
+    s.count_read(50); box.put(body(s.next_seq()), 50)        # memory, then lost
+    s.count_read(50); seq = s.next_seq(); box.put(body(seq), 50)
+    assert s.degraded and box.pop(seq) == 50                  # memory, acked
+    s.count_read(7)                                           # the open batch
+    os.kill(os.getpid(), signal.SIGKILL)
+asyncio.run(go())
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    (tmpfs / "filler").unlink()
+    again = Spool(tmpfs / "spool", max_bytes=1 << 30, host_id="h")
+    assert [b.rows for b in again.open()] == [50]
+    assert again.lost_at_crash == 50 + 7
+    again.close()
+
+
+def test_clean_stop_while_degraded_counts_what_memory_held_at_the_next_start(tmpfs):
+    async def go():
+        s = Spool(tmpfs / "spool", max_bytes=1 << 30, host_id="h")
+        s.open()
+        box = Outbox(max_rows=10_000, spool=s)
+        filler = fill(tmpfs)
+        s.count_read(100)
+        put_many(box, s, 2)
+        assert s.degraded and box.memory_rows == 100
+        s.close()  # stopped before the server acked them
+        filler.unlink()
+        again = Spool(tmpfs / "spool", max_bytes=1 << 30, host_id="h")
+        again.open()
+        assert again.lost_at_crash == 100
+        again.close()
+    asyncio.run(go())
