@@ -25,7 +25,9 @@ write raises ``SpoolUnwritable`` after cleaning up, the outbox keeps the batch i
 memory (bounded by ``max_unacked_rows``, the oldest dropped and counted as
 ``drop_unacked_full``), a warning is logged on a doubling interval, and the next
 batch tries the disk again; the first write that succeeds logs the recovery and
-the batches memory held are spooled. Nothing the disk does raises out of the
+the batches memory held are spooled. Seqs past the block state.json reserves, when
+the disk refuses a new block, go out under a fresh collector_id (a later run would
+start from that block again under the old one). Nothing the disk does raises out of the
 spool: removing an acked file, reserving seqs and opening a read-only spool
 (its batches are read and sent, new ones held in memory) all degrade instead.
 
@@ -138,7 +140,8 @@ class Spool:
         self.host_id = host_id
         self.collector_id = ""
         self._next_seq = 1
-        self._reserved = 0
+        self._reserved = 0  # the last seq state.json reserves
+        self._fresh_id = False  # collector_id is a fresh one state.json does not know yet
         self.items: dict[int, SpooledBatch] = {}  # seq -> on-disk batch, insertion = seq order
         self.bytes = 0
         self.dropped_rows = 0  # rows dropped because the spool was full
@@ -206,11 +209,7 @@ class Spool:
             self.items[b.seq] = b
             self.bytes += b.nbytes
             self._next_seq = max(self._next_seq, b.seq + 1)
-        if not self._try_reserve():
-            # The seqs this run hands out cannot be reserved on disk: a later run would start from the
-            # old reservation again. A fresh identity keeps this run's (collector_id, seq) unique; it
-            # becomes the spool's when the disk takes state.json again.
-            self.collector_id = f"{self.host_id}/{uuid.uuid4().hex[:12]}"
+        self._try_reserve()  # when the disk refuses, next_seq() moves to a fresh identity
         return found
 
     def _lock(self) -> None:
@@ -319,6 +318,7 @@ class Spool:
             self._unlink(tmp)
             raise
         self._reserved = reserved
+        self._fresh_id = False
 
     def _try_reserve(self) -> bool:
         try:
@@ -329,10 +329,17 @@ class Spool:
             return False
 
     def next_seq(self) -> int:
+        """The next seq; read ``collector_id`` after it (a seq the disk cannot reserve changes it)."""
         seq = self._next_seq
         self._next_seq += 1
-        if seq >= self._reserved:
-            self._try_reserve()  # retried with every seq until the disk takes it
+        if seq >= self._reserved and not self._try_reserve() and seq > self._reserved and not self._fresh_id:
+            # Past the block state.json holds, and the disk refuses a new one: a later run would start
+            # from that block again, under this id. A fresh identity (in memory) keeps every
+            # (collector_id, seq) unique; it becomes the spool's when the disk takes state.json again.
+            self.collector_id = f"{self.host_id}/{uuid.uuid4().hex[:12]}"
+            self._fresh_id = True
+            log.warning("spool %s: cannot reserve seqs on disk; new batches go out as collector %s",
+                        self.dir, self.collector_id)
         return seq
 
     # -- the disk refusing -------------------------------------------------------------------

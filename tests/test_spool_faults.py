@@ -161,14 +161,29 @@ def test_disk_full_at_a_seq_reservation_and_at_the_tally_does_not_crash(tmpfs):
 
     s = Spool(tmpfs / "spool", max_bytes=1 << 30, host_id="h")
     s.open()
-    fill(tmpfs)
-    used = [s.next_seq() for _ in range(spool_mod.SEQ_BLOCK + 5)]  # crosses a reservation the disk refuses
+    old_id = s.collector_id
+    filler = fill(tmpfs)
+    used = []
+    for _ in range(spool_mod.SEQ_BLOCK + 5):  # crosses a reservation the disk refuses
+        seq = s.next_seq()
+        used.append((s.collector_id, seq))
     assert len(set(used)) == len(used)
-    s.count_read(10)  # a store into the mapped tally page: must already be allocated
+    # past the block on disk, the seqs go out under a fresh identity (a later run restarts that block)
+    assert [seq for cid, seq in used if cid == old_id] == list(range(1, spool_mod.SEQ_BLOCK + 1))
+    assert len({cid for cid, _ in used}) == 2
+    s.count_read(10)  # a store into the mapped tally page
     box = Outbox(max_rows=10_000, spool=s)
     box.put(body(s.next_seq()), 50)
     assert s.degraded and len(box) == 1
+    filler.unlink()
+    box.put(body(s.next_seq()), 50)  # the disk is back: state.json takes the fresh identity
+    assert not s.degraded
+    new_id, last = s.collector_id, s._next_seq - 1
     s.close()
+    again = Spool(tmpfs / "spool", max_bytes=1 << 30, host_id="h")
+    again.open()
+    assert again.collector_id == new_id and again.next_seq() > last
+    again.close()
 
 
 # -- a read-only filesystem ------------------------------------------------------------------------
@@ -198,12 +213,12 @@ def test_read_only_spool_at_start_runs_from_memory_then_spools_when_rw_again(tmp
             again = Spool(tmpfs / "spool", max_bytes=1 << 30, host_id="h")
             found = again.open()  # a restart on a read-only spool starts (it used to raise)
             assert [b.seq for b in found] == left and again.degraded
-            # seqs it cannot reserve on disk go out under a fresh identity, never an old (id, seq)
-            assert again.collector_id != ident and again.collector_id.startswith("h/")
             box = Outbox(max_rows=10_000, spool=again)
             box.restore(found)
             new = put_many(box, again, 2)
             assert min(new) > max(left)
+            # seqs it cannot reserve on disk go out under a fresh identity, never an old (id, seq)
+            assert again.collector_id != ident and again.collector_id.startswith("h/")
             assert [s for s, _, _ in box.after(0)] == left + new  # leftovers read back, new ones from memory
             assert box.pop(left[0]) == 50  # the file cannot be removed: no crash
         finally:
