@@ -259,9 +259,11 @@ class Collector:
     def _track_stats(self, batch) -> None:
         """Remember which counter deltas rode in this batch; re-report those of dropped batches."""
         assert self.outbox is not None
+        lost = set(self.outbox.last_dropped) | set(self.outbox.discarded)
+        self.outbox.discarded.clear()
         for seq in [s for s in self._stats_by_seq if s not in self.outbox]:
             deltas = self._stats_by_seq.pop(seq)
-            if seq in self.outbox.last_dropped:
+            if seq in lost:
                 for name, value in deltas.items():
                     self._stats_sent[name] = self._stats_sent.get(name, 0) - value
         if self._stats_pending and any(t.name == "collector_stats" for t in batch.tables):

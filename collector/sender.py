@@ -83,6 +83,7 @@ class Outbox:
         self.memory_dropped_rows = 0  # dropped because memory was full (drop_unacked_full)
         self.unreadable_rows = 0  # spooled batches that could not be read back (disk trouble)
         self.last_dropped: list[int] = []  # seqs the last put() dropped to make room
+        self.discarded: list[int] = []  # seqs get() dropped (bad or unreadable file), until the owner clears it
         self.changed = asyncio.Event()
         self._warn_memory = Every()
 
@@ -229,12 +230,14 @@ class Outbox:
         except SpoolCorrupt as exc:
             self._drop(seq)
             self.spool.discard_corrupt(seq, exc)
+            self.discarded.append(seq)
         except OSError as exc:
             log.error("spool: cannot read back batch %d (%s); %d records lost, counted as drop_spool_unreadable",
                       seq, exc, rows)
             self._drop(seq)
             self.spool.remove(seq)
             self.unreadable_rows += rows
+            self.discarded.append(seq)
         self.changed.set()
         return None
 

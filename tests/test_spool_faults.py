@@ -316,6 +316,18 @@ def test_collector_counts_and_exports_spool_drops(tmp_path):
         text = generate_latest(c.metrics.registry).decode()
         assert 'hdrlog_collector_dropped_records_total{reason="spool_corrupt"} 50.0' in text
         assert "spool=ok" in c.status_line()
+        # a lost file that carried collector_stats deltas: they are reported again, not lost with it
+        c._add_stats()
+        c.batcher.flush()
+        stats_seq = max(c.outbox.seqs_after(0))
+        assert c._stats_sent["drop_spool_corrupt"] == 50 and stats_seq in c._stats_by_seq
+        c.outbox.get(stats_seq)
+        alter(c.spool._path(stats_seq))
+        c.outbox.after(0)
+        assert stats_seq not in c.outbox
+        c._on_packets(packets(10))
+        c.batcher.flush()
+        assert c._stats_sent["drop_spool_corrupt"] == 0  # the next row carries the 50 again
     finally:
         c.spool.close()
 
