@@ -346,7 +346,8 @@ class Spool:
     def _unwritable(self, what: str, exc: OSError) -> None:
         """The disk refused: degrade (the caller keeps the data in memory), warn on a doubling interval."""
         first = not self.degraded
-        self.degraded = exc.strerror or str(exc)
+        if first or exc.errno != errno.ENOENT:  # (ENOENT: the directory the first error did not let us make)
+            self.degraded = exc.strerror or str(exc)
         if first or self._warn_unwritable.due():
             log.error("spool %s: %s: %s; running from memory (at most max_unacked_rows records, the oldest "
                       "beyond that dropped and counted as drop_unacked_full), trying the disk again with every "
