@@ -86,21 +86,7 @@ class Collector:
             log.error("collector: %s", problem)
         self.capture.start()
         try:
-            self._open_spool()
-            self.outbox = Outbox(self.config.max_unacked_rows, self.spool)
-            if self.spool is not None:
-                self.outbox.restore(list(self.spool.items.values()))
-            self.sender = Sender(self.config.server, self.outbox, credentials=credentials,
-                                 on_connected=self._on_connected)
-            self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
-                                   batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
-                                   emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
-                                   on_records=self.spool.count_read if self.spool is not None else None)
-            listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
-            if listen:
-                self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
-                log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.start())
-            self.sender.start()
+            self.start_pipeline(credentials)
             self._thread = threading.Thread(target=self._capture_loop, name="hdrlog-capture", daemon=True)
             self._thread.start()
         except BaseException:
@@ -113,6 +99,26 @@ class Collector:
         where = ", ".join(f"{i}/{d}" for i, d in self.capture.attachments)
         log.info("collector %s capturing on %s, sending to %s", self.collector_id, where, self.config.server)
         fdstore.notify("READY=1")  # systemd (Type=notify): a restart returns once we capture
+
+    def start_pipeline(self, credentials, start_sender: bool = True) -> None:
+        """Everything after capture: spool, outbox, batcher, metrics, sender (tests drive it alone)."""
+        self._open_spool()
+        self.outbox = Outbox(self.config.max_unacked_rows, self.spool)
+        if self.spool is not None:
+            self.outbox.restore(list(self.spool.items.values()))
+        self.sender = Sender(self.config.server, self.outbox, credentials=credentials,
+                             on_connected=self._on_connected)
+        self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
+                               batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
+                               emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
+                               id_source=(lambda: self.spool.collector_id) if self.spool is not None else None,
+                               on_records=self.spool.count_read if self.spool is not None else None)
+        listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
+        if listen:
+            self._metrics_http = MetricsHttp(self.metrics.registry, *listen)
+            log.info("collector metrics on %s:%d/metrics", listen[0], self._metrics_http.start())
+        if start_sender:
+            self.sender.start()
 
     async def stop(self) -> None:
         """Flush, wait briefly for acks, detach. Safe to call twice."""
@@ -136,9 +142,14 @@ class Collector:
             wait = 0 if self.sender.refused else self.config.shutdown_timeout
             drained = await self.sender.wait_drained(wait)
             if not drained and self.spool is not None:
+                memory = self.outbox.memory_rows if self.outbox else 0
                 log.warning("stopping with %d batches (%d records) unacked by the server: they stay in the "
                             "spool %s and are sent when the collector starts again",
-                            len(self.outbox or ()), self.outbox.rows if self.outbox else 0, self.spool.dir)
+                            len(self.outbox or ()), (self.outbox.rows if self.outbox else 0) - memory, self.spool.dir)
+                if memory:  # the disk refused them
+                    log.error("stopping with %d records held in memory only (the spool's disk refused them): lost; "
+                              "%s", memory, "the next start counts them as drop_lost_at_crash"
+                              if self.spool.tally is not None else "uncounted (no tally on this disk)")
             elif not drained:
                 log.error("stopping with %d batches (%d records) unacked by the server and no spool: they are lost",
                           len(self.outbox or ()), self.outbox.rows if self.outbox else 0)
@@ -253,8 +264,7 @@ class Collector:
         assert self.outbox is not None and self.sender is not None
         dropped = self.outbox.put(batch, rows)
         self._track_stats(batch)
-        if dropped and self.spool is None:
-            self.sender.counters.rows_dropped_unacked_full += dropped
+        if dropped and self.spool is None:  # (with a spool, the spool and the outbox say what was dropped)
             log.warning("unacked buffer full (max_unacked_rows=%d): dropped %d oldest records; "
                         "the server is not keeping up or unreachable — raise max_unacked_rows or check it",
                         self.config.max_unacked_rows, dropped)
@@ -262,9 +272,11 @@ class Collector:
     def _track_stats(self, batch) -> None:
         """Remember which counter deltas rode in this batch; re-report those of dropped batches."""
         assert self.outbox is not None
+        lost = set(self.outbox.last_dropped) | set(self.outbox.discarded)
+        self.outbox.discarded.clear()
         for seq in [s for s in self._stats_by_seq if s not in self.outbox]:
             deltas = self._stats_by_seq.pop(seq)
-            if seq in self.outbox.last_dropped:
+            if seq in lost:
                 for name, value in deltas.items():
                     self._stats_sent[name] = self._stats_sent.get(name, 0) - value
         if self._stats_pending and any(t.name == "collector_stats" for t in batch.tables):
@@ -289,13 +301,18 @@ class Collector:
             out[f"drop_{reason}"] = capture.get(reason, 0)
         if self.sender is not None:
             c = self.sender.counters
-            out["drop_unacked_full"] = c.rows_dropped_unacked_full
             out["drop_rejected_by_server"] = c.rows_rejected
+        if self.outbox is not None:
+            # without a spool, or with one whose disk refuses: memory was full
+            out["drop_unacked_full"] = self.outbox.memory_dropped_rows
         if self.spool is not None:
             # Cumulative per run; a crash's loss is counted once, by the run that found it.
             out["drop_spool_full"] = self.spool.dropped_rows
             out["drop_lost_at_crash"] = self.spool.lost_at_crash
             out["drop_spool_unreadable"] = self.outbox.unreadable_rows if self.outbox else 0
+            out["drop_spool_corrupt"] = self.spool.corrupt_rows  # failed the checksum or did not parse
+            out["spool_corrupt_files"] = self.spool.corrupt_files
+            out["spool_write_errors"] = self.spool.write_errors  # each such batch was kept in memory
         return out
 
     def _sending(self) -> dict[str, float]:
@@ -303,7 +320,8 @@ class Collector:
             return {}
         c = self.sender.counters
         return {"sent_rows": c.rows_sent, "acked_rows": c.rows_acked, "reconnects": c.reconnects,
-                "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected)}
+                "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected),
+                "spool_degraded": float(bool(self.spool is not None and self.spool.degraded))}
 
     def _add_stats(self) -> None:
         """Queue one collector_stats row per counter with its change since the last row."""
@@ -337,7 +355,13 @@ class Collector:
                 f"sent={s.rows_sent if s else 0} "
                 f"acked={s.rows_acked if s else 0} lost={lost} "
                 f"unacked={self.outbox.rows if self.outbox else 0} "
-                f"server={'up' if self.sender and self.sender.connected else 'down'}")
+                f"server={'up' if self.sender and self.sender.connected else 'down'} "
+                f"spool={self._spool_state()}")
+
+    def _spool_state(self) -> str:
+        if self.spool is None:
+            return "off"
+        return "memory-only" if self.spool.degraded else "ok"
 
 
 async def serve(config: CollectorConfig) -> int:

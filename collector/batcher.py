@@ -40,6 +40,7 @@ class Batcher:
     def __init__(self, *, collector_id: str, host: str, batch_rows: int, batch_interval: float,
                  emit: Callable[[ingest_pb2.Batch, int], None], first_seq: int = 1,
                  seq_source: Callable[[], int] | None = None,
+                 id_source: Callable[[], str] | None = None,
                  on_records: Callable[[int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.collector_id = collector_id
@@ -50,6 +51,7 @@ class Batcher:
         self._clock = clock
         self.next_seq = first_seq
         self._seq_source = seq_source  # the spool's persistent seqs, when there is one
+        self._id_source = id_source  # and its collector_id, read after each seq (a seq can change it)
         self._on_records = on_records  # told how many header/flow records entered the open batch
         self._chunks: dict[str, list[ColumnChunk]] = {}
         self._rows = 0
@@ -86,6 +88,8 @@ class Batcher:
         if not self._chunks:
             return
         seq = self._seq_source() if self._seq_source is not None else self.next_seq
+        if self._id_source is not None:
+            self.collector_id = self._id_source()
         batch = ingest_pb2.Batch(collector_id=self.collector_id, host=self.host, seq=seq,
                                  created_unix_ns=time.time_ns())
         records = 0  # header and flow records; collector_stats rows are bookkeeping, not counted

@@ -56,9 +56,10 @@ class CollectorConfig:
     batch_rows: int = doc_field(10_000, "close a batch when it holds this many records")
     batch_interval: float = doc_field(1.0, "close a batch at the latest this many seconds after its first record",
                                       duration=True)
-    max_unacked_rows: int = doc_field(2_000_000, "without a spool: records kept in memory waiting for the "
-                                                 "server's ack; beyond this the oldest batches are dropped and "
-                                                 "counted (drop_unacked_full)")
+    max_unacked_rows: int = doc_field(2_000_000, "without a spool, or while the spool's disk refuses "
+                                                 "batches (full, read-only, failing): records kept in memory "
+                                                 "waiting for the server's ack; beyond this the oldest batches "
+                                                 "are dropped and counted (drop_unacked_full)")
     ringbuf_bytes: int = doc_field(8 << 20, "BPF ring buffer size in bytes (a power of two)")
     dns_ports: list[int] = doc_field([53, 5353], "UDP/TCP port whose payload is decoded as DNS "
                                                  "(besides the content-recognised HTTP and TLS)")

@@ -50,3 +50,8 @@ class CollectorMetrics(Collector):
         yield GaugeMetricFamily(f"{NS}_unacked_rows", "Rows waiting for the server's ack", value=s.get("unacked_rows", 0))
         yield GaugeMetricFamily(f"{NS}_server_connected", "1 while the stream to the server is up",
                                 value=s.get("connected", 0))
+        yield GaugeMetricFamily(f"{NS}_spool_degraded", "1 while the spool's disk refuses batches "
+                                "(full, read-only, failing) and they are held in memory", value=s.get("spool_degraded", 0))
+        for name, doc in (("spool_corrupt_files", "Spooled batch files dropped because they failed their checks"),
+                          ("spool_write_errors", "Batch writes the spool's disk refused")):
+            yield CounterMetricFamily(f"{NS}_{name}", doc, value=c.get(name, 0))

@@ -10,7 +10,9 @@ Layout of the spool directory::
 
 A batch file is written to a temporary name, fsynced and renamed, so after a
 crash a file is either whole or absent; the header's CRC32 catches what a disk
-or a hand did to it afterwards (a bad file is dropped and counted). Seqs are
+or a hand did to it afterwards: it is checked at open and on every read back,
+and a bad file is removed, skipped and counted (``drop_spool_corrupt``, by the
+records its header names; ``spool_corrupt_files``). Seqs are
 handed out from a block reserved in state.json (fsynced once per block), so a
 restarted collector never reuses a seq the server may have stored, and keeps
 its collector_id, which is what lets the server drop resent batches.
@@ -18,13 +20,25 @@ its collector_id, which is what lets the server drop resent batches.
 When the spool would grow past ``max_bytes`` the oldest batches are dropped,
 counted and logged: the newest data is worth more to someone debugging now.
 
+When the disk refuses (full, read-only, failing), the spool is *degraded*: a
+write raises ``SpoolUnwritable`` after cleaning up, the outbox keeps the batch in
+memory (bounded by ``max_unacked_rows``, the oldest dropped and counted as
+``drop_unacked_full``), a warning is logged on a doubling interval, and the next
+batch tries the disk again; the first write that succeeds logs the recovery and
+the batches memory held are spooled. Seqs past the block state.json reserves, when
+the disk refuses a new block, go out under a fresh collector_id (a later run would
+start from that block again under the old one). Nothing the disk does raises out of the
+spool: removing an acked file, reserving seqs and opening a read-only spool
+(its batches are read and sent, new ones held in memory) all degrade instead.
+
 What a crash costs, and how it is counted: records are durable once their batch
 is written here (at the latest ``batch_interval`` after they were read). The
 records read but not yet spooled live in the collector's memory only. Their
 number is kept in ``tally``, a file mapped ``MAP_SHARED``: the collector updates it
 with plain memory stores (no syscall, no fsync), and the kernel's page cache keeps
 those stores when the process is SIGKILLed (not when the machine loses power).
-The next run reads ``read - spooled`` from it (``lost_at_crash``), logs it and
+"Spooled" here means accounted for: written to a batch file, or (degraded) acked
+from memory or dropped and counted. The next run reads ``read - spooled`` from it (``lost_at_crash``), logs it and
 counts it in ``collector_stats`` as ``drop_lost_at_crash``. What no process can
 count: records still in the kernel ring buffer at the kill, and packets that
 crossed the interface while no collector ran.
@@ -32,6 +46,7 @@ crossed the interface while no collector ran.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -56,15 +71,57 @@ SEQ_BLOCK = 1000
 TALLY_READ, TALLY_SPOOLED = 0, 1
 
 
-class SpoolError(OSError):
-    """The spool directory cannot be used; the message names the path."""
-
-
 @dataclass
 class SpooledBatch:
     seq: int
     rows: int
     nbytes: int
+
+
+# What the spool does at start when it cannot create its directory: these errors are the
+# disk's (degrade, run from memory); the others (EACCES, ENOTDIR, ...) are configuration.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+class SpoolError(OSError):
+    """The spool directory cannot be used; the message names the path."""
+
+
+class SpoolUnwritable(OSError):
+    """The disk refused a batch; ``dropped``: the oldest batches removed before the attempt."""
+
+    def __init__(self, message: str, dropped: list[SpooledBatch]):
+        super().__init__(message)
+        self.dropped = dropped
+
+
+class SpoolCorrupt(ValueError):
+    """A batch file fails its checks; ``rows``: what its header claims (0 when the header is bad)."""
+
+    def __init__(self, message: str, rows: int = 0):
+        super().__init__(message)
+        self.rows = rows
+
+
+class Every:
+    """Rate limit for a log line: due at once, then after 5 s, doubling up to 10 minutes."""
+
+    def __init__(self, first: float = 5.0, most: float = 600.0):
+        self.first, self.most = first, most
+        self._every, self._next = first, 0.0
+        self.held = 0  # occurrences not logged since the last line
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self.held += 1
+            return False
+        self._next = now + self._every
+        self._every = min(self._every * 2, self.most)
+        return True
+
+    def reset(self) -> None:
+        self._every, self._next, self.held = self.first, 0.0, 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,11 +140,15 @@ class Spool:
         self.host_id = host_id
         self.collector_id = ""
         self._next_seq = 1
-        self._reserved = 0
+        self._reserved = 0  # the last seq state.json reserves
+        self._fresh_id = False  # collector_id is a fresh one state.json does not know yet
         self.items: dict[int, SpooledBatch] = {}  # seq -> on-disk batch, insertion = seq order
         self.bytes = 0
         self.dropped_rows = 0  # rows dropped because the spool was full
-        self.corrupt_files = 0
+        self.corrupt_files = 0  # batch files that failed their checks (at open or read back)
+        self.corrupt_rows = 0  # the records their headers named
+        self.write_errors = 0  # writes the disk refused (each batch then lives in memory)
+        self.degraded = ""  # why the disk refuses, while it does ("" = spooling)
         self.lost_at_crash = 0  # records the previous run had read but not spooled when it died
         self.tally: np.ndarray | None = None  # [records read, records spooled], shared mapping
         self._lock_fd: int | None = None
@@ -95,30 +156,33 @@ class Spool:
         self._next_full_log = 0.0
         self._full_log_every = 5.0  # doubles up to 10 minutes while the spool stays full
         self._tally_map: mmap.mmap | None = None
+        self._warn_unwritable = Every()
+        self._warn_remove = Every()
+        self._warn_corrupt = Every()
 
     def __len__(self) -> int:
         return len(self.items)
 
     # -- opening ---------------------------------------------------------------------------
     def open(self) -> list[SpooledBatch]:
-        """Read state and list the batches left by an earlier run, oldest first."""
+        """Read state and list the batches left by an earlier run, oldest first.
+
+        Raises SpoolError for what the operator must fix (a spool in use, another host's batches,
+        an unreadable state.json, a directory it may not create). A disk that is full or
+        read-only does not stop it: it opens degraded (see the module's docstring)."""
         try:
             self.batches_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise SpoolError(f"spool {self.dir}: {exc.strerror}") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.close()
-            raise SpoolError(f"spool {self.dir} is in use by another collector; "
-                             "give each collector its own --spool") from None
+            if exc.errno not in DISK_ERRNOS:
+                raise SpoolError(f"spool {self.dir}: {exc.strerror}") from None
+            self._unwritable("cannot create the spool directory", exc)
+        self._lock()
         state = self._read_state()
         self.collector_id = state.get("collector_id") or f"{self.host_id}/{uuid.uuid4().hex[:12]}"
         self._next_seq = int(state.get("seq_reserved", 0)) + 1
         owner = state.get("host_id", self.host_id)
         if owner != self.host_id:
-            if any(p.suffix == ".batch" for p in self.batches_dir.iterdir()):
+            if self.batches_dir.is_dir() and any(p.suffix == ".batch" for p in self.batches_dir.iterdir()):
                 self.close()
                 raise SpoolError(f"spool {self.dir} holds unsent batches of host {owner!r}, not {self.host_id!r}: "
                                  "start with --host-id " + owner + " to send them, or move the spool away")
@@ -127,40 +191,75 @@ class Spool:
             self.collector_id = f"{self.host_id}/{uuid.uuid4().hex[:12]}"
         self._open_tally()
         found: list[SpooledBatch] = []
-        for path in self.batches_dir.iterdir():
+        for path in (self.batches_dir.iterdir() if self.batches_dir.is_dir() else ()):
             if path.suffix == ".tmp":
-                path.unlink(missing_ok=True)  # a write the crash interrupted
+                self._unlink(path)  # a write the crash interrupted
                 continue
             try:
                 seq = int(path.stem)
-                rows, nbytes = self._check(path)
+                data = path.read_bytes()
+                rows = self._verify(data)
             except (ValueError, OSError) as exc:
-                self.corrupt_files += 1
-                log.error("spool: dropping unreadable %s: %s", path, exc)
-                path.unlink(missing_ok=True)
+                self._count_corrupt(path, exc, getattr(exc, "rows", 0))
+                self._unlink(path)
                 continue
-            found.append(SpooledBatch(seq, rows, nbytes))
+            found.append(SpooledBatch(seq, rows, len(data)))
         found.sort(key=lambda b: b.seq)
         for b in found:
             self.items[b.seq] = b
             self.bytes += b.nbytes
             self._next_seq = max(self._next_seq, b.seq + 1)
-        self._reserve()
+        self._try_reserve()  # when the disk refuses, next_seq() moves to a fresh identity
         return found
 
+    def _lock(self) -> None:
+        """flock() the lock file, so one collector uses this spool. On a read-only disk an existing
+        lock file is opened read-only (flock works on it); without one, the spool runs unlocked."""
+        path = self.dir / "lock"
+        try:
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS and not self.degraded:
+                raise SpoolError(f"spool {self.dir}: {exc.strerror}") from None
+            try:
+                self._lock_fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                log.warning("spool %s: no lock file and the disk refuses one (%s): nothing stops a second "
+                            "collector on this spool meanwhile", self.dir, exc.strerror)
+                return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise SpoolError(f"spool {self.dir} is in use by another collector; "
+                             "give each collector its own --spool") from None
+
     def _open_tally(self) -> None:
-        """Map the tally file; what it holds from the previous run becomes ``lost_at_crash``."""
+        """Map the tally file; what it holds from the previous run becomes ``lost_at_crash``.
+
+        The file's blocks are allocated (fallocate), never sparse: a store into a mapped page
+        the disk cannot back would kill the process with SIGBUS. When the disk refuses the
+        tally, this run counts no crash loss (logged); the old tally waits for a run that can."""
         path = self.dir / "tally"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 if os.fstat(fd).st_size != 16:
                     os.ftruncate(fd, 16)
+                try:
+                    os.posix_fallocate(fd, 0, 16)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    os.pwrite(fd, os.pread(fd, 16, 0).ljust(16, b"\0"), 0)
                 self._tally_map = mmap.mmap(fd, 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise SpoolError(f"spool {path}: {exc.strerror}") from None
+            if exc.errno not in DISK_ERRNOS and not self.degraded:
+                raise SpoolError(f"spool {path}: {exc.strerror}") from None
+            self._unwritable("cannot map the tally; this run cannot count what a crash would lose", exc)
+            return
         self.tally = np.frombuffer(self._tally_map, dtype="<u8")
         read, spooled = int(self.tally[TALLY_READ]), int(self.tally[TALLY_SPOOLED])
         self.lost_at_crash = max(0, read - spooled)
@@ -173,6 +272,12 @@ class Spool:
         """Records read from the ring buffer (call from the capture thread, the only writer of this slot)."""
         if self.tally is not None:
             self.tally[TALLY_READ] += records
+
+    def count_accounted(self, records: int) -> None:
+        """Records that never reached a batch file but need no crash count: acked from memory, or
+        dropped and counted under another reason (call from the event loop)."""
+        if self.tally is not None:
+            self.tally[TALLY_SPOOLED] += records
 
     def close(self) -> None:
         """Release the lock and the tally mapping. The batches stay for the next run."""
@@ -199,41 +304,104 @@ class Spool:
 
     def _reserve(self) -> None:
         """Persist a block of seqs before using any of it."""
-        self._reserved = self._next_seq + SEQ_BLOCK - 1
+        reserved = self._next_seq + SEQ_BLOCK - 1
         tmp = self.dir / "state.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"collector_id": self.collector_id, "host_id": self.host_id,
-                       "seq_reserved": self._reserved}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "state.json")
-        _fsync_dir(self.dir)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"collector_id": self.collector_id, "host_id": self.host_id,
+                           "seq_reserved": reserved}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / "state.json")
+            _fsync_dir(self.dir)
+        except OSError:
+            self._unlink(tmp)
+            raise
+        self._reserved = reserved
+        self._fresh_id = False
+
+    def _try_reserve(self) -> bool:
+        try:
+            self._reserve()
+            return True
+        except OSError as exc:
+            self._unwritable("cannot reserve seqs in state.json", exc)
+            return False
 
     def next_seq(self) -> int:
+        """The next seq; read ``collector_id`` after it (a seq the disk cannot reserve changes it)."""
         seq = self._next_seq
         self._next_seq += 1
-        if seq >= self._reserved:
-            self._reserve()
+        if seq >= self._reserved and not self._try_reserve() and seq > self._reserved and not self._fresh_id:
+            # Past the block state.json holds, and the disk refuses a new one: a later run would start
+            # from that block again, under this id. A fresh identity (in memory) keeps every
+            # (collector_id, seq) unique; it becomes the spool's when the disk takes state.json again.
+            self.collector_id = f"{self.host_id}/{uuid.uuid4().hex[:12]}"
+            self._fresh_id = True
+            log.warning("spool %s: cannot reserve seqs on disk; new batches go out as collector %s",
+                        self.dir, self.collector_id)
         return seq
+
+    # -- the disk refusing -------------------------------------------------------------------
+    def _unwritable(self, what: str, exc: OSError) -> None:
+        """The disk refused: degrade (the caller keeps the data in memory), warn on a doubling interval."""
+        first = not self.degraded
+        if first or exc.errno != errno.ENOENT:  # (ENOENT: the directory the first error did not let us make)
+            self.degraded = exc.strerror or str(exc)
+        if first or self._warn_unwritable.due():
+            log.error("spool %s: %s: %s; running from memory (at most max_unacked_rows records, the oldest "
+                      "beyond that dropped and counted as drop_unacked_full), trying the disk again with every "
+                      "batch (%d failed writes so far) — free space on it or fix it", self.dir, what,
+                      self.degraded, self.write_errors)
+
+    def _recovered(self) -> None:
+        log.warning("spool %s: the disk takes batches again (after %d failed writes; it said: %s): "
+                    "spooling again", self.dir, self.write_errors, self.degraded)
+        self.degraded = ""
+        self._warn_unwritable.reset()
+        if self._next_seq > self._reserved:
+            self._try_reserve()
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            if self._warn_remove.due():
+                log.warning("spool %s: cannot remove %s (%s; %d more not logged): it is sent again after a "
+                            "restart, which the server's dedup makes harmless", self.dir, path.name,
+                            exc.strerror, self._warn_remove.held)
+                self._warn_remove.held = 0
+
+    def _count_corrupt(self, path: Path, exc: Exception, rows: int) -> None:
+        self.corrupt_files += 1
+        self.corrupt_rows += rows
+        if self._warn_corrupt.due():
+            log.error("spool: dropping bad batch file %s (%s): %d records lost, counted as drop_spool_corrupt "
+                      "(%d bad files so far)", path, exc, rows, self.corrupt_files)
 
     # -- batches ---------------------------------------------------------------------------
     def _path(self, seq: int) -> Path:
         return self.batches_dir / f"{seq:020d}.batch"
 
     @staticmethod
-    def _check(path: Path) -> tuple[int, int]:
-        data = path.read_bytes()
+    def _verify(data: bytes) -> int:
+        """The records a batch file holds; SpoolCorrupt when it fails a check."""
         if len(data) < HEADER.size:
-            raise ValueError("shorter than its header")
+            raise SpoolCorrupt("shorter than its header")
         magic, crc, rows, length = HEADER.unpack_from(data)
-        if magic != MAGIC or length != len(data) - HEADER.size:
-            raise ValueError("bad header")
+        if magic != MAGIC:
+            raise SpoolCorrupt("bad header")
+        if length != len(data) - HEADER.size:
+            raise SpoolCorrupt(f"{len(data) - HEADER.size} bytes of payload, the header says {length}", rows)
         if zlib.crc32(data[HEADER.size:]) != crc:
-            raise ValueError("checksum mismatch")
-        return rows, len(data)
+            raise SpoolCorrupt("checksum mismatch", rows)
+        return rows
 
     def write(self, batch: ingest_pb2.Batch, rows: int) -> list[SpooledBatch]:
-        """Store a batch durably; returns the oldest batches dropped to make room."""
+        """Store a batch durably; returns the oldest batches dropped to make room.
+
+        Raises SpoolUnwritable (carrying those dropped) when the disk refuses: nothing of the
+        attempt is left on disk, and the spool is degraded until a write succeeds."""
         payload = batch.SerializeToString()
         data = HEADER.pack(MAGIC, zlib.crc32(payload), rows, len(payload)) + payload
         dropped: list[SpooledBatch] = []
@@ -244,16 +412,32 @@ class Spool:
             dropped.append(oldest)
         path = self._path(batch.seq)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.batches_dir)
+        try:
+            if self.degraded:
+                self.batches_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.batches_dir)
+        except OSError as exc:
+            self.write_errors += 1
+            self._unlink(tmp)
+            self._unlink(path)  # renamed but not durable: the batch lives in memory, not twice
+            self._unwritable(f"cannot write batch {batch.seq}", exc)
+            self._log_full(dropped)
+            raise SpoolUnwritable(f"spool {self.dir}: {exc.strerror or exc}", dropped) from None
+        if self.degraded:
+            self._recovered()
         self.items[batch.seq] = SpooledBatch(batch.seq, rows, len(data))
         self.bytes += len(data)
         if self.tally is not None:
             self.tally[TALLY_SPOOLED] += rows
+        self._log_full(dropped)
+        return dropped
+
+    def _log_full(self, dropped: list[SpooledBatch]) -> None:
         if dropped:
             self._unlogged_drops += sum(b.rows for b in dropped)
             now = time.monotonic()
@@ -265,16 +449,28 @@ class Spool:
                 self._unlogged_drops = 0
                 self._full_log_every = min(self._full_log_every * 2, 600.0)
                 self._next_full_log = now + self._full_log_every
-        return dropped
 
     def load(self, seq: int) -> ingest_pb2.Batch:
+        """Read a batch back, checked: OSError when the disk cannot, SpoolCorrupt when the file is bad."""
         data = self._path(seq).read_bytes()
+        self._verify(data)
         batch = ingest_pb2.Batch()
-        batch.ParseFromString(data[HEADER.size:])
+        try:
+            batch.ParseFromString(data[HEADER.size:])
+        except Exception as exc:  # protobuf's DecodeError is no ValueError
+            raise SpoolCorrupt(f"does not parse: {exc}") from None
+        if batch.seq != seq:
+            raise SpoolCorrupt(f"holds seq {batch.seq}")
         return batch
+
+    def discard_corrupt(self, seq: int, exc: Exception) -> None:
+        """A batch that failed its checks on reading back: count its records (drop_spool_corrupt), remove it."""
+        item = self.items.get(seq)
+        self._count_corrupt(self._path(seq), exc, item.rows if item else getattr(exc, "rows", 0))
+        self.remove(seq)
 
     def remove(self, seq: int) -> None:
         item = self.items.pop(seq, None)
         if item is not None:
             self.bytes -= item.nbytes
-            self._path(seq).unlink(missing_ok=True)
+            self._unlink(self._path(seq))
