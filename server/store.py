@@ -11,6 +11,14 @@ client (one chDB connection handle, serialized by its own lock); each SQL
 worker thread gets its own read-only client (a separate chDB handle with
 ``readonly = 2``, which chDB runs concurrently with the writer's inserts), so a
 slow SELECT never holds up an insert.
+
+``Store(url, server_memory_bytes=N)`` starts the embedded engine with
+``max_server_memory_usage = N`` (a startup argument of chDB's engine, given on
+the first connection; every handle shares the one engine and its limit).
+``sql_settings`` are SET on each SQL handle before ``readonly = 2``: the
+defaults a query gets when it names none. ``cancel(marker)`` kills the running
+SQL-endpoint queries whose text starts with ``marker`` (``KILL QUERY`` on a
+separate control handle; chDB runs it concurrently with the query).
 """
 
 from __future__ import annotations
@@ -112,9 +120,13 @@ class Watermarks:
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, server_memory_bytes: int = 0, sql_settings: Mapping[str, Any] | None = None):
         self.url = url
         self.embedded = url.startswith("chdb:")
+        self.server_memory_bytes = server_memory_bytes
+        self.sql_settings = dict(sql_settings or {})
+        self._control: Any = None
+        self._control_lock = threading.Lock()
         self._client: Any = None
         self._local = threading.local()
         self._readers: list[Any] = []
@@ -124,18 +136,23 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self, engine_options: Mapping[str, str] | None = None) -> Any:
         if self.embedded:
             path = urlparse(self.url).path
             if path:
                 import os
                 os.makedirs(path, exist_ok=True)
+            if engine_options:
+                return clickhouse_connect.get_client(dsn=self.url, chdb_options=dict(engine_options))
             return clickhouse_connect.get_client(dsn=self.url)
         return clickhouse_connect.get_client(dsn=self.url)
 
     def open(self) -> None:
+        # The first connection starts the embedded engine: its startup arguments hold for every handle.
+        options = {"max_server_memory_usage": str(self.server_memory_bytes)} \
+            if self.embedded and self.server_memory_bytes else None
         try:
-            self._client = self._connect()
+            self._client = self._connect(options)
         except Exception as exc:  # noqa: BLE001 - one clear line for the operator
             raise StoreError(f"unable to open ClickHouse at {redact(self.url)}: {short_message(exc)}") from None
 
@@ -162,6 +179,10 @@ class Store:
         self._closed = True
         with self._readers_lock:
             readers, self._readers = self._readers, []
+        with self._control_lock:
+            control, self._control = self._control, None
+        if control is not None:
+            readers.append(control)
         for client in readers:
             try:
                 client.close()
@@ -222,14 +243,38 @@ class Store:
                 raise StoreError("store is closed")
             client = self._connect()
             if self.embedded:
-                # Per-handle session setting: writes refused, settings may change, readonly may not.
+                # Per-handle session settings: the limits' defaults, then readonly = 2 (writes refused,
+                # settings may change, readonly may not).
+                for name, value in self.sql_settings.items():
+                    client.command(f"SET {name} = {value!r}" if isinstance(value, str) else f"SET {name} = {value}")
                 client.command("SET readonly = 2")
             else:
+                for name, value in self.sql_settings.items():
+                    client.set_client_setting(name, str(value))
                 client.set_client_setting("readonly", "2")
             with self._readers_lock:
                 self._readers.append(client)
             self._local.client = client
         return client
+
+    def server_setting(self, name: str) -> str:
+        """A server setting of the engine as it runs (system.server_settings), '' when unknown."""
+        rows = self._reader().query("SELECT value FROM system.server_settings WHERE name = {n:String}",
+                                    parameters={"n": name}).result_rows
+        return str(rows[0][0]) if rows else ""
+
+    def cancel(self, marker: str) -> None:
+        """KILL the running queries whose text starts with ``marker`` (a prefix the SQL endpoint put there)."""
+        with self._control_lock:
+            if self._closed:
+                return
+            if self._control is None:
+                self._control = self._connect()
+            try:
+                self._control.command("KILL QUERY WHERE startsWith(query, {m:String}) ASYNC",
+                                      parameters={"m": marker})
+            except Exception as exc:  # noqa: BLE001 - the time limit still ends the query
+                log.warning("server: cannot cancel SQL queries %r: %s", marker, short_message(exc))
 
     def known_settings(self) -> frozenset[str]:
         if self._known_settings is None:
