@@ -397,6 +397,7 @@ class SqlEndpoint:
         self.store = store
         self._credentials = (_digest(credentials[0]), _digest(credentials[1])) if credentials else None
         self._last_auth_log = 0.0
+        self._last_limit_log = 0.0
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -556,6 +557,8 @@ class SqlEndpoint:
 
         def finished(_f: asyncio.Future) -> None:
             self._running.discard(marker)
+            if not _f.cancelled():
+                _f.exception()  # retrieved: a cancelled query's error is expected, not news
             assert self._slots is not None
             self._slots.release()  # the slot is free only when the engine is done with the query
 
@@ -632,8 +635,8 @@ class SqlEndpoint:
             limiter.refused[peer_key] = refused
             if len(limiter.refused) > limiter.max_peers:
                 limiter.refused.clear()
-            if now - self._last_auth_log >= 1.0:
-                self._last_auth_log = now
+            if now - self._last_limit_log >= 1.0:
+                self._last_limit_log = now
                 log.warning("server: SQL logins from %s rate-limited after %d failures (%d refused unchecked; "
                             "sql_auth_failure_burst, sql_auth_failures_per_minute)", peer_key,
                             self.limits.auth_failure_burst, refused)

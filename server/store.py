@@ -278,7 +278,11 @@ class Store:
 
     def known_settings(self) -> frozenset[str]:
         if self._known_settings is None:
-            rows = self._reader().query("SELECT name FROM system.settings").result_rows
+            # On the writer's client: the SQL handles' result and read limits would cut the list short.
+            try:
+                rows = self._client.query("SELECT name FROM system.settings").result_rows
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
             self._known_settings = frozenset(r[0] for r in rows)
         return self._known_settings
 
