@@ -130,7 +130,7 @@ class ServerConfig:
         DEFAULT_SQL_AUTH_PER_MINUTE, "failed SQL logins per minute a rate-limited address earns back")
     max_server_memory_usage: int = doc_field(
         0, "bytes the embedded chDB engine may hold in all (queries and inserts together; its "
-           "max_server_memory_usage); 0 means 60% of the lower of RAM and this process's cgroup memory limit "
+           "max_server_memory_usage); 0 means 0.6 x the lower of RAM and this process's cgroup memory limit "
            "(systemd MemoryMax). Ignored for a remote ClickHouse")
     flush_rows: int = doc_field(DEFAULT_FLUSH_ROWS, "insert when this many rows are pending (all streams together)")
     flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending")

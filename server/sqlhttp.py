@@ -87,6 +87,7 @@ AUTH_FAILURE_PAUSE = 0.25  # seconds before answering a failed login: slows gues
 MAX_AUTH_PEERS = 10_000  # client addresses the login rate limiter remembers (least recently seen dropped first)
 DISCONNECT_POLL = 0.1  # seconds between checks, while a query runs, that its client is still connected
 WATCHDOG_GRACE = 5.0  # seconds past its max_execution_time after which a query is killed from outside
+SQL_THREAD_NICE = 10  # os_thread_priority of SQL query threads, at least (a client may only raise it)
 QUERY_MARKER = "/* hdrlog-sql "  # every query's text starts with it and its id: what KILL QUERY matches
 DEFAULT_FORMAT = "TabSeparated"
 
@@ -282,6 +283,12 @@ def capped_settings(settings: dict[str, str], limits: Limits) -> dict[str, str]:
             if 0 < asked < cap:
                 value = asked
         out[name] = repr(float(value)) if name == "max_execution_time" else str(int(value))
+    # Query threads run niced (Linux nice 10): ingest's threads win the CPU when both want it.
+    try:
+        nice = int(float(out.get("os_thread_priority", "0")))
+    except ValueError:
+        nice = 0
+    out["os_thread_priority"] = str(min(19, max(SQL_THREAD_NICE, nice)))
     return out
 
 
