@@ -27,7 +27,7 @@ from hdrlog.server.metrics import ServerMetrics
 from hdrlog.report.connection import Connection
 from hdrlog.report.scheduler import ReportScheduler
 from hdrlog.report.config import ReportConfig
-from hdrlog.server.sqlhttp import SqlEndpoint
+from hdrlog.server.sqlhttp import Limits, SqlEndpoint
 from hdrlog.server.store import Store, StoreError
 from hdrlog.sqlclient import redact
 from hdrlog.server.writer import Writer
@@ -45,7 +45,9 @@ class Server:
         self.report_config = report
         self.reports: ReportScheduler | None = None
         self.metrics = ServerMetrics()
-        self.store = Store(config.clickhouse)
+        self.sql_limits = sql_limits(config)
+        self.store = Store(config.clickhouse, server_memory_bytes=config.server_memory_bytes(),
+                           sql_settings=self.sql_limits.defaults())
         self.writer: Writer | None = None
         self.grpc_port: int | None = None
         self.sql_port: int | None = None
@@ -71,6 +73,10 @@ class Server:
         if self.sql_port and not cfg.sql_user:
             log.warning("server: the SQL endpoint on port %d asks for no credentials (--insecure without --sql-user)",
                         self.sql_port)
+        if self.store.embedded:
+            log.info("server: store memory limit %d MiB (max_server_memory_usage); SQL queries: %d MiB, %g s, "
+                     "%d at once", self.store.server_memory_bytes >> 20, cfg.sql_max_memory_usage >> 20,
+                     cfg.sql_max_execution_time, cfg.sql_max_concurrent_queries)
         log.info("server: listening gRPC %s:%d, SQL %s, metrics %s, store %s",
                  parse_hostport("listen", cfg.listen)[0], self.grpc_port,
                  f"port {self.sql_port}" if self.sql_port else "off",
@@ -122,7 +128,8 @@ class Server:
                 credentials = cfg.sql_credentials()
             except OSError as exc:
                 raise StartError(f"unable to read sql_password_file {cfg.sql_password_file}: {exc.strerror}") from None
-            self._sql = SqlEndpoint(self.store, self.metrics, sql[0], sql[1], credentials=credentials)
+            self._sql = SqlEndpoint(self.store, self.metrics, sql[0], sql[1], credentials=credentials,
+                                    limits=self.sql_limits)
             try:
                 self.sql_port = await self._sql.start()
             except OSError as exc:
@@ -150,6 +157,10 @@ class Server:
         if self.reports is not None:
             await self.reports.stop()
             self.reports = None
+        if self._sql is not None:
+            # First: running SQL queries are killed, so they neither delay the stop nor slow the last flush.
+            await self._sql.stop()
+            self._sql = None
         if self._status_task is not None:
             self._status_task.cancel()
             await asyncio.gather(self._status_task, return_exceptions=True)
@@ -165,9 +176,6 @@ class Server:
         if self.writer is not None:
             await self.writer.stop()
         self.writer = None
-        if self._sql is not None:
-            await self._sql.stop()
-            self._sql = None
         await asyncio.to_thread(self.metrics.stop_http)
         if self._store_open:
             await asyncio.to_thread(self.store.close)
@@ -215,6 +223,15 @@ class Server:
             line = self.status_line()
             if lines.due(line, loop.time()):
                 log.info("server: %s", line)
+
+
+def sql_limits(cfg: ServerConfig) -> Limits:
+    return Limits(max_concurrent=cfg.sql_max_concurrent_queries, max_queued=cfg.sql_max_queued_queries,
+                  queue_timeout=cfg.sql_queue_timeout, max_memory_usage=cfg.sql_max_memory_usage,
+                  max_execution_time=cfg.sql_max_execution_time, max_rows_to_read=cfg.sql_max_rows_to_read,
+                  max_result_rows=cfg.sql_max_result_rows, max_result_bytes=cfg.sql_max_result_bytes,
+                  auth_failure_burst=cfg.sql_auth_failure_burst,
+                  auth_failures_per_minute=cfg.sql_auth_failures_per_minute)
 
 
 def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:

@@ -28,6 +28,18 @@ DEFAULT_TTL_DAYS = {"packets": 0, "flows": 0, "collector_stats": 0, "rollups": 0
 DEFAULT_MAX_STREAMS = 4096
 DEFAULT_STREAMS_PER_CONNECTION = 8
 DEFAULT_STREAMS_PER_HOST = 16
+# SQL endpoint limits (docs/security.md "Limits"): caps a client may lower per query, never raise.
+DEFAULT_SQL_MAX_CONCURRENT = 4
+DEFAULT_SQL_MAX_QUEUED = 16
+DEFAULT_SQL_QUEUE_TIMEOUT = 10.0
+DEFAULT_SQL_MAX_MEMORY = 1 << 30            # per query, bytes
+DEFAULT_SQL_MAX_EXECUTION_TIME = 60.0       # seconds
+DEFAULT_SQL_MAX_ROWS_TO_READ = 5_000_000_000
+DEFAULT_SQL_MAX_RESULT_ROWS = 10_000_000
+DEFAULT_SQL_MAX_RESULT_BYTES = 256 << 20
+DEFAULT_SQL_AUTH_BURST = 10
+DEFAULT_SQL_AUTH_PER_MINUTE = 6.0
+DEFAULT_SERVER_MEMORY_FRACTION = 0.6        # of the lower of RAM and the cgroup's memory limit
 
 
 def default_clickhouse() -> str:
@@ -35,6 +47,32 @@ def default_clickhouse() -> str:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         return "chdb:///var/lib/hdrlog/clickhouse"
     return "chdb://" + str(Path.cwd() / "var" / "clickhouse")
+
+
+def memory_available() -> int:
+    """Bytes this process may use: the lower of physical RAM and its cgroup's memory limit (v2 or v1)."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return limit
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates.append(f"/sys/fs/cgroup{path}/memory.max")
+        elif "memory" in controllers.split(","):
+            candidates.append(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+    for name in candidates:
+        try:
+            with open(name, encoding="ascii") as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
 
 
 @dataclass
@@ -65,6 +103,35 @@ class ServerConfig:
     max_streams_per_connection: int = doc_field(
         DEFAULT_STREAMS_PER_CONNECTION, "concurrent streams one gRPC connection may open (a collector uses one); "
                                         "more wait on the client's side")
+    sql_max_concurrent_queries: int = doc_field(
+        DEFAULT_SQL_MAX_CONCURRENT, "SQL queries running at once (each on its own worker and chDB handle); "
+                                    "more wait in a queue")
+    sql_max_queued_queries: int = doc_field(
+        DEFAULT_SQL_MAX_QUEUED, "SQL queries waiting for a worker; beyond this a query is refused at once with "
+                                "HTTP 503 (code 202, TOO_MANY_SIMULTANEOUS_QUERIES)")
+    sql_queue_timeout: float = doc_field(
+        DEFAULT_SQL_QUEUE_TIMEOUT, "seconds a SQL query waits in the queue before it is refused (503, code 202)")
+    sql_max_memory_usage: int = doc_field(
+        DEFAULT_SQL_MAX_MEMORY, "bytes of memory one SQL query may use (ClickHouse max_memory_usage); a client may "
+                                "ask for less, never more")
+    sql_max_execution_time: float = doc_field(
+        DEFAULT_SQL_MAX_EXECUTION_TIME, "seconds one SQL query may run (max_execution_time); a client may ask for less")
+    sql_max_rows_to_read: int = doc_field(
+        DEFAULT_SQL_MAX_ROWS_TO_READ, "rows one SQL query may read (max_rows_to_read); a client may ask for less")
+    sql_max_result_rows: int = doc_field(
+        DEFAULT_SQL_MAX_RESULT_ROWS, "rows one SQL result may have (max_result_rows); a client may ask for less")
+    sql_max_result_bytes: int = doc_field(
+        DEFAULT_SQL_MAX_RESULT_BYTES, "bytes one SQL result may have (max_result_bytes, uncompressed); "
+                                      "a client may ask for less")
+    sql_auth_failure_burst: int = doc_field(
+        DEFAULT_SQL_AUTH_BURST, "failed SQL logins one client address (an IPv6 /64) may make before it is "
+                                "rate-limited: HTTP 429 (code 516) without checking the password")
+    sql_auth_failures_per_minute: float = doc_field(
+        DEFAULT_SQL_AUTH_PER_MINUTE, "failed SQL logins per minute a rate-limited address earns back")
+    max_server_memory_usage: int = doc_field(
+        0, "bytes the embedded chDB engine may hold in all (queries and inserts together; its "
+           "max_server_memory_usage); 0 means 0.6 x the lower of RAM and this process's cgroup memory limit "
+           "(systemd MemoryMax). Ignored for a remote ClickHouse")
     flush_rows: int = doc_field(DEFAULT_FLUSH_ROWS, "insert when this many rows are pending (all streams together)")
     flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending",
                                       duration=True)
@@ -111,6 +178,12 @@ class ServerConfig:
         from hdrlog.config import parse_duration
 
         return parse_duration("report_every", self.report_every) if self.report_every else 0.0
+
+    def server_memory_bytes(self) -> int:
+        """max_server_memory_usage for the embedded engine: the configured value or the automatic one."""
+        if self.max_server_memory_usage:
+            return self.max_server_memory_usage
+        return int(DEFAULT_SERVER_MEMORY_FRACTION * memory_available())
 
     @property
     def tls_enabled(self) -> bool:
@@ -176,6 +249,19 @@ class ServerConfig:
             raise ConfigError("max_streams_per_host", self.max_streams_per_host, "expected 1 to 1000000")
         if not 1 <= self.max_streams_per_connection <= 1000:
             raise ConfigError("max_streams_per_connection", self.max_streams_per_connection, "expected 1 to 1000")
+        for key, low, high in (("sql_max_concurrent_queries", 1, 256), ("sql_max_queued_queries", 0, 100_000),
+                               ("sql_max_memory_usage", 1 << 20, 1 << 50), ("sql_max_rows_to_read", 1, 1 << 62),
+                               ("sql_max_result_rows", 1, 1 << 62), ("sql_max_result_bytes", 1024, 1 << 50),
+                               ("sql_auth_failure_burst", 1, 1_000_000)):
+            if not low <= getattr(self, key) <= high:
+                raise ConfigError(key, getattr(self, key), f"expected an integer from {low} to {high}")
+        for key, low, high in (("sql_queue_timeout", 0, 3600), ("sql_max_execution_time", 0.001, 86_400),
+                               ("sql_auth_failures_per_minute", 0.001, 1_000_000)):
+            if not low <= getattr(self, key) <= high:
+                raise ConfigError(key, getattr(self, key), f"expected a number from {low} to {high}")
+        if self.max_server_memory_usage and self.max_server_memory_usage < 256 << 20:
+            raise ConfigError("max_server_memory_usage", self.max_server_memory_usage,
+                              "expected 0 (automatic) or bytes >= 268435456 (256 MiB)")
         if self.flush_rows < 1:
             raise ConfigError("flush_rows", self.flush_rows, "expected an integer >= 1")
         if not 0 < self.flush_interval <= 3600:

@@ -11,6 +11,14 @@ client (one chDB connection handle, serialized by its own lock); each SQL
 worker thread gets its own read-only client (a separate chDB handle with
 ``readonly = 1``, which chDB runs concurrently with the writer's inserts), so a
 slow SELECT never holds up an insert.
+
+``Store(url, server_memory_bytes=N)`` starts the embedded engine with
+``max_server_memory_usage = N`` (a startup argument of chDB's engine, given on
+the first connection; every handle shares the one engine and its limit).
+``sql_settings`` are SET on each SQL handle before ``readonly = 1``: the
+limits a query gets when it names none (it may name lower ones, see sqlhttp.Limits). ``cancel(marker)`` kills the running
+SQL-endpoint queries whose text starts with ``marker`` (``KILL QUERY`` on a
+separate control handle; chDB runs it concurrently with the query).
 """
 
 from __future__ import annotations
@@ -59,6 +67,15 @@ class StoreError(Exception):
         super().__init__(message)
         self.code = code
         self.permanent = permanent
+
+
+def _as_text(value: Any) -> str:
+    """A setting's value compared as ClickHouse would read it: 60 == 60.0 == '60'."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return repr(int(number)) if number.is_integer() else repr(number)
 
 
 def quote_value(value: str) -> str:
@@ -117,9 +134,13 @@ class Watermarks:
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, server_memory_bytes: int = 0, sql_settings: Mapping[str, Any] | None = None):
         self.url = url
         self.embedded = url.startswith("chdb:")
+        self.server_memory_bytes = server_memory_bytes
+        self.sql_settings = dict(sql_settings or {})
+        self._control: Any = None
+        self._control_lock = threading.Lock()
         self._client: Any = None
         self._local = threading.local()
         self._readers: list[Any] = []
@@ -129,18 +150,23 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self, engine_options: Mapping[str, str] | None = None) -> Any:
         if self.embedded:
             path = urlparse(self.url).path
             if path:
                 import os
                 os.makedirs(path, exist_ok=True)
+            if engine_options:
+                return clickhouse_connect.get_client(dsn=self.url, chdb_options=dict(engine_options))
             return clickhouse_connect.get_client(dsn=self.url)
         return clickhouse_connect.get_client(dsn=self.url)
 
     def open(self) -> None:
+        # The first connection starts the embedded engine: its startup arguments hold for every handle.
+        options = {"max_server_memory_usage": str(self.server_memory_bytes)} \
+            if self.embedded and self.server_memory_bytes else None
         try:
-            self._client = self._connect()
+            self._client = self._connect(options)
         except Exception as exc:  # noqa: BLE001 - one clear line for the operator
             raise StoreError(f"unable to open ClickHouse at {redact(self.url)}: {short_message(exc)}") from None
 
@@ -167,6 +193,10 @@ class Store:
         self._closed = True
         with self._readers_lock:
             readers, self._readers = self._readers, []
+        with self._control_lock:
+            control, self._control = self._control, None
+        if control is not None:
+            readers.append(control)
         for client in readers:
             try:
                 client.close()
@@ -231,9 +261,32 @@ class Store:
             self._local.client = client
         return client
 
+    def server_setting(self, name: str) -> str:
+        """A server setting of the engine as it runs (system.server_settings), '' when unknown."""
+        rows = self._reader().query("SELECT value FROM system.server_settings WHERE name = {n:String}",
+                                    parameters={"n": name}).result_rows
+        return str(rows[0][0]) if rows else ""
+
+    def cancel(self, marker: str) -> None:
+        """KILL the running queries whose text starts with ``marker`` (a prefix the SQL endpoint put there)."""
+        with self._control_lock:
+            if self._closed:
+                return
+            if self._control is None:
+                self._control = self._connect()
+            try:
+                self._control.command("KILL QUERY WHERE startsWith(query, {m:String}) ASYNC",
+                                      parameters={"m": marker})
+            except Exception as exc:  # noqa: BLE001 - the time limit still ends the query
+                log.warning("server: cannot cancel SQL queries %r: %s", marker, short_message(exc))
+
     def known_settings(self) -> frozenset[str]:
         if self._known_settings is None:
-            rows = self._reader().query("SELECT name FROM system.settings").result_rows
+            # On the writer's client: the SQL handles' result and read limits would cut the list short.
+            try:
+                rows = self._client.query("SELECT name FROM system.settings").result_rows
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
             self._known_settings = frozenset(r[0] for r in rows)
         return self._known_settings
 
@@ -241,7 +294,9 @@ class Store:
               parameters: Mapping[str, str] | None = None) -> bytes:
         """Run one statement (already checked read-only by the caller) and return the raw output bytes."""
         known = self.known_settings()
-        use = {k: v for k, v in (settings or {}).items() if k in known and k != "readonly"}
+        # Only what differs from the handle's defaults (the limits) needs a handle of its own.
+        use = {k: v for k, v in (settings or {}).items()
+               if k in known and k != "readonly" and _as_text(self.sql_settings.get(k)) != _as_text(v)}
         # Under readonly = 1 a handle cannot change a setting, so a query with settings gets a
         # handle of its own that takes them before it turns read-only (about 1 ms with chDB).
         client = self._read_only(self._connect(), use) if use and self.embedded else self._reader()
@@ -259,7 +314,10 @@ class Store:
     def _read_only(self, client: Any, settings: Mapping[str, str]) -> Any:
         """Make ``client`` a SQL reader: ``settings`` first, then readonly = 1 (no writes, no SET,
         no SETTINGS, no table functions but numbers/values/generateRandom) and no introspection."""
+        settings = {**self.sql_settings, **settings}
         if not self.embedded:
+            for key, value in settings.items():
+                client.set_client_setting(key, str(value))
             client.set_client_setting("readonly", "1")
             return client
         for key, value in settings.items():
