@@ -308,7 +308,7 @@ class Writer:
         for table, parts in by_table.items():
             if table in done:
                 continue
-            data = pa.concat_tables([tr.data for _, tr in parts]).combine_chunks() if len(parts) > 1 else parts[0][1].data
+            data = concat([tr.data for _, tr in parts])
             token = _token(table, parts)
             t0 = time.monotonic()
             await asyncio.to_thread(self.store.insert, table, data, token)
@@ -330,6 +330,26 @@ class Writer:
     def _forget(self, entry: _Entry, outcome: Outcome) -> None:
         self._index.pop(entry.key, None)
         _resolve(entry.waiters, outcome)
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """The tables of one flush as one table of single chunks (one block per partition).
+
+    Dictionary columns whose chunks carry different dictionaries (``host``, ``collector_id``: one
+    per batch) are unified by ``combine_chunks``; the unified dictionary holds every distinct value
+    of the flush, so narrow indices are widened to int32 first, whatever convert.py produced.
+    """
+    if len(tables) == 1:
+        return tables[0]
+    data = pa.concat_tables(tables)
+    for i, f in enumerate(data.schema):
+        if not pa.types.is_dictionary(f.type) or f.type.index_type.bit_width >= 32:
+            continue
+        chunks = data.column(i).chunks
+        if any(not c.dictionary.equals(chunks[0].dictionary) for c in chunks[1:]):
+            wide = pa.dictionary(pa.int32(), f.type.value_type)
+            data = data.set_column(i, f.name, data.column(i).cast(wide))
+    return data.combine_chunks()
 
 
 def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:
