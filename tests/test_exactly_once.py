@@ -106,3 +106,156 @@ def test_1000_collectors_at_once_every_batch_acked_and_stored_once(tmp_path, pro
     assert failures == 0, log[-3000:]
     print(f"FLEET {security}: {n_collectors} collectors, {len(acks)} batches acked OK, "
           f"{failures} flush failures, {elapsed:.1f} s")
+
+
+# -- the store's disk fills ---------------------------------------------------------------------
+
+class SmallDisk:
+    """A tmpfs of ``size`` in a private mount namespace, held by a ``sleep`` that dies with us.
+
+    Processes join it with ``nsenter`` (``prefix``); the test reaches its files through
+    ``/proc/HOLDER/root``. Stopping the holder unmounts it (the namespace goes with its last process).
+    """
+
+    def __init__(self, mnt: Path, size: str):
+        self.mnt = mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.holder = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "KILL", "unshare", "-m", "--propagation", "private", "sh", "-c",
+             f'mount -t tmpfs -o size={size} hdrlog-test "{mnt}" && echo mounted && exec sleep infinity'],
+            stdout=subprocess.PIPE, text=True)
+        if self.holder.stdout.readline().strip() != "mounted":  # type: ignore[union-attr]
+            self.stop()
+            raise AssertionError("could not mount the test tmpfs")
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "--"]
+
+    def path(self, name: str) -> Path:
+        return Path(f"/proc/{self.holder.pid}/root") / str(self.mnt).lstrip("/") / name
+
+    def free(self) -> int:
+        st = os.statvfs(self.path(""))
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave: int) -> None:
+        """Fill the filesystem, then give back ``leave`` bytes."""
+        with open(self.path("filler"), "ab") as fh:
+            chunk = b"\xa5" * (1 << 20)
+            try:
+                while True:
+                    fh.write(chunk)
+                    fh.flush()
+            except OSError:
+                pass
+        os.truncate(self.path("filler"), max(0, self.path("filler").stat().st_size - leave + self.free()))
+
+    def empty(self) -> None:
+        self.path("filler").unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if self.holder.poll() is None:
+            self.holder.kill()
+        self.holder.wait()
+        if self.holder.stdout is not None:
+            self.holder.stdout.close()
+
+
+class StreamingCollector:
+    """One long stream fed batch by batch (in seq order); every ack is recorded."""
+
+    def __init__(self, target: str):
+        import queue
+        import threading
+        self.todo: queue.Queue = queue.Queue()
+        self.acks: list[ingest_pb2.Ack] = []
+        self.error: BaseException | None = None
+
+        def gen():
+            while (b := self.todo.get()) is not None:
+                yield b
+
+        def run():
+            try:
+                with grpc.insecure_channel(target) as ch:
+                    for ack in ingest_pb2_grpc.IngestStub(ch).Stream(gen(), timeout=300):
+                        self.acks.append(ack)
+            except grpc.RpcError as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="streaming-collector")
+        self.thread.start()
+
+    def send(self, batches) -> None:
+        for b in batches:
+            self.todo.put(b)
+
+    def status(self, seq: int) -> list[int]:
+        return [a.status for a in list(self.acks) if a.seq == seq]
+
+    def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join(60)
+
+
+def _pending(log: str) -> int:
+    words = [w for line in log.splitlines() if "pending=" in line for w in line.split() if w.startswith("pending=")]
+    return int(words[-1].split("=")[1]) if words else 0
+
+
+def test_disk_full_sigterm_restart_every_acked_seq_is_stored_once(tmp_path, procs):
+    disk = SmallDisk(tmp_path / "mnt", "48m")
+    try:
+        _disk_full_sigterm_restart(tmp_path, procs, disk)
+    finally:
+        for p in reversed(procs):  # the servers live in the disk's namespace: stop them first
+            p.stop()
+        disk.stop()
+
+
+def _disk_full_sigterm_restart(tmp_path, procs, disk: SmallDisk) -> None:
+    big, small, cid = 10_000, 1_000, "full-test"
+    batches = {s: batch(s, big, collector_id=cid) for s in range(1, 24)}   # random-ish rows: poor compression
+    batches[24] = batch(24, small, collector_id=cid)
+    rows = {s: b.tables[0].rows for s, b in batches.items()}
+    acked: set[int] = set()
+
+    def server():
+        s = ServerProcess(f"chdb://{disk.mnt}/store", tmp_path, "--flush-interval", "0.3", "--flush-rows", "1000000",
+                          command=[*disk.prefix, *HDRLOG])
+        procs.append(s)
+        s.start()
+        return s
+
+    first = server()
+    c = StreamingCollector(first.address)
+    c.send(batches[s] for s in range(1, 6))
+    wait_until(lambda: all(c.status(s) == [OK] for s in range(1, 6)), 60, "seqs 1-5 acked")
+    disk.fill(leave=2 << 20)  # room for a small insert, not for 18 x 10,000 rows
+    c.send(batches[s] for s in range(6, 24))
+    wait_until(lambda: all(RETRY in c.status(s) for s in range(6, 24)), 120, "RETRY for seqs 6-23 (disk full)")
+    c.send([batches[24]])  # queued behind the flush that cannot be stored
+    wait_until(lambda: _pending(first.log()) == 18 * big + small, 60, "seq 24 queued behind seqs 6-23")
+    assert first.stop() == 0, first.log()[-3000:]  # SIGTERM while full
+    c.close()
+    acked |= {a.seq for a in c.acks if a.status == OK}
+    before = sorted(acked)
+
+    disk.empty()
+    second = server()
+    unacked = [batches[s] for s in sorted(set(batches) - acked)] + [batches[1], batches[2]]  # and two acked ones
+    c = StreamingCollector(second.address)
+    c.send(unacked)
+    c.close()
+    assert c.error is None, c.error
+    assert sorted(a.seq for a in c.acks) == sorted(b.seq for b in unacked)
+    assert all(a.status == OK for a in c.acks), [a for a in c.acks if a.status != OK][:3]
+    acked |= {a.seq for a in c.acks}
+    stored = {int(r["s"]): (int(r["n"]), int(r["d"])) for r in second.sql(
+        "SELECT batch_seq AS s, count() AS n, uniqExact(ts, src_port, wire_len) AS d FROM hdrlog.packets "
+        f"WHERE collector_id = '{cid}' GROUP BY s")}
+    print(f"DISK FULL: acked before restart {before}, after: all {len(acked)}; stored seqs {len(stored)}, "
+          f"missing {sorted(acked - set(stored))}")
+    assert acked == set(batches)
+    assert stored == {s: (rows[s], rows[s]) for s in batches}, "an acked seq is missing or stored twice"
