@@ -2,8 +2,8 @@
 
 ``Store(url)`` is inert; ``open()`` connects (embedded chDB for ``chdb:///PATH``,
 a ClickHouse server for ``http(s)://...``), ``migrate()`` applies the schema,
-``insert()`` writes one Arrow table, ``committed_watermarks()`` reads what is
-durably stored per collector (for exactly-once, see ``writer.py``) and
+``insert()`` writes one Arrow table, ``committed_watermarks()`` reads which
+batch seqs are durably stored per collector (for exactly-once, see ``writer.py``) and
 ``query()`` runs one read-only statement for the SQL endpoint.
 
 All methods block; the asyncio side calls them in threads. The writer uses one
@@ -15,6 +15,7 @@ slow SELECT never holds up an insert.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from dataclasses import dataclass
@@ -104,11 +105,62 @@ def classify(exc: BaseException) -> StoreError:
     return StoreError(short_message(exc), code=code, permanent=code in PERMANENT_CODES)
 
 
+class StoredSeqs:
+    """The set of batch_seqs with rows stored, as sorted disjoint inclusive ranges [lo, hi].
+
+    A collector's seqs are nearly dense, so this is one range per key in the normal case; each
+    hole (a batch dropped from a full spool, a flush not stored yet) costs one more range.
+    """
+
+    __slots__ = ("los", "his")
+
+    def __init__(self, ranges: list[tuple[int, int]] | None = None):
+        self.los: list[int] = []
+        self.his: list[int] = []
+        for lo, hi in sorted(ranges or []):
+            if self.his and lo <= self.his[-1] + 1:
+                self.his[-1] = max(self.his[-1], hi)
+            else:
+                self.los.append(lo)
+                self.his.append(hi)
+
+    def __contains__(self, seq: int) -> bool:
+        i = bisect.bisect_right(self.los, seq) - 1
+        return i >= 0 and seq <= self.his[i]
+
+    def add(self, seq: int) -> None:
+        i = bisect.bisect_right(self.los, seq) - 1
+        if i >= 0 and seq <= self.his[i]:
+            return
+        joins_left = i >= 0 and self.his[i] == seq - 1
+        joins_right = i + 1 < len(self.los) and self.los[i + 1] == seq + 1
+        if joins_left and joins_right:
+            self.his[i] = self.his[i + 1]
+            del self.los[i + 1], self.his[i + 1]
+        elif joins_left:
+            self.his[i] = seq
+        elif joins_right:
+            self.los[i + 1] = seq
+        else:
+            self.los.insert(i + 1, seq)
+            self.his.insert(i + 1, seq)
+
+    @property
+    def max(self) -> int:
+        return self.his[-1] if self.his else -1
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.los, self.his))
+
+    def __repr__(self) -> str:
+        return f"StoredSeqs({self.ranges()})"
+
+
 @dataclass
 class Watermarks:
-    """max(batch_seq) durably stored, per (collector_id, table) and UTC day (toDate of the time column)."""
+    """The batch_seqs durably stored, per (collector_id, table) and UTC day (toDate of the time column)."""
 
-    by_key: dict[tuple[str, str], dict[int, int]]
+    by_key: dict[tuple[str, str], dict[int, StoredSeqs]]
 
 
 class Store:
@@ -198,17 +250,26 @@ class Store:
         return data.num_rows
 
     def committed_watermarks(self) -> Watermarks:
-        out: dict[tuple[str, str], dict[int, int]] = {}
+        """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.
+
+        Ranges of consecutive seqs come out of the engine (gaps and islands: a seq minus its rank
+        is constant along a run), so the answer is as small as the number of holes.
+        """
+        out: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = {}
         for table, ts in schema.PARTITION_TS.items():
             try:
                 result = self._client.query(
-                    f"SELECT collector_id, toUInt32(toDate({ts})) AS day, max(batch_seq) "
-                    f"FROM {schema.DATABASE}.{table} GROUP BY collector_id, day")
+                    "SELECT collector_id, day, min(batch_seq), max(batch_seq) FROM ("
+                    " SELECT collector_id, day, batch_seq, toInt64(batch_seq) - toInt64(row_number() OVER"
+                    "  (PARTITION BY collector_id, day ORDER BY batch_seq)) AS island FROM ("
+                    f"  SELECT DISTINCT collector_id, toUInt32(toDate({ts})) AS day, batch_seq"
+                    f"  FROM {schema.DATABASE}.{table}))"
+                    " GROUP BY collector_id, day, island")
             except Exception as exc:  # noqa: BLE001
-                raise StoreError(f"unable to read watermarks from {table}: {short_message(exc)}") from None
-            for collector_id, day, seq in result.result_rows:
-                out.setdefault((str(collector_id), table), {})[int(day)] = int(seq)
-        return Watermarks(out)
+                raise StoreError(f"unable to read the stored seqs from {table}: {short_message(exc)}") from None
+            for collector_id, day, lo, hi in result.result_rows:
+                out.setdefault((str(collector_id), table), {}).setdefault(int(day), []).append((int(lo), int(hi)))
+        return Watermarks({key: {day: StoredSeqs(r) for day, r in days.items()} for key, days in out.items()})
 
     def count(self, table: str, where: str = "1") -> int:
         return int(self._client.command(f"SELECT count() FROM {schema.DATABASE}.{table} WHERE {where}"))

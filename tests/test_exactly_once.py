@@ -259,3 +259,34 @@ def _disk_full_sigterm_restart(tmp_path, procs, disk: SmallDisk) -> None:
           f"missing {sorted(acked - set(stored))}")
     assert acked == set(batches)
     assert stored == {s: (rows[s], rows[s]) for s in batches}, "an acked seq is missing or stored twice"
+
+
+# -- --insecure: forged seqs under someone else's collector_id ------------------------------------
+
+def _send(target: str, batches: list[ingest_pb2.Batch]) -> list[ingest_pb2.Ack]:
+    with grpc.insecure_channel(target, options=OWN_CONNECTION) as ch:
+        return list(ingest_pb2_grpc.IngestStub(ch).Stream(iter(batches), timeout=60))
+
+
+def test_insecure_forged_huge_seq_takes_only_that_seq_never_the_victims_later_ones(tmp_path, procs):
+    server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path, "--flush-interval", "0.05")
+    procs.append(server)
+    server.start()
+    victim = dict(collector_id="victim", host="victim")
+    assert [a.status for a in _send(server.address, [batch(s, 10, **victim) for s in (1, 2, 3)])] == [OK] * 3
+    huge = 3 + 10**9 - 1  # just inside the jump the server allows past what is stored
+    forged = _send(server.address, [batch(huge, 4, collector_id="victim", host="attacker"),
+                                    batch(7, 4, collector_id="victim", host="attacker")])
+    assert [(a.status, a.duplicate) for a in forged] == [(OK, False)] * 2  # --insecure cannot tell
+    acks = _send(server.address, [batch(s, 10, **victim) for s in (4, 5, 6, 7, 8)])
+    got = {a.seq: (a.status, a.rows, a.duplicate) for a in acks}
+    # every later batch of the victim is stored; only the one seq the forger took (7) is lost to it
+    assert got == {4: (OK, 10, False), 5: (OK, 10, False), 6: (OK, 10, False), 7: (OK, 0, True), 8: (OK, 10, False)}
+    stored = {(r["h"], int(r["s"])): int(r["n"]) for r in server.sql(
+        "SELECT host AS h, batch_seq AS s, count() AS n FROM hdrlog.packets WHERE collector_id = 'victim' GROUP BY h, s")}
+    assert stored == {**{("victim", s): 10 for s in (1, 2, 3, 4, 5, 6, 8)}, ("attacker", 7): 4, ("attacker", huge): 4}
+    # and it survives a restart: the stored seqs are read back from the table, holes and all
+    server.stop()
+    server.start()
+    again = _send(server.address, [batch(s, 10, **victim) for s in (6, 9)])
+    assert [(a.seq, a.status, a.rows, a.duplicate) for a in again] == [(6, OK, 0, True), (9, OK, 10, False)]
