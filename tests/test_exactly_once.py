@@ -290,3 +290,30 @@ def test_insecure_forged_huge_seq_takes_only_that_seq_never_the_victims_later_on
     server.start()
     again = _send(server.address, [batch(s, 10, **victim) for s in (6, 9)])
     assert [(a.seq, a.status, a.rows, a.duplicate) for a in again] == [(6, OK, 0, True), (9, OK, 10, False)]
+
+
+# -- a flush given up in an unknown state ------------------------------------------------------------
+
+def test_flush_given_up_after_its_insert_landed_is_not_stored_twice(tmp_path):
+    """An unexpected error after the INSERT returned (the rows are in) answers RETRY; the resend comes
+    in another flush (another dedup token), so only the tables can say it is stored."""
+    from tests.test_server_helpers import ServerThread, config
+    srv = ServerThread(config(tmp_path / "store", flush_interval=0.3, flush_rows=10**6)).start()
+    try:
+        store = srv.server.store
+        real, calls = store.insert, {"n": 0}
+
+        def lands_then_fails(table, data, token):
+            real(table, data, token)
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected: an unexpected error after the insert landed")
+
+        store.insert = lands_then_fails
+        first = srv.send([batch(1, 30, collector_id="unknown-state")])
+        assert [(a.status, a.error) for a in first] == [(RETRY, "internal error while storing; resend later")]
+        again = srv.send([batch(1, 30, collector_id="unknown-state"), batch(2, 30, collector_id="unknown-state")])
+        assert sorted((a.seq, a.status, a.rows, a.duplicate) for a in again) == [(1, OK, 0, True), (2, OK, 30, False)]
+        assert srv.query("SELECT batch_seq, count() FROM hdrlog.packets GROUP BY 1 ORDER BY 1") == [(1, 30), (2, 30)]
+    finally:
+        srv.stop()
