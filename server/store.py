@@ -156,6 +156,17 @@ class StoredSeqs:
         return f"StoredSeqs({self.ranges()})"
 
 
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct seqs -> ranges of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for x in seqs:
+        if out and x == out[-1][1] + 1:
+            out[-1] = (out[-1][0], x)
+        else:
+            out.append((x, x))
+    return out
+
+
 @dataclass
 class Watermarks:
     """The batch_seqs durably stored, per (collector_id, table) and UTC day (toDate of the time column)."""
@@ -252,24 +263,32 @@ class Store:
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.
 
-        Ranges of consecutive seqs come out of the engine (gaps and islands: a seq minus its rank
-        is constant along a run), so the answer is as small as the number of holes.
+        One scan per table gives min, max and the number of distinct seqs per key (a roaring
+        bitmap: seqs are dense integers); where max - min + 1 equals that number the key is one
+        range, the normal case. Only for the keys with holes are their distinct seqs fetched.
         """
-        out: dict[tuple[str, str], dict[int, list[tuple[int, int]]]] = {}
+        out: dict[tuple[str, str], dict[int, StoredSeqs]] = {}
         for table, ts in schema.PARTITION_TS.items():
+            day = f"toUInt32(toDate({ts}))"
             try:
-                result = self._client.query(
-                    "SELECT collector_id, day, min(batch_seq), max(batch_seq) FROM ("
-                    " SELECT collector_id, day, batch_seq, toInt64(batch_seq) - toInt64(row_number() OVER"
-                    "  (PARTITION BY collector_id, day ORDER BY batch_seq)) AS island FROM ("
-                    f"  SELECT DISTINCT collector_id, toUInt32(toDate({ts})) AS day, batch_seq"
-                    f"  FROM {schema.DATABASE}.{table}))"
-                    " GROUP BY collector_id, day, island")
+                rows = self._client.query(
+                    f"SELECT collector_id, {day} AS day, min(batch_seq), max(batch_seq), groupBitmap(batch_seq) "
+                    f"FROM {schema.DATABASE}.{table} GROUP BY collector_id, day").result_rows
+                holey = sorted({str(r[0]) for r in rows if int(r[3]) - int(r[2]) + 1 != int(r[4])})
+                detail = self._client.query(
+                    f"SELECT collector_id, {day} AS day, arraySort(groupUniqArray(batch_seq)) "
+                    f"FROM {schema.DATABASE}.{table} WHERE collector_id IN {{ids:Array(String)}} "
+                    "GROUP BY collector_id, day", parameters={"ids": holey}).result_rows if holey else []
             except Exception as exc:  # noqa: BLE001
                 raise StoreError(f"unable to read the stored seqs from {table}: {short_message(exc)}") from None
-            for collector_id, day, lo, hi in result.result_rows:
-                out.setdefault((str(collector_id), table), {}).setdefault(int(day), []).append((int(lo), int(hi)))
-        return Watermarks({key: {day: StoredSeqs(r) for day, r in days.items()} for key, days in out.items()})
+            for collector_id, d, lo, hi, n in rows:
+                if int(hi) - int(lo) + 1 == int(n):
+                    out.setdefault((str(collector_id), table), {})[int(d)] = StoredSeqs([(int(lo), int(hi))])
+            for collector_id, d, seqs in detail:
+                marks = out.setdefault((str(collector_id), table), {})
+                if int(d) not in marks:
+                    marks[int(d)] = StoredSeqs(_runs([int(x) for x in seqs]))
+        return Watermarks(out)
 
     def count(self, table: str, where: str = "1") -> int:
         return int(self._client.command(f"SELECT count() FROM {schema.DATABASE}.{table} WHERE {where}"))
