@@ -11,9 +11,10 @@ Exactly-once
     Every row carries ``collector_id`` and ``batch_seq``. For each
     (collector_id, table, UTC day) the writer keeps the *set* of seqs that have
     rows stored for that key (``store.StoredSeqs``: ranges, one per run of
-    consecutive seqs). At start it is read from the tables themselves (gaps and
-    islands over ``SELECT DISTINCT collector_id, toDate(ts), batch_seq``), so it
-    survives SIGKILL: the data is the only state.
+    consecutive seqs). At start it is read from the tables themselves
+    (``Store.committed_watermarks``: min, max and distinct count per key, the
+    distinct seqs only where there are holes), so it survives SIGKILL: the data
+    is the only state.
 
     Why "seq is in the set" means "all of that batch's rows for that (table,
     day) are stored": the tables are partitioned by that same UTC day, and each
