@@ -6,7 +6,7 @@ checked for UTF-8 by Arrow; ``V16`` addresses become FixedSizeBinary(16), which
 ClickHouse reads into ``IPv6``; ``*_ts`` int64 nanoseconds become
 timestamp('ns', 'UTC') for ``DateTime64(9, 'UTC')``; ``direction`` 1/2 becomes a
 dictionary array over ('', 'ingress', 'egress') for ``LowCardinality(String)``.
-The server-side columns ``host``, ``collector_id`` (one-entry dictionaries) and
+The server-side columns ``host``, ``collector_id`` (one-entry dictionaries, int32 indices) and
 ``batch_seq`` are added here.
 
 Any problem raises ``BatchError`` with a one-line reason naming the column and a
@@ -66,7 +66,13 @@ def check_name(kind: str, value: str) -> None:
 
 
 def _server_string(value: str, rows: int) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int8)), pa.array([value]))
+    """One value for every row, as a one-entry dictionary with int32 indices.
+
+    The width matters: a flush concatenates the batches of every collector, and Arrow unifies
+    their dictionaries into one whose indices must address every distinct value (int8 stopped at
+    128 collectors per flush; int32 holds any fleet).
+    """
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([value]))
 
 
 def convert_table(msg: ingest_pb2.Table, host: str, collector_id: str, seq: int) -> TableRows:

@@ -20,8 +20,8 @@ stolen certificate) cannot take every slot (more are refused with
 RESOURCE_EXHAUSTED); a client that stops reading its acks stops being read once
 ``MAX_UNSENT_ACKS`` acks wait for it, so it costs a bounded amount of memory and
 nobody else anything; a seq of 0, or one more than ``MAX_SEQ_JUMP`` past what is
-stored for its collector, is refused (it would make every later batch of that
-collector look like a duplicate).
+stored for its collector, is refused (a sanity bound on a collector's nearly
+dense seqs; a forged seq cannot hide later ones, see writer.py, "Exactly-once").
 """
 
 from __future__ import annotations

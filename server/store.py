@@ -2,8 +2,8 @@
 
 ``Store(url)`` is inert; ``open()`` connects (embedded chDB for ``chdb:///PATH``,
 a ClickHouse server for ``http(s)://...``), ``migrate()`` applies the schema,
-``insert()`` writes one Arrow table, ``committed_watermarks()`` reads what is
-durably stored per collector (for exactly-once, see ``writer.py``) and
+``insert()`` writes one Arrow table, ``committed_watermarks()`` reads which
+batch seqs are durably stored per collector (for exactly-once, see ``writer.py``) and
 ``query()`` runs one read-only statement for the SQL endpoint.
 
 All methods block; the asyncio side calls them in threads. The writer uses one
@@ -23,6 +23,7 @@ separate control handle; chDB runs it concurrently with the query).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from dataclasses import dataclass
@@ -126,11 +127,73 @@ def classify(exc: BaseException) -> StoreError:
     return StoreError(short_message(exc), code=code, permanent=code in PERMANENT_CODES)
 
 
+class StoredSeqs:
+    """The set of batch_seqs with rows stored, as sorted disjoint inclusive ranges [lo, hi].
+
+    A collector's seqs are nearly dense, so this is one range per key in the normal case; each
+    hole (a batch dropped from a full spool, a flush not stored yet) costs one more range.
+    """
+
+    __slots__ = ("los", "his")
+
+    def __init__(self, ranges: list[tuple[int, int]] | None = None):
+        self.los: list[int] = []
+        self.his: list[int] = []
+        for lo, hi in sorted(ranges or []):
+            if self.his and lo <= self.his[-1] + 1:
+                self.his[-1] = max(self.his[-1], hi)
+            else:
+                self.los.append(lo)
+                self.his.append(hi)
+
+    def __contains__(self, seq: int) -> bool:
+        i = bisect.bisect_right(self.los, seq) - 1
+        return i >= 0 and seq <= self.his[i]
+
+    def add(self, seq: int) -> None:
+        i = bisect.bisect_right(self.los, seq) - 1
+        if i >= 0 and seq <= self.his[i]:
+            return
+        joins_left = i >= 0 and self.his[i] == seq - 1
+        joins_right = i + 1 < len(self.los) and self.los[i + 1] == seq + 1
+        if joins_left and joins_right:
+            self.his[i] = self.his[i + 1]
+            del self.los[i + 1], self.his[i + 1]
+        elif joins_left:
+            self.his[i] = seq
+        elif joins_right:
+            self.los[i + 1] = seq
+        else:
+            self.los.insert(i + 1, seq)
+            self.his.insert(i + 1, seq)
+
+    @property
+    def max(self) -> int:
+        return self.his[-1] if self.his else -1
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.los, self.his))
+
+    def __repr__(self) -> str:
+        return f"StoredSeqs({self.ranges()})"
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct seqs -> ranges of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for x in seqs:
+        if out and x == out[-1][1] + 1:
+            out[-1] = (out[-1][0], x)
+        else:
+            out.append((x, x))
+    return out
+
+
 @dataclass
 class Watermarks:
-    """max(batch_seq) durably stored, per (collector_id, table) and UTC day (toDate of the time column)."""
+    """The batch_seqs durably stored, per (collector_id, table) and UTC day (toDate of the time column)."""
 
-    by_key: dict[tuple[str, str], dict[int, int]]
+    by_key: dict[tuple[str, str], dict[int, StoredSeqs]]
 
 
 class Store:
@@ -233,16 +296,33 @@ class Store:
         return data.num_rows
 
     def committed_watermarks(self) -> Watermarks:
-        out: dict[tuple[str, str], dict[int, int]] = {}
+        """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.
+
+        One scan per table gives min, max and the number of distinct seqs per key (a roaring
+        bitmap: seqs are dense integers); where max - min + 1 equals that number the key is one
+        range, the normal case. Only for the keys with holes are their distinct seqs fetched.
+        """
+        out: dict[tuple[str, str], dict[int, StoredSeqs]] = {}
         for table, ts in schema.PARTITION_TS.items():
+            day = f"toUInt32(toDate({ts}))"
             try:
-                result = self._client.query(
-                    f"SELECT collector_id, toUInt32(toDate({ts})) AS day, max(batch_seq) "
-                    f"FROM {schema.DATABASE}.{table} GROUP BY collector_id, day")
+                rows = self._client.query(
+                    f"SELECT collector_id, {day} AS day, min(batch_seq), max(batch_seq), groupBitmap(batch_seq) "
+                    f"FROM {schema.DATABASE}.{table} GROUP BY collector_id, day").result_rows
+                holey = sorted({str(r[0]) for r in rows if int(r[3]) - int(r[2]) + 1 != int(r[4])})
+                detail = self._client.query(
+                    f"SELECT collector_id, {day} AS day, arraySort(groupUniqArray(batch_seq)) "
+                    f"FROM {schema.DATABASE}.{table} WHERE collector_id IN {{ids:Array(String)}} "
+                    "GROUP BY collector_id, day", parameters={"ids": holey}).result_rows if holey else []
             except Exception as exc:  # noqa: BLE001
-                raise StoreError(f"unable to read watermarks from {table}: {short_message(exc)}") from None
-            for collector_id, day, seq in result.result_rows:
-                out.setdefault((str(collector_id), table), {})[int(day)] = int(seq)
+                raise StoreError(f"unable to read the stored seqs from {table}: {short_message(exc)}") from None
+            for collector_id, d, lo, hi, n in rows:
+                if int(hi) - int(lo) + 1 == int(n):
+                    out.setdefault((str(collector_id), table), {})[int(d)] = StoredSeqs([(int(lo), int(hi))])
+            for collector_id, d, seqs in detail:
+                marks = out.setdefault((str(collector_id), table), {})
+                if int(d) not in marks:
+                    marks[int(d)] = StoredSeqs(_runs([int(x) for x in seqs]))
         return Watermarks(out)
 
     def count(self, table: str, where: str = "1") -> int:

@@ -9,29 +9,49 @@ Flushing
 
 Exactly-once
     Every row carries ``collector_id`` and ``batch_seq``. For each
-    (collector_id, table, UTC day) the writer keeps a *watermark*: the largest
-    ``batch_seq`` durably stored for that key. At start it is loaded from the
-    tables themselves (``SELECT collector_id, toDate(ts), max(batch_seq) ...
-    GROUP BY``), so it survives SIGKILL: the data is the only state.
+    (collector_id, table, UTC day) the writer keeps the *set* of seqs that have
+    rows stored for that key (``store.StoredSeqs``: ranges, one per run of
+    consecutive seqs). At start it is read from the tables themselves
+    (``Store.committed_watermarks``: min, max and distinct count per key, the
+    distinct seqs only where there are holes), so it survives SIGKILL: the data
+    is the only state.
 
-    Why ``seq <= watermark`` means "already stored": a collector sends seqs in
-    increasing order and resends unacked ones in order; the queue is FIFO and
-    flushes run one after another. The tables are partitioned by that same UTC
-    day and each flush inserts one block per partition (block size settings in
-    ``Store.insert``), and a block becomes one part, stored atomically. So, per
-    (collector, table, day), the stored seqs are always a prefix of the seqs sent,
-    and a resent seq at or below the watermark has all its rows for that day
-    stored. (Keeping the watermark per day, not per table, covers a flush that
-    spans midnight and dies between its two partitions.)
+    Why "seq is in the set" means "all of that batch's rows for that (table,
+    day) are stored": the tables are partitioned by that same UTC day, and each
+    flush inserts one block per partition (block size settings in
+    ``Store.insert``); a block becomes one part, stored atomically. A batch's
+    rows for one (table, day) are all in one block of one INSERT, so they are
+    stored all together or not at all, and any row of them being there means
+    all are. That needs nothing about order: not that flushes are stored in the
+    order they were taken, not that a collector sends its seqs in order, not
+    what a process remembers. (Keeping the set per day, not per table, covers a
+    flush that spans midnight and dies between its two partitions.)
 
-    A received batch therefore: drops the rows of every (table, day) whose
-    watermark is >= its seq (acked ``OK, duplicate=true`` if nothing is left);
+    An earlier version kept only ``max(batch_seq)`` per key and argued that
+    the stored seqs are always a prefix of the seqs sent. That was false: a
+    flush given up at stop (the store's disk full), with a newer, smaller flush
+    of the same collector stored behind it, left a hole under the maximum, and
+    the resent seqs in the hole were acked as duplicates and never stored (issue
+    11; tests/test_exactly_once.py reproduces it on a real full filesystem).
+
+    A received batch therefore: drops the rows of every (table, day) whose set
+    holds its seq (acked ``OK, duplicate=true`` if nothing is left);
     joins the pending entry when the same (collector_id, seq) is still queued or
     being inserted (a resend on a new stream while the old one is in flight), so
-    its rows are never queued twice; otherwise is queued. Belt and braces: every
-    INSERT also carries an ``insert_deduplication_token`` derived from its
-    content (the (collector, seq, rows) list and days), so a retried INSERT whose
-    first attempt did land (an ambiguous failure) is dropped by ClickHouse.
+    its rows are never queued twice; otherwise is queued. The sets grow only
+    after an INSERT returned. When a flush is given up in an unknown state (an
+    unexpected error), the next flush first re-reads the sets from the tables and
+    drops whatever that attempt did store. Belt and braces: every INSERT also
+    carries an ``insert_deduplication_token`` derived from its content (the
+    (collector, seq, rows) list and days), so a retried INSERT whose first
+    attempt did land (an ambiguous failure) is dropped by ClickHouse.
+
+    What it rests on: one (collector_id, seq) names one batch's rows. Under mTLS
+    only the certificate's holder can write under its collector_ids (ingest.py).
+    Under ``--insecure`` anyone can: a forged batch under another collector's
+    id takes exactly the seqs it names (the real batch with that seq is then
+    taken for a duplicate) and no other, a huge seq included
+    (docs/security.md, "Exactly once").
 
 Failures
     A transient failure (connection, timeout, too many parts, ...) is retried with
@@ -65,7 +85,7 @@ from hdrlog.proto import ingest_pb2
 from hdrlog.server.config import ServerConfig
 from hdrlog.server.convert import TableRows
 from hdrlog.server.metrics import ServerMetrics
-from hdrlog.server.store import Store, StoreError
+from hdrlog.server.store import Store, StoredSeqs, StoreError
 
 log = logging.getLogger("hdrlog.server")
 
@@ -120,7 +140,8 @@ class Writer:
         self._index: dict[tuple[str, int], _Entry] = {}   # queued and in-flight entries
         self._queued_rows = 0
         self._inflight_rows = 0
-        self._wm: dict[tuple[str, str], dict[int, int]] = {}
+        self._wm: dict[tuple[str, str], dict[int, StoredSeqs]] = {}   # (collector, table) -> day -> seqs
+        self._reread_needed = False
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._stopping = False
@@ -155,7 +176,7 @@ class Writer:
     def watermark(self, collector_id: str, table: str) -> int:
         """Largest seq stored for a collector and table (-1 when none)."""
         days = self._wm.get((collector_id, table))
-        return max(days.values()) if days else -1
+        return max(seqs.max for seqs in days.values()) if days else -1
 
     # -- accepting ---------------------------------------------------------
 
@@ -187,21 +208,7 @@ class Writer:
         if self._stopping:
             fut.set_result(Outcome(RETRY, error="server is shutting down; resend later"))
             return fut
-        kept: list[TableRows] = []
-        skipped = 0
-        for tr in tables:
-            marks = self._wm.get((collector_id, tr.name))
-            if marks:
-                stored = np.array([d for d, s in marks.items() if s >= seq], dtype=np.int64)
-                if stored.size:
-                    mask = np.isin(tr.days, stored)
-                    if mask.all():
-                        skipped += 1
-                        continue
-                    if mask.any():
-                        keep = ~mask
-                        tr = TableRows(tr.name, tr.data.filter(pa.array(keep)), tr.days[keep])
-            kept.append(tr)
+        kept, skipped = self._unstored(collector_id, seq, tables)
         if not kept:
             if skipped:
                 self.metrics.duplicate()
@@ -220,6 +227,50 @@ class Writer:
         elif len(self._queue) == 1:
             self._wake.set()  # start the age timer
         return fut
+
+    def _unstored(self, collector_id: str, seq: int, tables: list[TableRows]) -> tuple[list[TableRows], int]:
+        """The rows of a batch on the (table, day)s where its seq is not stored yet; and how many
+        tables were stored whole."""
+        kept: list[TableRows] = []
+        skipped = 0
+        for tr in tables:
+            marks = self._wm.get((collector_id, tr.name))
+            if marks:
+                stored = np.array([d for d, seqs in marks.items() if seq in seqs], dtype=np.int64)
+                if stored.size:
+                    mask = np.isin(tr.days, stored)
+                    if mask.all():
+                        skipped += 1
+                        continue
+                    if mask.any():
+                        keep = ~mask
+                        tr = TableRows(tr.name, tr.data.filter(pa.array(keep)), tr.days[keep])
+            kept.append(tr)
+        return kept, skipped
+
+    async def _reread(self, entries: list[_Entry]) -> list[_Entry]:
+        """After a flush was given up in an unknown state: reload what is stored from the tables,
+        and drop from ``entries`` what a lost attempt did store after all (data is the only state)."""
+        try:
+            marks = await asyncio.to_thread(self.store.committed_watermarks)
+        except StoreError as exc:
+            log.warning("server: cannot re-read the stored seqs (%s); answering RETRY", exc)
+            for e in entries:
+                self._forget(e, Outcome(RETRY, error=f"store unavailable: {exc}"))
+            return []
+        self._wm = marks.by_key
+        self._reread_needed = False
+        left = []
+        for e in entries:
+            kept, _ = self._unstored(e.collector_id, e.seq, e.tables)
+            if not kept:
+                self.metrics.duplicate()
+                self._forget(e, Outcome(OK, rows=0, duplicate=True))
+                continue
+            e.tables, e.days = kept, {t.name: np.unique(t.days) for t in kept}
+            e.rows = sum(t.rows for t in kept)
+            left.append(e)
+        return left
 
     # -- flushing ----------------------------------------------------------
 
@@ -242,9 +293,13 @@ class Writer:
             entries, self._queue = self._queue, []
             self._inflight_rows, self._queued_rows = self._queued_rows, 0
             try:
-                await self._flush(entries)
+                if self._reread_needed:
+                    entries = await self._reread(entries)
+                if entries:
+                    await self._flush(entries)
             except Exception:  # noqa: BLE001 - the writer must survive anything
                 log.exception("server: flush failed unexpectedly; answering RETRY")
+                self._reread_needed = True  # some of it may be stored: the next flush asks the tables
                 for e in entries:
                     self._forget(e, Outcome(RETRY, error="internal error while storing; resend later"))
             finally:
@@ -295,8 +350,7 @@ class Writer:
             for tr in e.tables:
                 marks = self._wm.setdefault((e.collector_id, tr.name), {})
                 for day in e.days[tr.name].tolist():
-                    if marks.get(day, -1) < e.seq:
-                        marks[day] = e.seq
+                    marks.setdefault(day, StoredSeqs()).add(e.seq)
             self.metrics.batches_acked.inc(len(e.waiters))
             self._forget(e, Outcome(OK, rows=e.rows))
 
@@ -308,7 +362,7 @@ class Writer:
         for table, parts in by_table.items():
             if table in done:
                 continue
-            data = pa.concat_tables([tr.data for _, tr in parts]).combine_chunks() if len(parts) > 1 else parts[0][1].data
+            data = concat([tr.data for _, tr in parts])
             token = _token(table, parts)
             t0 = time.monotonic()
             await asyncio.to_thread(self.store.insert, table, data, token)
@@ -330,6 +384,26 @@ class Writer:
     def _forget(self, entry: _Entry, outcome: Outcome) -> None:
         self._index.pop(entry.key, None)
         _resolve(entry.waiters, outcome)
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """The tables of one flush as one table of single chunks (one block per partition).
+
+    Dictionary columns whose chunks carry different dictionaries (``host``, ``collector_id``: one
+    per batch) are unified by ``combine_chunks``; the unified dictionary holds every distinct value
+    of the flush, so narrow indices are widened to int32 first, whatever convert.py produced.
+    """
+    if len(tables) == 1:
+        return tables[0]
+    data = pa.concat_tables(tables)
+    for i, f in enumerate(data.schema):
+        if not pa.types.is_dictionary(f.type) or f.type.index_type.bit_width >= 32:
+            continue
+        chunks = data.column(i).chunks
+        if any(not c.dictionary.equals(chunks[0].dictionary) for c in chunks[1:]):
+            wide = pa.dictionary(pa.int32(), f.type.value_type)
+            data = data.set_column(i, f.name, data.column(i).cast(wide))
+    return data.combine_chunks()
 
 
 def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:
