@@ -114,7 +114,7 @@ struct conn_side {
     __u64 ts_syn;        /* first SYN without ACK (CLOCK_MONOTONIC ns, 0 = none) */
     __u64 ts_synack;     /* first SYN+ACK */
     __u64 ts_ack;        /* first ACK without SYN after the peer's SYN+ACK */
-    __u32 seq_end;       /* highest seq + payload (+1 for a SYN) seen */
+    __u32 seq_end;       /* highest seq + payload (+1 for a SYN or FIN) seen */
     __u32 retrans;       /* payload packets starting before seq_end */
     __u32 zero_win;      /* zero-window advertisements (not on SYN or RST) */
     __u32 last_syn;      /* seq of the last SYN / FIN end / RST, for repeated letters */
@@ -138,7 +138,7 @@ struct conn_value {
     __u8  hist_len;      /* letters in hist (may exceed HDRLOG_CONN_HISTORY: see flags) */
     __u8  _pad[7];
     __u8  hist[HDRLOG_CONN_HISTORY]; /* 'S' 'H' 'A' 'D' 'F' 'R' 'I' 'Q' 'T' 'W', | 0x80 = side 1 */
-};                       /* 232 bytes */
+};                       /* 240 bytes */
 
 /* The same size without the lock: per-CPU maps may not hold a bpf_spin_lock. */
 struct conn_blank {
@@ -390,8 +390,9 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
     u32 seq = r->tcp_seq;
     u32 len = r->l4_payload_len;
     int syn = fl & TH_SYN;
-    /* Sequence space: bytes = how far it advanced. */
-    u32 end = seq + len + (syn ? 1 : 0);
+    /* Sequence space: bytes = how far it advanced, less the SYN and FIN octets. */
+    int fin = (fl & TH_FIN) != 0;
+    u32 end = seq + len + (syn ? 1 : 0) + fin;
     if (!(me->hist & CH_SEQ)) {
         me->hist |= CH_SEQ;
         me->seq_end = syn ? seq + 1 : seq;
@@ -402,7 +403,7 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
     }
     s32 adv = (s32)(end - me->seq_end);
     if (adv > 0) {
-        me->bytes += (u32)adv;
+        me->bytes += (u32)adv - fin; /* syn: seq_end started past the SYN octet */
         me->seq_end = end;
     }
     if (r->tcp_window == 0 && !(fl & (TH_SYN | TH_RST))) {
