@@ -168,7 +168,7 @@ class ConnDrain:
         self._keys = np.zeros(cap, CONN_KEY_DTYPE)
         self._vals = np.zeros(cap, CONN_VALUE_DTYPE)
         self._next_interim: dict[bytes, int] = {}
-        self._ids: dict[bytes, tuple[str, str]] = {}
+        self._ids: dict[bytes, tuple[str, str, int]] = {}  # uid, community_id, start_ts (fixed once)
         self.interim_rows = 0
         self.final_rows = 0
 
@@ -266,7 +266,11 @@ class ConnDrain:
                 self._ids.pop(kb, None)
         if not rows:
             return None
-        return self._columns(rows, ifnames, mono_to_wall_ns)
+        cols = self._columns(rows, ifnames, mono_to_wall_ns)
+        for key, _, final in rows:
+            if final:
+                self._ids.pop(key.tobytes(), None)
+        return cols
 
     def _columns(self, rows: list[tuple], ifnames: Mapping[int, str], offset: int) -> dict[str, object]:
         cols: dict[str, list] = {c.name: [] for c in CONNECTIONS}
@@ -282,9 +286,8 @@ class ConnDrain:
             ids = self._ids.get(kb)
             if ids is None:
                 cid = _community_id(proto, ips[orig], ips[resp], ports[orig], ports[resp])
-                ids = (uid_of(self.host, kb, int(val["first_ns"])), cid)
-                if not final:
-                    self._ids[kb] = ids
+                ids = (uid_of(self.host, kb, int(val["first_ns"])), cid, int(val["first_ns"]) + offset)
+                self._ids[kb] = ids
             hist = history_of(val, orig) if proto in (6, 17) else ""
             orig_bytes, resp_bytes = int(o["bytes"]), int(r["bytes"])
             state = zeek_conn_state(proto, int(o["state"]), int(r["state"]), orig_bytes, resp_bytes, hist)
@@ -292,7 +295,7 @@ class ConnDrain:
             if o["ts_syn"] and r["ts_synack"] and o["ts_ack"] and int(o["ts_ack"]) >= int(o["ts_syn"]):
                 rtt = min((int(o["ts_ack"]) - int(o["ts_syn"])) // 1000, 0xFFFFFFFF)
             ifindex = int(key["ifindex"])
-            cols["start_ts"].append(int(val["first_ns"]) + offset)
+            cols["start_ts"].append(ids[2])  # the same on every row, whatever the clock offset does
             cols["end_ts"].append(int(val["last_ns"]) + offset)
             cols["ifname"].append(ifnames.get(ifindex) or f"if{ifindex}")
             cols["uid"].append(ids[0])
