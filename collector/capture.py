@@ -407,7 +407,9 @@ class Capture:
             sampled = (why & records.LOG_SAMPLED) != 0
             if sampled.any():  # a sampled record stands for N packets, unless it is notable anyway
                 rate = np.ones(n, dtype=np.uint32)
-                rate[sampled & ((why & records.LOG_NOTABLE) == 0)] = max(1, self.config.effective_sample)
+                # (a conn-map-full fallback, LOG_CONN_FALLBACK, stands for itself too)
+                alone = records.LOG_NOTABLE | records.LOG_CONN_FALLBACK
+                rate[sampled & ((why & alone) == 0)] = max(1, self.config.effective_sample)
                 out["sample_rate"] = rate.astype(out["sample_rate"].dtype)
             return out
 
