@@ -100,6 +100,15 @@ def run() -> list[dict]:
             "note": (f"kernel bpf_stats, median of {ROUNDS} x {RUNS} BPF_PROG_TEST_RUN runs (one flow: map-hit "
                      f"path), builds alternating; an empty classifier measures {floor:.0f} ns here"),
         })
+    auto, flows = statistics.median(res[("direct", "auto")]), statistics.median(res[("direct", "flows")])
+    rows.append({
+        "figure": "BPF ns/packet, IPv4 TCP ACK, auto mode (connections) vs flows mode",
+        "value": f"{auto:.0f} ns",
+        "baseline": f"{flows:.0f} ns (flows mode, same run)",
+        "ratio": f"{auto / flows:.2f}x",
+        "note": "auto: the connection tracker (bpf/conntrack.h, spin-locked entry) instead of the flow map, plus "
+                "the notable/sample decision; goal <= 1.1x flows mode (issue 13)",
+    })
     return rows
 
 

@@ -381,6 +381,7 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
     /* --- L3 --- */
     u8 l4proto;
     u32 l3_end;
+    u32 l3_start = off;
     if (proto == ETH_P_IP) {
         struct ipv4_hdr ip = {};
         n = load(skb, len, off, &ip, sizeof(ip));
@@ -507,6 +508,10 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
     } else {
         goto out; /* ARP and other non-IP: L2 fields only */
     }
+
+    /* IP and L4 lengths as the headers say (conntrack.h counts them). */
+    r->ip_len = l3_end - l3_start > 0xffff ? 0xffff : l3_end - l3_start;
+    r->l4_len = l3_end <= off ? 0 : l3_end - off > 0xffff ? 0xffff : l3_end - off;
 
     /* --- L4 --- */
     u32 payload_off = 0;
@@ -718,6 +723,42 @@ static __always_inline int flow_account(const struct pkt_record *r, u32 slot, u3
     return 0;
 }
 
+#include "conntrack.h"
+
+/* Connections (conntrack.h), both directions in one entry; drained by collector/connections.py.
+ * Key: struct conn_key (canonical ends + ifindex). Value: struct conn_value (with its spin lock). */
+BPF_HASH(conns, struct conn_key, struct conn_value, HDRLOG_CONN_ENTRIES);
+/* An all-zero value to insert new connections from (too big for the stack).
+ * Key: 0 (u32). Value: struct conn_blank (never written). */
+BPF_PERCPU_ARRAY(conn_blank, struct conn_blank, 1);
+
+/* Count the record into its connection: CONN_TRACKED (sets *first when it is
+ * among the first `first_n` packets of the connection), CONN_UNTRACKED or CONN_FULL. */
+static __always_inline int conn_track(const struct pkt_record *r, u32 first_n, int *first)
+{
+    asm volatile("" ::: "memory"); /* read the record afresh: one verifier state for every parse path */
+    struct conn_key k = {};
+    int side = 0;
+    if (!conn_key_of(r, &k, &side))
+        return CONN_UNTRACKED;
+    struct conn_value *v = conns.lookup(&k);
+    if (!v) {
+        u32 zero = 0;
+        struct conn_blank *b = conn_blank.lookup(&zero);
+        if (!b)
+            return CONN_FULL;
+        conns.insert(&k, (struct conn_value *)b); /* -EEXIST: another CPU was first, fine */
+        v = conns.lookup(&k);
+        if (!v)
+            return CONN_FULL;
+    }
+    bpf_spin_lock(&v->lock);
+    u64 before = conn_update(v, r, side);
+    bpf_spin_unlock(&v->lock);
+    *first = before < first_n;
+    return CONN_TRACKED;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, u8 dir)
 {
     u32 zero = 0;
@@ -741,7 +782,13 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
     u8 why = 0;
     int first = 0;
     if (mode != MODE_PACKETS) {
-        if (flow_account(r, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
+        int ct = mode == MODE_AUTO ? conn_track(r, cf->first_packets, &first) : CONN_UNTRACKED;
+        if (ct == CONN_TRACKED) {
+            c->n[CNT_CONN_TRACKED]++;
+        } else if (ct == CONN_FULL) {
+            c->n[CNT_CONN_MAP_FULL]++;
+            why = LOG_CONN_FALLBACK;
+        } else if (flow_account(r, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
             c->n[CNT_FLOW_MAP_FULL]++;
             why = LOG_FLOW_FALLBACK;
         } else {

@@ -54,7 +54,9 @@
 #define CNT_SAMPLED_OUT  6 /* packets not sent as records by sampling (still in flows in auto mode) */
 #define CNT_FLOWED       7 /* packets added to a flow in the flow map */
 #define CNT_FLOW_MAP_FULL 8 /* packets that found the flow map full: sent as records instead */
-#define CNT_MAX          9
+#define CNT_CONN_TRACKED 9 /* packets counted into a connection (conntrack.h) */
+#define CNT_CONN_MAP_FULL 10 /* packets that found the connection map full: sent as records instead */
+#define CNT_MAX          11
 
 /* Value of the per-CPU `counters` map (one entry). */
 struct counters {
@@ -102,7 +104,9 @@ struct pkt_record {
     __u8  icmp_code;
     __u8  log_reason;     /* LOG_* (flows.h): why this record was sent */
     __u16 payload_len;    /* bytes of L4 payload that follow this header */
-    __u8  _pad2[6];       /* keep the size a multiple of 8 */
+    __u16 ip_len;         /* IP total length (IPv6: 40 + payload length), as the header says */
+    __u16 l4_len;         /* bytes from the L4 header to the IP end, as the header says */
+    __u8  _pad2[2];       /* keep the size a multiple of 8 */
 };
 
 #endif /* HDRLOG_TYPES_H */

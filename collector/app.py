@@ -23,6 +23,7 @@ import uuid
 import numpy as np
 
 from hdrlog.collector.batcher import Batcher
+from hdrlog.collector.connections import ConnConfig
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.config import CollectorConfig
 from hdrlog.collector.metrics import CollectorMetrics
@@ -41,7 +42,8 @@ CAPTURE_DROP_REASONS = ("ringbuf_full", "filtered", "sampled_out")
 # Of those, the ones the configuration asks for (filters, sampling): not losses.
 DELIBERATE_DROPS = ("drop_filtered", "drop_sampled_out")
 # Capture counters about what was kept, reported as they are.
-CAPTURE_KEPT = ("flowed", "flow_map_full", "payload")
+CAPTURE_KEPT = ("flowed", "flow_map_full", "payload", "conn_tracked", "conn_map_full")
+CONN_POLL_S = 1.0  # seconds between reads of the kernel's connection map (auto mode)
 
 
 class Collector:
@@ -56,7 +58,10 @@ class Collector:
             ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes, sample_rate=config.sample,
             mode=config.mode, first_packets=config.first_packets, flow_entries=config.flow_entries,
             filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports),
-            attach=config.attach))
+            attach=config.attach, host=config.host_id,
+            conn=ConnConfig(entries=config.conn_entries, interim=config.conn_interim,
+                            tcp_timeout=config.conn_tcp_timeout, udp_timeout=config.conn_udp_timeout,
+                            icmp_timeout=config.conn_icmp_timeout, linger=config.conn_linger)))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None
@@ -136,6 +141,9 @@ class Collector:
             flows = self.capture.drain_flows()
             if flows:
                 self._on_flows(flows)
+            conns = self.capture.drain_connections()
+            if conns:
+                self._on_connections(conns)
             self._add_stats()
             self.batcher.flush()
             # A refused sender sends nothing more: do not wait for acks that cannot come.
@@ -237,6 +245,7 @@ class Collector:
     def _capture_loop(self) -> None:
         assert self._loop is not None
         next_drain = time.monotonic() + self.config.flow_interval
+        next_conns = time.monotonic() + CONN_POLL_S
         try:
             while not self._thread_stop.is_set():
                 chunk = self.capture.poll(POLL_MS)
@@ -247,6 +256,11 @@ class Collector:
                     flows = self.capture.drain_flows()
                     if flows:
                         self._loop.call_soon_threadsafe(self._on_flows, flows)
+                if time.monotonic() >= next_conns:
+                    next_conns = time.monotonic() + CONN_POLL_S
+                    conns = self.capture.drain_connections()
+                    if conns:
+                        self._loop.call_soon_threadsafe(self._on_connections, conns)
         except BaseException as exc:  # surfaced by run(); the collector must not hang silently
             self._capture_error = exc
 
@@ -254,6 +268,10 @@ class Collector:
         assert self.batcher is not None
         self.flows_captured += len(chunk["packets"])  # type: ignore[arg-type]
         self.batcher.add("flows", chunk)
+
+    def _on_connections(self, chunk: dict[str, object]) -> None:
+        assert self.batcher is not None
+        self.batcher.add("connections", chunk)
 
     def _on_packets(self, chunk: dict[str, object]) -> None:
         assert self.batcher is not None
@@ -295,6 +313,7 @@ class Collector:
         out = {"seen": capture.get("seen", 0), "logged": self.records_captured,
                "truncated": capture.get("truncated", 0)}
         out["flows"] = self.flows_captured
+        out["connection_rows_interim"], out["connection_rows_final"] = self.capture.connection_rows
         for name in CAPTURE_KEPT:
             out[name] = capture.get(name, 0)
         for reason in CAPTURE_DROP_REASONS:

@@ -37,6 +37,7 @@ from hdrlog.bpf import SOURCE_DIR
 from hdrlog.collector import bpfsys, fdstore, handover, records
 from hdrlog.collector import filters as filterlang
 from hdrlog.collector import flows as flowmod
+from hdrlog.collector import connections as connmod
 from hdrlog.collector.ringbuf import RingBufReader
 from hdrlog.collector.appdecode import DEFAULT_DNS_PORTS
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BPF_SOURCE = Path(SOURCE_DIR) / "hdrlog.c"
 TYPES_HEADER = Path(SOURCE_DIR) / "types.h"
+HEADERS = ("types.h", "flows.h", "conntrack.h")
 
 # Our TC filters: low prio number so we run before typical filters (tc's
 # automatic prios start at 49152); we return TC_ACT_UNSPEC so later filters
@@ -88,8 +90,9 @@ class CaptureConfig:
     """1:N sampling: packets mode logs one packet in N (1 = all); auto mode logs one in N of the
     packets that are not notable (1 = its default, 100; 0 = none of them)."""
     mode: str = "packets"
-    """packets (a row per packet), flows (in-kernel aggregates only) or auto (flows + notable
-    packets + the 1:N sample of the rest). The collector's default is auto."""
+    """packets (a row per packet), flows (in-kernel aggregates only) or auto (connections, exact,
+    + notable packets + the 1:N sample of the rest; packets without a connection key, such as
+    non-IP or non-first fragments, go to flows). The collector's default is auto."""
     first_packets: int = DEFAULT_FIRST_PACKETS
     """auto mode: log the first N packets of each new flow."""
     flow_entries: int = DEFAULT_FLOW_ENTRIES
@@ -104,6 +107,10 @@ class CaptureConfig:
     """Payload bytes copied per app-layer candidate (bpf HDRLOG_PAYLOAD_BYTES; 0 = none)."""
     attach: str = "auto"
     """tcx (links, Linux 6.6+), tc (cls_bpf filters) or auto (tcx where the kernel has it)."""
+    conn: connmod.ConnConfig = field(default_factory=connmod.ConnConfig)
+    """auto mode: connection map size, interim interval, inactivity timeouts, linger."""
+    host: str = ""
+    """The host name connection uids are derived from (default: the hostname)."""
 
     def validate(self) -> None:
         if not self.ifaces:
@@ -125,6 +132,8 @@ class CaptureConfig:
             raise ValueError(f"capture first_packets={self.first_packets!r}: must be an integer from 0 to {1 << 20}")
         if not isinstance(self.flow_entries, int) or not 16 <= self.flow_entries <= 1 << 24:
             raise ValueError(f"capture flow_entries={self.flow_entries!r}: must be an integer from 16 to {1 << 24}")
+        if not isinstance(self.conn.entries, int) or not 16 <= self.conn.entries <= 1 << 24:
+            raise ValueError(f"capture conn entries={self.conn.entries!r}: must be an integer from 16 to {1 << 24}")
         if self.attach not in ATTACH_KINDS:
             raise ValueError(f"capture attach={self.attach!r}: must be one of {', '.join(ATTACH_KINDS)}")
         if self.reader not in READERS:
@@ -160,6 +169,7 @@ def cflags(config: CaptureConfig) -> list[str]:
         f"-I{SOURCE_DIR}",
         f"-DHDRLOG_RINGBUF_PAGES={config.ringbuf_pages}",
         f"-DHDRLOG_FLOW_ENTRIES={config.flow_entries}",
+        f"-DHDRLOG_CONN_ENTRIES={config.conn.entries}",
         f"-DHDRLOG_PAYLOAD_BYTES={config.payload_bytes}",
         f"-DHDRLOG_PAYLOAD_CHUNK={PAYLOAD_CHUNK}",
         f"-DHDRLOG_IS_DNS_PORT(p)=({is_dns})",
@@ -170,11 +180,8 @@ def cflags(config: CaptureConfig) -> list[str]:
 def render_source(config: CaptureConfig | None = None) -> str:
     """The C the collector compiles, with its cflags (BCC tools' --ebpf flag)."""
     config = config or CaptureConfig(ifaces=["*"])
-    return (
-        f"// cflags: {' '.join(cflags(config))}\n"
-        f"// ---- {TYPES_HEADER.name} ----\n{TYPES_HEADER.read_text()}\n"
-        f"// ---- {BPF_SOURCE.name} ----\n{BPF_SOURCE.read_text()}"
-    )
+    headers = "".join(f"// ---- {h} ----\n{(Path(SOURCE_DIR) / h).read_text()}\n" for h in HEADERS)
+    return f"// cflags: {' '.join(cflags(config))}\n{headers}// ---- {BPF_SOURCE.name} ----\n{BPF_SOURCE.read_text()}"
 
 
 def resolve_ifaces(patterns: list[str], links: dict[str, int]) -> list[tuple[str, int]]:
@@ -293,6 +300,8 @@ class Capture:
         self._flow_drain: flowmod.FlowDrain | None = None
         self._fallback: list = []  # records with LOG_FLOW_FALLBACK, for the next drain_flows()
         self._final_flows: tuple | None = None
+        self._conn_drain: connmod.ConnDrain | None = None
+        self._final_conns: dict[str, object] | None = None
         self.filter_rules: list[filterlang.Rule] = filterlang.parse_rules(config.filters)
 
     # -- lifecycle ------------------------------------------------------------
@@ -398,7 +407,9 @@ class Capture:
             sampled = (why & records.LOG_SAMPLED) != 0
             if sampled.any():  # a sampled record stands for N packets, unless it is notable anyway
                 rate = np.ones(n, dtype=np.uint32)
-                rate[sampled & ((why & records.LOG_NOTABLE) == 0)] = max(1, self.config.effective_sample)
+                # (a conn-map-full fallback, LOG_CONN_FALLBACK, stands for itself too)
+                alone = records.LOG_NOTABLE | records.LOG_CONN_FALLBACK
+                rate[sampled & ((why & alone) == 0)] = max(1, self.config.effective_sample)
                 out["sample_rate"] = rate.astype(out["sample_rate"].dtype)
             return out
 
@@ -425,6 +436,34 @@ class Capture:
             if {int(i) for i in keys["ifindex"]} - self._ifnames.keys():
                 self._refresh_ifnames()
             return flowmod.flow_columns(keys, vals, self._ifnames, self._offset_ns)
+
+    def drain_connections(self) -> dict[str, object] | None:
+        """``connections`` rows due now (interim rows of open connections, final rows of ended
+        or idle ones), or None. After stop() it returns the final rows of the rest, once."""
+        with self._lock:
+            if self._bpf is None:
+                final, self._final_conns = self._final_conns, None
+                return final
+            if self._conn_drain is None:
+                return None
+            self._refresh_offset()
+            return self._conn_poll(finish=False)
+
+    @property
+    def connection_rows(self) -> tuple[int, int]:
+        """(interim, final) connection rows written so far."""
+        d = self._conn_drain or getattr(self, "_conn_drain_done", None)
+        return (d.interim_rows, d.final_rows) if d else (0, 0)
+
+    def _conn_poll(self, finish: bool) -> dict[str, object] | None:
+        assert self._conn_drain is not None
+        now = time.monotonic_ns()
+        try:
+            cols = self._conn_drain.poll(now, self._ifnames, self._offset_ns, finish=finish)
+        except OSError as e:  # never let a map read stop the capture
+            log.warning("capture: connection map read failed: %s", e)
+            return None
+        return cols
 
     def set_filters(self, rules) -> None:
         """Replace the in-kernel filters while running (expressions or text; see collector/filters.py)."""
@@ -472,6 +511,11 @@ class Capture:
         self._apply_filters()
         if self.config.mode != "packets":
             self._flow_drain = flowmod.FlowDrain(bpf, self._set_flow_slot, self.config.flow_entries)
+        if self.config.mode == "auto":
+            import socket
+
+            self._conn_drain = connmod.ConnDrain(bpf[b"conns"].map_fd, self.config.conn,
+                                                 self.config.host or socket.gethostname())
 
     def _write_cfg(self) -> None:
         table = self._bpf[b"cfg"]
@@ -645,6 +689,15 @@ class Capture:
                 except Exception as e:  # pragma: no cover
                     log.warning("capture: final flow drain failed: %s", e)
                 self._flow_drain = None
+            if self._conn_drain is not None:
+                # Connections are not handed over yet (see collector/handover.py): every open one
+                # gets its final row now, and a successor starts it afresh as a new connection.
+                try:
+                    self._final_conns = self._conn_poll(finish=True)
+                except Exception as e:  # pragma: no cover
+                    log.warning("capture: final connection drain failed: %s", e)
+                self._conn_drain_done = self._conn_drain
+                self._conn_drain = None
             if handing_over:
                 log.info("capture: left running in the kernel for the next collector (systemd keeps it; "
                          "a stop for good detaches it)")

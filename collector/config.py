@@ -27,7 +27,9 @@ class CollectorConfig:
     host_id: str = doc_field("", "name this host's records carry (default: the client certificate's name under "
                                  "mTLS, which the server requires; the hostname with --insecure)")
     mode: str = doc_field("auto", "what is logged: packets (a row per packet), flows (in-kernel aggregates "
-                                  "only) or auto (flows, plus rows for notable packets and a 1:N sample of the rest)")
+                                  "only) or auto (connections, exact and never sampled, plus rows for notable "
+                                  "packets and a 1:N sample of the rest; packets with no connection key, such as "
+                                  "non-IP frames and non-first fragments, go to flows)")
     sample: int = doc_field(1, "1:N sampling of packet rows: packets mode logs one packet in N (1 = every packet); "
                                "auto mode one in N of the packets that are not notable (1 = its default, 100)")
     first_packets: int = doc_field(3, "auto mode: log the first N packets of every new flow")
@@ -35,6 +37,19 @@ class CollectorConfig:
                                           "row spans (active and idle timeout)", duration=True)
     flow_entries: int = doc_field(65536, "flows the kernel holds per interval; beyond this, packets go through "
                                          "the ring buffer instead (counted as flow_map_full)")
+    conn_entries: int = doc_field(65536, "auto mode: connections the kernel tracks at once; beyond this, packets "
+                                         "of new connections go through the ring buffer as packet rows "
+                                         "(counted as conn_map_full)")
+    conn_interim: float = doc_field(60.0, "auto mode: seconds between interim rows (final = 0, cumulative) of a "
+                                          "connection still open")
+    conn_tcp_timeout: float = doc_field(300.0, "seconds without a packet after which a TCP connection gets its "
+                                               "final row (Zeek's tcp_inactivity_timeout)")
+    conn_udp_timeout: float = doc_field(60.0, "seconds without a packet after which a UDP (or other non-TCP, "
+                                              "non-ICMP) connection gets its final row")
+    conn_icmp_timeout: float = doc_field(60.0, "seconds without a packet after which an ICMP connection gets its "
+                                               "final row")
+    conn_linger: float = doc_field(5.0, "seconds a TCP connection that closed (FIN both ways) or reset waits "
+                                        "for stragglers before its final row (Zeek's tcp_connection_linger)")
     filter: list[str] = doc_field([], "in-kernel filter rule, e.g. 'include src 198.18.0.0/15', 'exclude dport 22', "
                                       "'include proto tcp,udp' (see docs/filters.md)")
     filter_file: str = doc_field("", "file of filter rules, one per line; re-read when it changes and on SIGHUP")
@@ -83,6 +98,13 @@ class CollectorConfig:
             raise ConfigError("flow_interval", self.flow_interval, "must be from 0.1 to 3600 seconds")
         if not 16 <= self.flow_entries <= 1 << 24:
             raise ConfigError("flow_entries", self.flow_entries, f"must be from 16 to {1 << 24}")
+        if not 16 <= self.conn_entries <= 1 << 24:
+            raise ConfigError("conn_entries", self.conn_entries, f"must be from 16 to {1 << 24}")
+        for key in ("conn_interim", "conn_tcp_timeout", "conn_udp_timeout", "conn_icmp_timeout"):
+            if not 0.1 <= getattr(self, key) <= 7 * 86400:
+                raise ConfigError(key, getattr(self, key), "must be from 0.1 to 604800 seconds")
+        if not 0 <= self.conn_linger <= 3600:
+            raise ConfigError("conn_linger", self.conn_linger, "must be from 0 to 3600 seconds")
         if self.attach not in ("auto", "tcx", "tc"):
             raise ConfigError("attach", self.attach, "must be auto, tcx or tc")
         if self.reader not in ("mmap", "callback"):

@@ -39,7 +39,7 @@ PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
 
 # Per-CPU counter indexes (bpf/types.h CNT_*), in index order.
 COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated", "payload", "filtered", "sampled_out",
-                 "flowed", "flow_map_full")
+                 "flowed", "flow_map_full", "conn_tracked", "conn_map_full")
 
 # log_reason bits (bpf/flows.h LOG_*): why a record was sent.
 LOG_ALL = 1 << 0  # packets mode, every packet
@@ -50,6 +50,7 @@ LOG_DNS = 1 << 4  # to or from a DNS port
 LOG_ICMP = 1 << 5  # ICMP / ICMPv6
 LOG_APP = 1 << 6  # app-layer candidate (payload copied)
 LOG_FLOW_FALLBACK = 1 << 7  # flow map full: counted into flows from this record
+LOG_CONN_FALLBACK = LOG_ALL  # auto mode (bpf/conntrack.h): connection map full, the record stands for itself
 LOG_NOTABLE = LOG_FIRST | LOG_TCP_CTRL | LOG_DNS | LOG_ICMP | LOG_APP
 
 DIR_INGRESS = 1
@@ -93,7 +94,9 @@ RECORD_DTYPE = np.dtype(
         ("icmp_code", "u1"),
         ("log_reason", "u1"),
         ("payload_len", "<u2"),
-        ("_pad2", "V6"),
+        ("ip_len", "<u2"),
+        ("l4_len", "<u2"),
+        ("_pad2", "V2"),
     ]
 )
 RECORD_SIZE = RECORD_DTYPE.itemsize

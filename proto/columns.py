@@ -108,6 +108,35 @@ FLOWS = _cols(
     ("sample_rate", "<u4", "1 = every packet counted"),
 )
 
+# One row per bidirectional connection per host interface, Zeek's conn.log semantics
+# (collector/connections.py). Interim rows (final = 0) are cumulative; the final row has the totals.
+CONNECTIONS = _cols(
+    ("start_ts", "<i8", "first packet, UTC nanoseconds"),
+    ("end_ts", "<i8", "last packet so far, UTC nanoseconds"),
+    ("ifname", STRING, "interface"),
+    ("uid", STRING, "stable id of the connection, the same on all its rows (C + base62)"),
+    ("final", "u1", "1 on the row written when the connection ended or timed out, 0 on interim rows"),
+    ("ip_version", "u1", "4 or 6"),
+    ("ip_proto", "u1", "protocol"),
+    ("orig_ip", "V16", "originator (IPv6 / IPv4-mapped)"),
+    ("orig_port", "<u2", "originator port; ICMP: the type"),
+    ("resp_ip", "V16", "responder (IPv6 / IPv4-mapped)"),
+    ("resp_port", "<u2", "responder port; ICMP: the code, or the counterpart type of a request/reply"),
+    ("orig_pkts", "<u8", "packets the originator sent"),
+    ("resp_pkts", "<u8", "packets the responder sent"),
+    ("orig_ip_bytes", "<u8", "IP bytes (total lengths) the originator sent"),
+    ("resp_ip_bytes", "<u8", "IP bytes the responder sent"),
+    ("orig_bytes", "<u8", "payload bytes the originator sent (TCP: by sequence numbers)"),
+    ("resp_bytes", "<u8", "payload bytes the responder sent"),
+    ("conn_state", STRING, "Zeek's conn_state: S0 S1 SF REJ S2 S3 RSTO RSTR RSTOS0 RSTRH SH SHR OTH"),
+    ("history", STRING, "Zeek's history letters, originator upper case"),
+    ("handshake_rtt_us", "<u4", "SYN to the originator's ACK of the SYN-ACK, microseconds; 0 = no handshake seen"),
+    ("orig_retrans", "<u4", "originator packets that resent payload"),
+    ("resp_retrans", "<u4", "responder packets that resent payload"),
+    ("zero_windows", "<u4", "zero-window advertisements, both sides"),
+    ("community_id", STRING, "Community ID v1, seed 0"),
+)
+
 COLLECTOR_STATS = _cols(
     ("ts", "<i8", "end of the interval, UTC nanoseconds"),
     ("interval_ms", "<u4", "length of the interval"),
@@ -118,6 +147,7 @@ COLLECTOR_STATS = _cols(
 TABLES: dict[str, tuple[ColumnSpec, ...]] = {
     "packets": PACKETS,
     "flows": FLOWS,
+    "connections": CONNECTIONS,
     "collector_stats": COLLECTOR_STATS,
 }
 

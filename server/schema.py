@@ -27,7 +27,7 @@ log = logging.getLogger("hdrlog.server")
 DATABASE = "hdrlog"
 
 # The time column each table is partitioned by (toDate of it, UTC).
-PARTITION_TS = {"packets": "ts", "flows": "start_ts", "collector_stats": "ts"}
+PARTITION_TS = {"packets": "ts", "flows": "start_ts", "connections": "start_ts", "collector_stats": "ts"}
 
 _TABLE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
 
@@ -342,6 +342,59 @@ MIGRATIONS += [
      [_PACKETS_1M, _PAIRS_1M, _SERVICES_1M,
       _PACKETS_1M_MV, _PAIRS_1M_MV, _SERVICES_1M_MV]),
     (6, "anomalies (findings of hdrlog report)", [_ANOMALIES]),
+]
+
+# -- issue 13: connections ------------------------------------------------------------------
+# One row per connection and interface with Zeek's semantics. A connection that lives across
+# interim intervals has several rows with the same uid (final = 0, cumulative), then one final
+# row. Plain MergeTree and exactly-once like the other tables (no ReplacingMergeTree: a merge
+# must never be what makes a count right). Latest state of each connection:
+#   SELECT * FROM hdrlog.connections WHERE final = 1                       -- ended ones
+#   SELECT uid, argMax(orig_bytes, (end_ts, final)) ... GROUP BY uid       -- ended or still open
+# Partitioned by start_ts, so every row of a connection is in its first day's partition.
+_CONNECTIONS_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.connections
+(
+    start_ts        DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    end_ts          DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    host            LowCardinality(String),
+    collector_id    LowCardinality(String),
+    batch_seq       UInt64 CODEC(Delta, ZSTD(1)),
+    ifname          LowCardinality(String),
+    uid             String CODEC(ZSTD(1)),
+    final           UInt8,
+    ip_version      UInt8 CODEC(T64, ZSTD(1)),
+    ip_proto        UInt8 CODEC(T64, ZSTD(1)),
+    orig_ip         IPv6 CODEC(ZSTD(1)),
+    orig_port       UInt16 CODEC(T64, ZSTD(1)),
+    resp_ip         IPv6 CODEC(ZSTD(1)),
+    resp_port       UInt16 CODEC(T64, ZSTD(1)),
+    orig_pkts       UInt64 CODEC(T64, ZSTD(1)),
+    resp_pkts       UInt64 CODEC(T64, ZSTD(1)),
+    orig_ip_bytes   UInt64 CODEC(T64, ZSTD(1)),
+    resp_ip_bytes   UInt64 CODEC(T64, ZSTD(1)),
+    orig_bytes      UInt64 CODEC(T64, ZSTD(1)),
+    resp_bytes      UInt64 CODEC(T64, ZSTD(1)),
+    conn_state      LowCardinality(String),
+    history         LowCardinality(String),
+    handshake_rtt_us UInt32 CODEC(T64, ZSTD(1)),
+    orig_retrans    UInt32 CODEC(T64, ZSTD(1)),
+    resp_retrans    UInt32 CODEC(T64, ZSTD(1)),
+    zero_windows    UInt32 CODEC(T64, ZSTD(1)),
+    community_id    String CODEC(ZSTD(1)),
+    INDEX idx_orig_ip orig_ip TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_resp_ip resp_ip TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_resp_port resp_port TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_uid uid TYPE bloom_filter(0.01) GRANULARITY 4
+)
+ENGINE = MergeTree
+PARTITION BY toDate(start_ts)
+ORDER BY (host, start_ts)
+{_TABLE_SETTINGS}, min_bytes_for_wide_part = 268435456, min_rows_for_wide_part = 0
+"""
+
+MIGRATIONS += [
+    (7, "connections (one row per connection, Zeek's conn_state and history)", [_CONNECTIONS_V1]),
 ]
 
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
