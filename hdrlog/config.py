@@ -91,7 +91,10 @@ def _convert(key: str, tp: Any, raw: Any, *, duration: bool = False) -> Any:
     if raw is None:
         return None
     if duration and not isinstance(raw, bool):
-        return parse_duration(key, raw, allow_zero=True)
+        try:
+            return float(raw)  # plain seconds: the component's validate() judges the range and names its key
+        except (TypeError, ValueError):
+            return parse_duration(key, raw, allow_zero=True)
     try:
         if base is bool:
             if isinstance(raw, bool):

@@ -27,7 +27,7 @@ from hdrlog.server.metrics import ServerMetrics
 from hdrlog.report.connection import Connection
 from hdrlog.report.scheduler import ReportScheduler
 from hdrlog.report.config import ReportConfig
-from hdrlog.server.sqlhttp import Limits, SqlEndpoint
+from hdrlog.server.sqlhttp import QUERY_MARKER, Limits, SqlEndpoint
 from hdrlog.server.store import Store, StoreError
 from hdrlog.sqlclient import redact
 from hdrlog.server.writer import Writer
@@ -135,6 +135,7 @@ class Server:
             except OSError as exc:
                 self._sql = None
                 raise StartError(f"unable to listen for SQL on {cfg.sql_listen}: {exc.strerror or exc}") from None
+            self.metrics.sql_engine_queries.set_function(lambda: self.store.running(QUERY_MARKER))
 
         metrics = parse_hostport("metrics_listen", cfg.metrics_listen, allow_empty=True)
         if metrics is not None:

@@ -49,6 +49,9 @@ class ServerMetrics:
                                             "Time streams waited for room in the pending buffer", registry=r)
         self.sql_queries = Counter(f"{NS}_sql_queries", "SQL endpoint requests, by outcome", ["outcome"],
                                    registry=r)
+        # Set to read the engine's own process list at scrape time (the server wires it to the store).
+        self.sql_engine_queries = Gauge(f"{NS}_sql_engine_queries", "SQL-endpoint queries the engine runs now "
+                                        "(its system.processes; -1 when it cannot be read)", registry=r)
         # Plain totals for the status line.
         self.total_batches = 0
         self.total_rows = 0

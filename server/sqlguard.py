@@ -59,6 +59,10 @@ SYSTEM_TABLES = frozenset({
     "aggregate_function_combinators", "keywords", "parts", "parts_columns", "data_skipping_indices",
     "build_options", "licenses", "settings_changes", "merge_tree_settings", "errors", "metrics", "events",
     "asynchronous_metrics", "current_roles", "enabled_roles",
+    # The engine's own view of its limits and of what runs (the SQL endpoint has one user; the writer's
+    # INSERT statements name a table and a format, never data or credentials): how an operator checks
+    # that a limit is in force and that an abandoned query was cancelled.
+    "server_settings", "processes",
 })
 INFORMATION_SCHEMA_TABLES = frozenset({"tables", "columns", "schemata", "views", "key_column_usage",
                                        "referential_constraints", "statistics"})

@@ -360,6 +360,20 @@ class Store:
             except Exception as exc:  # noqa: BLE001 - the time limit still ends the query
                 log.warning("server: cannot cancel SQL queries %r: %s", marker, short_message(exc))
 
+    def running(self, marker: str) -> int:
+        """How many queries whose text starts with ``marker`` the engine is running now (system.processes)."""
+        with self._control_lock:
+            if self._closed:
+                return 0
+            if self._control is None:
+                self._control = self._connect()
+            try:
+                return int(self._control.command("SELECT count() FROM system.processes WHERE startsWith(query, "
+                                                 "{m:String})", parameters={"m": marker}))
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail for it
+                log.debug("server: cannot count running SQL queries: %s", short_message(exc))
+                return -1
+
     def known_settings(self) -> frozenset[str]:
         if self._known_settings is None:
             # On the writer's client: the SQL handles' result and read limits would cut the list short.
@@ -391,10 +405,23 @@ class Store:
             if client is not getattr(self._local, "client", None):
                 client.close()
 
-    def _read_only(self, client: Any, settings: Mapping[str, str]) -> Any:
+    def _guard_reader(self) -> Any:
+        """This thread's handle for the SQL guard's own reads (formatQuery, EXPLAIN AST, the function
+        catalogue): read-only, without the limits (a client's max_result_rows must not cut the catalogue)."""
+        client = getattr(self._local, "guard", None)
+        if client is None:
+            if self._closed:
+                raise StoreError("store is closed")
+            client = self._read_only(self._connect(), {}, limits=False)
+            with self._readers_lock:
+                self._readers.append(client)
+            self._local.guard = client
+        return client
+
+    def _read_only(self, client: Any, settings: Mapping[str, str], *, limits: bool = True) -> Any:
         """Make ``client`` a SQL reader: ``settings`` first, then readonly = 1 (no writes, no SET,
         no SETTINGS, no table functions but numbers/values/generateRandom) and no introspection."""
-        settings = {**self.sql_settings, **settings}
+        settings = {**(self.sql_settings if limits else {}), **settings}
         if not self.embedded:
             for key, value in settings.items():
                 client.set_client_setting(key, str(value))
@@ -410,7 +437,7 @@ class Store:
         """Run the SQL guard's own statements (formatQuery, EXPLAIN AST, catalogue reads) on this
         thread's read-only handle; the TabSeparated text (nothing appended: a FORMAT clause would
         become part of the statement that EXPLAIN AST shows)."""
-        client = self._reader()
+        client = self._guard_reader()
         client.database = "default"
         try:
             out = client.raw_query(sql, parameters=dict(parameters) if parameters else None, use_database=True)
