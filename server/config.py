@@ -28,6 +28,8 @@ DEFAULT_TTL_DAYS = {"packets": 0, "flows": 0, "collector_stats": 0, "rollups": 0
 DEFAULT_MAX_STREAMS = 4096
 DEFAULT_STREAMS_PER_CONNECTION = 8
 DEFAULT_STREAMS_PER_HOST = 16
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_FD_RESERVE = 1024
 
 
 def default_clickhouse() -> str:
@@ -65,6 +67,15 @@ class ServerConfig:
     max_streams_per_connection: int = doc_field(
         DEFAULT_STREAMS_PER_CONNECTION, "concurrent streams one gRPC connection may open (a collector uses one); "
                                         "more wait on the client's side")
+    max_connections: int = doc_field(
+        0, "gRPC connections open at once, handshaking or established; beyond this a new one is closed at once "
+           "(the collector retries). 0 = 2 x max_streams, and never more than the open-file limit less fd_reserve")
+    handshake_timeout: float = doc_field(
+        DEFAULT_HANDSHAKE_TIMEOUT, "seconds a new gRPC connection has to complete its TLS handshake before it is "
+                                   "closed (connections that never speak cannot hold slots)")
+    fd_reserve: int = doc_field(
+        DEFAULT_FD_RESERVE, "file descriptors kept out of gRPC's reach for the store, the SQL endpoint and metrics "
+                            "(at most half the open-file limit, which the server raises to its hard limit at start)")
     flush_rows: int = doc_field(DEFAULT_FLUSH_ROWS, "insert when this many rows are pending (all streams together)")
     flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending")
     max_pending_rows: int = doc_field(
@@ -86,6 +97,13 @@ class ServerConfig:
     @property
     def pending_rows_cap(self) -> int:
         return self.max_pending_rows or DEFAULT_PENDING_FACTOR * self.flush_rows
+
+    def connection_cap(self, nofile: int) -> int:
+        """gRPC connections allowed with ``nofile`` open files: max_connections (or 2 x max_streams),
+        never more than nofile less the reserve (at most half of nofile), never less than 1."""
+        reserve = min(self.fd_reserve, nofile // 2)
+        wanted = self.max_connections or 2 * self.max_streams
+        return max(1, min(wanted, nofile - reserve))
 
     def sql_credentials(self) -> tuple[str, str] | None:
         """(user, password) the SQL endpoint checks, or None when it is open (--insecure, no --sql-user)."""
@@ -168,6 +186,12 @@ class ServerConfig:
             raise ConfigError("max_streams_per_host", self.max_streams_per_host, "expected 1 to 1000000")
         if not 1 <= self.max_streams_per_connection <= 1000:
             raise ConfigError("max_streams_per_connection", self.max_streams_per_connection, "expected 1 to 1000")
+        if not 0 <= self.max_connections <= 1_000_000:
+            raise ConfigError("max_connections", self.max_connections, "expected 0 (automatic) to 1000000")
+        if not 0 < self.handshake_timeout <= 300:
+            raise ConfigError("handshake_timeout", self.handshake_timeout, "expected seconds, > 0 and <= 300")
+        if not 16 <= self.fd_reserve <= 1_000_000:
+            raise ConfigError("fd_reserve", self.fd_reserve, "expected 16 to 1000000")
         if self.flush_rows < 1:
             raise ConfigError("flush_rows", self.flush_rows, "expected an integer >= 1")
         if not 0 < self.flush_interval <= 3600:
