@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import socket
@@ -202,3 +203,48 @@ def test_a_tiny_batch_claiming_millions_of_rows_is_rejected_before_any_allocatio
         if stream is not None:
             stream.close()
         server.stop()
+
+
+# -- backpressure before conversion ------------------------------------------------------------------------
+
+def test_a_full_pending_buffer_stops_a_stream_before_it_converts_the_next_batch(tmp_path, monkeypatch):
+    """The store holds the first flush; with the pending buffer full, the next batch read is not
+    converted (no Arrow allocation) until the flush is done, then everything is stored."""
+    from tests.test_server_helpers import ServerThread, config
+    import hdrlog.server.ingest as ingest
+
+    converted: list[int] = []
+    real_convert = ingest.convert_batch
+
+    def counting(b, host):
+        converted.append(b.seq)
+        return real_convert(b, host)
+
+    monkeypatch.setattr(ingest, "convert_batch", counting)
+    srv = ServerThread(config(tmp_path / "store", flush_rows=1000, max_pending_rows=1000, flush_interval=0.01)).start()
+    hold = threading.Event()
+    store = srv.server.store
+    real_insert = store.insert
+
+    def held(table, data, token):
+        hold.wait(60)
+        return real_insert(table, data, token)
+
+    store.insert = held
+    acks: list = []
+    try:
+        reader = threading.Thread(target=lambda: acks.extend(srv.send([batch(1, 1000), batch(2, 1000)])))
+        reader.start()
+        # The server has read batch 2 while batch 1's flush is held: the buffer (1000 rows) is full.
+        wait_until(lambda: srv.server.metrics.total_batches == 2, 30, "the server to read batch 2")
+        srv.call(asyncio.sleep(0))  # one turn of the server's loop after the read
+        assert converted == [1], "batch 2 was converted while the pending buffer was full"
+        assert srv.server.writer.pending_rows == 1000
+        hold.set()
+        reader.join(60)
+        assert [(a.seq, a.status, a.rows) for a in sorted(acks, key=lambda a: a.seq)] == [(1, OK, 1000), (2, OK, 1000)]
+        assert converted == [1, 2]
+        assert srv.query("SELECT count() FROM hdrlog.packets") == [(2000,)]
+    finally:
+        hold.set()
+        srv.stop()
