@@ -189,7 +189,8 @@ def assert_server_least_privilege(fleet: Lab) -> None:
     assert shadow.returncode != 0 and "Permission denied" in shadow.stderr + shadow.stdout, shadow
     wrote = as_server("touch /var/lib/hdrlog/clickhouse/probe && rm /var/lib/hdrlog/clickhouse/probe")
     assert wrote.returncode == 0, wrote
-    for outside in ("/var/lib/hdrlog/probe", "/etc/hdrlog/probe", "/opt/hdrlog/probe", "/var/tmp/probe"):
+    # (/tmp and /var/tmp are writable but the service's own, PrivateTmp=.)
+    for outside in ("/var/lib/hdrlog/probe", "/etc/hdrlog/probe", "/opt/hdrlog/probe", "/usr/local/probe"):
         wrote = as_server(f"touch {outside}")
         assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr + wrote.stdout, (outside, wrote)
     key = fleet.ssh("hl-server", "stat -c '%a %U' /etc/hdrlog/tls/server.key").stdout.strip()
