@@ -42,7 +42,7 @@ from google.protobuf.message import DecodeError
 
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
-from hdrlog.server.convert import BatchError, convert_batch
+from hdrlog.server.convert import MAX_ROWS, BatchError, convert_batch
 from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.writer import Outcome, Writer
 
@@ -90,11 +90,16 @@ def identity_for(identity: str | None, batch: ingest_pb2.Batch) -> str:
 def check_rows_carried(batch: ingest_pb2.Batch) -> int:
     """The batch's rows, once each table's claimed rows are shown to be carried by its bytes.
 
-    Raises BatchError (kind ``rows``) naming the table when the absent columns would be
-    zero-filled to more than MAX_FILL_RATIO x the bytes sent + FILL_SLACK.
+    Raises BatchError naming the table when it is unknown, claims more than MAX_ROWS rows, or
+    its absent columns would be zero-filled to more than MAX_FILL_RATIO x the bytes sent +
+    FILL_SLACK (kind ``rows``): all before the stream reserves room or allocates anything.
     """
     total = 0
     for t in batch.tables:
+        if t.name not in registry.TABLES:
+            raise BatchError("unknown_table", f"unknown table {t.name[:64]!r} (known: {', '.join(registry.TABLES)})")
+        if t.rows > MAX_ROWS:
+            raise BatchError("columns", f"table {t.name!r} claims {t.rows} rows (at most {MAX_ROWS} per batch)")
         sent, filled = registry.table_bytes(t)
         if filled > MAX_FILL_RATIO * sent + FILL_SLACK:
             raise BatchError("rows", f"table {t.name[:64]!r} claims {t.rows} rows but its columns carry {sent} bytes: "
