@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
 from typing import Callable
 
-import grpc
+# gRPC's C core logs one line per failed TLS handshake at its default verbosity: a client opening
+# connections with a broken ClientHello would write the log full. Errors only, unless the operator
+# asks for more (GRPC_VERBOSITY=INFO/DEBUG). It is read once, when grpc is first imported: here.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402 - after GRPC_VERBOSITY
 
 from hdrlog.config import parse_hostport
 from hdrlog.proto import ingest_pb2_grpc

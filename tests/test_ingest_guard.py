@@ -100,6 +100,7 @@ def one_batch(target: str, creds, b: ingest_pb2.Batch, timeout: float = 10) -> i
 
 NOFILE = 512          # the server's hard RLIMIT_NOFILE (it starts with a soft limit of 256 and raises it)
 FLOOD = 2_000         # raw TCP connections that never speak, ~4x the server's whole fd table
+BAD_HELLOS = 500      # connections whose TLS ClientHello is garbage (gRPC logged ~215 bytes for each)
 
 
 def test_a_flood_of_silent_connections_costs_collectors_and_the_sql_endpoint_nothing(tmp_path, certs):
@@ -115,6 +116,11 @@ def test_a_flood_of_silent_connections_costs_collectors_and_the_sql_endpoint_not
         assert stream.send(batch(1, 10, collector_id="host-a/1", host="host-a")).status == OK
         log_before = server.log_path.stat().st_size
 
+        # Connections that send a broken ClientHello: each fails its handshake, none may cost a log line.
+        for _ in range(BAD_HELLOS):
+            with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10) as s:
+                s.sendall(b"\x16\x03\x01\x00\x05hello" + os.urandom(64))
+                s.recv(1024)  # the server's alert, or its close: the handshake was tried
         for _ in range(FLOOD):
             s = socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10)
             flood.append(s)
@@ -134,8 +140,8 @@ def test_a_flood_of_silent_connections_costs_collectors_and_the_sql_endpoint_not
         assert ack.status == OK, ack
         assert server.alive()
         log_growth = server.log_path.stat().st_size - log_before
-        print(f"flood: {len(flood)} connections held, server fds {fds} (RLIMIT_NOFILE {NOFILE}), "
-              f"log grew {log_growth} bytes")
+        print(f"flood: {len(flood)} connections held + {BAD_HELLOS} bad handshakes, server fds {fds} "
+              f"(RLIMIT_NOFILE {NOFILE}), log grew {log_growth} bytes")
         assert fds < NOFILE, fds
         assert log_growth < 16 * 1024, server.log()[-3000:]
     finally:
