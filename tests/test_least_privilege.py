@@ -1,5 +1,7 @@
 """The collector captures as a non-root user holding only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON
-(docs/security.md), and each of the three is needed: without any one of them it cannot start."""
+(docs/security.md), and each of the three is needed: without any one of them it cannot start.
+The server runs as a non-root user with no capability, under the restrictions of its unit
+(emulated without systemd), writing only its store."""
 
 from __future__ import annotations
 
