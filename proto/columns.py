@@ -245,6 +245,27 @@ def decode_table(msg: ingest_pb2.Table) -> tuple[dict[str, object], list[str]]:
     return out, ignored
 
 
+def table_bytes(msg: ingest_pb2.Table) -> tuple[int, int]:
+    """(bytes sent, bytes of zeros to fill) for a Table message, before decoding anything.
+
+    Bytes sent are those of the registry's columns present (values and offsets); bytes to
+    fill are what ``decode_table`` would allocate for the absent ones at ``msg.rows`` rows
+    (fixed width: rows x item size; strings: rows + 1 int32 offsets). A receiver compares the
+    two to refuse a table whose rows are not carried by its bytes. Unknown tables give (0, 0).
+    """
+    specs = {c.name: c for c in TABLES.get(msg.name, ())}
+    rows = msg.rows
+    sent = 0
+    present: set[str] = set()
+    for col in msg.columns:
+        if col.name in specs:
+            present.add(col.name)
+            sent += len(col.values) + len(col.offsets)
+    filled = sum((rows + 1) * 4 if s.is_string else rows * s.itemsize
+                 for name, s in specs.items() if name not in present)
+    return sent, filled
+
+
 def _check_offsets(table: str, col: ingest_pb2.Column, rows: int) -> np.ndarray:
     if len(col.offsets) != (rows + 1) * 4:
         raise ColumnError(

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import signal
 from typing import Callable
 
-import grpc
+# gRPC's C core logs one line per failed TLS handshake at its default verbosity: a client opening
+# connections with a broken ClientHello would write the log full. Errors only, unless the operator
+# asks for more (GRPC_VERBOSITY=INFO/DEBUG). It is read once, when grpc is first imported: here.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402 - after GRPC_VERBOSITY
 
 from hdrlog.config import parse_hostport
 from hdrlog.proto import ingest_pb2_grpc
@@ -52,6 +59,7 @@ class Server:
         self.grpc_port: int | None = None
         self.sql_port: int | None = None
         self.metrics_port: int | None = None
+        self.max_connections = 0
         self._grpc: grpc.aio.Server | None = None
         self._sql: SqlEndpoint | None = None
         self._status_task: asyncio.Task | None = None
@@ -77,12 +85,17 @@ class Server:
             log.info("server: store memory limit %d MiB (max_server_memory_usage); SQL queries: %d MiB, %g s, "
                      "%d at once", self.store.server_memory_bytes >> 20, cfg.sql_max_memory_usage >> 20,
                      cfg.sql_max_execution_time, cfg.sql_max_concurrent_queries)
-        log.info("server: listening gRPC %s:%d, SQL %s, metrics %s, store %s",
-                 parse_hostport("listen", cfg.listen)[0], self.grpc_port,
+        log.info("server: listening gRPC %s:%d (at most %d connections), SQL %s, metrics %s, store %s",
+                 parse_hostport("listen", cfg.listen)[0], self.grpc_port, self.max_connections,
                  f"port {self.sql_port}" if self.sql_port else "off",
                  f"port {self.metrics_port}" if self.metrics_port else "off", redact(cfg.clickhouse))
 
     async def _start(self, cfg: ServerConfig) -> None:
+        nofile = raise_nofile_limit()
+        self.max_connections = cfg.connection_cap(nofile)
+        if cfg.max_connections and self.max_connections < cfg.max_connections:
+            log.warning("server: max_connections=%d does not fit the open-file limit %d less fd_reserve; "
+                        "using %d (raise LimitNOFILE / ulimit -n)", cfg.max_connections, nofile, self.max_connections)
         try:
             await asyncio.to_thread(self.store.open)
             self._store_open = True
@@ -104,6 +117,10 @@ class Server:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+            # Connections that never finish a handshake cannot hold file descriptors: a cap below the
+            # open-file limit (the rest is kept for the store, SQL and metrics) and a handshake deadline.
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout * 1000)),
         ]
         self._grpc = grpc.aio.server(options=options)
         self.ingest = IngestServicer(self.writer, self.metrics, insecure=cfg.insecure, max_streams=cfg.max_streams,
@@ -233,6 +250,18 @@ def sql_limits(cfg: ServerConfig) -> Limits:
                   max_result_rows=cfg.sql_max_result_rows, max_result_bytes=cfg.sql_max_result_bytes,
                   auth_failure_burst=cfg.sql_auth_failure_burst,
                   auth_failures_per_minute=cfg.sql_auth_failures_per_minute)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-file limit to the hard one; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("server: cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:

@@ -40,6 +40,8 @@ DEFAULT_SQL_MAX_RESULT_BYTES = 256 << 20
 DEFAULT_SQL_AUTH_BURST = 10
 DEFAULT_SQL_AUTH_PER_MINUTE = 6.0
 DEFAULT_SERVER_MEMORY_FRACTION = 0.6        # of the lower of RAM and the cgroup's memory limit
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_FD_RESERVE = 1024
 
 
 def default_clickhouse() -> str:
@@ -110,12 +112,14 @@ class ServerConfig:
         DEFAULT_SQL_MAX_QUEUED, "SQL queries waiting for a worker; beyond this a query is refused at once with "
                                 "HTTP 503 (code 202, TOO_MANY_SIMULTANEOUS_QUERIES)")
     sql_queue_timeout: float = doc_field(
-        DEFAULT_SQL_QUEUE_TIMEOUT, "seconds a SQL query waits in the queue before it is refused (503, code 202)")
+        DEFAULT_SQL_QUEUE_TIMEOUT, "seconds a SQL query waits in the queue before it is refused (503, code 202)",
+        duration=True)
     sql_max_memory_usage: int = doc_field(
         DEFAULT_SQL_MAX_MEMORY, "bytes of memory one SQL query may use (ClickHouse max_memory_usage); a client may "
                                 "ask for less, never more")
     sql_max_execution_time: float = doc_field(
-        DEFAULT_SQL_MAX_EXECUTION_TIME, "seconds one SQL query may run (max_execution_time); a client may ask for less")
+        DEFAULT_SQL_MAX_EXECUTION_TIME, "seconds one SQL query may run (max_execution_time); a client may ask for less",
+        duration=True)
     sql_max_rows_to_read: int = doc_field(
         DEFAULT_SQL_MAX_ROWS_TO_READ, "rows one SQL query may read (max_rows_to_read); a client may ask for less")
     sql_max_result_rows: int = doc_field(
@@ -132,6 +136,15 @@ class ServerConfig:
         0, "bytes the embedded chDB engine may hold in all (queries and inserts together; its "
            "max_server_memory_usage); 0 means 0.6 x the lower of RAM and this process's cgroup memory limit "
            "(systemd MemoryMax). Ignored for a remote ClickHouse")
+    max_connections: int = doc_field(
+        0, "gRPC connections open at once, handshaking or established; beyond this a new one is closed at once "
+           "(the collector retries). 0 = 2 x max_streams, and never more than the open-file limit less fd_reserve")
+    handshake_timeout: float = doc_field(
+        DEFAULT_HANDSHAKE_TIMEOUT, "seconds a new gRPC connection has to complete its TLS handshake before it is "
+                                   "closed (connections that never speak cannot hold slots)", duration=True)
+    fd_reserve: int = doc_field(
+        DEFAULT_FD_RESERVE, "file descriptors kept out of gRPC's reach for the store, the SQL endpoint and metrics "
+                            "(at most half the open-file limit, which the server raises to its hard limit at start)")
     flush_rows: int = doc_field(DEFAULT_FLUSH_ROWS, "insert when this many rows are pending (all streams together)")
     flush_interval: float = doc_field(DEFAULT_FLUSH_INTERVAL, "insert at least this often, in seconds, when rows are pending",
                                       duration=True)
@@ -155,6 +168,13 @@ class ServerConfig:
     @property
     def pending_rows_cap(self) -> int:
         return self.max_pending_rows or DEFAULT_PENDING_FACTOR * self.flush_rows
+
+    def connection_cap(self, nofile: int) -> int:
+        """gRPC connections allowed with ``nofile`` open files: max_connections (or 2 x max_streams),
+        never more than nofile less the reserve (at most half of nofile), never less than 1."""
+        reserve = min(self.fd_reserve, nofile // 2)
+        wanted = self.max_connections or 2 * self.max_streams
+        return max(1, min(wanted, nofile - reserve))
 
     def sql_credentials(self) -> tuple[str, str] | None:
         """(user, password) the SQL endpoint checks, or None when it is open (--insecure, no --sql-user)."""
@@ -262,6 +282,12 @@ class ServerConfig:
         if self.max_server_memory_usage and self.max_server_memory_usage < 256 << 20:
             raise ConfigError("max_server_memory_usage", self.max_server_memory_usage,
                               "expected 0 (automatic) or bytes >= 268435456 (256 MiB)")
+        if not 0 <= self.max_connections <= 1_000_000:
+            raise ConfigError("max_connections", self.max_connections, "expected 0 (automatic) to 1000000")
+        if not 0 < self.handshake_timeout <= 300:
+            raise ConfigError("handshake_timeout", self.handshake_timeout, "expected seconds, > 0 and <= 300")
+        if not 16 <= self.fd_reserve <= 1_000_000:
+            raise ConfigError("fd_reserve", self.fd_reserve, "expected 16 to 1000000")
         if self.flush_rows < 1:
             raise ConfigError("flush_rows", self.flush_rows, "expected an integer >= 1")
         if not 0 < self.flush_interval <= 3600:

@@ -22,6 +22,13 @@ RESOURCE_EXHAUSTED); a client that stops reading its acks stops being read once
 nobody else anything; a seq of 0, or one more than ``MAX_SEQ_JUMP`` past what is
 stored for its collector, is refused (a sanity bound on a collector's nearly
 dense seqs; a forged seq cannot hide later ones, see writer.py, "Exactly-once").
+
+Rows are bounded by the bytes sent: absent columns are filled with zeros, so a table's
+claimed ``rows`` may make the server allocate at most ``MAX_FILL_RATIO`` x the bytes its
+columns carry, plus ``FILL_SLACK`` (a 40-byte Batch claiming ten million rows is refused
+before anything is allocated; an older collector that lacks a few newer columns is not).
+And the writer's pending-rows cap is taken *before* a batch is converted
+(``Writer.reserve``), so a full buffer stops a stream before it allocates, not after.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
+from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
-from hdrlog.server.convert import BatchError, convert_batch
+from hdrlog.server.convert import MAX_ROWS, BatchError, convert_batch
 from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.writer import Outcome, Writer
 
@@ -46,6 +54,9 @@ REJECT_LOG_INTERVAL = 1.0
 MAX_UNSENT_ACKS = 10_000
 # A restarted collector skips at most one reserved block of seqs (1000); this allows for a billion.
 MAX_SEQ_JUMP = 1_000_000_000
+# Zero-filled bytes (absent columns) a table may cost beyond what it sent: ratio x bytes sent + slack.
+MAX_FILL_RATIO = 1
+FILL_SLACK = 1 << 20
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str:
@@ -74,6 +85,28 @@ def identity_for(identity: str | None, batch: ingest_pb2.Batch) -> str:
         raise BatchError("identity", f"collector_id {shown!r} is not under the certificate's name "
                                      f"(expected {identity + '/...'!r})")
     return identity
+
+
+def check_rows_carried(batch: ingest_pb2.Batch) -> int:
+    """The batch's rows, once each table's claimed rows are shown to be carried by its bytes.
+
+    Raises BatchError naming the table when it is unknown, claims more than MAX_ROWS rows, or
+    its absent columns would be zero-filled to more than MAX_FILL_RATIO x the bytes sent +
+    FILL_SLACK (kind ``rows``): all before the stream reserves room or allocates anything.
+    """
+    total = 0
+    for t in batch.tables:
+        if t.name not in registry.TABLES:
+            raise BatchError("unknown_table", f"unknown table {t.name[:64]!r} (known: {', '.join(registry.TABLES)})")
+        if t.rows > MAX_ROWS:
+            raise BatchError("columns", f"table {t.name!r} claims {t.rows} rows (at most {MAX_ROWS} per batch)")
+        sent, filled = registry.table_bytes(t)
+        if filled > MAX_FILL_RATIO * sent + FILL_SLACK:
+            raise BatchError("rows", f"table {t.name[:64]!r} claims {t.rows} rows but its columns carry {sent} bytes: "
+                                     f"the absent columns would be {filled} bytes of zeros (at most "
+                                     f"{MAX_FILL_RATIO} x the bytes sent + {FILL_SLACK}); send the columns")
+        total += t.rows
+    return total
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
@@ -176,21 +209,29 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 if batch is grpc.aio.EOF:
                     break
                 self.metrics.received(batch.ByteSize())
+                reserved = 0
                 try:
                     host = identity_for(identity, batch)
                     self._check_seq(batch)
-                    rows = sum(t.rows for t in batch.tables)
+                    rows = check_rows_carried(batch)
+                    # Room in the pending buffer first, then the allocation (backpressure before conversion).
+                    await self.writer.reserve(rows)
+                    reserved = rows
                     if rows > INLINE_ROWS:
                         tables = await asyncio.to_thread(convert_batch, batch, host)
                     else:
                         tables = convert_batch(batch, host)
                 except BatchError as exc:
+                    self.writer.release(reserved)
                     self.metrics.rejected(exc.kind)
                     self._log_reject(f"server: batch {batch.collector_id[:64]!r}/{batch.seq} from {peer} rejected: {exc}")
                     queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc),
                                              reason=exc.kind))
                     continue
-                fut = await self.writer.submit(batch.collector_id, batch.seq, tables)
+                except BaseException:
+                    self.writer.release(reserved)
+                    raise
+                fut = await self.writer.submit(batch.collector_id, batch.seq, tables, reserved=reserved)
                 outstanding += 1
                 drained.clear()
                 fut.add_done_callback(lambda f, seq=batch.seq: on_done(seq, f))

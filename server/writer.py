@@ -66,7 +66,10 @@ Memory
     At most ``max_pending_rows`` (default 4 x ``flush_rows``) rows are queued or
     in flight; ``submit()`` waits for room, which stops the stream from reading
     (gRPC flow control pushes back to the collector). One batch larger than the
-    cap is still accepted when nothing else is pending.
+    cap is still accepted when nothing else is pending. A stream calls ``reserve(rows)``
+    before converting a batch (so the wait comes before the allocation, not after) and
+    hands the reservation to ``submit(..., reserved=rows)``, or gives it back with
+    ``release(rows)`` when the batch is refused.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class Writer:
         self._inflight_rows = 0
         self._wm: dict[tuple[str, str], dict[int, StoredSeqs]] = {}   # (collector, table) -> day -> seqs
         self._reread_needed = False
+        self._reserved_rows = 0   # rows of batches being converted (reserve() .. submit())
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._stopping = False
@@ -171,7 +175,7 @@ class Writer:
 
     @property
     def pending_rows(self) -> int:
-        return self._queued_rows + self._inflight_rows
+        return self._queued_rows + self._inflight_rows + self._reserved_rows
 
     def watermark(self, collector_id: str, table: str) -> int:
         """Largest seq stored for a collector and table (-1 when none)."""
@@ -180,13 +184,37 @@ class Writer:
 
     # -- accepting ---------------------------------------------------------
 
-    async def submit(self, collector_id: str, seq: int, tables: list[TableRows]) -> asyncio.Future:
+    async def reserve(self, rows: int) -> None:
+        """Wait (backpressure) until ``rows`` more fit in the pending buffer, and hold them.
+
+        Called before a batch is converted, so a full buffer stops a stream before it
+        allocates; the rows stay counted as pending until ``submit(reserved=rows)`` or
+        ``release(rows)``.
+        """
+        started = None
+        while not self._stopping and self.pending_rows and self.pending_rows + rows > self.config.pending_rows_cap:
+            started = started or time.monotonic()
+            self._room.clear()
+            await self._room.wait()
+        if started is not None:
+            self.metrics.backpressure_seconds.inc(time.monotonic() - started)
+        self._reserved_rows += rows
+
+    def release(self, rows: int) -> None:
+        """Give back a reservation whose batch will not be submitted (refused, or the stream ended)."""
+        self._reserved_rows -= rows
+        self._room.set()
+
+    async def submit(self, collector_id: str, seq: int, tables: list[TableRows], reserved: int = 0) -> asyncio.Future:
         """Queue a validated batch; the future resolves to its Outcome once stored (or not).
 
-        Waits (backpressure) while the pending buffer is full.
+        Waits (backpressure) while the pending buffer is full; ``reserved`` rows held by
+        ``reserve()`` for this batch are handed over first.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
+        if reserved:
+            self.release(reserved)
         rows = sum(t.rows for t in tables)
         started = None
         while (not self._stopping and self.pending_rows and self.pending_rows + rows > self.config.pending_rows_cap

@@ -154,6 +154,7 @@ def test_site_on_a_fresh_fleet_starts_every_service_and_logs_each_host(fleet, bu
     assert "cap_sys_admin" not in show, show
     pid_user = fleet.ssh("hl-server", "ps -o user= -p $(systemctl show -p MainPID --value hdrlog-server)").stdout
     assert pid_user.strip() == "hdrlog"
+    assert_server_least_privilege(fleet)
     # mTLS on both ends, and the SQL endpoint turns away a request without the credentials.
     conf = fleet.ssh("hl-server", "cat /etc/hdrlog/server.yaml; stat -c '%a %U' /etc/hdrlog/sql-password").stdout
     assert "insecure: false" in conf and "tls_ca:" in conf and f"sql_user: {SQL_USER}" in conf, conf
@@ -164,6 +165,36 @@ def test_site_on_a_fresh_fleet_starts_every_service_and_logs_each_host(fleet, bu
         urllib.request.urlopen(f"http://{fleet.server.ipv4}:7623/?query=SELECT%201", timeout=10)
     assert denied.value.code in (401, 403), denied.value
     send_and_count(fleet, [m.name for m in fleet.collectors], dport=9001)
+
+
+def assert_server_least_privilege(fleet: Lab) -> None:
+    """The running server: not root, no capabilities, cannot read /etc/shadow, can write its store
+    and nothing else (checked as its user inside its own mount namespace), a memory ceiling, and a
+    private key only its user can read."""
+    pid = fleet.ssh("hl-server", "systemctl show -p MainPID --value hdrlog-server").stdout.strip()
+    status = fleet.ssh("hl-server", f"grep -E '^(Uid|CapEff|CapBnd|NoNewPrivs):' /proc/{pid}/status").stdout
+    fields = dict(re.split(r":\s+", line, maxsplit=1) for line in status.splitlines())
+    assert "0" not in fields["Uid"].split(), status
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0 and fields["NoNewPrivs"] == "1", status
+    show = fleet.ssh("hl-server", "systemctl show -p MemoryMax -p LimitNOFILE -p ReadWritePaths hdrlog-server").stdout
+    assert "ReadWritePaths=/var/lib/hdrlog/clickhouse" in show and "LimitNOFILE=65536" in show, show
+    memory_max = re.search(r"MemoryMax=(\S+)", show).group(1)
+    assert memory_max.isdigit(), show  # a byte count (75% of the host's RAM), not infinity
+
+    def as_server(cmd: str):
+        return fleet.ssh("hl-server", f"nsenter --target={pid} --mount -- setpriv --reuid=$(id -u hdrlog) "
+                                      f"--regid=$(id -g hdrlog) --clear-groups -- sh -c '{cmd}'", check=False)
+
+    shadow = as_server("cat /etc/shadow")
+    assert shadow.returncode != 0 and "Permission denied" in shadow.stderr + shadow.stdout, shadow
+    wrote = as_server("touch /var/lib/hdrlog/clickhouse/probe && rm /var/lib/hdrlog/clickhouse/probe")
+    assert wrote.returncode == 0, wrote
+    # (/tmp and /var/tmp are writable but the service's own, PrivateTmp=.)
+    for outside in ("/var/lib/hdrlog/probe", "/etc/hdrlog/probe", "/opt/hdrlog/probe", "/usr/local/probe"):
+        wrote = as_server(f"touch {outside}")
+        assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr + wrote.stdout, (outside, wrote)
+    key = fleet.ssh("hl-server", "stat -c '%a %U' /etc/hdrlog/tls/server.key").stdout.strip()
+    assert key == "600 hdrlog", key
 
 
 def test_second_site_run_changes_nothing(fleet, builds):
