@@ -14,7 +14,8 @@
  * bpf_skb_load_bytes (safe on non-linear skbs):
  *   Ethernet -> up to HDRLOG_MAX_VLAN in-frame 802.1Q / 802.1ad tags (an outer tag
  *   the kernel moved into skb metadata counts as the outermost one and adds 4
- *   bytes to wire_len) -> IPv4 (options skipped by IHL; L4 only in the first
+ *   bytes to wire_len; vlan_id is the outermost tag, vlan_inner_id the innermost
+ *   when there are two or more) -> IPv4 (options skipped by IHL; L4 only in the first
  *   fragment) or IPv6 (hop-by-hop, routing, fragment, destination-options and AH
  *   headers, at most HDRLOG_MAX_EXTHDR of them) -> TCP (flags incl. AE, seq, ack,
  *   window; MSS and window-scale options, at most HDRLOG_MAX_TCPOPT options walked),
@@ -32,8 +33,12 @@
  * destination port passes HDRLOG_IS_DNS_PORT (set from the collector's
  * dns_ports), and TCP payloads that start like a TLS handshake record
  * (0x16 0x03) or an HTTP/1.x request or response (the first four bytes of a
- * method, or "HTTP"). Other payloads (bulk data) are not copied, so most
- * records stay at the fixed size.
+ * method -- any upper-case token -- or "HTTP"). A TLS hello longer than its
+ * segment (post-quantum key shares make ClientHellos ~1,800 bytes) is
+ * remembered in `tls_cont` (LRU), and the next segment of that direction of
+ * the connection is copied too, once; user space joins the two
+ * (collector/appdecode.py Reassembly). Other payloads (bulk data) are not
+ * copied, so most records stay at the fixed size.
  *
  * The record is built in a per-CPU scratch buffer (`scratch`) and sent with
  * bpf_ringbuf_output at its real size (header + copied bytes): a ring-buffer
@@ -54,8 +59,16 @@
 
 #include "types.h"
 
+/* In-frame VLAN tags walked (an outer tag in skb metadata comes on top). */
 #ifndef HDRLOG_MAX_VLAN
-#define HDRLOG_MAX_VLAN 2
+#define HDRLOG_MAX_VLAN 4
+#endif
+/* 1 = copy the TCP segment that continues a cut-short TLS hello (map tls_cont). */
+#ifndef HDRLOG_TLS_CONT
+#define HDRLOG_TLS_CONT 1
+#endif
+#ifndef HDRLOG_TLS_CONT_ENTRIES
+#define HDRLOG_TLS_CONT_ENTRIES 8192
 #endif
 #ifndef HDRLOG_MAX_EXTHDR
 #define HDRLOG_MAX_EXTHDR 8
@@ -104,6 +117,27 @@ struct pkt_scratch {
     struct pkt_record rec;
     u8 payload[HDRLOG_PAYLOAD_BYTES];
 };
+
+/* One direction of a TCP connection on one interface (key of tls_cont). */
+struct cont_key {
+    u32 ifindex;
+    u16 src_port;
+    u16 dst_port;
+    u8 direction;
+    u8 _pad[3];
+    u8 src_ip[16];
+    u8 dst_ip[16];
+};
+
+/* TLS hellos cut short by the end of their segment, waiting for the next one.
+ * Key: struct cont_key. Value: u32 TCP sequence number the continuation starts at.
+ * LRU: a continuation that never comes ages out. */
+BPF_TABLE("lru_hash", struct cont_key, u32, tls_cont, HDRLOG_TLS_CONT_ENTRIES);
+
+/* Entries put into tls_cont minus those taken out: 0 lets every other TCP
+ * packet skip the lookup (LRU evictions keep it above 0; then it always looks).
+ * Key: 0 (u32). Value: u64 count. */
+BPF_ARRAY(tls_cont_live, u64, 1);
 
 /* Where a record is built before it goes to the ring buffer, per CPU.
  * Key: 0 (u32). Value: struct pkt_scratch (only rec and the first
@@ -263,6 +297,11 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, u32 len, u3
         *flags |= PARSE_BAD_TCP_OPT; /* more options than we walk */
 }
 
+static __always_inline int method_char(u8 c)
+{
+    return (c >= 'A' && c <= 'Z') || c == '-' || c == '_';
+}
+
 /* Is a payload starting with these 4 bytes worth copying? (See the top comment.) */
 static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const u8 *h)
 {
@@ -286,7 +325,19 @@ static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const
     case 0x48545450: /* "HTTP" */
         return 1;
     }
-    return 0;
+    /* Any other method token (WebDAV PROPFIND, MKCOL, ...; collector/appheaders.py
+     * http_head): upper-case letters, '-' or '_', or a space ending a 1-3 letter
+     * one. User space then wants " HTTP/" after the request target. */
+    if (!method_char(h[0]))
+        return 0;
+#pragma unroll
+    for (int i = 1; i < 4; i++) {
+        if (h[i] == ' ')
+            return 1;
+        if (!method_char(h[i]))
+            return 0;
+    }
+    return 1;
 }
 
 /* Copy the first bytes of `plen` payload bytes at `off` into `dst` (room for
@@ -368,6 +419,8 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
         if (!have_vlan) {
             vlan_id = be16(tag.tci) & 0x0fff;
             have_vlan = 1;
+        } else {
+            r->vlan_inner_id = be16(tag.tci) & 0x0fff; /* the last one walked is the innermost */
         }
         proto = be16(tag.proto);
         off += sizeof(tag);
@@ -575,6 +628,16 @@ out:
  * registers), so every path through the parser reaches the copy loop in the
  * same verifier state: parse()'s many paths times the copy's would exceed the
  * verifier's budget. */
+static __always_inline void cont_key_of(const struct pkt_record *r, struct cont_key *k)
+{
+    k->ifindex = r->ifindex;
+    k->src_port = r->src_port;
+    k->dst_port = r->dst_port;
+    k->direction = r->direction;
+    __builtin_memcpy(k->src_ip, r->src_ip, 16);
+    __builtin_memcpy(k->dst_ip, r->dst_ip, 16);
+}
+
 static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scratch *s)
 {
     struct pkt_record *r = &s->rec;
@@ -583,13 +646,47 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     u32 plen = r->l4_payload_len;
     if (HDRLOG_PAYLOAD_BYTES == 0 || off == 0 || plen == 0)
         return;
-    u8 head[4] = {};
+    u8 head[8] = {};
     load(skb, skb->len, off, head, sizeof(head));
-    if (!app_candidate(r->ip_proto, r->src_port, r->dst_port, head))
+    int cand = app_candidate(r->ip_proto, r->src_port, r->dst_port, head);
+#if HDRLOG_TLS_CONT
+    u32 zero = 0;
+    u64 *live = tls_cont_live.lookup(&zero);
+    struct cont_key k = {};
+    if (!cand) {
+        /* The segment after a cut-short TLS hello: copied too, once, when it
+         * starts where the hello's segment ended. */
+        if (r->ip_proto != IPPROTO_TCP || !live || !*live)
+            return;
+        cont_key_of(r, &k);
+        u32 *next = tls_cont.lookup(&k);
+        if (!next)
+            return;
+        u32 want = *next;
+        tls_cont.delete(&k);
+        __sync_fetch_and_add(live, -1);
+        if (want != r->tcp_seq)
+            return;
+    }
+#else
+    if (!cand)
         return;
+#endif
     u16 flags = r->parse_flags;
     r->payload_len = copy_payload(skb, off, plen, s->payload, &flags);
     r->parse_flags = flags;
+#if HDRLOG_TLS_CONT
+    /* A TLS ClientHello / ServerHello whose record goes on past this whole
+     * (copied) segment: remember where the next segment starts. */
+    u32 reclen = ((u32)head[3] << 8) | head[4];
+    if (cand && live && r->ip_proto == IPPROTO_TCP && head[0] == 0x16 && head[1] == 0x03 &&
+        (head[5] == 1 || head[5] == 2) && 5 + reclen > plen && r->payload_len == plen) {
+        cont_key_of(r, &k);
+        u32 next = r->tcp_seq + plen;
+        if (tls_cont.update(&k, &next) == 0)
+            __sync_fetch_and_add(live, 1);
+    }
+#endif
 }
 
 #include "flows.h"
