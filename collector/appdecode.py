@@ -129,8 +129,10 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
     sub = rec[idx]
     proto, sport, dport = sub["ip_proto"], sub["src_port"], sub["dst_port"]
     mask = candidates(proto, sport, dport, head, ports)
-    if reassembly is not None and len(reassembly):
-        mask |= proto == 6  # a continuation segment starts anywhere
+    if reassembly is not None:
+        # A continuation segment starts with any bytes; the kernel copies a non-candidate TCP
+        # payload only when it continues a cut-short hello, so these rows are few.
+        mask |= proto == 6
     decoded = 0
     for k in np.flatnonzero(mask).tolist():
         i, data = payloads[k]

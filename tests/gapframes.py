@@ -22,16 +22,17 @@ from scapy.layers.tls.record import TLS
 PQ_SNI = "pq.example.org"
 
 
-def pq_client_hello(sni: str = PQ_SNI, padding: int = 120) -> bytes:
-    """A ClientHello shaped like Chrome's with X25519MLKEM768: ~1,500-1,800 bytes, SNI after the key share."""
+def pq_client_hello(sni: str = PQ_SNI, padding: int = 250) -> bytes:
+    """A ClientHello shaped like Chrome's with X25519MLKEM768 (~1,770 bytes): the key share and a padding
+    extension come first, so SNI, ALPN and supported_versions start past byte 1,500 (in a second segment)."""
     return bytes(TLS(msg=[TLSClientHello(ciphers=[0x1A1A, 0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C], ext=[
         TLS_Ext_SupportedGroups(groups=[0x1A1A, 0x11EC, 29, 23]),
         TLS_Ext_KeyShare_CH(client_shares=[KeyShareEntry(group=0x11EC, key_exchange=b"\x11" * 1216),
                                            KeyShareEntry(group=29, key_exchange=b"\x22" * 32)]),
+        TLS_Ext_Padding(padding=b"\0" * padding),
         TLS_Ext_ServerName(servernames=[ServerName(servername=sni.encode())]),
         TLS_Ext_ALPN(protocols=[ProtocolName(protocol=b"h2"), ProtocolName(protocol=b"http/1.1")]),
-        TLS_Ext_SupportedVersion_CH(versions=[0x2A2A, 0x0304, 0x0303]),
-        TLS_Ext_Padding(padding=b"\0" * padding)])]))
+        TLS_Ext_SupportedVersion_CH(versions=[0x2A2A, 0x0304, 0x0303])])]))
 
 
 def pq_server_hello() -> bytes:
@@ -81,3 +82,12 @@ def dns_long_name_query(over: bool) -> bytes:
     labels = [b"x." * 31 + b"x"] * 5  # 63-byte labels, 31 dots each -> \046 escapes
     qname = b"".join(bytes([len(x)]) + x for x in labels) + b"\x00"
     return struct.pack("!HHHHHH", 0x4343, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 16, 1)
+
+
+def single_segment_hello() -> bytes:
+    """A 1,3xx-byte ClientHello in one segment whose SNI sits past byte 1,100 (a 1,000-byte key share first)."""
+    return bytes(TLS(msg=[TLSClientHello(ciphers=[0x1301, 0x1302, 0x1303], ext=[
+        TLS_Ext_KeyShare_CH(client_shares=[KeyShareEntry(group=0x11EC, key_exchange=b"\x44" * 1100)]),
+        TLS_Ext_ServerName(servernames=[ServerName(servername=b"single.example.org")]),
+        TLS_Ext_ALPN(protocols=[ProtocolName(protocol=b"h2")]),
+        TLS_Ext_SupportedVersion_CH(versions=[0x0304])])]))
