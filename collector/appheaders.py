@@ -119,8 +119,9 @@ def dns_name_ex(msg: bytes, offset: int) -> tuple[str, int, bool]:
     Lowercased; bytes outside printable ASCII and dots inside a label are written
     as \\DDD (as in zone files). The limit is DNS's own, 255 octets of name on the
     wire (length octets included), applied to the bytes before escaping, so an
-    escape is never split: a longer name keeps its labels that fit and is flagged
-    cut, as is a name the end of the bytes cuts short (what was read is kept).
+    escape is never split. A longer name is not a name: "" (tshark's "<Name too
+    long>") flagged cut. A name the end of the bytes cuts short keeps what was
+    read, flagged cut.
     Each pointer must point before everything read so far, so no name can loop;
     an invalid one (forward or looping pointer) returns "" and the offset after
     its first pointer (a pointer ends a name's encoding wherever it points; -1
@@ -155,19 +156,17 @@ def dns_name_ex(msg: bytes, offset: int) -> tuple[str, int, bool]:
         if n & 0xC0:
             break  # 0x40 / 0x80 label types are not names
         if length + n + 1 > DNS_MAX_NAME:
-            # Longer than a name can be: keep the labels that fit, say it was cut, and
-            # skip the rest of the encoding (without following pointers) to find the type.
-            cut = True
-            keep = DNS_MAX_NAME - length - 1
-            if keep > 0:
-                labels.append(_label(msg[pos + 1: pos + 1 + min(n, keep)]))
+            # Longer than a name can be: not a name (tshark: "<Name too long>"), so "" -- flagged
+            # cut, never silently empty -- and the rest of the encoding skipped (without following
+            # pointers) to find the question's type.
             while pos < len(msg) and msg[pos] != 0 and not msg[pos] & 0xC0:
                 pos += 1 + msg[pos]
-            if pos < len(msg) and msg[pos] & 0xC0 == 0xC0 and end < 0:
-                end = pos + 2
-            elif pos < len(msg) and msg[pos] == 0:
+            if pos < len(msg) and msg[pos] & 0xC0 == 0xC0:
+                if end < 0:
+                    end = pos + 2
+            elif pos < len(msg):
                 pos += 1
-            break
+            return "", (end if end >= 0 else pos), True
         label = msg[pos + 1: pos + 1 + n]
         labels.append(_label(label))
         if len(label) < n:

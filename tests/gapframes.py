@@ -91,3 +91,15 @@ def single_segment_hello() -> bytes:
         TLS_Ext_ServerName(servernames=[ServerName(servername=b"single.example.org")]),
         TLS_Ext_ALPN(protocols=[ProtocolName(protocol=b"h2")]),
         TLS_Ext_SupportedVersion_CH(versions=[0x0304])])]))
+
+
+DOTTED_LABELS = [b"x." * 31 + b"x"] * 3 + [b"y" * 61]  # 255 octets with length octets and root; 93 dots to escape
+
+
+def dns_dotted_name_query() -> bytes:
+    """A legal 255-octet name whose labels hold dots: 373 characters once escaped (\\046), over any char cap."""
+    qname = b"".join(bytes([len(x)]) + x for x in DOTTED_LABELS) + b"\x00"
+    return struct.pack("!HHHHHH", 0x4545, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+DOTTED_QNAME = ".".join(x.decode().replace(".", "\\046") for x in DOTTED_LABELS)

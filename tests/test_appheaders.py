@@ -147,11 +147,15 @@ def test_http_cut_values_are_flagged():
 def test_dns_long_names_cut_on_bytes_not_escapes():
     h = ah.parse_payload(gf.dns_long_name_query(over=False), 17, 40000, 53)
     assert h.dns_qname == ".".join(gf.LONG_LABELS) and h.truncated == 0 and h.dns_qtype == 16
+    # Past 255 octets it is no name (tshark: "<Name too long>"): '' -- flagged, not silently -- and the type.
     h = ah.parse_payload(gf.dns_long_name_query(over=True), 17, 40000, 53)
-    assert h.truncated & ah.TRUNC_DNS_QNAME and h.dns_qtype == 16
-    assert not h.dns_qname.endswith("\\") and "\\04" not in h.dns_qname.replace("\\046", "")  # whole escapes
-    raw = h.dns_qname.replace("\\046", ".")
-    assert len(raw) + 2 <= ah.DNS_MAX_NAME  # at most 255 octets of name: labels' bytes plus their lengths
+    assert (h.dns_qname, h.dns_qtype, h.truncated) == ("", 16, ah.TRUNC_DNS_QNAME)
+    # Escapes never count against the limit: 253 characters of dots inside labels (\046) come whole.
+    dotted = [b"x." * 31 + b"x"] * 3 + [b"y" * 61]  # 255 octets with its length octets and root
+    qname = b"".join(bytes([len(x)]) + x for x in dotted) + b"\x00"
+    h = ah.parse_payload(struct.pack("!HHHHHH", 9, 0, 1, 0, 0, 0) + qname + b"\x00\x01\x00\x01", 17, 40000, 53)
+    assert h.truncated == 0 and h.dns_qtype == 1 and len(h.dns_qname) > ah.MAX_STR
+    assert h.dns_qname == ".".join(["x\\046" * 31 + "x"] * 3 + ["y" * 61])
     # Cut short by the capture inside the name: what was read, flagged.
     q = gf.dns_long_name_query(over=False)
     h = ah.parse_payload(q[:100], 17, 40000, 53)

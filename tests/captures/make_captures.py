@@ -59,11 +59,13 @@ def qinqinq() -> list[bytes]:
 
 
 def dns_long() -> list[bytes]:
-    """A 255-octet name (DNS's limit), one past it with dots inside labels, and a 2-byte cut header."""
+    """A 255-octet name (DNS's limit), one past it with dots inside labels, a 2-byte cut header, and a
+    255-octet name of dotted labels (373 characters escaped: cut mid-escape before issue 14)."""
     udp = lambda sport: _eth() / IP(src=A4, dst=B4) / UDP(sport=sport, dport=53)  # noqa: E731
     return [bytes(udp(53001) / Raw(gf.dns_long_name_query(over=False))),
             bytes(udp(53002) / Raw(gf.dns_long_name_query(over=True))),
-            bytes(udp(53003) / Raw(struct.pack("!H", 0x4444)))]
+            bytes(udp(53003) / Raw(struct.pack("!H", 0x4444))),
+            bytes(udp(53004) / Raw(gf.dns_dotted_name_query()))]
 
 
 CAPTURES = {"tls-pq-hello-2seg.pcap": pq_tls, "http-webdav.pcap": webdav, "qinqinq.pcap": qinqinq,
