@@ -71,8 +71,9 @@ def test_tls_client_hello():
 def test_never_raises_on_random_bytes(payload, proto, sport, dport):
     h = ah.parse_payload(payload, proto, sport, dport)
     if h is not None:
-        for text in (h.dns_qname, h.http_path, h.http_host, h.tls_sni, h.http_user_agent):
+        for text in (h.http_path, h.http_host, h.tls_sni, h.http_user_agent):
             assert len(text) <= ah.MAX_STR
+        assert len(h.dns_qname) <= 4 * ah.DNS_MAX_NAME and not h.dns_qname.endswith("\\")
 
 
 @settings(max_examples=1500, deadline=None)
@@ -168,3 +169,13 @@ def test_dns_cut_header_still_gives_the_id():
         h = ah.parse_payload(q[:n], 17, 40000, 53)
         assert h is not None and h.dns_id == 0x4242 and h.truncated & ah.TRUNC_DNS_HEADER, n
     assert ah.parse_payload(q[:1], 17, 40000, 53) is None
+
+
+def test_truncated_bits_are_documented():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "sql.md").read_text()
+    listed = {m[0]: int(m[1]) for m in re.findall(r"`(TRUNC_\w+)` \((\d+)\)", doc)}
+    assert listed == {name: bit for bit, name in ah.TRUNC_NAMES.items()}
+    assert all(b and b & (b - 1) == 0 for b in ah.TRUNC_NAMES) and max(ah.TRUNC_NAMES) < 1 << 16  # UInt16
