@@ -134,10 +134,16 @@ struct cont_key {
  * LRU: a continuation that never comes ages out. */
 BPF_TABLE("lru_hash", struct cont_key, u32, tls_cont, HDRLOG_TLS_CONT_ENTRIES);
 
-/* Entries put into tls_cont minus those taken out: 0 lets every other TCP
- * packet skip the lookup (LRU evictions keep it above 0; then it always looks).
- * Key: 0 (u32). Value: u64 count. */
-BPF_ARRAY(tls_cont_live, u64, 1);
+/* A filter in front of tls_cont: entries put in minus taken out, per hash of
+ * the key's ports, address tails and interface (cont_hint()). A TCP packet whose
+ * slot is 0 skips the hash lookup (an array lookup instead: measured here, the
+ * lookup of every bulk segment would cost ~45 ns while any hello waits). An LRU
+ * eviction leaves its slot above 0: that slot then always looks, nothing worse.
+ * Key: slot (u32, 0..HDRLOG_TLS_CONT_HINTS-1). Value: u32 count. */
+#ifndef HDRLOG_TLS_CONT_HINTS
+#define HDRLOG_TLS_CONT_HINTS 4096
+#endif
+BPF_ARRAY(tls_cont_hint, u32, HDRLOG_TLS_CONT_HINTS);
 
 /* Where a record is built before it goes to the ring buffer, per CPU.
  * Key: 0 (u32). Value: struct pkt_scratch (only rec and the first
@@ -302,7 +308,7 @@ static __always_inline int method_char(u8 c)
     return (c >= 'A' && c <= 'Z') || c == '-' || c == '_';
 }
 
-/* Is a payload starting with these 4 bytes worth copying? (See the top comment.) */
+/* Is a payload starting with these 8 bytes worth copying? (See the top comment.) */
 static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const u8 *h)
 {
     if (HDRLOG_IS_DNS_PORT(sport) || HDRLOG_IS_DNS_PORT(dport))
@@ -323,21 +329,39 @@ static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const
     case 0x434f4e4e: /* "CONN" */
     case 0x54524143: /* "TRAC" */
     case 0x48545450: /* "HTTP" */
+    case 0x50524f50: /* "PROP": WebDAV PROPFIND, PROPPATCH */
+    case 0x4d4b434f: /* "MKCO" */
+    case 0x434f5059: /* "COPY" */
+    case 0x4d4f5645: /* "MOVE" */
+    case 0x4c4f434b: /* "LOCK" */
+    case 0x554e4c4f: /* "UNLO" */
+    case 0x53454152: /* "SEAR" */
+    case 0x5245504f: /* "REPO": REPORT */
         return 1;
     }
-    /* Any other method token (WebDAV PROPFIND, MKCOL, ...; collector/appheaders.py
-     * http_head): upper-case letters, '-' or '_', or a space ending a 1-3 letter
-     * one. User space then wants " HTTP/" after the request target. */
-    if (!method_char(h[0]))
+    /* Any other method token of up to 7 characters (collector/appheaders.py
+     * http_head): upper-case letters, '-' or '_', a space, then a request target
+     * that starts like one ('/', '*', or "h" of an absolute http:// URI). User
+     * space then wants " HTTP/" after the target. */
+    /* Bytes from a scalar, not by index into the stack: the verifier rejects
+     * the pointer arithmetic a variable index compiles to. */
+    u64 b8;
+    __builtin_memcpy(&b8, h, 8); /* little-endian: byte j is (b8 >> 8j) & 0xff */
+    if (!method_char(b8 & 0xff))
         return 0;
 #pragma unroll
-    for (int i = 1; i < 4; i++) {
-        if (h[i] == ' ')
-            return 1;
-        if (!method_char(h[i]))
+    for (int i = 1; i < 8; i++) {
+        u8 c = (b8 >> (8 * i)) & 0xff;
+        if (c == ' ') {
+            if (i == 7)
+                return 1;
+            u8 t = (b8 >> (8 * (i + 1))) & 0xff;
+            return t == '/' || t == '*' || t == 'h';
+        }
+        if (!method_char(c))
             return 0;
     }
-    return 1;
+    return 0;
 }
 
 /* Copy the first bytes of `plen` payload bytes at `off` into `dst` (room for
@@ -638,6 +662,16 @@ static __always_inline void cont_key_of(const struct pkt_record *r, struct cont_
     __builtin_memcpy(k->dst_ip, r->dst_ip, 16);
 }
 
+static __always_inline u32 cont_hint(const struct pkt_record *r)
+{
+    u32 h = ((u32)r->src_port << 16 | r->dst_port) ^ ((u32)r->src_ip[15] << 24 | (u32)r->dst_ip[15] << 16 |
+                                                     (u32)r->src_ip[14] << 8 | r->dst_ip[14]) ^ r->ifindex;
+    h ^= h >> 16;
+    h *= 0x45d9f3b;
+    h ^= h >> 16;
+    return h % HDRLOG_TLS_CONT_HINTS;
+}
+
 static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scratch *s)
 {
     struct pkt_record *r = &s->rec;
@@ -650,21 +684,23 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     load(skb, skb->len, off, head, sizeof(head));
     int cand = app_candidate(r->ip_proto, r->src_port, r->dst_port, head);
 #if HDRLOG_TLS_CONT
-    u32 zero = 0;
-    u64 *live = tls_cont_live.lookup(&zero);
+    if (r->ip_proto != IPPROTO_TCP && !cand)
+        return;
+    u32 slot = cont_hint(r);
+    u32 *live = tls_cont_hint.lookup(&slot);
     struct cont_key k = {};
     if (!cand) {
         /* The segment after a cut-short TLS hello: copied too, once, when it
          * starts where the hello's segment ended. */
-        if (r->ip_proto != IPPROTO_TCP || !live || !*live)
+        if (!live || !*live)
             return;
         cont_key_of(r, &k);
         u32 *next = tls_cont.lookup(&k);
         if (!next)
             return;
         u32 want = *next;
-        tls_cont.delete(&k);
-        __sync_fetch_and_add(live, -1);
+        if (tls_cont.delete(&k) == 0)
+            __sync_fetch_and_add(live, -1);
         if (want != r->tcp_seq)
             return;
     }
@@ -683,8 +719,11 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
         (head[5] == 1 || head[5] == 2) && 5 + reclen > plen && r->payload_len == plen) {
         cont_key_of(r, &k);
         u32 next = r->tcp_seq + plen;
-        if (tls_cont.update(&k, &next) == 0)
+        /* Count only a new entry: a retransmitted first segment updates its own. */
+        if (tls_cont.insert(&k, &next) == 0)
             __sync_fetch_and_add(live, 1);
+        else
+            tls_cont.update(&k, &next);
     }
 #endif
 }

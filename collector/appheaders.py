@@ -43,28 +43,34 @@ HTTP_METHODS_EXTRA = (b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"L
                       b"BASELINE-CONTROL", b"MKACTIVITY", b"ORDERPATCH", b"LINK", b"UNLINK", b"PRI")
 KNOWN_METHODS = frozenset(HTTP_METHODS + HTTP_METHODS_EXTRA)
 # First four bytes that can start an HTTP/1.x request or response: a cheap prefilter. A request with
-# any other token method starts with four token characters (or fewer and a space): ``http_head``.
-HTTP_PREFIXES = frozenset(m[:4].ljust(4, b" ")[:4] for m in HTTP_METHODS + HTTP_METHODS_EXTRA) | {b"HTTP"}
+# any other token method is told by its first 8 bytes: ``http_head``.
+# The kernel's list (bpf/hdrlog.c app_candidate, kept equal by tests/test_appheaders.py): the nine,
+# the WebDAV ones, and "HTTP" of a response.
+HTTP_PREFIXES = frozenset(m[:4].ljust(4, b" ")[:4] for m in HTTP_METHODS + (
+    b"PROPFIND", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"SEARCH", b"REPORT")) | {b"HTTP"}
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")  # what the prefilters accept for an unknown method
 
 
 def http_head(head: bytes) -> bool:
-    """Could a payload starting with these 4 bytes be an HTTP request with any method?
+    """Could a payload starting with these (up to 8) bytes be an HTTP request or response?
 
-    The same test as the kernel's (bpf/hdrlog.c app_candidate): upper-case letters, '-' or '_',
-    and a space ending a 1-3 letter method. User space then wants " HTTP/" after the target.
+    The kernel's test (bpf/hdrlog.c app_candidate): the first four bytes of a known
+    method or "HTTP", or a token of up to 7 upper-case letters, '-' or '_', a space,
+    and a request target that starts like one ('/', '*', or the "h" of http://).
+    User space then wants " HTTP/" after the target.
     """
     if head[:4] in HTTP_PREFIXES:
         return True
-    if len(head) < 4 or head[0] not in _METHOD_CHARS:
+    if not head or head[0] not in _METHOD_CHARS:
         return False
-    for i in range(1, 4):
+    for i in range(1, min(8, len(head))):
         if head[i] == 0x20:
-            return True
+            return i == 7 or (i + 1 < len(head) and head[i + 1] in b"/*h")
         if head[i] not in _METHOD_CHARS:
             return False
-    return True
+    return False
+
 
 TLS_HANDSHAKE = 0x16
 TLS_CLIENT_HELLO = 1
@@ -440,7 +446,7 @@ def parse_payload(payload: bytes, ip_proto: int, src_port: int, dst_port: int,
     if (src_port in dns_ports or dst_port in dns_ports) and len(payload) >= 14:
         # DNS over TCP: a 2-byte length, then the message.
         return h if parse_dns(payload[2:], h) else None
-    if http_head(payload[:4]):
+    if http_head(payload[:8]):
         return h if parse_http(payload, h) else None
     if payload[0] == TLS_HANDSHAKE:
         return h if parse_tls(payload, h) else None

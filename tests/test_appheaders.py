@@ -179,3 +179,18 @@ def test_truncated_bits_are_documented():
     listed = {m[0]: int(m[1]) for m in re.findall(r"`(TRUNC_\w+)` \((\d+)\)", doc)}
     assert listed == {name: bit for bit, name in ah.TRUNC_NAMES.items()}
     assert all(b and b & (b - 1) == 0 for b in ah.TRUNC_NAMES) and max(ah.TRUNC_NAMES) < 1 << 16  # UInt16
+
+
+def test_http_prefixes_mirror_the_kernel():
+    import re
+
+    from hdrlog.bpf import SOURCE_DIR
+
+    text = (SOURCE_DIR / "hdrlog.c").read_text()
+    body = text[text.index("app_candidate("):]
+    body = body[:body.index("\n}\n")]
+    words = {int(m, 16).to_bytes(4, "big") for m in re.findall(r"case 0x([0-9a-f]{8}):", body)}
+    assert words == set(ah.HTTP_PREFIXES)
+    for head, want in ((b"BREW /po", True), (b"USER ano", False), (b"SSH-2.0-", False), (b"PROPFIND", True),
+                       (b"ABCDEFG ", True), (b"M * HTTP", True), (b"XY http:", True), (b"EHLO exa", False)):
+        assert ah.http_head(head) is want, head
