@@ -680,7 +680,7 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     u32 plen = r->l4_payload_len;
     if (HDRLOG_PAYLOAD_BYTES == 0 || off == 0 || plen == 0)
         return;
-    u8 head[8] = {};
+    u8 head[16] = {}; /* app_candidate() reads 8; a TLS hello's length is in bytes 6..8 */
     load(skb, skb->len, off, head, sizeof(head));
     int cand = app_candidate(r->ip_proto, r->src_port, r->dst_port, head);
 #if HDRLOG_TLS_CONT
@@ -712,11 +712,12 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     r->payload_len = copy_payload(skb, off, plen, s->payload, &flags);
     r->parse_flags = flags;
 #if HDRLOG_TLS_CONT
-    /* A TLS ClientHello / ServerHello whose record goes on past this whole
-     * (copied) segment: remember where the next segment starts. */
-    u32 reclen = ((u32)head[3] << 8) | head[4];
+    /* A TLS ClientHello / ServerHello that goes on past this whole (copied)
+     * segment, by its handshake length: remember where the next segment starts
+     * (a ServerHello that ends here, with a Certificate after it, does not). */
+    u32 hslen = ((u32)head[6] << 16) | ((u32)head[7] << 8) | head[8];
     if (cand && live && r->ip_proto == IPPROTO_TCP && head[0] == 0x16 && head[1] == 0x03 &&
-        (head[5] == 1 || head[5] == 2) && 5 + reclen > plen && r->payload_len == plen) {
+        (head[5] == 1 || head[5] == 2) && 9 + hslen > plen && r->payload_len == plen) {
         cont_key_of(r, &k);
         u32 next = r->tcp_seq + plen;
         /* Count only a new entry: a retransmitted first segment updates its own. */
