@@ -1,7 +1,9 @@
 """Benchmark: BPF run time per packet of the TC classifier, by packet kind and payload-copy size.
 
 Run as root from the repository: ``.venv/bin/python -m bench.payload_copy [--sizes 0,256,512,1024,2048]``.
-For each HDRLOG_PAYLOAD_BYTES it loads the classifier on a lab veth, turns on
+A size may end in ``:nocont`` to build without the TLS continuation copy (HDRLOG_TLS_CONT=0, the
+classifier before issue 14 but for its VLAN walk and method peek): ``--sizes 1024:nocont,2048``
+compares the old default with the new one. For each HDRLOG_PAYLOAD_BYTES it loads the classifier on a lab veth, turns on
 kernel.bpf_stats_enabled (restored afterwards), sends a few thousand frames of each
 kind from inside the lab namespace and reads run_time_ns / run_cnt from the program's
 fdinfo. Prints ns per packet and the ratio to the first size (the baseline, measured
@@ -23,7 +25,9 @@ from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
 
 from bench.bpfrun import prog_stats
+from hdrlog.collector import capture as capmod
 from hdrlog.collector.capture import Capture, CaptureConfig
+from tests import gapframes
 from hdrlog.lab import Lab
 
 SEND = """
@@ -49,17 +53,32 @@ def frames(h) -> dict[str, bytes]:
         "http-get": bytes(eth / ip / TCP(sport=40000, dport=80, flags="PA")
                           / Raw(b"GET /index.html HTTP/1.1\r\nHost: bench.example.org\r\nUser-Agent: bench\r\n\r\n")),
         "tls-hello": bytes(eth / ip / TCP(sport=40000, dport=443, flags="PA") / Raw(bytes(hello) + b"\0" * 400)),
+        # A post-quantum ClientHello's first segment (1,448 of its 1,646 bytes): copied whole, and
+        # (with the continuation copy) remembered in tls_cont; then bulk data of another connection
+        # while that entry waits, so every such packet pays the tls_cont lookup.
+        "pq-hello-seg1": bytes(eth / ip / TCP(sport=40001, dport=443, flags="PA", seq=1000)
+                               / Raw(gapframes.pq_client_hello()[:1448])),
+        "bulk-while-pending": bytes(eth / ip / TCP(sport=40002, dport=443, flags="PA")
+                                    / Raw(b"\x17\x03\x03" + b"x" * 1397)),
     }
 
 
-def measure(lab, host, size: int, kinds: dict[str, bytes], reps: int, tmp: str) -> dict[str, float]:
+def measure(lab, host, spec: str, kinds: dict[str, bytes], reps: int, tmp: str) -> dict[str, float]:
+    size, _, variant = spec.partition(":")
+    size = int(size)
     cfg = CaptureConfig(ifaces=[host.peer_ifname])
     if hasattr(cfg, "payload_bytes"):
         cfg.payload_bytes = size
     elif size:
         raise SystemExit("this tree has no payload copy (CaptureConfig.payload_bytes)")
     cap = Capture(cfg)
-    cap.start()
+    real_cflags = capmod.cflags
+    if variant == "nocont":
+        capmod.cflags = lambda c: real_cflags(c) + ["-DHDRLOG_TLS_CONT=0"]
+    try:
+        cap.start()
+    finally:
+        capmod.cflags = real_cflags
     out = {}
     try:
         fd = cap._fns["ingress"].fd
@@ -84,7 +103,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3, help="alternate sizes this many times; keep the median")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes.split(",")
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         old = f.read().strip()
     try:
@@ -93,7 +112,7 @@ def main() -> None:
         with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
             host = lab.add_host("bench")
             kinds = frames(host)
-            runs: dict[int, list[dict[str, float]]] = {s: [] for s in sizes}
+            runs: dict[str, list[dict[str, float]]] = {s: [] for s in sizes}
             for _ in range(args.rounds):
                 for s in sizes:
                     runs[s].append(measure(lab, host, s, kinds, args.reps, tmp))
@@ -103,9 +122,9 @@ def main() -> None:
     med = {s: {k: sorted(r[k] for r in runs[s])[len(runs[s]) // 2] for k in kinds} for s in sizes}
     base = med[sizes[0]]
     print(f"BPF run time per packet, ns (median of {args.rounds}); ratio to payload_bytes={sizes[0]}")
-    print(f"{'kind':16}" + "".join(f"{'bytes=' + str(s):>20}" for s in sizes))
+    print(f"{'kind':20}" + "".join(f"{'bytes=' + str(s):>20}" for s in sizes))
     for k in kinds:
-        print(f"{k:16}" + "".join(f"{med[s][k]:9.0f} ({med[s][k] / base[k]:5.2f}x)  " for s in sizes))
+        print(f"{k:20}" + "".join(f"{med[s][k]:9.0f} ({med[s][k] / base[k]:5.2f}x)  " for s in sizes))
 
 
 if __name__ == "__main__":

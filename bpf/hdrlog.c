@@ -14,7 +14,8 @@
  * bpf_skb_load_bytes (safe on non-linear skbs):
  *   Ethernet -> up to HDRLOG_MAX_VLAN in-frame 802.1Q / 802.1ad tags (an outer tag
  *   the kernel moved into skb metadata counts as the outermost one and adds 4
- *   bytes to wire_len) -> IPv4 (options skipped by IHL; L4 only in the first
+ *   bytes to wire_len; vlan_id is the outermost tag, vlan_inner_id the innermost
+ *   when there are two or more) -> IPv4 (options skipped by IHL; L4 only in the first
  *   fragment) or IPv6 (hop-by-hop, routing, fragment, destination-options and AH
  *   headers, at most HDRLOG_MAX_EXTHDR of them) -> TCP (flags incl. AE, seq, ack,
  *   window; MSS and window-scale options, at most HDRLOG_MAX_TCPOPT options walked),
@@ -32,8 +33,12 @@
  * destination port passes HDRLOG_IS_DNS_PORT (set from the collector's
  * dns_ports), and TCP payloads that start like a TLS handshake record
  * (0x16 0x03) or an HTTP/1.x request or response (the first four bytes of a
- * method, or "HTTP"). Other payloads (bulk data) are not copied, so most
- * records stay at the fixed size.
+ * method -- any upper-case token -- or "HTTP"). A TLS hello longer than its
+ * segment (post-quantum key shares make ClientHellos ~1,800 bytes) is
+ * remembered in `tls_cont` (LRU), and the next segment of that direction of
+ * the connection is copied too, once; user space joins the two
+ * (collector/appdecode.py Reassembly). Other payloads (bulk data) are not
+ * copied, so most records stay at the fixed size.
  *
  * The record is built in a per-CPU scratch buffer (`scratch`) and sent with
  * bpf_ringbuf_output at its real size (header + copied bytes): a ring-buffer
@@ -54,8 +59,16 @@
 
 #include "types.h"
 
+/* In-frame VLAN tags walked (an outer tag in skb metadata comes on top). */
 #ifndef HDRLOG_MAX_VLAN
-#define HDRLOG_MAX_VLAN 2
+#define HDRLOG_MAX_VLAN 4
+#endif
+/* 1 = copy the TCP segment that continues a cut-short TLS hello (map tls_cont). */
+#ifndef HDRLOG_TLS_CONT
+#define HDRLOG_TLS_CONT 1
+#endif
+#ifndef HDRLOG_TLS_CONT_ENTRIES
+#define HDRLOG_TLS_CONT_ENTRIES 8192
 #endif
 #ifndef HDRLOG_MAX_EXTHDR
 #define HDRLOG_MAX_EXTHDR 8
@@ -104,6 +117,33 @@ struct pkt_scratch {
     struct pkt_record rec;
     u8 payload[HDRLOG_PAYLOAD_BYTES];
 };
+
+/* One direction of a TCP connection on one interface (key of tls_cont). */
+struct cont_key {
+    u32 ifindex;
+    u16 src_port;
+    u16 dst_port;
+    u8 direction;
+    u8 _pad[3];
+    u8 src_ip[16];
+    u8 dst_ip[16];
+};
+
+/* TLS hellos cut short by the end of their segment, waiting for the next one.
+ * Key: struct cont_key. Value: u32 TCP sequence number the continuation starts at.
+ * LRU: a continuation that never comes ages out. */
+BPF_TABLE("lru_hash", struct cont_key, u32, tls_cont, HDRLOG_TLS_CONT_ENTRIES);
+
+/* A filter in front of tls_cont: entries put in minus taken out, per hash of
+ * the key's ports, address tails and interface (cont_hint()). A TCP packet whose
+ * slot is 0 skips the hash lookup (an array lookup instead: measured here, the
+ * lookup of every bulk segment would cost ~45 ns while any hello waits). An LRU
+ * eviction leaves its slot above 0: that slot then always looks, nothing worse.
+ * Key: slot (u32, 0..HDRLOG_TLS_CONT_HINTS-1). Value: u32 count. */
+#ifndef HDRLOG_TLS_CONT_HINTS
+#define HDRLOG_TLS_CONT_HINTS 4096
+#endif
+BPF_ARRAY(tls_cont_hint, u32, HDRLOG_TLS_CONT_HINTS);
 
 /* Where a record is built before it goes to the ring buffer, per CPU.
  * Key: 0 (u32). Value: struct pkt_scratch (only rec and the first
@@ -263,7 +303,12 @@ static __always_inline void parse_tcp_options(struct __sk_buff *skb, u32 len, u3
         *flags |= PARSE_BAD_TCP_OPT; /* more options than we walk */
 }
 
-/* Is a payload starting with these 4 bytes worth copying? (See the top comment.) */
+static __always_inline int method_char(u8 c)
+{
+    return (c >= 'A' && c <= 'Z') || c == '-' || c == '_';
+}
+
+/* Is a payload starting with these 8 bytes worth copying? (See the top comment.) */
 static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const u8 *h)
 {
     if (HDRLOG_IS_DNS_PORT(sport) || HDRLOG_IS_DNS_PORT(dport))
@@ -284,7 +329,37 @@ static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const
     case 0x434f4e4e: /* "CONN" */
     case 0x54524143: /* "TRAC" */
     case 0x48545450: /* "HTTP" */
+    case 0x50524f50: /* "PROP": WebDAV PROPFIND, PROPPATCH */
+    case 0x4d4b434f: /* "MKCO" */
+    case 0x434f5059: /* "COPY" */
+    case 0x4d4f5645: /* "MOVE" */
+    case 0x4c4f434b: /* "LOCK" */
+    case 0x554e4c4f: /* "UNLO" */
+    case 0x53454152: /* "SEAR" */
+    case 0x5245504f: /* "REPO": REPORT */
         return 1;
+    }
+    /* Any other method token of up to 7 characters (collector/appheaders.py
+     * http_head): upper-case letters, '-' or '_', a space, then a request target
+     * that starts like one ('/', '*', or "h" of an absolute http:// URI). User
+     * space then wants " HTTP/" after the target. */
+    /* Bytes from a scalar, not by index into the stack: the verifier rejects
+     * the pointer arithmetic a variable index compiles to. */
+    u64 b8;
+    __builtin_memcpy(&b8, h, 8); /* little-endian: byte j is (b8 >> 8j) & 0xff */
+    if (!method_char(b8 & 0xff))
+        return 0;
+#pragma unroll
+    for (int i = 1; i < 8; i++) {
+        u8 c = (b8 >> (8 * i)) & 0xff;
+        if (c == ' ') {
+            if (i == 7)
+                return 1;
+            u8 t = (b8 >> (8 * (i + 1))) & 0xff;
+            return t == '/' || t == '*' || t == 'h';
+        }
+        if (!method_char(c))
+            return 0;
     }
     return 0;
 }
@@ -368,6 +443,8 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
         if (!have_vlan) {
             vlan_id = be16(tag.tci) & 0x0fff;
             have_vlan = 1;
+        } else {
+            r->vlan_inner_id = be16(tag.tci) & 0x0fff; /* the last one walked is the innermost */
         }
         proto = be16(tag.proto);
         off += sizeof(tag);
@@ -580,6 +657,26 @@ out:
  * registers), so every path through the parser reaches the copy loop in the
  * same verifier state: parse()'s many paths times the copy's would exceed the
  * verifier's budget. */
+static __always_inline void cont_key_of(const struct pkt_record *r, struct cont_key *k)
+{
+    k->ifindex = r->ifindex;
+    k->src_port = r->src_port;
+    k->dst_port = r->dst_port;
+    k->direction = r->direction;
+    __builtin_memcpy(k->src_ip, r->src_ip, 16);
+    __builtin_memcpy(k->dst_ip, r->dst_ip, 16);
+}
+
+static __always_inline u32 cont_hint(const struct pkt_record *r)
+{
+    u32 h = ((u32)r->src_port << 16 | r->dst_port) ^ ((u32)r->src_ip[15] << 24 | (u32)r->dst_ip[15] << 16 |
+                                                     (u32)r->src_ip[14] << 8 | r->dst_ip[14]) ^ r->ifindex;
+    h ^= h >> 16;
+    h *= 0x45d9f3b;
+    h ^= h >> 16;
+    return h % HDRLOG_TLS_CONT_HINTS;
+}
+
 static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scratch *s)
 {
     struct pkt_record *r = &s->rec;
@@ -588,13 +685,53 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     u32 plen = r->l4_payload_len;
     if (HDRLOG_PAYLOAD_BYTES == 0 || off == 0 || plen == 0)
         return;
-    u8 head[4] = {};
+    u8 head[16] = {}; /* app_candidate() reads 8; a TLS hello's length is in bytes 6..8 */
     load(skb, skb->len, off, head, sizeof(head));
-    if (!app_candidate(r->ip_proto, r->src_port, r->dst_port, head))
+    int cand = app_candidate(r->ip_proto, r->src_port, r->dst_port, head);
+#if HDRLOG_TLS_CONT
+    if (r->ip_proto != IPPROTO_TCP && !cand)
         return;
+    u32 slot = cont_hint(r);
+    u32 *live = tls_cont_hint.lookup(&slot);
+    struct cont_key k = {};
+    if (!cand) {
+        /* The segment after a cut-short TLS hello: copied too, once, when it
+         * starts where the hello's segment ended. */
+        if (!live || !*live)
+            return;
+        cont_key_of(r, &k);
+        u32 *next = tls_cont.lookup(&k);
+        if (!next)
+            return;
+        u32 want = *next;
+        if (tls_cont.delete(&k) == 0)
+            __sync_fetch_and_add(live, -1);
+        if (want != r->tcp_seq)
+            return;
+    }
+#else
+    if (!cand)
+        return;
+#endif
     u16 flags = r->parse_flags;
     r->payload_len = copy_payload(skb, off, plen, s->payload, &flags);
     r->parse_flags = flags;
+#if HDRLOG_TLS_CONT
+    /* A TLS ClientHello / ServerHello that goes on past this whole (copied)
+     * segment, by its handshake length: remember where the next segment starts
+     * (a ServerHello that ends here, with a Certificate after it, does not). */
+    u32 hslen = ((u32)head[6] << 16) | ((u32)head[7] << 8) | head[8];
+    if (cand && live && r->ip_proto == IPPROTO_TCP && head[0] == 0x16 && head[1] == 0x03 &&
+        (head[5] == 1 || head[5] == 2) && 9 + hslen > plen && r->payload_len == plen) {
+        cont_key_of(r, &k);
+        u32 next = r->tcp_seq + plen;
+        /* Count only a new entry: a retransmitted first segment updates its own. */
+        if (tls_cont.insert(&k, &next) == 0)
+            __sync_fetch_and_add(live, 1);
+        else
+            tls_cont.update(&k, &next);
+    }
+#endif
 }
 
 #include "flows.h"

@@ -15,9 +15,11 @@
 #endif
 
 /* Bytes of L4 payload copied after a record, at most (0 = no copy). A multiple
- * of HDRLOG_PAYLOAD_CHUNK. Only candidate payloads are copied (see hdrlog.c). */
+ * of HDRLOG_PAYLOAD_CHUNK. Only candidate payloads are copied (see hdrlog.c).
+ * 2048 holds a whole full-sized segment (a browser's post-quantum ClientHello is
+ * ~1,800 bytes: one 1,448-byte segment, the rest in the next, which is copied too). */
 #ifndef HDRLOG_PAYLOAD_BYTES
-#define HDRLOG_PAYLOAD_BYTES 1024
+#define HDRLOG_PAYLOAD_BYTES 2048
 #endif
 #ifndef HDRLOG_PAYLOAD_CHUNK
 #define HDRLOG_PAYLOAD_CHUNK 128
@@ -75,7 +77,7 @@ struct pkt_record {
     __u8  dst_ip[16];
     __u8  eth_src[6];     /* network order */
     __u8  eth_dst[6];
-    __u16 vlan_id;        /* outermost VLAN id, 0 = untagged */
+    __u16 vlan_id;        /* outermost VLAN id, 0 = untagged (vlan_inner_id: the innermost) */
     __u16 eth_type;       /* EtherType after all VLAN tags */
     __u32 ip_id;          /* IPv4 id or IPv6 fragment-header id */
     __u32 flow_label;     /* IPv6 */
@@ -106,7 +108,7 @@ struct pkt_record {
     __u16 payload_len;    /* bytes of L4 payload that follow this header */
     __u16 ip_len;         /* IP total length (IPv6: 40 + payload length), as the header says */
     __u16 l4_len;         /* bytes from the L4 header to the IP end, as the header says */
-    __u8  _pad2[2];       /* keep the size a multiple of 8 */
+    __u16 vlan_inner_id;  /* innermost VLAN id when there are two or more tags, else 0 */
 };
 
 #endif /* HDRLOG_TYPES_H */

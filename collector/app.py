@@ -41,8 +41,10 @@ POLL_MS = 100
 CAPTURE_DROP_REASONS = ("ringbuf_full", "filtered", "sampled_out")
 # Of those, the ones the configuration asks for (filters, sampling): not losses.
 DELIBERATE_DROPS = ("drop_filtered", "drop_sampled_out")
-# Capture counters about what was kept, reported as they are.
-CAPTURE_KEPT = ("flowed", "flow_map_full", "payload", "conn_tracked", "conn_map_full")
+# Capture counters about what was kept, reported as they are. The TLS reassembly's are about
+# decoding, not records: an evicted or mismatched first segment loses a hello's columns, no row.
+CAPTURE_KEPT = ("flowed", "flow_map_full", "payload", "conn_tracked", "conn_map_full", "tls_reassembled",
+                "tls_reassembly_evicted", "tls_reassembly_mismatched")
 CONN_POLL_S = 1.0  # seconds between reads of the kernel's connection map (auto mode)
 
 

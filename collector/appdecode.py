@@ -6,10 +6,20 @@ ports; first bytes that start an HTTP/1.x message or a TLS handshake record)
 and runs ``appheaders.parse_payload`` on the survivors alone, writing into the
 registry columns of the batch. Nothing here raises on hostile bytes: the
 decoders return what they could read.
+
+A TLS hello longer than one TCP segment (a ClientHello with a post-quantum key
+share is ~1,800 bytes) is reassembled from the first two segments: the kernel
+copies the segment that follows a cut-short hello (bpf/hdrlog.c, map
+`tls_cont`), and ``Reassembly`` keeps the first segment's bytes per direction of
+a connection until it comes, in bounded memory (oldest evicted first, counted).
+The hello's columns go on the row of the segment that completes it, as tshark
+shows a reassembled message on its last segment; the first row keeps what it
+could read and its TRUNC_TLS_HELLO bit.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterable, MutableMapping, Sequence
 
 import numpy as np
@@ -19,11 +29,60 @@ from hdrlog.collector import appheaders
 DEFAULT_DNS_PORTS = (53, 5353)
 
 _HTTP_WORDS = np.array(sorted(int.from_bytes(p, "big") for p in appheaders.HTTP_PREFIXES), dtype=np.uint32)
+_METHOD_CHAR = np.zeros(256, dtype=bool)
+_METHOD_CHAR[list(appheaders._METHOD_CHARS)] = True
 _TLS_WORD = 0x1603  # first two bytes of a TLS handshake record (content type 22, major version 3)
 
 # AppHeaders attribute -> registry column, for the scalar ones.
 _NUMERIC = ("dns_id", "dns_flags", "dns_qtype", "dns_rcode", "dns_answers", "http_status", "tls_version")
 _STRINGS = ("dns_qname", "http_method", "http_host", "http_path", "http_user_agent", "tls_sni")
+
+REASSEMBLY_ENTRIES = 4096  # first segments of cut-short TLS hellos kept at most (~2 KiB each)
+REASSEMBLY_MAX_HELLO = 16384 + 9  # a hello needing more than this is not waited for
+
+
+class Reassembly:
+    """First segments of TLS hellos that go on in the next segment, per (interface, direction, 5-tuple).
+
+    Bounded: at most ``entries`` first segments; a new one evicts the oldest
+    (``evicted`` counts them). A second segment that does not start where the first
+    ended (loss, reordering, retransmission) drops the entry (``mismatched``).
+    """
+
+    def __init__(self, entries: int = REASSEMBLY_ENTRIES):
+        self.entries = entries
+        self._pending: OrderedDict[tuple, tuple[int, bytes]] = OrderedDict()
+        self.stored = 0
+        self.completed = 0
+        self.evicted = 0
+        self.mismatched = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def keep(self, key: tuple, next_seq: int, data: bytes) -> None:
+        if key in self._pending:
+            del self._pending[key]
+        elif len(self._pending) >= self.entries:
+            self._pending.popitem(last=False)
+            self.evicted += 1
+        self._pending[key] = (next_seq, data)
+        self.stored += 1
+
+    def take(self, key: tuple, seq: int) -> bytes | None:
+        """The first segment's bytes when this segment continues it (entry removed), else None."""
+        got = self._pending.pop(key, None)
+        if got is None:
+            return None
+        if got[0] != seq:
+            self.mismatched += 1
+            return None
+        self.completed += 1
+        return got[1]
+
+    def counters(self) -> dict[str, int]:
+        return {"tls_reassembled": self.completed, "tls_reassembly_evicted": self.evicted,
+                "tls_reassembly_mismatched": self.mismatched}
 
 
 def candidates(proto: np.ndarray, sport: np.ndarray, dport: np.ndarray, head: np.ndarray,
@@ -33,14 +92,34 @@ def candidates(proto: np.ndarray, sport: np.ndarray, dport: np.ndarray, head: np
     l4 = (proto == 6) | (proto == 17)
     dns = l4 & (np.isin(sport, ports) | np.isin(dport, ports))
     tcp = proto == 6
-    http = tcp & np.isin(head, _HTTP_WORDS)
-    tls = tcp & ((head >> 16) == _TLS_WORD)
-    return dns | http | tls
+    return dns | (tcp & (http_heads(head) | ((head >> 16) == _TLS_WORD)))
+
+
+def http_heads(head: np.ndarray) -> np.ndarray:
+    """``appheaders.http_head`` over big-endian uint32 first words: could this start an HTTP request?"""
+    b = [((head >> (24 - 8 * i)) & 0xFF).astype(np.intp) for i in range(4)]
+    ok = _METHOD_CHAR[b[0]]
+    ended = np.zeros(len(head), dtype=bool)
+    for i in range(1, 4):
+        space = b[i] == 0x20
+        ok &= ended | space | _METHOD_CHAR[b[i]]
+        ended |= space
+    return ok | np.isin(head, _HTTP_WORDS)
+
+
+def _key(row) -> tuple:
+    return (int(row["ifindex"]), int(row["direction"]), bytes(row["src_ip"]), bytes(row["dst_ip"]),
+            int(row["src_port"]), int(row["dst_port"]))
 
 
 def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[tuple[int, bytes]],
-         dns_ports: Iterable[int] = DEFAULT_DNS_PORTS) -> int:
-    """Decode the payloads of candidate rows into ``out``'s app-layer columns; returns rows decoded."""
+         dns_ports: Iterable[int] = DEFAULT_DNS_PORTS, reassembly: Reassembly | None = None) -> int:
+    """Decode the payloads of candidate rows into ``out``'s app-layer columns; returns rows decoded.
+
+    With ``reassembly``, a TLS hello cut short by the end of its segment (the whole
+    segment copied) is kept, and the segment that continues it is decoded together
+    with it; without, each row is decoded alone.
+    """
     if not payloads:
         return 0
     ports = frozenset(int(p) for p in dns_ports)
@@ -49,13 +128,29 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
                        dtype=np.uint32, count=len(payloads))
     sub = rec[idx]
     proto, sport, dport = sub["ip_proto"], sub["src_port"], sub["dst_port"]
-    keep = np.flatnonzero(candidates(proto, sport, dport, head, ports))
+    mask = candidates(proto, sport, dport, head, ports)
+    if reassembly is not None:
+        # A continuation segment starts with any bytes; the kernel copies a non-candidate TCP
+        # payload only when it continues a cut-short hello, so these rows are few.
+        mask |= proto == 6
     decoded = 0
-    for k in keep.tolist():
+    for k in np.flatnonzero(mask).tolist():
         i, data = payloads[k]
-        h = appheaders.parse_payload(data, int(proto[k]), int(sport[k]), int(dport[k]), ports)
+        p, sp, dp = int(proto[k]), int(sport[k]), int(dport[k])
+        row = sub[k]
+        joined = False
+        if reassembly is not None and p == 6 and len(reassembly):
+            first = reassembly.take(_key(row), int(row["tcp_seq"]))
+            if first is not None:
+                data, joined = first + data, True
+        h = appheaders.parse_payload(data, p, sp, dp, ports)
         if h is None:
             continue
+        if (reassembly is not None and h.truncated & appheaders.TRUNC_TLS_HELLO and not joined
+                and int(row["payload_len"]) == int(row["l4_payload_len"])
+                and 0 < h.tls_missing <= REASSEMBLY_MAX_HELLO):
+            # The hello goes on past this whole segment: wait for the next one.
+            reassembly.keep(_key(row), (int(row["tcp_seq"]) + int(row["l4_payload_len"])) & 0xFFFFFFFF, data)
         decoded += 1
         for name in _NUMERIC:
             value = getattr(h, name)
@@ -65,6 +160,8 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
             value = getattr(h, name)
             if value:
                 out[name][i] = value  # type: ignore[index]
+        if h.truncated:
+            out["truncated"][i] = h.truncated  # type: ignore[index]
         if h.tls_offered_versions:
             out["tls_offered_versions"][i] = ",".join(f"0x{v:04x}" for v in h.tls_offered_versions)  # type: ignore[index]
         if h.tls_alpn:

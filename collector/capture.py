@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from hdrlog.bpf import SOURCE_DIR
-from hdrlog.collector import bpfsys, fdstore, handover, records
+from hdrlog.collector import appdecode, bpfsys, fdstore, handover, records
 from hdrlog.collector import filters as filterlang
 from hdrlog.collector import flows as flowmod
 from hdrlog.collector import connections as connmod
@@ -70,9 +70,11 @@ READERS = ("mmap", "callback")
 ATTACH_KINDS = ("auto", "tcx", "tc")
 
 # Payload copy (bpf/types.h HDRLOG_PAYLOAD_*): a TLS ClientHello's SNI can sit
-# several hundred bytes in (long key shares, shuffled extensions), DNS names up
-# to ~270; see bench/payload_copy.py for what the copy costs.
-PAYLOAD_BYTES = 1024
+# 1,100-1,400 bytes in (post-quantum key shares, shuffled extensions), DNS names
+# up to ~270; 2048 holds a whole full-sized segment, and a hello longer than its
+# segment is joined with the next one (collector/appdecode.py Reassembly). See
+# bench/payload_copy.py for what the copy costs.
+PAYLOAD_BYTES = 2048
 PAYLOAD_CHUNK = 128
 MAX_PAYLOAD_BYTES = 4096
 MAX_DNS_PORTS = 16
@@ -296,6 +298,7 @@ class Capture:
         self._lock = threading.Lock()
         self._final_counters: dict[str, int] | None = None
         self._polled = 0
+        self._reassembly = appdecode.Reassembly()  # TLS hellos over two segments, across polls
         self._cfg_leaf = None  # Python-side copy of the BPF cfg entry (bpf/flows.h struct hdrlog_cfg)
         self._flow_drain: flowmod.FlowDrain | None = None
         self._fallback: list = []  # records with LOG_FLOW_FALLBACK, for the next drain_flows()
@@ -403,7 +406,7 @@ class Capture:
                     rec = records.as_records(raw, n)
                     why = rec["log_reason"]
             out = records.decode(raw, n, self._ifnames, self._offset_ns, 1,
-                                 payloads=payloads, dns_ports=self.config.dns_ports)
+                                 payloads=payloads, dns_ports=self.config.dns_ports, reassembly=self._reassembly)
             sampled = (why & records.LOG_SAMPLED) != 0
             if sampled.any():  # a sampled record stands for N packets, unless it is notable anyway
                 rate = np.ones(n, dtype=np.uint32)
@@ -475,13 +478,15 @@ class Capture:
         log.info("capture filters now: %s", "; ".join(map(str, parsed)) or "none (everything passes)")
 
     def counters(self, reported: bool = False) -> dict[str, int]:
-        """Cumulative counts: seen, logged, ringbuf_full, truncated, payload, polled.
+        """Cumulative counts: seen, logged, ringbuf_full, truncated, payload, polled, and the
+        TLS reassembly's tls_reassembled, tls_reassembly_evicted, tls_reassembly_mismatched.
 
         ``reported=True``: these values go into a collector_stats row; a successor
         that takes the capture over reports only what the kernel counts after them.
         """
         with self._lock:
             out = self._read_counters()
+            out.update(self._reassembly.counters())
             if reported and self._keeper is not None and self._bpf is not None:
                 self._keeper.write_state(self._kernel_counters)
             return out

@@ -96,7 +96,7 @@ RECORD_DTYPE = np.dtype(
         ("payload_len", "<u2"),
         ("ip_len", "<u2"),
         ("l4_len", "<u2"),
-        ("_pad2", "V2"),
+        ("vlan_inner_id", "<u2"),
     ]
 )
 RECORD_SIZE = RECORD_DTYPE.itemsize
@@ -131,6 +131,7 @@ def decode(
     sample_rate: int = 1,
     payloads: Sequence[tuple[int, bytes]] = (),
     dns_ports: Iterable[int] = appdecode.DEFAULT_DNS_PORTS,
+    reassembly: appdecode.Reassembly | None = None,
 ) -> dict[str, object]:
     """Packet columns (registry order and dtypes) from ``count`` packed records.
 
@@ -138,7 +139,8 @@ def decode(
     nanoseconds; ``ifnames`` maps ifindex to name (unknown ones become "if<N>").
     ``payloads`` are the payload bytes of the records that carry some, as
     ``(record index, bytes)``; the app-layer columns are decoded from them
-    (``appdecode.fill``) and stay 0 / '' for every other record.
+    (``appdecode.fill``, with ``reassembly`` for TLS hellos over two segments)
+    and stay 0 / '' for every other record.
     """
     rec = as_records(raw, count)
     out: dict[str, object] = {}
@@ -162,5 +164,5 @@ def decode(
         else:
             out[name] = np.zeros(count, dtype=spec.dtype)
     if payloads:
-        appdecode.fill(out, rec, payloads, dns_ports)
+        appdecode.fill(out, rec, payloads, dns_ports, reassembly)
     return out

@@ -89,6 +89,8 @@ PACKETS = _cols(
     ("tls_version", "<u2", "TLS ServerHello chosen version, or ClientHello highest offered version"),
     ("tls_offered_versions", STRING, "TLS ClientHello offered versions, comma-separated hex such as 0x0304,0x0303"),
     ("tls_alpn", STRING, "TLS ClientHello ALPN protocols, comma-separated"),
+    ("vlan_inner_id", "<u2", "innermost VLAN id when the frame has two or more tags, else 0"),
+    ("truncated", "<u2", "which app-layer values were cut (bits in collector/appheaders.py TRUNC_*; docs/sql.md)"),
 )
 
 FLOWS = _cols(

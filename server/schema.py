@@ -342,6 +342,12 @@ MIGRATIONS += [
      [_PACKETS_1M, _PAIRS_1M, _SERVICES_1M,
       _PACKETS_1M_MV, _PAIRS_1M_MV, _SERVICES_1M_MV]),
     (6, "anomalies (findings of hdrlog report)", [_ANOMALIES]),
+    # Issue 14: the inner VLAN tag (QinQ and deeper), and which app-layer values were cut
+    # (bits in collector/appheaders.py TRUNC_*, documented in docs/sql.md).
+    (7, "packets: vlan_inner_id, truncated", [
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS vlan_inner_id UInt16 CODEC(T64, ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS truncated UInt16 CODEC(T64, ZSTD(1))",
+    ]),
 ]
 
 # -- issue 13: connections ------------------------------------------------------------------
@@ -394,7 +400,7 @@ ORDER BY (host, start_ts)
 """
 
 MIGRATIONS += [
-    (7, "connections (one row per connection, Zeek's conn_state and history)", [_CONNECTIONS_V1]),
+    (8, "connections (one row per connection, Zeek's conn_state and history)", [_CONNECTIONS_V1]),
 ]
 
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.

@@ -33,7 +33,7 @@ from scapy.all import (
 )
 from scapy.layers.l2 import Dot1AD
 
-from hdrlog.collector import records
+from hdrlog.collector import appheaders, records
 from hdrlog.proto.columns import PACKETS
 
 FAKE_SRC = "02:48:44:00:00:01"  # source MAC of every scripted frame: tells them from kernel chatter
@@ -69,12 +69,14 @@ def expected(frame: bytes) -> dict:
     p = Ether(frame)
     e.update(wire_len=len(frame), eth_src=mac_int(p.src), eth_dst=mac_int(p.dst), sample_rate=1, direction=1)
     etype, layer = p.type, p.payload
-    first_tag = True
+    tags = []
     while type(layer) in (Dot1Q, Dot1AD):
-        if first_tag:
-            e["vlan_id"] = layer.vlan
-            first_tag = False
+        tags.append(layer.vlan)
         etype, layer = layer.type, layer.payload
+    if tags:
+        e["vlan_id"] = tags[0]
+    if len(tags) >= 2:
+        e["vlan_inner_id"] = tags[-1]
     e["eth_type"] = etype
     flags = 0
     l4 = None
@@ -150,7 +152,9 @@ def scripted_frames(h) -> list[tuple[str, bytes, dict]]:
         ("tcp6-syn-opts", eth / IPv6(tc=0x2A, fl=0xABCDE, hlim=44, **ip6)
          / TCP(sport=40002, dport=8443, seq=1, flags="SEC", window=65535, options=[("MSS", 1220), ("WScale", 0)]), {}),
         ("tcp4-all-flags", eth / IP(**ip4) / TCP(sport=1, dport=2, seq=3, ack=4, flags=0x1FF, window=5), {}),
-        ("udp4", eth / IP(ttl=7, **ip4) / UDP(sport=5000, dport=53) / Raw(b"hello"), {}),
+        # 5 bytes to the DNS port: a header cut short still gives its id and flags, flagged (issue 14).
+        ("udp4", eth / IP(ttl=7, **ip4) / UDP(sport=5000, dport=53) / Raw(b"hello"),
+         dict(dns_id=0x6865, dns_flags=0x6C6C, dns_rcode=0xC, truncated=appheaders.TRUNC_DNS_HEADER)),
         ("icmp4-echo", eth / IP(**ip4) / ICMP(type=8, code=0, id=9, seq=1) / Raw(b"ping"), {}),
         ("icmp4-unreach", eth / IP(**ip4) / ICMP(type=3, code=3)
          / IPerror(src=h.peer_addr4, dst=h.addr4, ttl=2) / UDPerror(sport=999, dport=33434), {}),

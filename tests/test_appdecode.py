@@ -54,3 +54,50 @@ def test_prefilter_is_vectorised_and_selective():
     sport = np.array([1, 1, 1, 1, 1, 1], dtype=np.uint16)
     dport = np.array([2, 2, 2, 2, 2, 53], dtype=np.uint16)
     assert appdecode.candidates(proto, sport, dport, head, [53]).tolist() == [True, True, True, False, False, True]
+
+
+def _segments(hello: bytes, cut: int, seq: int = 1000, batches: int = 1):
+    rec = recs([(6, 50000, 443), (6, 50000, 443)])
+    for i, (s, data) in enumerate(((seq, hello[:cut]), (seq + cut, hello[cut:]))):
+        rec[i]["tcp_seq"], rec[i]["l4_payload_len"], rec[i]["payload_len"] = s, len(data), len(data)
+        rec[i]["ifindex"], rec[i]["direction"] = 3, 1
+    return rec, [(0, hello[:cut]), (1, hello[cut:])]
+
+
+def test_tls_hello_over_two_segments_is_reassembled_in_one_batch_or_two():
+    from tests import gapframes as gf
+
+    hello = gf.pq_client_hello()
+    rec, payloads = _segments(hello, 1448)
+    # Alone (no reassembly): the first row is flagged, the second decodes nothing.
+    out = records.decode(rec.tobytes(), 2, {}, 0, payloads=payloads)
+    assert out["truncated"].tolist()[0] & appdecode.appheaders.TRUNC_TLS_HELLO and out["tls_sni"] == ["", ""]
+    for split in (False, True):
+        ra = appdecode.Reassembly()
+        if split:  # the two segments in separate polls
+            a = records.decode(rec[:1].tobytes(), 1, {}, 0, payloads=payloads[:1], reassembly=ra)
+            b = records.decode(rec[1:].tobytes(), 1, {}, 0, payloads=[(0, payloads[1][1])], reassembly=ra)
+            sni, versions = a["tls_sni"] + b["tls_sni"], a["tls_offered_versions"] + b["tls_offered_versions"]
+        else:
+            out = records.decode(rec.tobytes(), 2, {}, 0, payloads=payloads, reassembly=ra)
+            sni, versions = out["tls_sni"], out["tls_offered_versions"]
+        assert sni == ["", gf.PQ_SNI] and versions == ["", "0x0304,0x0303"], split
+        assert ra.counters() == {"tls_reassembled": 1, "tls_reassembly_evicted": 0, "tls_reassembly_mismatched": 0}
+        assert len(ra) == 0
+
+
+def test_reassembly_is_bounded_and_counts():
+    ra = appdecode.Reassembly(entries=2)
+    for k in range(3):
+        ra.keep(("k", k), 100, b"x")
+    assert len(ra) == 2 and ra.evicted == 1
+    assert ra.take(("k", 0), 100) is None  # evicted
+    assert ra.take(("k", 1), 99) is None and ra.mismatched == 1  # not where the first ended: dropped
+    assert ra.take(("k", 2), 100) == b"x" and ra.completed == 1 and len(ra) == 0
+    # A cut copy (payload_len < l4_payload_len) is not waited for: its bytes are not all there.
+    from tests import gapframes as gf
+    rec, payloads = _segments(gf.pq_client_hello(), 1448)
+    rec[0]["l4_payload_len"] = 1460
+    ra = appdecode.Reassembly()
+    records.decode(rec[:1].tobytes(), 1, {}, 0, payloads=payloads[:1], reassembly=ra)
+    assert len(ra) == 0

@@ -1,0 +1,89 @@
+"""Write the issue-14 captures in this folder (scapy): ``.venv/bin/python -m tests.captures.make_captures``.
+
+Every frame comes from tests/gapframes.py, between 198.18.250.2 and 198.18.250.1
+(2001:db8:fa::2 / ::1), source MAC 02:48:44:00:00:01 (tests.frames.FAKE_SRC), so
+the capture tests can replay them onto a lab veth and tell them from kernel chatter.
+Deterministic: the same bytes on every run (fixed timestamps, no randomness).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from scapy.all import IP, TCP, UDP, Dot1Q, Ether, IPv6, Raw, wrpcap
+from scapy.layers.l2 import Dot1AD
+
+from tests import gapframes as gf
+
+HERE = Path(__file__).resolve().parent
+SRC_MAC, DST_MAC = "02:48:44:00:00:01", "02:48:44:00:00:02"
+A4, B4, A6, B6 = "198.18.250.2", "198.18.250.1", "2001:db8:fa::2", "2001:db8:fa::1"
+MSS = 1448  # a full segment's payload (1500 MTU, TCP timestamps)
+
+
+def _eth():
+    return Ether(src=SRC_MAC, dst=DST_MAC)
+
+
+def pq_tls() -> list[bytes]:
+    """A browser-sized ClientHello over two segments, a whole ServerHello over 1,024 bytes, and odd hellos."""
+    hello = gf.pq_client_hello()
+    seq = 0x10000000
+    one = _eth() / IP(src=A4, dst=B4) / TCP(sport=50443, dport=443, flags="PA", seq=seq, ack=1) / Raw(hello[:MSS])
+    two = _eth() / IP(src=A4, dst=B4) / TCP(sport=50443, dport=443, flags="PA", seq=seq + MSS, ack=1) / Raw(hello[MSS:])
+    sh = _eth() / IP(src=A4, dst=B4) / TCP(sport=443, dport=50443, flags="PA", seq=7, ack=seq + len(hello)) \
+        / Raw(gf.pq_server_hello())
+    one_seg = _eth() / IPv6(src=A6, dst=B6) / TCP(sport=50444, dport=443, flags="PA", seq=5, ack=1) \
+        / Raw(gf.single_segment_hello())
+    noext = _eth() / IP(src=A4, dst=B4) / TCP(sport=50445, dport=443, flags="PA") / Raw(gf.hello_without_extensions())
+    badext = _eth() / IP(src=A4, dst=B4) / TCP(sport=50446, dport=443, flags="PA") / Raw(gf.hello_ending_inside_ciphers())
+    return [bytes(f) for f in (one, two, sh, one_seg, noext, badext)]
+
+
+def webdav() -> list[bytes]:
+    reqs = gf.WEBDAV + [gf.TOKEN_METHOD, gf.BARE_LF, gf.SCANNER_GET]
+    return [bytes(_eth() / IP(src=A4, dst=B4) / TCP(sport=51000 + i, dport=80, flags="PA", seq=1000, ack=1) / Raw(r))
+            for i, r in enumerate(reqs)]
+
+
+def qinqinq() -> list[bytes]:
+    """Three, four and five tags (802.1ad outer, 802.1Q inside) around IPv4/UDP and IPv6/TCP."""
+    ip4 = IP(src=A4, dst=B4) / UDP(sport=52001, dport=4789) / Raw(b"q" * 8)
+    ip6 = IPv6(src=A6, dst=B6) / TCP(sport=52002, dport=8080, flags="S", seq=99)
+    return [bytes(f) for f in (
+        _eth() / Dot1AD(vlan=100) / Dot1Q(vlan=200) / Dot1Q(vlan=300) / ip4,
+        _eth() / Dot1AD(vlan=101) / Dot1Q(vlan=201) / Dot1Q(vlan=301) / Dot1Q(vlan=401) / ip6,
+        _eth() / Dot1AD(vlan=102) / Dot1AD(vlan=202) / Dot1Q(vlan=302) / Dot1Q(vlan=402) / Dot1Q(vlan=502) / ip4,
+    )]
+
+
+def dns_long() -> list[bytes]:
+    """A 255-octet name (DNS's limit), one past it with dots inside labels, a 2-byte cut header, and a
+    255-octet name of dotted labels (373 characters escaped: cut mid-escape before issue 14)."""
+    udp = lambda sport: _eth() / IP(src=A4, dst=B4) / UDP(sport=sport, dport=53)  # noqa: E731
+    return [bytes(udp(53001) / Raw(gf.dns_long_name_query(over=False))),
+            bytes(udp(53002) / Raw(gf.dns_long_name_query(over=True))),
+            bytes(udp(53003) / Raw(struct.pack("!H", 0x4444))),
+            bytes(udp(53004) / Raw(gf.dns_dotted_name_query()))]
+
+
+CAPTURES = {"tls-pq-hello-2seg.pcap": pq_tls, "http-webdav.pcap": webdav, "qinqinq.pcap": qinqinq,
+            "dns-long-name.pcap": dns_long}
+
+
+def packets(name: str) -> list[bytes]:
+    return CAPTURES[name]()
+
+
+def main() -> None:
+    for name, build in CAPTURES.items():
+        frames = [Ether(f) for f in build()]
+        for i, f in enumerate(frames):
+            f.time = 1_780_000_000 + i / 1000
+        wrpcap(str(HERE / name), frames)
+        print(name, len(frames), "frames")
+
+
+if __name__ == "__main__":
+    main()
