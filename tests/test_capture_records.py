@@ -28,7 +28,8 @@ def test_layout_matches_the_c_struct():
     # Spot checks against bpf/types.h (natural alignment, no holes).
     assert offsets["src_ip"] == 16 and offsets["eth_src"] == 48 and offsets["ip_id"] == 64
     assert offsets["frag_offset"] == 80 and offsets["parse_flags"] == 98 and offsets["direction"] == 100
-    assert offsets["icmp_code"] == 110 and offsets["payload_len"] == 112 and offsets["vlan_inner_id"] == 114
+    assert offsets["icmp_code"] == 110 and offsets["payload_len"] == 112 and offsets["ip_len"] == 114
+    assert offsets["l4_len"] == 116 and offsets["vlan_inner_id"] == 118
 
 
 def test_decode_gives_registry_columns():
