@@ -59,10 +59,10 @@ SYSTEM_TABLES = frozenset({
     "aggregate_function_combinators", "keywords", "parts", "parts_columns", "data_skipping_indices",
     "build_options", "licenses", "settings_changes", "merge_tree_settings", "errors", "metrics", "events",
     "asynchronous_metrics", "current_roles", "enabled_roles",
-    # The engine's own view of its limits and of what runs (the SQL endpoint has one user; the writer's
-    # INSERT statements name a table and a format, never data or credentials): how an operator checks
-    # that a limit is in force and that an abandoned query was cancelled.
-    "server_settings", "processes",
+    # The engine's limits as they run (max_server_memory_usage): how an operator checks one is in force.
+    # Not system.processes: other queries' text is not for clients (the server counts its running SQL
+    # queries for /metrics instead, hdrlog_server_sql_engine_queries).
+    "server_settings",
 })
 INFORMATION_SCHEMA_TABLES = frozenset({"tables", "columns", "schemata", "views", "key_column_usage",
                                        "referential_constraints", "statistics"})
