@@ -82,6 +82,8 @@ class Server:
             log.warning("server: the SQL endpoint on port %d asks for no credentials (--insecure without --sql-user)",
                         self.sql_port)
         if self.store.embedded:
+            running = await asyncio.to_thread(self.store.server_setting, "max_server_memory_usage")
+            self.metrics.engine_memory_limit.set(int(running or 0))
             log.info("server: store memory limit %d MiB (max_server_memory_usage); SQL queries: %d MiB, %g s, "
                      "%d at once", self.store.server_memory_bytes >> 20, cfg.sql_max_memory_usage >> 20,
                      cfg.sql_max_execution_time, cfg.sql_max_concurrent_queries)

@@ -49,6 +49,9 @@ class ServerMetrics:
                                             "Time streams waited for room in the pending buffer", registry=r)
         self.sql_queries = Counter(f"{NS}_sql_queries", "SQL endpoint requests, by outcome", ["outcome"],
                                    registry=r)
+        self.engine_memory_limit = Gauge(f"{NS}_engine_memory_limit_bytes", "The embedded engine's "
+                                         "max_server_memory_usage as it runs (its system.server_settings)",
+                                         registry=r)
         # Set to read the engine's own process list at scrape time (the server wires it to the store).
         self.sql_engine_queries = Gauge(f"{NS}_sql_engine_queries", "SQL-endpoint queries the engine runs now "
                                         "(its system.processes; -1 when it cannot be read)", registry=r)

@@ -59,10 +59,9 @@ SYSTEM_TABLES = frozenset({
     "aggregate_function_combinators", "keywords", "parts", "parts_columns", "data_skipping_indices",
     "build_options", "licenses", "settings_changes", "merge_tree_settings", "errors", "metrics", "events",
     "asynchronous_metrics", "current_roles", "enabled_roles",
-    # The engine's limits as they run (max_server_memory_usage): how an operator checks one is in force.
-    # Not system.processes: other queries' text is not for clients (the server counts its running SQL
-    # queries for /metrics instead, hdrlog_server_sql_engine_queries).
-    "server_settings",
+    # Not system.server_settings (paths of the host) nor system.processes (other queries' text): the
+    # server exports what an operator needs from them on /metrics (hdrlog_server_engine_memory_limit_bytes,
+    # hdrlog_server_sql_engine_queries).
 })
 INFORMATION_SCHEMA_TABLES = frozenset({"tables", "columns", "schemata", "views", "key_column_usage",
                                        "referential_constraints", "statistics"})
