@@ -24,7 +24,7 @@ from scapy.layers.tls.record import TLS
 
 from bench.bpfrun import prog_stats
 from hdrlog.collector.capture import Capture, CaptureConfig
-from hdrlog.lab import Lab
+from hdrlog.dev.lab import Lab
 
 SEND = """
 import json, socket, sys

@@ -132,7 +132,7 @@ def rig(prefix: str = "hb"):
     Yields (lab, host, server, pcap path, work dir, pcap packets). Everything is
     stopped and removed on the way out, also on error.
     """
-    from hdrlog.lab import Lab
+    from hdrlog.dev.lab import Lab
     from tests.support import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="hdrlog-bench-") as tmp, Lab(prefix) as lab:

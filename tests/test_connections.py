@@ -27,7 +27,7 @@ from hdrlog.collector import connections as cm
 from hdrlog.collector import records
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.communityid import community_id
-from hdrlog.lab import Lab
+from hdrlog.dev.lab import Lab
 from tests.frames import FAKE_SRC, send_frames, v16
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
