@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
 
