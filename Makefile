@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: install
-	$(PY) -m hdrlog.demo
+	$(PY) -m hdrlog.dev.demo
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -27,8 +27,8 @@ from scapy.layers.tls.record import TLS
 from bench.bpfrun import prog_stats
 from hdrlog.collector import capture as capmod
 from hdrlog.collector.capture import Capture, CaptureConfig
+from hdrlog.dev.lab import Lab
 from tests import gapframes
-from hdrlog.lab import Lab
 
 SEND = """
 import json, socket, sys

@@ -6,7 +6,7 @@ by its source port, for the whole run. Mid-run the collector is restarted the wa
 systemd restarts it: SIGTERM, wait for the exit, start the next process.
 
 * figure: tcx links kept in a service manager's fd store across the restart
-  (tests/servicemanager.py speaks systemd's protocol), the way the playbooks
+  (hdrlog/dev/servicemanager.py speaks systemd's protocol), the way the playbooks
   install the unit: the next collector takes the running capture over;
 * baseline, same run: ``--attach tc`` and no fd store, the old behaviour: the old
   collector detaches, packets are missed until the next one has compiled and
@@ -40,8 +40,8 @@ for i in range(n):  # datagram i comes from source port 20000 + i: its number, r
 
 def _trial(lab, host, server, work, name: str, port: int, handover: bool) -> tuple[int, int, float]:
     """(sent, missed, seconds from SIGTERM to the next collector capturing) for one restart."""
-    from tests.servicemanager import FdStoreManager
-    from tests.support import CollectorProcess, wait_until
+    from hdrlog.dev.servicemanager import FdStoreManager
+    from hdrlog.dev.processes import CollectorProcess, wait_until
 
     manager = FdStoreManager(work) if handover else None
     extra = ("--attach", "tcx") if handover else ("--attach", "tc")

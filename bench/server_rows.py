@@ -1,6 +1,6 @@
 """Server benchmark: rows/s from gRPC Batch to rows in ClickHouse, against a row-wise insert.
 
-Reuses hdrlog.server.bench (``python -m hdrlog.server.bench`` prints every stage):
+Reuses bench.server_stages (``python -m bench.server_stages`` prints every stage):
 ``make_batch`` builds columnar packets Batches of ``ROWS`` rows, and its
 ``_end_to_end`` streams them to a whole in-process server (grpc.aio ->
 validate -> Arrow -> insert -> Ack) over loopback into a fresh embedded chDB
@@ -182,14 +182,14 @@ def _schema_rows(msgs) -> list[dict]:
 
 
 def _grpc(msgs) -> float:
-    from hdrlog.server.bench import _end_to_end
+    from bench.server_stages import _end_to_end
 
     with tempfile.TemporaryDirectory() as tmp:
         return asyncio.run(_end_to_end(tmp, msgs))
 
 
 def run() -> list[dict]:
-    from hdrlog.server.bench import make_batch
+    from bench.server_stages import make_batch
 
     msgs = [make_batch(s, ROWS) for s in range(1, BATCHES + 1)]
     ours, rowwise, arrow = [], [], []

@@ -2,7 +2,7 @@
 
 One in-process server (``hdrlog.server.Server``: gRPC ingest, writer, SQL endpoint, one embedded chDB
 store, as deployed) on loopback. A collector-like client streams packets Batches of ``ROWS`` rows
-(``hdrlog.server.bench.make_batch``) with up to ``IN_FLIGHT`` unacknowledged, and counts the rows
+(``bench.server_stages.make_batch``) with up to ``IN_FLIGHT`` unacknowledged, and counts the rows
 acked per second. Phases of ``SECONDS`` alternate, ``ROUNDS`` times, with the same client:
 
 - ``quiet``: no SQL (the baseline);
@@ -92,7 +92,7 @@ class Ingest:
     """A collector-like stream: batches sent with at most IN_FLIGHT unacked; acked rows counted."""
 
     def __init__(self, target: str):
-        from hdrlog.server.bench import make_batch
+        from bench.server_stages import make_batch
 
         self.batch = make_batch(1, ROWS, collector_id="sqlload")
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])

@@ -132,8 +132,8 @@ def rig(prefix: str = "hb"):
     Yields (lab, host, server, pcap path, work dir, pcap packets). Everything is
     stopped and removed on the way out, also on error.
     """
-    from hdrlog.lab import Lab
-    from tests.support import ServerProcess
+    from hdrlog.dev.lab import Lab
+    from hdrlog.dev.processes import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="hdrlog-bench-") as tmp, Lab(prefix) as lab:
         work = Path(tmp)
@@ -150,7 +150,7 @@ def rig(prefix: str = "hb"):
 
 def collector(server, host, work: Path, name: str, *extra: str):
     """A started ``hdrlog collector`` on the host's root-side veth, connected to ``server``."""
-    from tests.support import CollectorProcess, wait_until
+    from hdrlog.dev.processes import CollectorProcess, wait_until
 
     c = CollectorProcess(server.address, [host.peer_ifname], name, work, *extra)
     try:

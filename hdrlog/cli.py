@@ -14,6 +14,7 @@ import textwrap
 
 from hdrlog import __version__
 from hdrlog import config as cfg
+from hdrlog.errors import UserError
 
 EPILOG = textwrap.dedent("""\
     Every flag FOO_BAR also reads HDRLOG_FOO_BAR from the environment and key foo_bar from the
@@ -252,7 +253,7 @@ def _server_run(ns: argparse.Namespace) -> int:
 def _server_check(ns: argparse.Namespace) -> int:
     from hdrlog.server.config import ServerConfig
     from hdrlog.report.config import ReportConfig
-    from hdrlog.sqlclient import redact
+    from hdrlog.clickhouse import redact
 
     config = cfg.load(ServerConfig, args=vars(ns), file=ns.config, section="server")
     if config.report_every:
@@ -267,7 +268,7 @@ def _server_migrate(ns: argparse.Namespace) -> int:
     _require_server_extra("hdrlog server migrate")
     from hdrlog.server.config import ServerConfig
     from hdrlog.server.store import Store, StoreError
-    from hdrlog.sqlclient import redact
+    from hdrlog.clickhouse import redact
 
     args = {"clickhouse": ns.clickhouse, "insecure": True}
     config = cfg.load(ServerConfig, args=args, file=ns.config, section="server")
@@ -369,10 +370,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-class UserError(Exception):
-    """A failure with a one-line explanation for the person at the terminal."""
 
 
 if __name__ == "__main__":

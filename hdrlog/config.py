@@ -23,17 +23,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from hdrlog.errors import ConfigError  # noqa: F401 - part of this module's interface
+
 ENV_PREFIX = "HDRLOG_"
 # The sections a config file may have, one per command that reads one.
 SECTIONS = ("collector", "report", "server")
-
-
-class ConfigError(ValueError):
-    """One clear line: which key, which value, what is allowed."""
-
-    def __init__(self, key: str, value: object, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"bad config {key}={value!r}: {allowed}")
 
 
 def doc_field(default: Any = dataclasses.MISSING, doc: str = "", *, flag: bool = True, duration: bool = False,

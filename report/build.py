@@ -118,7 +118,7 @@ def build(query: Callable[[str], list[dict[str, Any]]], cfg: ReportConfig, *, no
             report.findings += detector.detect(ctx)
             report.detectors_run.append(name)
         except Exception as exc:  # noqa: BLE001 - one broken detector must not hide the others
-            from hdrlog.server.store import short_message
+            from hdrlog.clickhouse import one_line as short_message
             report.failed[name] = short_message(exc)
             log.warning("report: detector %s failed: %s", name, short_message(exc))
         log.debug("report: %s took %.2fs", name, time.perf_counter() - t0)

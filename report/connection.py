@@ -25,10 +25,10 @@ class Connection:
 
 def connect(cfg: ReportConfig) -> Connection:
     """--clickhouse (may write) or --url (read-only endpoint); with neither, the local endpoint."""
-    from hdrlog import sqlclient
+    from hdrlog import clickhouse, sqlclient
 
     if cfg.clickhouse:
         url, writable = cfg.clickhouse, True
     else:
         url, writable = cfg.sql_url or sqlclient.DEFAULT_SQL_URL, False
-    return Connection(sqlclient.connect(url), writable=writable, label=sqlclient.redact(url))
+    return Connection(clickhouse.connect(url), writable=writable, label=clickhouse.redact(url))

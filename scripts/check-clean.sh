@@ -23,7 +23,7 @@ for d in os.listdir("/sys/class/net"):
                 print(d, direction, name)
 ' 2>&1)
 if [ -n "$tcx" ]; then echo "check-clean: hdrlog tcx programs left: $tcx" >&2; bad=1; fi
-procs=$(pgrep -af 'hdrlog (server|collector)|hdrlog.server|hdrlog.demo' | grep -v pgrep || true)
+procs=$(pgrep -af 'hdrlog (server|collector)|hdrlog.server|hdrlog.dev.demo' | grep -v pgrep || true)
 if [ -n "$procs" ]; then echo "check-clean: processes left: $procs" >&2; bad=1; fi
 [ $bad -eq 0 ] && echo "check-clean: nothing left behind"
 exit $bad

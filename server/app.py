@@ -36,7 +36,7 @@ from hdrlog.report.scheduler import ReportScheduler
 from hdrlog.report.config import ReportConfig
 from hdrlog.server.sqlhttp import QUERY_MARKER, Limits, SqlEndpoint
 from hdrlog.server.store import Store, StoreError
-from hdrlog.sqlclient import redact
+from hdrlog.clickhouse import redact
 from hdrlog.server.writer import Writer
 
 log = logging.getLogger("hdrlog.server")

@@ -36,7 +36,8 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from hdrlog.server import schema
-from hdrlog.sqlclient import redact
+from hdrlog.clickhouse import error_code, redact
+from hdrlog.clickhouse import one_line as short_message
 
 log = logging.getLogger("hdrlog.server")
 
@@ -82,37 +83,6 @@ def _as_text(value: Any) -> str:
 def quote_value(value: str) -> str:
     """A setting's value as a SQL string literal (ClickHouse converts it to the setting's type)."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def short_message(exc: BaseException, limit: int = 400) -> str:
-    """One line from a clickhouse-connect / chDB exception, without version trailers."""
-    text = " ".join(str(exc).split())
-    for marker in (" (version ", "Stack trace"):
-        cut = text.find(marker)
-        if cut > 0:
-            text = text[:cut]
-    # chDB nests "Code: N. DB::Exception: Code: N. DB::Exception: ..." — keep the innermost.
-    inner = text.rfind("DB::Exception: ")
-    if inner >= 0:
-        text = text[inner + len("DB::Exception: "):]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def error_code(exc: BaseException) -> int:
-    code = getattr(exc, "code", None)
-    if isinstance(code, int) and code:
-        return code
-    text = str(exc)
-    pos = text.rfind("Code: ")
-    if pos >= 0:
-        digits = ""
-        for ch in text[pos + 6:]:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if digits:
-            return int(digits)
-    return 0
 
 
 def classify(exc: BaseException) -> StoreError:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from hdrlog.lab import Lab
+from hdrlog.dev.lab import Lab
 from tests.support import ServerProcess
 
 
 @pytest.fixture
 def lab():
-    """A network-namespace lab (hdrlog.lab.Lab), torn down after the test even on failure."""
+    """A network-namespace lab (hdrlog.dev.lab.Lab), torn down after the test even on failure."""
     with Lab() as lab:
         yield lab
 

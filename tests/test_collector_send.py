@@ -6,7 +6,6 @@ import asyncio
 
 import grpc
 import numpy as np
-import pytest
 
 from hdrlog.collector.batcher import Batcher
 from hdrlog.collector.sender import Outbox, Sender

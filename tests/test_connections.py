@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
 
@@ -27,7 +26,7 @@ from hdrlog.collector import connections as cm
 from hdrlog.collector import records
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.communityid import community_id
-from hdrlog.lab import Lab
+from hdrlog.dev.lab import Lab
 from tests.frames import FAKE_SRC, send_frames, v16
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from hdrlog import pki
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from tests.support import HDRLOG, ServerProcess, wait_until
-from tests.test_server_helpers import batch, packets_table
+from tests.support import batch, packets_table
 
 OK, REJECTED, RETRY = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED, ingest_pb2.Ack.RETRY
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -316,7 +315,7 @@ def test_insecure_forged_huge_seq_takes_only_that_seq_never_the_victims_later_on
 def test_flush_given_up_after_its_insert_landed_is_not_stored_twice(tmp_path):
     """An unexpected error after the INSERT returned (the rows are in) answers RETRY; the resend comes
     in another flush (another dedup token), so only the tables can say it is stored."""
-    from tests.test_server_helpers import ServerThread, config
+    from tests.support import ServerThread, config
     srv = ServerThread(config(tmp_path / "store", flush_interval=0.3, flush_rows=10**6)).start()
     try:
         store = srv.server.store

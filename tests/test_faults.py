@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from hdrlog import pki
-from tests.servicemanager import FdStoreManager
+from hdrlog.dev.servicemanager import FdStoreManager
 from tests.support import CollectorProcess, ServerProcess, free_port, hdrlog_hooks, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")

@@ -12,10 +12,9 @@ import time
 
 import numpy as np
 import pytest
-from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw
+from scapy.all import IP, TCP, UDP, Ether, IPv6, Raw
 from scapy.layers.dns import DNS, DNSQR
 
-from hdrlog.collector import records
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.filters import FilterError, parse_rules
 from tests.frames import FAKE_SRC, send_frames, v16

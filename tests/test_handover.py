@@ -1,6 +1,6 @@
 """A collector restart under a service manager loses nothing: the capture is handed over.
 
-The collector runs as the real `hdrlog` process, started by tests/servicemanager.py
+The collector runs as the real `hdrlog` process, started by hdrlog/dev/servicemanager.py
 exactly as systemd starts a ``Type=notify`` service with an fd store (the e2e lab
 does the same under the real systemd). Traffic flows through the whole restart,
 including a second in which no collector process exists at all; every datagram
@@ -19,7 +19,7 @@ import time
 import pytest
 
 from hdrlog.collector import bpfsys
-from tests.servicemanager import FdStoreManager
+from hdrlog.dev.servicemanager import FdStoreManager
 from tests.support import CollectorProcess, hdrlog_hooks, wait_until
 from tests.test_e2e import send_udp
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
-from tests.test_server_helpers import ServerThread, batch, config
+from tests.support import ServerThread, batch, config
 
 OK, REJECTED, RETRY = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED, ingest_pb2.Ack.RETRY
 # Each client its own TCP connection, as separate processes would have (gRPC shares them by default).

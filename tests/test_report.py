@@ -12,7 +12,6 @@ import email
 import http.server
 import json
 import os
-import socket
 import socketserver
 import stat
 import subprocess

@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hdrlog.lab import Lab
+from hdrlog.dev.lab import Lab
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from tests.support import HDRLOG, CollectorProcess, ServerProcess, wait_until

@@ -25,7 +25,7 @@ from hdrlog.config import ConfigError
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server import ServerConfig
 from tests.support import HDRLOG
-from tests.test_server_helpers import ServerThread, batch
+from tests.support import ServerThread, batch
 
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 USER, PASSWORD = "analyst", "s3cret: with spaces & ünïcode"

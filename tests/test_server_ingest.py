@@ -13,7 +13,7 @@ import pytest
 
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2
-from tests.test_server_helpers import ServerThread, T0, batch, config, packet_columns, packets_table
+from tests.support import ServerThread, T0, batch, config, packet_columns, packets_table
 
 OK, REJECTED, RETRY = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED, ingest_pb2.Ack.RETRY
 

@@ -1,26 +1,17 @@
-"""Exactly-once across a server SIGKILL: the server runs as `python -m hdrlog.server`, is killed while
-batches are in flight, restarted on the same store, and every batch arrives exactly once."""
+"""Exactly-once across a server SIGKILL: the real `hdrlog server run` is killed while batches are in
+flight, restarted on the same store, and every batch arrives exactly once."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.parse
-import urllib.request
 
 import grpc
 import numpy as np
 
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server.writer import Outcome  # noqa: F401 - import check of the package under test
-from tests.test_server_helpers import NS_DAY, ServerProcess, batch, packets_table
-
-
-def sql(proc: ServerProcess, query: str) -> list[dict]:
-    qs = urllib.parse.urlencode({"query": query + " FORMAT JSONEachRow"})
-    with urllib.request.urlopen(f"http://127.0.0.1:{proc.ports['sql_port']}/?{qs}", timeout=30) as r:
-        return [json.loads(line) for line in r.read().splitlines()]
+from tests.support import NS_DAY, ServerProcess, batch, packets_table
 
 
 class MiniCollector:
@@ -66,11 +57,11 @@ def test_sigkill_while_batches_are_in_flight_then_restart_stores_everything_once
     ts_col.values = ts.tobytes()
     batches[40] = batch(41, tables=[span], collector_id="kill-test")
 
-    proc = ServerProcess(store, tmp_path / "server.log", "--flush-rows", "5000", "--flush-interval", "0.05")
+    proc = ServerProcess(f"chdb://{store}", tmp_path, "--flush-rows", "5000", "--flush-interval", "0.05")
     collector = MiniCollector(batches)
     try:
         proc.start()
-        sender = threading.Thread(target=collector.run_once, args=(proc.target, 0.01))
+        sender = threading.Thread(target=collector.run_once, args=(proc.address, 0.01))
         sender.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(collector.acks) < 15:
@@ -84,25 +75,23 @@ def test_sigkill_while_batches_are_in_flight_then_restart_stores_everything_once
         # the collector resends what was unacked; on top, resend a few that were acked (harmless)
         for b in batches[:5]:
             collector.unacked.setdefault(b.seq, b)
-        assert collector.run_once(proc.target)
-        got = sql(proc, "SELECT batch_seq, count() AS n FROM hdrlog.packets GROUP BY batch_seq ORDER BY batch_seq")
+        assert collector.run_once(proc.address)
+        got = proc.sql("SELECT batch_seq, count() AS n FROM hdrlog.packets GROUP BY batch_seq ORDER BY batch_seq")
         assert [(r["batch_seq"], int(r["n"])) for r in got] == [(s, rows) for s in range(1, n_batches + 1)]
-        days = sql(proc, "SELECT uniqExact(toDate(ts)) AS d FROM hdrlog.packets WHERE batch_seq = 41")
+        days = proc.sql("SELECT uniqExact(toDate(ts)) AS d FROM hdrlog.packets WHERE batch_seq = 41")
         assert int(days[0]["d"]) == 2
         dup_acks = [a for a in collector.acks if a.duplicate]
         assert len(dup_acks) >= 5
     finally:
-        assert proc.stop() == 0, (tmp_path / "server.log").read_text()[-2000:]
+        assert proc.stop() == 0, proc.log()[-2000:]
 
 
-def test_module_entry_point_reports_ports_and_exits_cleanly(tmp_path):
-    proc = ServerProcess(tmp_path / "store", tmp_path / "server.log")
+def test_a_clean_stop_logs_one_stopped_line(tmp_path):
+    proc = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)
     try:
         proc.start()
-        assert set(proc.ports) == {"grpc_port", "sql_port", "metrics_port"}
-        with urllib.request.urlopen(f"http://127.0.0.1:{proc.ports['sql_port']}/ping", timeout=10) as r:
-            assert r.read() == b"Ok.\n"
+        assert proc.http("/ping") == "Ok.\n"
     finally:
         assert proc.stop() == 0
-    log = (tmp_path / "server.log").read_text()
-    assert "server: stopped;" in log and "Traceback" not in log
+    log = proc.log()
+    assert log.count("server: stopped;") == 1 and "Traceback" not in log

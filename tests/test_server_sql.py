@@ -14,7 +14,7 @@ import urllib.request
 import clickhouse_connect
 import pytest
 
-from tests.test_server_helpers import ServerThread, batch, config
+from tests.support import ServerThread, batch, config
 
 
 @pytest.fixture(scope="module")

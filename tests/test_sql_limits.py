@@ -1,6 +1,6 @@
 """One query or one client must not take the server down (issue 11): the SQL endpoint's limits.
 
-Each test runs a real ``hdrlog server`` process (tests/support.py ServerProcess) on a store under
+Each test runs a real ``hdrlog server`` process (tests/support ServerProcess) on a store under
 tmp_path and talks HTTP over loopback sockets. Memory is never put at risk: the server runs with a small
 ``--max-server-memory-usage`` and a small per-query cap, and the tests read its RSS from /proc.
 Timings are generous bounds far from the configured limits, never tight absolute numbers.

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 
 from hdrlog import sqlclient
 from hdrlog.collector import bpfsys
-from hdrlog.lab import Lab
+from hdrlog.dev.lab import Lab
 
 GRPC = "127.0.0.1:7600"
 SQL_URL = "http://127.0.0.1:7623"
@@ -152,7 +152,7 @@ def _count(host: str, since: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hdrlog.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m hdrlog.dev.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clickhouse", help="store URL (default: the server's default embedded store)")
     args = parser.parse_args(argv)

@@ -1,7 +1,9 @@
-"""Test helpers: the real `hdrlog` server and collector as processes, and SQL over HTTP.
+"""The real `hdrlog` server and collector as child processes, and SQL over HTTP to the server.
 
-Every process started here is stopped by the fixture that owns it (see
-conftest.py), also when the test fails.
+Shared by the tests (through tests/support), the benchmarks and the demo. Whoever starts a
+process here stops it (the tests' fixtures do, also when a test fails). ``hdrlog_hooks`` is the
+one answer to "is hdrlog attached to this interface" (tcx links and tc filters, as the kernel
+reports them).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Process:
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.env = env
-        self.manager = manager  # a tests/servicemanager.py FdStoreManager: started as systemd would
+        self.manager = manager  # a hdrlog.dev.servicemanager FdStoreManager: started as systemd would
 
     def start(self) -> None:
         log = open(self.log_path, "ab")

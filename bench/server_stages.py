@@ -1,4 +1,4 @@
-"""Insert throughput: ``python -m hdrlog.server.bench [--rows 100000] [--batches 20]``.
+"""Insert throughput: ``python -m bench.server_stages [--rows 100000] [--batches 20]``.
 
 Prints rows/s per stage for 100k-row packet batches into a fresh embedded chDB
 store, with the ratio against a baseline measured in the same run (the bare

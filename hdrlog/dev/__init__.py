@@ -1,0 +1,1 @@
+"""Developer tools, not the product: the network-namespace lab (``lab``) and ``make demo`` (``demo``)."""

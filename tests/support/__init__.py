@@ -1,0 +1,16 @@
+"""Test support, for tests only (nothing outside tests/ imports it).
+
+- processes: the real ``hdrlog server`` and ``hdrlog collector`` as processes (hdrlog.dev.processes,
+  shared with the benchmarks and the demo), free ports, waiting;
+- inproc: a Server in a thread of the test process (``ServerThread``) and its config;
+- batches: Batch builders over the wire contract's encoder, and a stream that returns acks.
+"""
+
+from hdrlog.dev.processes import (HDRLOG, CollectorProcess, Process, ServerProcess, free_port, hdrlog_hooks,
+                                  hdrlog_tc_filters, wait_until)
+from tests.support.batches import NS_DAY, T0, batch, ip16, packet_columns, packets_table, stream_acks
+from tests.support.inproc import ServerThread, config
+
+__all__ = ["HDRLOG", "NS_DAY", "T0", "CollectorProcess", "Process", "ServerProcess", "ServerThread", "batch",
+           "config", "free_port", "hdrlog_hooks", "hdrlog_tc_filters", "ip16", "packet_columns", "packets_table",
+           "stream_acks", "wait_until"]
