@@ -25,7 +25,7 @@ from hdrlog import pki
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from tests.support import HDRLOG, ServerProcess, wait_until
-from tests.test_server_helpers import batch, packet_columns
+from tests.support import batch, packet_columns
 
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -216,7 +216,7 @@ def test_a_tiny_batch_claiming_millions_of_rows_is_rejected_before_any_allocatio
 def test_a_full_pending_buffer_stops_a_stream_before_it_converts_the_next_batch(tmp_path, monkeypatch):
     """The store holds the first flush; with the pending buffer full, the next batch read is not
     converted (no Arrow allocation) until the flush is done, then everything is stored."""
-    from tests.test_server_helpers import ServerThread, config
+    from tests.support import ServerThread, config
     import hdrlog.server.ingest as ingest
 
     converted: list[int] = []

@@ -132,7 +132,7 @@ def test_server_runs_as_nobody_without_capabilities_writing_only_its_store(var_w
     workdir = var_workdir
     from hdrlog import pki
     from tests.test_ingest_guard import credentials, one_batch
-    from tests.test_server_helpers import batch
+    from tests.support import batch
 
     certs = workdir / "pki"
     pki.init_ca(certs)
