@@ -273,6 +273,9 @@ def test_grafana_discovery_queries(endpoint):
     assert "hdrlog" in databases
     tables = {r[0] for r in grafana(endpoint, 'SHOW TABLES FROM "hdrlog"')}  # fetchTables(db)
     assert {"packets", "flows", "connections", "collector_stats", "anomalies"} <= tables
+    for sql in ("SHOW TABLES FROM hdrlog FORMAT JSONEachRow", "SHOW TABLES FORMAT JSONEachRow"):
+        status, _, body = query(endpoint, sql, database="hdrlog")  # a FORMAT after the database still counts
+        assert status == 200 and {"name": "packets"} in [json.loads(x) for x in body.splitlines()], body[:300]
     columns = {r[0]: r[1] for r in grafana(endpoint, 'DESC TABLE "hdrlog"."packets"')}  # fetchColumnsFromTable
     assert columns["ts"] == "DateTime64(9, 'UTC')" and columns["src_ip"] == "IPv6"
     assert {r[0] for r in grafana(endpoint, 'DESC TABLE "hdrlog"."connections"')} >= {"conn_state", "uid"}
