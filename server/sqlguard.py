@@ -372,6 +372,9 @@ class SqlGuard:
             return self._tail(body[1:])
         if root.kind == "DescribeQuery":
             return self._tail(body[1:])
+        if root.kind == "ShowTables" and body and body[0].kind == "Identifier" and (
+                len(body) > 1 or body[0].text.lower() not in _FORMATS_BY_LOWER):
+            body = body[1:]  # SHOW TABLES FROM db [FORMAT f]: the first name is the database (Grafana's fetchTables)
         return self._tail(body)  # SHOW ...: no table references in the tree (name listings only)
 
     def _tail(self, extra: list[_Node]) -> str | None:

@@ -73,7 +73,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
-from hdrlog.server import sqlguard
+from hdrlog.server import native, sqlguard
 from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.store import Store, StoreError
 
@@ -500,6 +500,10 @@ class SqlEndpoint:
             if not fut.done():
                 await asyncio.shield(asyncio.to_thread(self.store.cancel, marker))
             raise
+        try:  # Native at the client's client_protocol_version (hdrlog.server.native): keep when porting the HTTP layer
+            out = native.for_client(out, fmt, params.get("client_protocol_version"))
+        except native.NativeError as exc:
+            return _error(SqlError(exc.code, str(exc)), query_id=query_id)
         self.metrics.sql_queries.labels("ok").inc()
         headers = {
             "Content-Type": _CONTENT_TYPES.get(fmt.lower(), "text/plain; charset=UTF-8"),
