@@ -26,6 +26,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402 - after GRPC_VERBOSITY
 
+from hdrlog.collector import fdstore  # systemd's notify protocol (a no-op outside systemd)
 from hdrlog.config import parse_hostport
 from hdrlog.proto import ingest_pb2_grpc
 from hdrlog.server.config import ServerConfig
@@ -214,8 +215,11 @@ class Server:
             await self.start()
             if on_started is not None:
                 on_started(self)
+            # systemd (Type=notify): `systemctl start` returns once the schema is applied and every port listens.
+            fdstore.notify("READY=1")
             await stop.wait()
             log.info("server: signal received, stopping")
+            fdstore.notify("STOPPING=1")
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)

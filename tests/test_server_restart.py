@@ -95,3 +95,22 @@ def test_a_clean_stop_logs_one_stopped_line(tmp_path):
         assert proc.stop() == 0
     log = proc.log()
     assert log.count("server: stopped;") == 1 and "Traceback" not in log
+
+
+def test_the_server_tells_systemd_it_is_ready_once_it_answers(tmp_path):
+    """Type=notify: READY=1 comes after the schema is applied and every port listens, STOPPING=1 at a stop."""
+    from hdrlog.dev.processes import Process, wait_until
+    from hdrlog.dev.servicemanager import FdStoreManager
+
+    manager = FdStoreManager(tmp_path)
+    proc = ServerProcess(f"chdb://{tmp_path}/store", tmp_path, manager=manager)
+    try:
+        Process.start(proc)  # no polling of our own: systemd's word is all we wait for
+        wait_until(lambda: manager.ready_count() == 1 or not proc.alive(), 60, "READY=1")
+        assert proc.alive(), proc.log()[-2000:]
+        assert proc.http("/ping") == "Ok.\n"                 # the SQL endpoint answers at once
+        assert proc.sql("SELECT count() AS n FROM hdrlog.packets") == [{"n": 0}]  # the schema is there
+    finally:
+        assert proc.stop() == 0
+        manager.close()
+    assert any("STOPPING=1" in m for m in manager.messages), manager.messages

@@ -121,7 +121,8 @@ class ServerProcess(Process):
     SQL_USER, SQL_PASSWORD = "tester", "pw-for-tests"
 
     def __init__(self, store: str, log_dir: Path, *extra: str, host: str = "127.0.0.1", netns: str | None = None,
-                 pki: Path | None = None, command: list[str] | None = None, grpc_port: int | None = None):
+                 pki: Path | None = None, command: list[str] | None = None, grpc_port: int | None = None,
+                 manager=None):
         self.grpc_port, self.sql_port = grpc_port or free_port(), free_port()
         self.store, self.host, self.pki = store, host, pki
         security = ["--insecure"] if pki is None else [
@@ -132,7 +133,8 @@ class ServerProcess(Process):
                                     "--listen", f"{host}:{self.grpc_port}",
                                     "--sql-listen", f"{host}:{self.sql_port}",
                                     "--clickhouse", store, "--status-interval", "1", *extra], log_dir,
-                         env={"HDRLOG_SQL_PASSWORD": self.SQL_PASSWORD} if pki is not None else None)
+                         env={"HDRLOG_SQL_PASSWORD": self.SQL_PASSWORD} if pki is not None else None,
+                         manager=manager)
 
     @property
     def address(self) -> str:
