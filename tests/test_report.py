@@ -296,7 +296,7 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
     text = out.read_text()
     assert "<svg" in text and "198.19.9.9" in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
     conf = tmp_path / "hdrlog.yml"
-    conf.write_text("server:\n  ttl_packets_days: 30\n  ttl_anomalies_days: 400\n")
+    conf.write_text("server:\n  ttl_packets_days: 30\n  ttl_connections_days: 14\n  ttl_anomalies_days: 400\n")
     for _ in range(2):  # the first run sets the configured TTLs, the second finds nothing to do
         m = subprocess.run([*HDRLOG, "server", "migrate", "--clickhouse", url, "--config", str(conf)],
                            capture_output=True, text=True, timeout=60)
@@ -311,6 +311,9 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
         ttl = store._client.command("SELECT create_table_query FROM system.tables WHERE name = 'packets' "  # noqa: SLF001
                                     "AND database = 'hdrlog'")
         assert "toIntervalDay(30)" in ttl
+        ttl = store._client.command("SELECT create_table_query FROM system.tables WHERE name = 'connections' "  # noqa: SLF001
+                                    "AND database = 'hdrlog'")
+        assert "toDateTime(end_ts) + toIntervalDay(14)" in ttl  # kept 14 days after it was last seen
     finally:
         store.close()
     bad = subprocess.run([*HDRLOG, "report", "--clickhouse", url, "--since", "forever"], capture_output=True,
