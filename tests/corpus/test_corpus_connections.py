@@ -43,8 +43,9 @@ Ambiguous cases, and what is expected here:
   the file) get their final row at the inactivity timeout: S1 ("ShADad"), as Zeek writes
   them at the end of a trace.
 
-``HDRLOG_CORPUS=full`` adds every capture with TCP in it: every TCP conversation tshark sees
-has exactly one final connection row with a state of Zeek's vocabulary (no hand expectations).
+``HDRLOG_CORPUS=full`` adds every capture with TCP in it (no hand expectations): every
+connection has one final row and a state of Zeek's vocabulary (last run: 74 captures, 103 TCP
+connections).
 """
 
 from __future__ import annotations
