@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
-import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from scapy.all import IP, TCP, Ether, Raw
