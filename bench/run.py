@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, print one table, write it into BENCHMARKS.md.
 
-    python -m bench.run [OUT.md] [--only consumer,bpfcost,server_rows,collector_cpu,e2e,restart_gap]
+    python -m bench.run [OUT.md] [--only consumer,bpfcost,server_rows,conn_storage,collector_cpu,e2e,restart_gap]
 
 Each benchmark module has ``run() -> [row]``; every row is a figure beside a
 baseline measured in the same run, and their ratio (these machines are noisy:
@@ -16,10 +16,10 @@ import platform
 import sys
 import time
 
-from bench import bpfcost, collector_cpu, consumer, e2e, restart_gap, server_rows
+from bench import bpfcost, collector_cpu, conn_storage, consumer, e2e, restart_gap, server_rows
 
 BENCHES = {"consumer": consumer, "bpfcost": bpfcost, "collector_cpu": collector_cpu,
-           "server_rows": server_rows, "e2e": e2e, "restart_gap": restart_gap}
+           "server_rows": server_rows, "conn_storage": conn_storage, "e2e": e2e, "restart_gap": restart_gap}
 NOTES = "## Notes"
 
 

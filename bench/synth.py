@@ -91,3 +91,71 @@ def packets(rows: int, *, start_ns: int, seconds: float, hosts: int = 8, seed: i
         sel = np.nonzero(host_of == h)[0]
         out[f"host-{h:02d}"] = {k: ([v[i] for i in sel] if isinstance(v, list) else v[sel]) for k, v in cols.items()}
     return out
+
+
+def connections(count: int, *, start_ns: int, seconds: float, hosts: int = 8, seed: int = 1,
+                servers: int = 40, interim_share: float = 0.03) -> dict[str, dict[str, object]]:
+    """Columns of ``count`` connections (``connections`` rows) like ``packets()``' traffic: the
+    hosts' addresses connect to the same servers and services; most close cleanly (SF), about
+    1% are not answered (S0) or refused (REJ), some reset; ``interim_share`` of them also have
+    an interim row (final = 0) half-way, with half the counts. Split by host name."""
+    rng = np.random.default_rng(seed)
+    start = (start_ns + np.sort(rng.random(count)) * seconds * NS).astype(np.int64)
+    host_of = rng.integers(0, hosts, count)
+    host_ips = np.array([v16(f"198.18.{h}.{10 + k}") for h in range(hosts) for k in range(4)], dtype="V16")
+    server_ips = np.array([v16(f"198.19.{s // 200}.{s % 200 + 1}") for s in range(servers)], dtype="V16")
+    server_idx = rng.zipf(1.6, count) % servers
+    service = SERVICES[server_idx % len(SERVICES)]
+    udp = service == 53
+    fate = rng.random(count)
+    states = np.where(udp, np.where(fate < 0.01, "S0", "SF"),
+                      np.select([fate < 0.006, fate < 0.012, fate < 0.03], ["S0", "REJ", "RSTR"], "SF"))
+    history = np.select([udp & (states == "SF"), udp, states == "S0", states == "REJ", states == "RSTR"],
+                        ["Dd", "D", "S", "Sr", "ShADadr"], "ShADadFf")
+    ok = (states == "SF") | (states == "RSTR")
+    up = np.where(ok, rng.integers(40, 4000, count), 0)
+    down = np.where(ok, rng.integers(100, 200_000, count) * (~udp) + rng.integers(40, 300, count) * udp, 0)
+    opk = np.where(ok, 3 + up // 1400, 1)
+    rpk = np.where(ok, 2 + down // 1400, (states == "REJ").astype(int))
+    dur = np.where(ok, rng.exponential(2.0, count), np.where(states == "REJ", 0.0002, 0.0))
+    cols = registry.empty_columns("connections", count)
+    cols["start_ts"] = start
+    cols["end_ts"] = (start + dur * NS).astype(np.int64)
+    cols["ifname"] = ["eth0"] * count
+    cols["uid"] = [f"Csynth{seed:04d}{i:09d}" for i in range(count)]
+    cols["final"] = np.ones(count, dtype="u1")
+    cols["ip_version"] = np.full(count, 4, dtype="u1")
+    cols["ip_proto"] = np.where(udp, 17, 6).astype("u1")
+    cols["orig_ip"] = host_ips[host_of * 4 + rng.integers(0, 4, count)]
+    cols["orig_port"] = (32768 + rng.integers(0, 28000, count)).astype("<u2")
+    cols["resp_ip"] = server_ips[server_idx]
+    cols["resp_port"] = service.astype("<u2")
+    cols["orig_pkts"], cols["resp_pkts"] = opk.astype("<u8"), rpk.astype("<u8")
+    hdr = np.where(udp, 28, 52)
+    cols["orig_bytes"], cols["resp_bytes"] = up.astype("<u8"), down.astype("<u8")
+    cols["orig_ip_bytes"] = (up + hdr * opk).astype("<u8")
+    cols["resp_ip_bytes"] = (down + hdr * rpk).astype("<u8")
+    cols["conn_state"] = [str(s) for s in states]
+    cols["history"] = [str(s) for s in history]
+    cols["handshake_rtt_us"] = np.where(ok & ~udp, 200 + rng.integers(0, 40_000, count), 0).astype("<u4")
+    cols["orig_retrans"] = np.where(ok & ~udp & (rng.random(count) < 0.05), 1, 0).astype("<u4")
+    cols["community_id"] = [""] * count
+    extra = np.nonzero(rng.random(count) < interim_share)[0]  # an interim row half-way, half the counts
+    if len(extra):
+        for name, v in list(cols.items()):
+            part = [v[i] for i in extra] if isinstance(v, list) else v[extra].copy()
+            if name in ("orig_pkts", "resp_pkts", "orig_ip_bytes", "resp_ip_bytes", "orig_bytes", "resp_bytes"):
+                part = (part // 2).astype(v.dtype)
+            elif name == "end_ts":
+                part = ((cols["start_ts"][extra] + v[extra]) // 2).astype(v.dtype)
+            elif name == "final":
+                part = np.zeros(len(extra), dtype="u1")
+            elif name == "conn_state":
+                part = ["S1" if not u else "SF" for u in udp[extra]]
+            cols[name] = (v + part) if isinstance(v, list) else np.concatenate([v, part])
+        host_of = np.concatenate([host_of, host_of[extra]])
+    out: dict[str, dict[str, object]] = {}
+    for h in range(hosts):
+        sel = np.nonzero(host_of == h)[0]
+        out[f"host-{h:02d}"] = {k: ([v[i] for i in sel] if isinstance(v, list) else v[sel]) for k, v in cols.items()}
+    return out

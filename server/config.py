@@ -24,7 +24,7 @@ DEFAULT_STATUS_INTERVAL = 5.0
 DEFAULT_PENDING_FACTOR = 4
 # Age limits per table, in days. 0 = forever by default: a TTL deletes rows as they are inserted when
 # they are already older (replayed captures, backfills), so the operator chooses it (ttl_*_days).
-DEFAULT_TTL_DAYS = {"packets": 0, "flows": 0, "collector_stats": 0, "rollups": 0, "anomalies": 0}
+DEFAULT_TTL_DAYS = {"packets": 0, "flows": 0, "connections": 0, "collector_stats": 0, "rollups": 0, "anomalies": 0}
 DEFAULT_MAX_STREAMS = 4096
 DEFAULT_STREAMS_PER_CONNECTION = 8
 DEFAULT_STREAMS_PER_HOST = 16
@@ -156,6 +156,9 @@ class ServerConfig:
     ttl_packets_days: int = doc_field(DEFAULT_TTL_DAYS["packets"], "days hdrlog.packets keeps rows (whole days "
                                       "dropped at once); 0 keeps them forever")
     ttl_flows_days: int = doc_field(DEFAULT_TTL_DAYS["flows"], "days hdrlog.flows keeps rows; 0 = forever")
+    ttl_connections_days: int = doc_field(DEFAULT_TTL_DAYS["connections"],
+                                          "days hdrlog.connections keeps a connection after it was last seen "
+                                          "(end_ts, so a long-lived one stays whole); 0 = forever")
     ttl_collector_stats_days: int = doc_field(DEFAULT_TTL_DAYS["collector_stats"],
                                               "days hdrlog.collector_stats keeps rows; 0 = forever")
     ttl_rollups_days: int = doc_field(DEFAULT_TTL_DAYS["rollups"], "days the per-minute rollups (packets_1m, "
@@ -190,6 +193,7 @@ class ServerConfig:
         """Age limit per table (schema.apply_ttl)."""
         r = self.ttl_rollups_days
         return {"packets": self.ttl_packets_days, "flows": self.ttl_flows_days,
+                "connections": self.ttl_connections_days,
                 "collector_stats": self.ttl_collector_stats_days, "packets_1m": r, "pairs_1m": r, "services_1m": r,
                 "anomalies": self.ttl_anomalies_days}
 
@@ -298,8 +302,8 @@ class ServerConfig:
             raise ConfigError("max_message_bytes", self.max_message_bytes, "expected bytes from 1024 to 2147483647")
         if self.status_interval < 0:
             raise ConfigError("status_interval", self.status_interval, "expected seconds >= 0 (0 disables)")
-        for key in ("ttl_packets_days", "ttl_flows_days", "ttl_collector_stats_days", "ttl_rollups_days",
-                    "ttl_anomalies_days"):
+        for key in ("ttl_packets_days", "ttl_flows_days", "ttl_connections_days", "ttl_collector_stats_days",
+                    "ttl_rollups_days", "ttl_anomalies_days"):
             if not 0 <= getattr(self, key) <= 36500:
                 raise ConfigError(key, getattr(self, key), "expected days from 0 (keep forever) to 36500")
         if self.report_every and self.report_every_seconds < 10:

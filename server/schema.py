@@ -404,7 +404,9 @@ MIGRATIONS += [
 ]
 
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
-TTL_COLUMNS = {"packets": "ts", "flows": "start_ts", "collector_stats": "ts", "packets_1m": "minute",
+# connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
+# all its rows are older, so the final row of a long-lived connection keeps its day's part.
+TTL_COLUMNS = {"packets": "ts", "flows": "start_ts", "connections": "end_ts", "collector_stats": "ts", "packets_1m": "minute",
                "pairs_1m": "minute", "services_1m": "minute", "anomalies": "report_ts"}
 
 

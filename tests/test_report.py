@@ -56,6 +56,28 @@ class Filler:
         for t in convert_batch(b, host):
             self.store.insert(t.name, t.data, f"fill-{self.seq}-{t.name}")
 
+    def connections(self, host: str, rows: list[dict], start: float, spread: float) -> None:
+        """Connection rows given as dicts (addresses as text; final = 1 and a uid unless given)."""
+        n = len(rows)
+        cols: dict = {"start_ts": (start * NS + np.arange(n) * (spread * NS / max(n, 1))).astype("<i8")}
+        cols["end_ts"] = cols["start_ts"] + 1000
+        specs = registry.spec_of("connections")
+        for name in {k for r in rows for k in r}:
+            spec = specs[name]
+            vals = [r.get(name, "" if spec.is_string else 0) for r in rows]
+            if spec.dtype == "V16":
+                cols[name] = np.array([synth.v16(v) if v else b"\0" * 16 for v in vals], dtype="V16")
+            elif spec.is_string:
+                cols[name] = vals
+            else:
+                cols[name] = np.array(vals, dtype=spec.dtype)
+        cols.setdefault("uid", [f"Cinj{host}{start:.0f}{i:06d}" for i in range(n)])
+        cols.setdefault("final", np.ones(n, dtype="u1"))
+        cols.setdefault("ifname", ["eth0"] * n)
+        cols.setdefault("ip_version", np.full(n, 4, dtype="u1"))
+        cols.setdefault("ip_proto", np.full(n, 6, dtype="u1"))
+        self._send(host, "connections", cols)
+
     def crafted(self, host: str, rows: list[dict], start: float, spread: float) -> None:
         """Rows given as dicts of column values (addresses as text), spread evenly over ``spread`` seconds."""
         n = len(rows)
@@ -98,6 +120,12 @@ def filled(tmp_path_factory):
                 cols = {c: ([v for v, m in zip(vals, keep) if m] if isinstance(vals, list) else vals[keep])
                         for c, vals in cols.items()}
             fill.packets(host, cols)
+        # the hosts' connections (auto mode): mostly SF, ~1% S0/REJ, some with interim rows; host-03
+        # runs an older collector (packets only): its scan and flood below are judged from packets
+        for host, cols in synth.connections(3000, start_ns=int((e - 3600) * NS), seconds=3590, hosts=4,
+                                            seed=300 + k).items():
+            if host != "host-03":
+                fill._send(host, "connections", cols)
         if k == 0:  # host-01: five times its usual traffic
             for i in range(4):
                 fill.packets("host-01", synth.packets(24_000, start_ns=int((e - 3600) * NS), seconds=3590, hosts=4,
@@ -107,6 +135,25 @@ def filled(tmp_path_factory):
                                   "dst_port": 40000 + i, "tcp_flags": 0x10, "ttl": 40 if k == 0 else 60}
                                  for i in range(60)], e - 3000, 600)
     s = end - 1500
+    # port scan as connections (host-00 has them, so the detector reads those): 198.19.9.9 tries 300
+    # ports of 198.18.0.10: 200 refused, 97 unanswered, 3 open (SYN-ACK, then the scanner's RST)
+    fill.connections("host-00", [{"orig_ip": "198.19.9.9", "resp_ip": "198.18.0.10", "orig_port": 55555,
+                                  "resp_port": 1 + p, "orig_pkts": 1, "resp_pkts": 1 if p < 203 else 0,
+                                  "conn_state": "REJ" if p < 200 else "RSTO" if p < 203 else "S0",
+                                  "history": "Sr" if p < 200 else "ShR" if p < 203 else "S"}
+                                 for p in range(300)], s, 20)
+    # SYN flood as connections (host-01 has them): 2000 attempts from 50 sources to 198.18.1.10:443,
+    # none completed
+    fill.connections("host-01", [{"orig_ip": f"198.19.{100 + i % 50}.{1 + i % 10}", "resp_ip": "198.18.1.10",
+                                  "orig_port": 1024 + i, "resp_port": 443, "orig_pkts": 1, "conn_state": "S0",
+                                  "history": "S"} for i in range(2000)], s, 10)
+    # host-03 logs packets only: its scan and flood are judged from packets (before it goes quiet)
+    fill.crafted("host-03", [{"src_ip": "198.19.9.7", "dst_ip": "198.18.5.11", "ip_proto": 6, "src_port": 44444,
+                              "dst_port": 1 + p, "tcp_flags": 0x02} for p in range(80)], end - 2400, 20)
+    fill.crafted("host-03", [{"src_ip": f"198.19.{150 + i % 50}.{1 + i % 10}", "dst_ip": "198.18.5.10",
+                              "ip_proto": 6, "src_port": 2048 + i, "dst_port": 80, "tcp_flags": 0x02}
+                             for i in range(1500)], end - 2400, 10)
+    # (the packet rows of the scan and flood below are on hosts with connections: not judged from packets)
     # port scan: 198.19.9.9 SYNs 300 ports of 198.18.0.10; a few answer
     fill.crafted("host-00", [{"src_ip": "198.19.9.9", "dst_ip": "198.18.0.10", "ip_proto": 6, "src_port": 55555,
                               "dst_port": 1 + p, "tcp_flags": 0x02} for p in range(300)]
@@ -167,8 +214,8 @@ def test_every_detector_flags_its_injected_anomaly(filled):
     report = _build(url, since="1h")
     got = _subjects(report)
     assert not report.failed, report.failed
-    assert got.get("port_scan", set()) >= {"198.19.9.9"}
-    assert got.get("syn_flood") == {"198.18.1.10:443"}
+    assert got.get("port_scan") == {"198.19.9.9", "198.19.9.7"}
+    assert got.get("syn_flood") == {"198.18.1.10:443", "198.18.5.10:80"}
     assert got.get("tcp_flags") == {"198.19.9.8"}
     assert "host-01" in got.get("traffic_spike", set())
     assert "198.18.0.10:2222" in got.get("new_service", set())
@@ -181,8 +228,18 @@ def test_every_detector_flags_its_injected_anomaly(filled):
     assert got.get("collector_drops") == {"host-02:drop_ringbuf_full"}  # sampling is not loss
     coverage = [n for n in report.notes if n.startswith("coverage: host-01")]
     assert coverage and "9000 sampled out" in coverage[0] and "400 filtered" in coverage[0], report.notes
-    flood = next(f for f in report.findings if f.detector == "syn_flood")
+    flood = next(f for f in report.findings if f.detector == "syn_flood" and f.subject == "198.18.1.10:443")
+    assert flood.evidence["source"] == "connections"
     assert flood.evidence["syns"] == 2000 and flood.evidence["handshakes_completed"] == 0
+    assert (flood.evidence["half_open"], flood.evidence["unanswered_S0"], flood.evidence["sources"]) == (2000, 2000, 50)
+    old = next(f for f in report.findings if f.detector == "syn_flood" and f.subject == "198.18.5.10:80")
+    assert old.evidence["source"] == "packets" and old.evidence["syns"] == 1500  # the fallback
+    scan = next(f for f in report.findings if f.detector == "port_scan" and f.subject == "198.19.9.9")
+    assert scan.evidence["source"] == "connections"
+    assert (scan.evidence["probed_pairs"], scan.evidence["refused_REJ"], scan.evidence["unanswered_S0"]) == (300, 200, 97)
+    assert scan.evidence["targets"] == 1 and scan.evidence["answered_pairs"] == 0
+    old = next(f for f in report.findings if f.detector == "port_scan" and f.subject == "198.19.9.7")
+    assert old.evidence["source"] == "packets" and old.evidence["probed_pairs"] == 80
     spike = next(f for f in report.findings if f.detector == "traffic_spike")
     assert len(spike.evidence["series"]["current"]) == 60 and spike.evidence["robust_z"] > 3.5
 
@@ -295,7 +352,7 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
     text = out.read_text()
     assert "<svg" in text and "198.19.9.9" in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
     conf = tmp_path / "hdrlog.yml"
-    conf.write_text("server:\n  ttl_packets_days: 30\n  ttl_anomalies_days: 400\n")
+    conf.write_text("server:\n  ttl_packets_days: 30\n  ttl_connections_days: 14\n  ttl_anomalies_days: 400\n")
     for _ in range(2):  # the first run sets the configured TTLs, the second finds nothing to do
         m = subprocess.run([*HDRLOG, "server", "migrate", "--clickhouse", url, "--config", str(conf)],
                            capture_output=True, text=True, timeout=60)
@@ -310,6 +367,9 @@ def test_cli_report_records_findings_and_migrate_is_idempotent(filled, tmp_path)
         ttl = store._client.command("SELECT create_table_query FROM system.tables WHERE name = 'packets' "  # noqa: SLF001
                                     "AND database = 'hdrlog'")
         assert "toIntervalDay(30)" in ttl
+        ttl = store._client.command("SELECT create_table_query FROM system.tables WHERE name = 'connections' "  # noqa: SLF001
+                                    "AND database = 'hdrlog'")
+        assert "toDateTime(end_ts) + toIntervalDay(14)" in ttl  # kept 14 days after it was last seen
     finally:
         store.close()
     bad = subprocess.run([*HDRLOG, "report", "--clickhouse", url, "--since", "forever"], capture_output=True,

@@ -125,6 +125,27 @@ def has_history(ctx: Ctx) -> bool:
     return bool(cached)
 
 
+def connection_hosts(ctx: Ctx) -> list[str]:
+    """Hosts with connection rows in the window: detectors judge their connections (exact) and
+    the packets of the other hosts only (older stores, packets mode)."""
+    cached = getattr(ctx, "_connection_hosts", None)
+    if cached is None:
+        cached = []
+        if "connections" in ctx.tables:
+            cached = [r["host"] for r in ctx.query(
+                f"SELECT DISTINCT host FROM hdrlog.connections WHERE {ctx.win('start_ts')}")]
+        setattr(ctx, "_connection_hosts", cached)
+    return cached
+
+
+def not_hosts(hosts: list[str]) -> str:
+    """SQL: host is none of ``hosts`` (names quoted as ClickHouse string literals)."""
+    if not hosts:
+        return "1"
+    quoted = ", ".join("'" + h.replace("\\", "\\\\").replace("'", "\\'") + "'" for h in hosts)
+    return f"host NOT IN ({quoted})"
+
+
 DOMAIN = "if(cutToFirstSignificantSubdomain(dns_qname) = '', dns_qname, cutToFirstSignificantSubdomain(dns_qname))"
 QUERY = "dns_qname != '' AND bitAnd(dns_flags, 0x8000) = 0"
 NXDOMAIN = "dns_qname != '' AND bitAnd(dns_flags, 0x8000) != 0 AND dns_rcode = 3"
