@@ -41,14 +41,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from hdrlog.server.sql.errors import SqlError
 
-
-class SqlError(Exception):
-    """A refusal or a parse error, with ClickHouse's error code (sqlhttp answers it as its SqlError)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
+__all__ = ["SqlError", "SqlGuard", "Statement", "output_format"]
 
 DATABASE = "hdrlog"
 
@@ -59,6 +54,7 @@ SYSTEM_TABLES = frozenset({
     "aggregate_function_combinators", "keywords", "parts", "parts_columns", "data_skipping_indices",
     "build_options", "licenses", "settings_changes", "merge_tree_settings", "errors", "metrics", "events",
     "asynchronous_metrics", "current_roles", "enabled_roles",
+    "processes",  # the running queries (the endpoint's own, hdrlog-sql marked): what is taking the workers
 })
 INFORMATION_SCHEMA_TABLES = frozenset({"tables", "columns", "schemata", "views", "key_column_usage",
                                        "referential_constraints", "statistics"})
