@@ -224,7 +224,7 @@ class SqlEndpoint:
             return early
         request["hdrlog_checked"] = True
         if request.headers.get("Expect", "").lower() == "100-continue":
-            request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
         return web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers.get('Expect', '')[:40]}")
 
