@@ -62,7 +62,8 @@ AUTH_FAILURE_PAUSE = 0.25  # seconds before answering a failed login: slows gues
 DISCONNECT_POLL = 0.1  # seconds between checks, while a query runs, that its client is still connected
 WATCHDOG_GRACE = 5.0  # seconds past its max_execution_time after which a query is killed from outside
 QUERY_MARKER = "/* hdrlog-sql "  # every query's text starts with it and its id: what KILL QUERY matches
-HEAD_BUFFER = 1 << 20  # bytes of answer held before the headers go out: small answers get a Content-Length
+HEAD_BUFFER = 4 << 20  # bytes of answer held before the headers go out: small answers get a Content-Length
+HANDOFF_BYTES = 1 << 20  # encoded bytes a query's thread gathers before handing them to the loop
 QUEUE_CHUNKS = 4  # engine chunks in flight between the query's thread and the client: bounds memory
 PROGRESS_INTERVAL_MS = 100  # http_headers_progress_interval_ms default
 
@@ -379,15 +380,21 @@ class SqlEndpoint:
                 return
             run.stream = stream
             try:
+                # Small outputs are handed over together with the end: one wake-up of the loop per answer.
+                pending: list[bytes] = []
+                size = 0
                 for chunk in stream:
                     out = encoder.feed(chunk)
-                    if out and not run.put(out):
-                        stream.cancel()
-                        return
-                tail = encoder.finish()
-                if tail and not run.put(tail):
-                    return
-                run.put((_END, stream.summary))
+                    if out:
+                        pending.append(out)
+                        size += len(out)
+                    if size >= HANDOFF_BYTES:
+                        if not run.put(b"".join(pending)):
+                            stream.cancel()
+                            return
+                        pending, size = [], 0
+                pending.append(encoder.finish())
+                run.put((_END, stream.summary, b"".join(pending)))
             except StoreError as exc:
                 run.put(exc)
             except Exception as exc:  # noqa: BLE001 - a bug here must end the answer, not hang it
@@ -421,10 +428,13 @@ class SqlEndpoint:
             """The worker's next item; None once the query was cancelled (client gone, time over)."""
             nonlocal killed, last_progress
             while True:
-                try:
-                    return await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL)
-                except asyncio.TimeoutError:
-                    pass
+                if not run.queue.empty():
+                    return run.queue.get_nowait()
+                getter = loop.create_task(run.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL)
+                if done:
+                    return getter.result()
+                getter.cancel()
                 if progress_every and run.stream is not None and run.stream.progress \
                         and loop.time() - last_progress >= progress_every:
                     last_progress = loop.time()
@@ -475,8 +485,12 @@ class SqlEndpoint:
                         request.transport.abort()
                     return resp
                 if isinstance(item, tuple) and item and item[0] is _END:
-                    summary = item[1]
+                    summary, tail = item[1], item[2]
                     self.metrics.sql_queries.labels("ok").inc()
+                    if resp is not None and tail:
+                        await resp.write(tail)
+                    elif tail:
+                        held.append(tail)
                     if resp is None:
                         headers = self._headers(fmt, query_id, summary, encoder, progress_lines())
                         return web.Response(body=b"".join(held), headers=headers)
