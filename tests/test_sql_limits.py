@@ -20,7 +20,7 @@ import urllib.parse
 import pytest
 
 from hdrlog import pki
-from tests.support import ServerProcess, wait_until
+from tests.support import ServerProcess, free_port, wait_until
 
 MiB = 1 << 20
 # A query that runs until something stops it: reads 6 million rows (24 MB held), then pairs them for ever.
@@ -55,12 +55,14 @@ def code(headers: dict) -> int:
     return int(headers.get("x-clickhouse-exception-code", "0"))
 
 
-def running_queries(srv: ServerProcess) -> list[str]:
-    """SQL-endpoint queries the engine is running (other than this one)."""
-    status, _, out = request(srv, "SELECT query FROM system.processes WHERE query LIKE '/* hdrlog-sql %' "
-                                  "AND query NOT LIKE '%system.processes%' FORMAT JSONEachRow")
-    assert status == 200, out
-    return [json.loads(line)["query"] for line in out.splitlines()]
+def running_queries(srv: ServerProcess) -> int:
+    """SQL queries on a worker, by the server's gauge (system.processes is not readable over SQL)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("hdrlog_server_sql_queries_running "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no hdrlog_server_sql_queries_running in /metrics")
 
 
 @pytest.fixture
@@ -77,7 +79,10 @@ def start(tmp_path):
                 pki.init_ca(d)
                 pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
         n = len(procs)
-        proc = ServerProcess(f"chdb://{tmp_path}/store{n}", tmp_path, *extra, pki=d)
+        metrics_port = free_port()
+        proc = ServerProcess(f"chdb://{tmp_path}/store{n}", tmp_path, *extra, "--metrics-listen",
+                             f"127.0.0.1:{metrics_port}", pki=d)
+        proc.metrics_port = metrics_port
         proc.name = f"server{n}"
         proc.log_path = tmp_path / f"server{n}.log"
         procs.append(proc)
@@ -191,7 +196,7 @@ def test_sigterm_with_queries_running_stops_promptly(start):
     clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]
     for c in clients:
         c.start()
-    wait_until(lambda: len(running_queries(srv)) == 2, 30, "queries running")
+    wait_until(lambda: running_queries(srv) == 2, 30, "queries running")
     t = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.proc.wait(60) == 0

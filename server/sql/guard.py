@@ -54,7 +54,6 @@ SYSTEM_TABLES = frozenset({
     "aggregate_function_combinators", "keywords", "parts", "parts_columns", "data_skipping_indices",
     "build_options", "licenses", "settings_changes", "merge_tree_settings", "errors", "metrics", "events",
     "asynchronous_metrics", "current_roles", "enabled_roles",
-    "processes",  # the running queries (the endpoint's own, hdrlog-sql marked): what is taking the workers
 })
 INFORMATION_SCHEMA_TABLES = frozenset({"tables", "columns", "schemata", "views", "key_column_usage",
                                        "referential_constraints", "statistics"})

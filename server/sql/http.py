@@ -368,7 +368,10 @@ class SqlEndpoint:
         sql = f"{marker}\n{stmt.sql}"
         run = _Run(loop)
         encoder = encode.Encoder(fmt, params, request.headers.get("Accept-Encoding", ""))
-        whole = not encode.streamable(fmt) or request.method == "HEAD" or params.get("wait_end_of_query") == "1"
+        # chDB streams SELECTs only (SHOW, DESCRIBE, EXISTS, EXPLAIN answer in one piece, and are small).
+        select = stmt.sql.lstrip().upper().startswith(("SELECT", "WITH", "("))
+        whole = not (select and encode.streamable(fmt)) or request.method == "HEAD" \
+            or params.get("wait_end_of_query") == "1"
 
         def work() -> None:
             """On a worker: run the query, hand its encoded chunks over; its end or error last."""
@@ -409,9 +412,11 @@ class SqlEndpoint:
             self._slots.release()
             return _error(SqlError(1002, f"server is stopping ({exc})"), 503, query_id=query_id)
         self._running[marker] = run
+        self.metrics.sql_running.inc()
 
         def finished(_f: asyncio.Future) -> None:
             self._running.pop(marker, None)
+            self.metrics.sql_running.dec()
             if not _f.cancelled():
                 _f.exception()  # retrieved: a cancelled query's error is expected, not news
             assert self._slots is not None
@@ -482,7 +487,7 @@ class SqlEndpoint:
                     # client sees a broken answer (never a truncated one that looks whole).
                     await resp.write(b"\n" + err.body())
                     if request.transport is not None:
-                        request.transport.abort()
+                        request.transport.close()  # flushes what was written, then closes
                     return resp
                 if isinstance(item, tuple) and item and item[0] is _END:
                     summary, tail = item[1], item[2]
