@@ -28,6 +28,9 @@ Limits (limits.Limits): at most ``max_concurrent`` queries run, at most ``max_qu
 ``queue_timeout`` seconds, more get HTTP 503 (code 202). A query's text starts with a marker comment
 (``/* hdrlog-sql ID */``) by which it is killed (``KILL QUERY``) when its client disconnects, when it
 outlives its time cap by ``WATCHDOG_GRACE`` seconds, and when the server stops.
+
+Over 400 lines on purpose: the request's path (head → credentials → body → guard → worker → streamed
+answer) reads top to bottom in one file; its parts with no HTTP in them live beside it.
 """
 
 from __future__ import annotations
