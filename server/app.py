@@ -35,7 +35,8 @@ from hdrlog.server.metrics import ServerMetrics
 from hdrlog.report.connection import Connection
 from hdrlog.report.scheduler import ReportScheduler
 from hdrlog.report.config import ReportConfig
-from hdrlog.server.sqlhttp import QUERY_MARKER, Limits, SqlEndpoint
+from hdrlog.server.sql import Limits, SqlEndpoint
+from hdrlog.server.sql.http import QUERY_MARKER
 from hdrlog.server.store import Store, StoreError
 from hdrlog.clickhouse import redact
 from hdrlog.server.writer import Writer
@@ -254,6 +255,7 @@ def sql_limits(cfg: ServerConfig) -> Limits:
                   queue_timeout=cfg.sql_queue_timeout, max_memory_usage=cfg.sql_max_memory_usage,
                   max_execution_time=cfg.sql_max_execution_time, max_rows_to_read=cfg.sql_max_rows_to_read,
                   max_result_rows=cfg.sql_max_result_rows, max_result_bytes=cfg.sql_max_result_bytes,
+                  default_result_bytes=cfg.sql_default_result_bytes,
                   auth_failure_burst=cfg.sql_auth_failure_burst,
                   auth_failures_per_minute=cfg.sql_auth_failures_per_minute)
 

@@ -37,6 +37,7 @@ DEFAULT_SQL_MAX_EXECUTION_TIME = 60.0       # seconds
 DEFAULT_SQL_MAX_ROWS_TO_READ = 5_000_000_000
 DEFAULT_SQL_MAX_RESULT_ROWS = 10_000_000
 DEFAULT_SQL_MAX_RESULT_BYTES = 256 << 20
+DEFAULT_SQL_DEFAULT_RESULT_BYTES = 64 << 20
 DEFAULT_SQL_AUTH_BURST = 10
 DEFAULT_SQL_AUTH_PER_MINUTE = 6.0
 DEFAULT_SERVER_MEMORY_FRACTION = 0.6        # of the lower of RAM and the cgroup's memory limit
@@ -127,6 +128,10 @@ class ServerConfig:
     sql_max_result_bytes: int = doc_field(
         DEFAULT_SQL_MAX_RESULT_BYTES, "bytes one SQL result may have (max_result_bytes, uncompressed); "
                                       "a client may ask for less")
+    sql_default_result_bytes: int = doc_field(
+        DEFAULT_SQL_DEFAULT_RESULT_BYTES, "max_result_bytes of a SQL query that names none; a client may ask for "
+                                          "up to sql_max_result_bytes (results stream, but Pretty/JSON/Arrow/Parquet "
+                                          "answers are built whole in memory first)")
     sql_auth_failure_burst: int = doc_field(
         DEFAULT_SQL_AUTH_BURST, "failed SQL logins one client address (an IPv6 /64) may make before it is "
                                 "rate-limited: HTTP 429 (code 516) without checking the password")
@@ -276,6 +281,7 @@ class ServerConfig:
         for key, low, high in (("sql_max_concurrent_queries", 1, 256), ("sql_max_queued_queries", 0, 100_000),
                                ("sql_max_memory_usage", 1 << 20, 1 << 50), ("sql_max_rows_to_read", 1, 1 << 62),
                                ("sql_max_result_rows", 1, 1 << 62), ("sql_max_result_bytes", 1024, 1 << 50),
+                               ("sql_default_result_bytes", 1024, 1 << 50),
                                ("sql_auth_failure_burst", 1, 1_000_000)):
             if not low <= getattr(self, key) <= high:
                 raise ConfigError(key, getattr(self, key), f"expected an integer from {low} to {high}")

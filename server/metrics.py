@@ -47,6 +47,8 @@ class ServerMetrics:
         self.streams = Gauge(f"{NS}_open_streams", "Open collector streams", registry=r)
         self.backpressure_seconds = Counter(f"{NS}_backpressure_seconds",
                                             "Time streams waited for room in the pending buffer", registry=r)
+        self.sql_running = Gauge(f"{NS}_sql_queries_running", "SQL queries on a worker (the engine runs them)",
+                                 registry=r)
         self.sql_queries = Counter(f"{NS}_sql_queries", "SQL endpoint requests, by outcome", ["outcome"],
                                    registry=r)
         self.engine_memory_limit = Gauge(f"{NS}_engine_memory_limit_bytes", "The embedded engine's "

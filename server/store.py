@@ -16,7 +16,7 @@ slow SELECT never holds up an insert.
 ``max_server_memory_usage = N`` (a startup argument of chDB's engine, given on
 the first connection; every handle shares the one engine and its limit).
 ``sql_settings`` are SET on each SQL handle before ``readonly = 1``: the
-limits a query gets when it names none (it may name lower ones, see sqlhttp.Limits). ``cancel(marker)`` kills the running
+limits a query gets when it names none (it may name lower ones, see sql.limits.Limits). ``cancel(marker)`` kills the running
 SQL-endpoint queries whose text starts with ``marker`` (``KILL QUERY`` on a
 separate control handle; chDB runs it concurrently with the query).
 """
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import time
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -38,6 +40,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalErr
 from hdrlog.server import schema
 from hdrlog.clickhouse import error_code, redact
 from hdrlog.clickhouse import one_line as short_message
+from hdrlog.server.sql.errors import engine_name as errors_name
 
 log = logging.getLogger("hdrlog.server")
 
@@ -65,10 +68,11 @@ PERMANENT_CODES = frozenset({
 class StoreError(Exception):
     """An insert or query failed. ``permanent`` is True when retrying cannot help."""
 
-    def __init__(self, message: str, *, code: int = 0, permanent: bool = False):
+    def __init__(self, message: str, *, code: int = 0, permanent: bool = False, name: str = ""):
         super().__init__(message)
         self.code = code
         self.permanent = permanent
+        self.name = name  # the engine's name for the code ("UNKNOWN_TABLE"), when its message gave one
 
 
 def _as_text(value: Any) -> str:
@@ -370,28 +374,81 @@ class Store:
             return client.raw_query(sql, parameters=dict(parameters) if parameters else None,
                                     settings=use if use and not self.embedded else None, use_database=True)
         except Exception as exc:  # noqa: BLE001
-            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
+            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000,
+                             name=errors_name(str(exc))) from None
         finally:
             if client is not getattr(self._local, "client", None):
                 client.close()
 
-    def _guard_reader(self) -> Any:
-        """This thread's handle for the SQL guard's own reads (formatQuery, EXPLAIN AST, the function
-        catalogue): read-only, without the limits (a client's max_result_rows must not cut the catalogue)."""
-        client = getattr(self._local, "guard", None)
-        if client is None:
+    def stream(self, sql: str, fmt: str, *, database: str | None = None, settings: Mapping[str, str] | None = None,
+               parameters: Mapping[str, str] | None = None, whole: bool = False) -> "ResultStream":
+        """Start one statement (already checked read-only by the caller); its output comes in chunks.
+
+        Embedded, the chunks are chDB's streaming result (``send_query``): one chunk per block, so the server
+        never holds the whole answer. ``parameters`` reach the engine as they came (ClickHouse's HTTP way:
+        each value in its type's text format, ``\\N`` for NULL), not formatted again by a client library.
+        A remote ClickHouse answers through clickhouse-connect in one piece. The stream must be consumed
+        or closed on the thread that started it.
+        """
+        known = self.known_settings()
+        use = {k: v for k, v in (settings or {}).items()
+               if k in known and k != "readonly" and _as_text(self.sql_settings.get(k)) != _as_text(v)}
+        if not self.embedded:
+            client = self._reader()
+            client.database = database or "default"
+            binds = {f"param_{k}": v for k, v in (parameters or {}).items()}  # raw, as the HTTP interface takes them
+            try:
+                out = client.raw_query(sql, settings={**use, **binds} or None, use_database=True)
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
+            return ResultStream.whole(out)
+        own = bool(use)
+        conn = self._raw_reader(use) if own else self._raw_local()
+        try:
+            db = database or "default"
+            if getattr(conn, "_hdrlog_db", None) != db:
+                conn.query(f"USE {db}")
+                conn._hdrlog_db = db  # type: ignore[attr-defined]
+            return ResultStream(conn, sql, fmt, dict(parameters or {}), close_conn=own, whole=whole)
+        except Exception as exc:  # noqa: BLE001
+            if own:
+                conn.close()
+            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000,
+                             name=errors_name(str(exc))) from None
+
+    def _raw_conn(self) -> Any:
+        import chdb
+        path = os.path.realpath(urlparse(self.url).path or ":memory:")
+        return chdb.connect(path)
+
+    def _raw_local(self) -> Any:
+        conn = getattr(self._local, "raw", None)
+        if conn is None:
             if self._closed:
                 raise StoreError("store is closed")
-            client = self._read_only(self._connect(), {}, limits=False)
+            conn = self._raw_reader({})
             with self._readers_lock:
-                self._readers.append(client)
-            self._local.guard = client
-        return client
+                self._readers.append(conn)
+            self._local.raw = conn
+        return conn
 
-    def _read_only(self, client: Any, settings: Mapping[str, str], *, limits: bool = True) -> Any:
+    def _raw_reader(self, settings: Mapping[str, str]) -> Any:
+        """A chDB handle of its own for SQL readers: the limits and ``settings``, then readonly = 1."""
+        conn = self._raw_conn()
+        try:
+            for key, value in {**self.sql_settings, **settings}.items():
+                conn.query(f"SET {key} = {quote_value(value)}")
+            conn.query("SET allow_introspection_functions = 0")
+            conn.query("SET readonly = 1")
+        except Exception:
+            conn.close()
+            raise
+        return conn
+
+    def _read_only(self, client: Any, settings: Mapping[str, str]) -> Any:
         """Make ``client`` a SQL reader: ``settings`` first, then readonly = 1 (no writes, no SET,
         no SETTINGS, no table functions but numbers/values/generateRandom) and no introspection."""
-        settings = {**(self.sql_settings if limits else {}), **settings}
+        settings = {**self.sql_settings, **settings}
         if not self.embedded:
             for key, value in settings.items():
                 client.set_client_setting(key, str(value))
@@ -405,12 +462,146 @@ class Store:
 
     def parse(self, sql: str, parameters: Mapping[str, str] | None = None) -> str:
         """Run the SQL guard's own statements (formatQuery, EXPLAIN AST, catalogue reads) on this
-        thread's read-only handle; the TabSeparated text (nothing appended: a FORMAT clause would
-        become part of the statement that EXPLAIN AST shows)."""
-        client = self._guard_reader()
-        client.database = "default"
+        thread's read-only guard handle; the TabSeparated text (nothing appended: a FORMAT clause would
+        become part of the statement that EXPLAIN AST shows). The guard's handle has readonly = 1 but not
+        the query limits: its catalogue reads (system.functions) are the endpoint's, not a client's, and
+        the parameters reach the engine as the client sent them, as in ``stream``."""
         try:
-            out = client.raw_query(sql, parameters=dict(parameters) if parameters else None, use_database=True)
+            if self.embedded:
+                conn = getattr(self._local, "guard", None)
+                if conn is None:
+                    if self._closed:
+                        raise StoreError("store is closed")
+                    conn = self._raw_conn()
+                    conn.query("SET allow_introspection_functions = 0")
+                    conn.query("SET readonly = 1")
+                    with self._readers_lock:
+                        self._readers.append(conn)
+                    self._local.guard = conn
+                return conn.query(sql, "TabSeparated", params=dict(parameters or {})).bytes().decode("utf-8", "replace")
+            client = self._reader()
+            client.database = "default"
+            binds = {f"param_{k}": v for k, v in (parameters or {}).items()}
+            out = client.raw_query(sql, settings=binds or None, use_database=True)
+        except StoreError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
+            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000,
+                             name=errors_name(str(exc))) from None
         return out.decode("utf-8", "replace")
+
+
+class ResultStream:
+    """One running statement's output: iterate for the chunks (bytes), then read ``summary``.
+
+    ``summary`` holds the engine's own figures: read_rows, read_bytes and elapsed_ns from chDB's progress
+    (the same fields ClickHouse puts in X-ClickHouse-Summary), result_rows and result_bytes counted here.
+    ``progress`` is the latest progress the engine reported while the query ran (None before any).
+    ``cancel()`` stops the query from any thread; ``close()`` (on the consuming thread) frees it.
+    """
+
+    def __init__(self, conn: Any, sql: str, fmt: str, parameters: dict[str, str], *, close_conn: bool,
+                 whole: bool = False):
+        self._conn = conn
+        self._close_conn = close_conn
+        self.progress: dict[str, int] | None = None
+        self.summary: dict[str, int] = {"read_rows": 0, "read_bytes": 0, "elapsed_ns": 0, "result_rows": 0,
+                                        "result_bytes": 0}
+        self._started = time.monotonic_ns()
+        self._cancelled = False
+        self._done = False
+        self._whole: bytes | None = None
+        self._sr: Any = None
+        if conn is None:
+            return
+        conn.set_progress_callback(self._on_progress)
+        try:
+            if whole:
+                result = conn.query(sql, fmt, params=parameters)
+                self._whole = result.bytes()
+                self.summary.update(read_rows=int(result.storage_rows_read()),
+                                    read_bytes=int(result.storage_bytes_read()),
+                                    elapsed_ns=int(result.elapsed() * 1e9), result_rows=int(result.rows_read()),
+                                    result_bytes=len(self._whole))
+                self._done = True
+                self._release()
+            else:
+                self._sr = conn.send_query(sql, fmt, params=parameters)
+        except Exception:
+            self._release()
+            raise
+
+    @classmethod
+    def whole(cls, out: bytes) -> "ResultStream":
+        self = cls(None, "", "", {}, close_conn=False)
+        self._whole = out
+        self.summary["result_bytes"] = len(out)
+        return self
+
+    def _on_progress(self, progress: Any) -> None:
+        if isinstance(progress, dict):
+            self.progress = {k: int(v) for k, v in progress.items() if isinstance(v, (int, float))}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        if self._whole is not None:
+            out, self._whole = self._whole, None
+            if out:
+                return out
+        if self._sr is None or self._done:
+            raise StopIteration
+        try:
+            chunk = self._sr.fetch()
+        except Exception as exc:  # noqa: BLE001
+            self._finish()
+            raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000,
+                             name=errors_name(str(exc))) from None
+        if chunk is None:
+            self._finish()
+            raise StopIteration
+        data = chunk.bytes()
+        self.summary["result_rows"] += int(chunk.rows_read())
+        self.summary["result_bytes"] += len(data)
+        self.summary["read_rows"] = max(self.summary["read_rows"], int(chunk.storage_rows_read()))
+        self.summary["read_bytes"] = max(self.summary["read_bytes"], int(chunk.storage_bytes_read()))
+        return data
+
+    def _finish(self) -> None:
+        self._done = True
+        progress = self.progress or {}
+        for key in ("read_rows", "read_bytes"):
+            self.summary[key] = max(self.summary[key], int(progress.get(key, 0)))
+        self.summary["elapsed_ns"] = int(progress.get("elapsed_ns", 0)) or time.monotonic_ns() - self._started
+        self._release()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        sr = self._sr
+        if sr is not None and not self._done:
+            try:
+                sr.cancel()
+            except Exception:  # noqa: BLE001 - KILL QUERY by the marker still ends it
+                log.debug("cancelling a streaming query failed", exc_info=True)
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.set_progress_callback(None)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._close_conn:
+            conn.close()
+
+    def close(self) -> None:
+        if self._sr is not None and not self._done:
+            self._done = True
+            try:
+                self._sr.close()
+            except Exception:  # noqa: BLE001
+                log.debug("closing a streaming query failed", exc_info=True)
+        if self._conn is not None:
+            self._finish()

@@ -154,7 +154,8 @@ def test_keep_alive_and_malformed_http(server):
     import socket
     with socket.create_connection(("127.0.0.1", server.server.sql_port), timeout=10) as s:
         s.sendall(b"NONSENSE\r\n\r\n")
-        assert s.recv(100).startswith(b"HTTP/1.1 400")
+        answer = s.recv(100)  # aiohttp answers an unparsable request line in HTTP/1.0 (it names no version)
+        assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")), answer
 
 
 def test_sql_does_not_stall_ingest(server):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import http.client
-import json
 import signal
 import socket
 import threading
@@ -84,7 +83,10 @@ def start(tmp_path):
                 pki.init_ca(d)
                 pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
         n = len(procs)
-        proc = ServerProcess(f"chdb://{tmp_path}/store{n}", tmp_path, *extra, pki=d)
+        metrics_port = free_port()
+        proc = ServerProcess(f"chdb://{tmp_path}/store{n}", tmp_path, *extra, "--metrics-listen",
+                             f"127.0.0.1:{metrics_port}", pki=d)
+        proc.metrics_port = metrics_port
         proc.name = f"server{n}"
         proc.log_path = tmp_path / f"server{n}.log"
         procs.append(proc)
@@ -98,9 +100,7 @@ def start(tmp_path):
 
 def test_memory_bomb_refused_and_caps_hold(start):
     """The issue's groupArray over 2e9 numbers is refused with MEMORY_LIMIT_EXCEEDED; the server lives on."""
-    mport = free_port()
-    srv = start("--sql-max-memory-usage", str(256 * MiB), "--max-server-memory-usage", str(1536 * MiB),
-                "--metrics-listen", f"127.0.0.1:{mport}")
+    srv = start("--sql-max-memory-usage", str(256 * MiB), "--max-server-memory-usage", str(1536 * MiB))
     base = rss(srv.proc.pid)
     status, headers, body = request(srv, "SELECT length(groupArray(number)) FROM numbers(2e9)")
     assert (status, code(headers)) == (500, 241), body
@@ -119,7 +119,7 @@ def test_memory_bomb_refused_and_caps_hold(start):
     status, _, body = request(srv, "SELECT getSetting('max_memory_usage'), getSetting('max_execution_time')")
     assert body == f"{256 * MiB}\t60\n".encode()
     # The engine-wide limit is the configured one.
-    assert metric(mport, "hdrlog_server_engine_memory_limit_bytes") == 1536 * MiB  # as the engine runs
+    assert metric(srv.metrics_port, "hdrlog_server_engine_memory_limit_bytes") == 1536 * MiB  # as the engine runs
     assert srv.alive() and request(srv, "SELECT 1")[2] == b"1\n"
     assert rss(srv.proc.pid) < base + 1024 * MiB
 
@@ -178,12 +178,10 @@ def send_and_abandon(srv: ServerProcess, query: str) -> None:
 
 def test_abandoned_queries_are_cancelled(start):
     """Four clients send an endless query each and hang up: the queries stop and SELECT 1 is answered."""
-    mport = free_port()
-    srv = start("--sql-max-concurrent-queries", "4", "--sql-max-execution-time", "300", "--sql-queue-timeout", "120",
-                "--metrics-listen", f"127.0.0.1:{mport}")
+    srv = start("--sql-max-concurrent-queries", "4", "--sql-max-execution-time", "300", "--sql-queue-timeout", "120")
     for _ in range(4):
         send_and_abandon(srv, ENDLESS)
-    wait_until(lambda: not running_queries(mport), 30, "the abandoned queries to be cancelled")
+    wait_until(lambda: not running_queries(srv.metrics_port), 30, "the abandoned queries to be cancelled")
     t = time.monotonic()
     assert request(srv, "SELECT 1", timeout=60)[2] == b"1\n"
     assert time.monotonic() - t < 30  # far below the 300 s the queries were allowed
@@ -191,9 +189,7 @@ def test_abandoned_queries_are_cancelled(start):
 
 
 def test_sigterm_with_queries_running_stops_promptly(start):
-    mport = free_port()
-    srv = start("--sql-max-concurrent-queries", "3", "--sql-max-execution-time", "300",
-                "--metrics-listen", f"127.0.0.1:{mport}")
+    srv = start("--sql-max-concurrent-queries", "3", "--sql-max-execution-time", "300")
     def client() -> None:
         try:
             request(srv, ENDLESS, timeout=300)
@@ -203,7 +199,7 @@ def test_sigterm_with_queries_running_stops_promptly(start):
     clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]
     for c in clients:
         c.start()
-    wait_until(lambda: running_queries(mport) == 2, 30, "queries running")
+    wait_until(lambda: running_queries(srv.metrics_port) == 2, 30, "queries running")
     t = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.proc.wait(60) == 0

@@ -41,14 +41,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from hdrlog.server.sql.errors import SqlError
 
-
-class SqlError(Exception):
-    """A refusal or a parse error, with ClickHouse's error code (sqlhttp answers it as its SqlError)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
+__all__ = ["SqlError", "SqlGuard", "Statement", "output_format"]
 
 DATABASE = "hdrlog"
 
@@ -104,7 +99,7 @@ SETTINGS = frozenset({
     "use_query_cache", "prefer_column_name_to_alias", "aggregate_functions_null_for_empty", "max_rows_to_group_by",
     "group_by_overflow_mode", "max_rows_to_sort", "sort_overflow_mode", "max_ast_elements", "max_expanded_ast_elements",
     "cancel_http_readonly_queries_on_client_close", "enable_analyzer", "joined_subquery_requires_alias",
-    "os_thread_priority",  # sqlhttp.capped_settings keeps it at least SQL_THREAD_NICE (a nice value: may only rise)
+    "os_thread_priority",  # limits.capped_settings keeps it at least SQL_THREAD_NICE (a nice value: may only rise)
 })
 SETTING_PREFIXES = ("output_format_",)
 DENIED_SETTINGS = frozenset({"output_format_schema"})  # writes a schema file
