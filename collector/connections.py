@@ -295,7 +295,9 @@ class ConnDrain:
                 rtt = min((int(o["ts_ack"]) - int(o["ts_syn"])) // 1000, 0xFFFFFFFF)
             ifindex = int(key["ifindex"])
             cols["start_ts"].append(ids[2])  # the same on every row, whatever the clock offset does
-            cols["end_ts"].append(int(val["last_ns"]) + offset)
+            # On the start's clock offset too: the offset drifts between reads, and a one-packet
+            # connection must not end before it starts.
+            cols["end_ts"].append(ids[2] + int(val["last_ns"]) - int(val["first_ns"]))
             cols["ifname"].append(ifnames.get(ifindex) or f"if{ifindex}")
             cols["uid"].append(ids[0])
             cols["final"].append(final)

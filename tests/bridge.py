@@ -53,6 +53,8 @@ from typing import Callable
 
 import pytest
 
+from hdrlog.dev.lab import LabBase, delete_netns, free_subnet, kill_all, run
+
 REPO = Path(__file__).resolve().parent.parent
 DIRECTIONS = ("a>b", "b>a")
 NS_PREFIX = "hlbr-"
@@ -389,24 +391,7 @@ class End:
     ifname: str = "eth0"
 
 
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
-    return p
-
-
-def _used_24s() -> set[int]:
-    out = json.loads(_run("ip", "-j", "addr", "show", check=False).stdout or "[]")
-    used = set()
-    for link in out:
-        for a in link.get("addr_info", []):
-            if a.get("family") == "inet" and ipaddress.ip_address(a["local"]) in ipaddress.ip_network("198.18.0.0/15"):
-                used.add((int(ipaddress.ip_address(a["local"])) >> 8) & 0x1FF)
-    return used
-
-
-class BridgeLab:
+class BridgeLab(LabBase):
     """Namespaces ``hlbr-a-X``, ``hlbr-m-X``, ``hlbr-b-X`` (X random) joined through a bridge.
 
     ``a``, ``b``: the ``End``s; ``mid``: the bridge namespace with ``ea`` (towards A) and
@@ -430,11 +415,11 @@ class BridgeLab:
             raise
 
     def _build(self, mtu: int) -> None:
-        k = random.choice(sorted(set(range(1, 512)) - _used_24s()))
+        k = free_subnet()
         net4 = ipaddress.ip_network("198.18.0.0/15").network_address + (k << 8)
         ns = self._ns = {side: f"{NS_PREFIX}{side}-{self.suffix}" for side in ("a", "m", "b")}
         for name in ns.values():
-            _run("ip", "netns", "add", name)
+            run("ip", "netns", "add", name)
             self._netns.append(name)
         self.mid = ns["m"]
         # No IPv6 on the bridge's own ends: they must send nothing (no link-local, no MLD).
@@ -443,27 +428,27 @@ class BridgeLab:
         ends = {}
         for side, bend in (("a", "ea"), ("b", "eb")):
             tmp = f"hlbr{self.suffix}{side}"
-            _run("ip", "-n", ns[side], "link", "add", "eth0", "mtu", str(mtu), "type", "veth",
+            run("ip", "-n", ns[side], "link", "add", "eth0", "mtu", str(mtu), "type", "veth",
                  "peer", "name", tmp, "mtu", str(mtu), "netns", self.mid)
-            _run("ip", "-n", self.mid, "link", "set", tmp, "name", bend)
+            run("ip", "-n", self.mid, "link", "set", tmp, "name", bend)
             host = 1 if side == "a" else 2
             addr4, addr6 = str(net4 + host), f"2001:db8:{k:x}::{host}"
             for opt in ("router_solicitations=0", "accept_dad=0", "dad_transmits=0"):
                 self.run(side, "sysctl", "-q", "-w", f"net.ipv6.conf.eth0.{opt}", check=False)
-            _run("ip", "-n", ns[side], "addr", "add", f"{addr4}/24", "dev", "eth0")
-            _run("ip", "-n", ns[side], "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
-            _run("ip", "-n", ns[side], "link", "set", "lo", "up")
-            _run("ip", "-n", ns[side], "link", "set", "eth0", "up")
-            _run("ip", "-n", self.mid, "link", "set", bend, "promisc", "on", "up")
+            run("ip", "-n", ns[side], "addr", "add", f"{addr4}/24", "dev", "eth0")
+            run("ip", "-n", ns[side], "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
+            run("ip", "-n", ns[side], "link", "set", "lo", "up")
+            run("ip", "-n", ns[side], "link", "set", "eth0", "up")
+            run("ip", "-n", self.mid, "link", "set", bend, "promisc", "on", "up")
             for netns, dev in ((ns[side], "eth0"), (self.mid, bend)):
                 # MTU-sized frames with checksums filled in: no segmentation or checksum offload
                 self.run_ns(netns, "ethtool", "-K", dev, "gro", "off", "gso", "off", "tso", "off", "tx", "off")
-            mac = json.loads(_run("ip", "-n", ns[side], "-j", "link", "show", "eth0").stdout)[0]["address"]
+            mac = json.loads(run("ip", "-n", ns[side], "-j", "link", "show", "eth0").stdout)[0]["address"]
             ends[side] = End(side, ns[side], mac, addr4, addr6)
         self.a, self.b = ends["a"], ends["b"]
         for me, peer in ((self.a, self.b), (self.b, self.a)):  # static neighbours: no ARP/ND through the bridge
             for addr in (peer.addr4, peer.addr6):
-                _run("ip", "-n", me.netns, "neigh", "replace", addr, "lladdr", peer.mac, "dev", "eth0",
+                run("ip", "-n", me.netns, "neigh", "replace", addr, "lladdr", peer.mac, "dev", "eth0",
                      "nud", "permanent")
 
     def netns(self, side: str) -> str:
@@ -507,31 +492,10 @@ class BridgeLab:
         for br in bridges:
             br.kill()
         bridges.clear()
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    p.kill()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        procs.clear()
+        kill_all(procs)
         for ns in netns:
-            for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _run("ip", "netns", "del", ns, check=False)
+            delete_netns(ns)
         netns.clear()
-
-    def __enter__(self) -> "BridgeLab":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @pytest.fixture

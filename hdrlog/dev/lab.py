@@ -27,6 +27,7 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -38,6 +39,96 @@ _IFNAMSIZ = 15
 
 class LabError(RuntimeError):
     """A lab command failed; the message names the command and its stderr."""
+
+
+# -- what every lab shares (this one, tests/corpus/lab.py, tests/e2e/lab.py, tests/bridge.py) ----------
+
+def run(*cmd: str, check: bool = True, timeout: float | None = 60, **kw) -> subprocess.CompletedProcess:
+    """Run a lab command; with ``check`` a failure is a LabError naming the command and its stderr."""
+    p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise LabError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    return p
+
+
+def kill_all(procs: list) -> None:
+    """SIGKILL every tracked process (its whole process group when it has one) and reap it; empties ``procs``."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                p.kill()
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    procs.clear()
+
+
+def delete_netns(name: str) -> None:
+    """Kill what still runs inside namespace ``name`` and delete it (retried: the kernel may still hold it)."""
+    for pid in run("ip", "netns", "pids", name, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    for _ in range(50):
+        if run("ip", "netns", "del", name, check=False).returncode == 0 or name not in netns_names():
+            return
+        time.sleep(0.1)
+
+
+def netns_names() -> set[str]:
+    return {line.split()[0] for line in run("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()}
+
+
+def used_subnets() -> tuple[set, set]:
+    """IPv4 and IPv6 networks already configured on the root namespace's interfaces."""
+    out = run("ip", "-j", "addr", "show", check=False).stdout or "[]"
+    v4, v6 = set(), set()
+    for link in json.loads(out):
+        for a in link.get("addr_info", []):
+            try:
+                net = ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
+            except (KeyError, ValueError):
+                continue
+            (v4 if net.version == 4 else v6).add(net)
+    return v4, v6
+
+
+def free_subnet(order: list[int] | None = None, taken: set | None = None) -> int:
+    """A number k (1..511) whose 198.18.0.0/15 /24 and 2001:db8:k::/64 overlap nothing configured here."""
+    used4, used6 = used_subnets()
+    used4 |= taken or set()
+    for k in order or random.sample(range(1, 512), 511):
+        net4 = ipaddress.ip_network(f"{TEST_NET4.network_address + (k << 8)}/24")
+        net6 = ipaddress.ip_network(f"2001:db8:{k:x}::/64")
+        if not any(net4.overlaps(u) for u in used4) and not any(net6.overlaps(u) for u in used6):
+            return k
+    raise LabError("no free /24 left in 198.18.0.0/15")
+
+
+class LabBase:
+    """The shape of every lab: ``with Lab() as lab`` builds it (``start()``), a failure while building
+    tears down what was built, and leaving the block (or the interpreter: atexit) calls ``close()``."""
+
+    def start(self) -> None:
+        """Build what the lab needs before its first use (nothing by default)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -77,26 +168,12 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def _used_subnets() -> tuple[set, set]:
-    """Networks already configured on root-namespace interfaces."""
-    out = _ip("-j", "addr", "show", check=False).stdout or "[]"
-    v4, v6 = set(), set()
-    for link in json.loads(out):
-        for a in link.get("addr_info", []):
-            try:
-                net = ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
-            except (KeyError, ValueError):
-                continue
-            (v4 if net.version == 4 else v6).add(net)
-    return v4, v6
-
-
 def _mac_of(ifname: str, netns: str | None = None) -> str:
     args = (["-n", netns] if netns else []) + ["-j", "link", "show", "dev", ifname]
     return json.loads(_ip(*args).stdout)[0]["address"]
 
 
-class Lab:
+class Lab(LabBase):
     """Namespaces + veth pairs, torn down by ``close()`` (context manager)."""
 
     _lock = threading.Lock()
@@ -117,20 +194,11 @@ class Lab:
     # -- building -------------------------------------------------------------
 
     def _pick_subnet(self) -> tuple[str, str, str, str]:
-        used4, used6 = _used_subnets()
-        used4 |= {ipaddress.ip_interface(h.peer_ipv4).network for h in self.hosts}
-        for _ in range(1000):
-            k = random.randrange(1, 512)  # /24 number inside 198.18.0.0/15
-            net4 = ipaddress.ip_network(f"{TEST_NET4.network_address + (k << 8)}/24")
-            net6 = ipaddress.ip_network(f"2001:db8:{k:x}::/64")
-            if net4 not in used4 and net6 not in used6:
-                return (
-                    f"{net4.network_address + 2}/24",
-                    f"{net6.network_address + 2}/64",
-                    f"{net4.network_address + 1}/24",
-                    f"{net6.network_address + 1}/64",
-                )
-        raise LabError("no free /24 left in 198.18.0.0/15")
+        k = free_subnet(taken={ipaddress.ip_interface(h.peer_ipv4).network for h in self.hosts})
+        net4 = ipaddress.ip_network(f"{TEST_NET4.network_address + (k << 8)}/24")
+        net6 = ipaddress.ip_network(f"2001:db8:{k:x}::/64")
+        return (f"{net4.network_address + 2}/24", f"{net6.network_address + 2}/64",
+                f"{net4.network_address + 1}/24", f"{net6.network_address + 1}/64")
 
     def add_host(
         self,
@@ -228,36 +296,13 @@ class Lab:
 
     @staticmethod
     def _cleanup(procs: list, netns: list, links: list) -> None:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    p.kill()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        procs.clear()
+        kill_all(procs)
         for link in links:
             _ip("link", "del", link, check=False)
         links.clear()
         for ns in netns:
-            # Stray processes still inside the namespace (started by run() children).
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _ip("netns", "del", ns, check=False)
+            delete_netns(ns)
         netns.clear()
-
-    def __enter__(self) -> "Lab":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _write(path: str, value: str) -> None:

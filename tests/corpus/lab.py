@@ -17,8 +17,9 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from hdrlog.dev.lab import LabBase, LabError, delete_netns, run
 
 ROOT = Path(__file__).resolve().parents[2]
 SEND_IF = "va"  # tcpreplay writes here; the capture sits on its egress hook
@@ -26,49 +27,30 @@ PEER_IF = "vb"
 MTU = 65535  # veth's maximum: lets every frame up to 64 KiB cross
 
 
-class LabError(RuntimeError):
-    pass
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
-    if check and p.returncode:
-        raise LabError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
-    return p
-
-
-class IsolatedLab:
+class IsolatedLab(LabBase):
     def __init__(self):
         self.netns = f"hlc-{secrets.token_hex(4)}"
         self._proc: subprocess.Popen | None = None
         self._created = False
         atexit.register(self.close)
 
-    def __enter__(self) -> "IsolatedLab":
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def start(self) -> None:
+        self._build()
 
     def ns(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return _run("ip", "netns", "exec", self.netns, *cmd, check=check)
+        return run("ip", "netns", "exec", self.netns, *cmd, check=check)
 
     def _build(self) -> None:
-        _run("ip", "netns", "add", self.netns)
+        run("ip", "netns", "add", self.netns)
         self._created = True
         for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
             self.ns("sysctl", "-q", "-w", f"{key}=1")
         self.ns("sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
         self.ns("sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=0")
-        _run("ip", "-n", self.netns, "link", "add", SEND_IF, "type", "veth", "peer", "name", PEER_IF)
+        run("ip", "-n", self.netns, "link", "add", SEND_IF, "type", "veth", "peer", "name", PEER_IF)
         for dev in (SEND_IF, PEER_IF):
-            _run("ip", "-n", self.netns, "link", "set", dev, "mtu", str(MTU))
-            _run("ip", "-n", self.netns, "link", "set", dev, "up")
+            run("ip", "-n", self.netns, "link", "set", dev, "mtu", str(MTU))
+            run("ip", "-n", self.netns, "link", "set", dev, "up")
         self.check_isolated()
 
     def check_isolated(self) -> None:
@@ -107,18 +89,9 @@ class IsolatedLab:
                 self._proc.wait()
         self._proc = None
         if self._created:
-            pids = _run("ip", "netns", "pids", self.netns, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            for _ in range(50):
-                if _run("ip", "netns", "del", self.netns, check=False).returncode == 0:
-                    break
-                time.sleep(0.1)
+            delete_netns(self.netns)
             self._created = False
         atexit.unregister(self.close)
 
     def exists(self) -> bool:
-        return self.netns in _run("ip", "netns", "list", check=False).stdout
+        return self.netns in run("ip", "netns", "list", check=False).stdout

@@ -42,6 +42,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hdrlog.dev.lab import LabBase, LabError, free_subnet, run
 from tests.support import hdrlog_tc_filters
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,15 +70,9 @@ SSH_OPTS = (
 )
 
 
-class LabError(RuntimeError):
-    pass
-
-
 def _run(*cmd: str, check: bool = True, timeout: float | None = 120, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
-    if check and res.returncode != 0:
-        raise LabError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
-    return res
+    """The lab runner with the fleet's longer default timeout (machines boot, playbooks run)."""
+    return run(*cmd, check=check, timeout=timeout, **kw)
 
 
 # -- the cached image -----------------------------------------------------------------------
@@ -170,23 +165,9 @@ def _unmount_below(path: Path) -> None:
 
 # -- the network ----------------------------------------------------------------------------
 
-def _used_networks() -> set[ipaddress.IPv4Network]:
-    out = _run("ip", "-j", "-4", "addr", "show").stdout
-    used = set()
-    for link in json.loads(out or "[]"):
-        for a in link.get("addr_info", []):
-            used.add(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network)
-    return used
-
-
 def _pick_subnet() -> int:
     """A /24 number k inside 198.18.0.0/15 that no interface uses (198.18.100.0/24 first)."""
-    used = _used_networks()
-    for k in [100] + list(range(101, 512)) + list(range(1, 100)):
-        net = ipaddress.ip_network(f"{LAB_NET4.network_address + (k << 8)}/24")
-        if not any(net.overlaps(u) for u in used):
-            return k
-    raise LabError("no free /24 left in 198.18.0.0/15 for the lab bridge")
+    return free_subnet(order=[100] + list(range(101, 512)) + list(range(1, 100)))
 
 
 # -- machines ---------------------------------------------------------------------------------
@@ -238,7 +219,7 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
-class Lab:
+class Lab(LabBase):
     """``with Lab(collectors=3) as lab:`` one server and N collector hosts, booted and reachable."""
 
     def __init__(self, collectors: int = 3, log=print):
@@ -255,17 +236,6 @@ class Lab:
         atexit.register(self.close)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def __enter__(self) -> "Lab":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def start(self) -> None:
         _check_dev_null("before the lab starts")
         image, build_s = ensure_image(self.log)
