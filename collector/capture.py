@@ -408,7 +408,7 @@ class Capture:
                     why = rec["log_reason"]
             out = records.decode(raw, n, self._ifnames, self._offset_ns, 1,
                                  payloads=payloads, dns_ports=self.config.dns_ports, reassembly=self._reassembly,
-                                 names=self._names)
+                                 names_state=self._names)
             sampled = (why & records.LOG_SAMPLED) != 0
             if sampled.any():  # a sampled record stands for N packets, unless it is notable anyway
                 rate = np.ones(n, dtype=np.uint32)
