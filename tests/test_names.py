@@ -332,3 +332,17 @@ def test_lab_dns_rtt_resp_name_ja4_and_quic(lab, tmp_path):
     qc = [r for r in conns if int(r["resp_port"]) == 443 and r["final"]]
     assert qc and qc[-1]["tls_sni"] == "quic.names-lab.example" and qc[-1]["tls_alpn"] == "h3"
     assert qc[-1]["resp_name"] == NAME
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
+def test_quic_capture_through_the_classifier_equals_tshark(lab, tmp_path):
+    from tests.test_capture_gaps import frames_of, replay
+
+    (version, sni, alpn), = _tshark(CAPTURES / "quic-initial.pcap", "quic.version",
+                                    "tls.handshake.extensions_server_name", "tls.handshake.extensions_alpn_str")
+    frames = frames_of("quic-initial.pcap")
+    rows, _ = replay(lab, tmp_path, frames)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["quic_version"], r["tls_sni"], r["tls_alpn"]) == (int(version, 16), sni, alpn)
+    assert r["ja4"] == _oracle_ja4(bytes(rdpcap(str(CAPTURES / "quic-initial.pcap"))[0][UDP].payload), udp=True)
