@@ -33,7 +33,8 @@
  * destination port passes HDRLOG_IS_DNS_PORT (set from the collector's
  * dns_ports), and TCP payloads that start like a TLS handshake record
  * (0x16 0x03) or an HTTP/1.x request or response (the first four bytes of a
- * method -- any upper-case token -- or "HTTP"). A TLS hello longer than its
+ * method -- any upper-case token -- or "HTTP"), and UDP/443 payloads that
+ * start like a QUIC long header (Initials: SNI, collector/quic.py). A TLS hello longer than its
  * segment (post-quantum key shares make ClientHellos ~1,800 bytes) is
  * remembered in `tls_cont` (LRU), and the next segment of that direction of
  * the connection is copied too, once; user space joins the two
@@ -313,6 +314,10 @@ static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const
 {
     if (HDRLOG_IS_DNS_PORT(sport) || HDRLOG_IS_DNS_PORT(dport))
         return 1;
+    /* Issue 14 (names): a QUIC long header on UDP/443 -- form and fixed bits set and a
+     * non-zero version (Initial's SNI, collector/quic.py; collector/appdecode.py QUIC_PORTS). */
+    if (l4proto == IPPROTO_UDP && (sport == 443 || dport == 443))
+        return (h[0] & 0xc0) == 0xc0 && (h[1] | h[2] | h[3] | h[4]) != 0;
     if (l4proto != IPPROTO_TCP)
         return 0;
     if (h[0] == 0x16 && h[1] == 0x03)

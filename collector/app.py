@@ -44,7 +44,11 @@ DELIBERATE_DROPS = ("drop_filtered", "drop_sampled_out")
 # Capture counters about what was kept, reported as they are. The TLS reassembly's are about
 # decoding, not records: an evicted or mismatched first segment loses a hello's columns, no row.
 CAPTURE_KEPT = ("flowed", "flow_map_full", "payload", "conn_tracked", "conn_map_full", "tls_reassembled",
-                "tls_reassembly_evicted", "tls_reassembly_mismatched")
+                "tls_reassembly_evicted", "tls_reassembly_mismatched",
+                # names (collector/names.py): DNS matching, passive DNS and connection names, QUIC hellos
+                "dns_rtt_matched", "dns_queries_evicted", "dns_names_evicted", "dns_hosts_evicted",
+                "conn_names_evicted", "quic_reassembled", "quic_reassembly_evicted")
+CAPTURE_DROP_REASONS += ("dns_names_dropped",)  # passive DNS rows over the per-interval cap
 CONN_POLL_S = 1.0  # seconds between reads of the kernel's connection map (auto mode)
 
 
@@ -146,6 +150,7 @@ class Collector:
             conns = self.capture.drain_connections()
             if conns:
                 self._on_connections(conns)
+            self._on_dns_names(self.capture.drain_dns_names())
             self._add_stats()
             self.batcher.flush()
             # A refused sender sends nothing more: do not wait for acks that cannot come.
@@ -263,6 +268,9 @@ class Collector:
                     conns = self.capture.drain_connections()
                     if conns:
                         self._loop.call_soon_threadsafe(self._on_connections, conns)
+                    dns_names = self.capture.drain_dns_names()
+                    if dns_names:
+                        self._loop.call_soon_threadsafe(self._on_dns_names, dns_names)
         except BaseException as exc:  # surfaced by run(); the collector must not hang silently
             self._capture_error = exc
 
@@ -274,6 +282,11 @@ class Collector:
     def _on_connections(self, chunk: dict[str, object]) -> None:
         assert self.batcher is not None
         self.batcher.add("connections", chunk)
+
+    def _on_dns_names(self, chunk: dict[str, object] | None) -> None:
+        if chunk:
+            assert self.batcher is not None
+            self.batcher.add("dns_names", chunk)
 
     def _on_packets(self, chunk: dict[str, object]) -> None:
         assert self.batcher is not None

@@ -24,7 +24,7 @@ from typing import Iterable, MutableMapping, Sequence
 
 import numpy as np
 
-from hdrlog.collector import appheaders
+from hdrlog.collector import appheaders, ja4, quic
 
 DEFAULT_DNS_PORTS = (53, 5353)
 
@@ -35,7 +35,8 @@ _TLS_WORD = 0x1603  # first two bytes of a TLS handshake record (content type 22
 
 # AppHeaders attribute -> registry column, for the scalar ones.
 _NUMERIC = ("dns_id", "dns_flags", "dns_qtype", "dns_rcode", "dns_answers", "http_status", "tls_version")
-_STRINGS = ("dns_qname", "http_method", "http_host", "http_path", "http_user_agent", "tls_sni")
+_STRINGS = ("dns_qname", "http_method", "http_host", "http_path", "http_user_agent", "tls_sni", "ja4")
+QUIC_PORTS = (443,)  # UDP ports whose long-header payloads are QUIC (bpf/hdrlog.c app_candidate)
 
 REASSEMBLY_ENTRIES = 4096  # first segments of cut-short TLS hellos kept at most (~2 KiB each)
 REASSEMBLY_MAX_HELLO = 16384 + 9  # a hello needing more than this is not waited for
@@ -92,7 +93,8 @@ def candidates(proto: np.ndarray, sport: np.ndarray, dport: np.ndarray, head: np
     l4 = (proto == 6) | (proto == 17)
     dns = l4 & (np.isin(sport, ports) | np.isin(dport, ports))
     tcp = proto == 6
-    return dns | (tcp & (http_heads(head) | ((head >> 16) == _TLS_WORD)))
+    quic_ = (proto == 17) & (np.isin(sport, QUIC_PORTS) | np.isin(dport, QUIC_PORTS)) & ((head >> 30) == 3)
+    return dns | quic_ | (tcp & (http_heads(head) | ((head >> 16) == _TLS_WORD)))
 
 
 def http_heads(head: np.ndarray) -> np.ndarray:
@@ -113,12 +115,14 @@ def _key(row) -> tuple:
 
 
 def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[tuple[int, bytes]],
-         dns_ports: Iterable[int] = DEFAULT_DNS_PORTS, reassembly: Reassembly | None = None) -> int:
+         dns_ports: Iterable[int] = DEFAULT_DNS_PORTS, reassembly: Reassembly | None = None,
+         names=None) -> int:
     """Decode the payloads of candidate rows into ``out``'s app-layer columns; returns rows decoded.
 
     With ``reassembly``, a TLS hello cut short by the end of its segment (the whole
     segment copied) is kept, and the segment that continues it is decoded together
-    with it; without, each row is decoded alone.
+    with it; without, each row is decoded alone. ``names`` (a ``names.Names``) sees every
+    decoded row: DNS response times and passive DNS, and the connections' first names.
     """
     if not payloads:
         return 0
@@ -143,9 +147,16 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
             first = reassembly.take(_key(row), int(row["tcp_seq"]))
             if first is not None:
                 data, joined = first + data, True
-        h = appheaders.parse_payload(data, p, sp, dp, ports)
+        is_dns = p in (6, 17) and (sp in ports or dp in ports)
+        if p == 17 and not is_dns and (sp in QUIC_PORTS or dp in QUIC_PORTS):
+            h = _quic(out, i, row, data, names)
+        else:
+            h = appheaders.parse_payload(data, p, sp, dp, ports)
         if h is None:
             continue
+        if p == 6 and len(data) > 5 and data[0] == appheaders.TLS_HANDSHAKE and data[5] == appheaders.TLS_CLIENT_HELLO \
+                and not h.truncated & appheaders.TRUNC_TLS_HELLO and not is_dns:
+            h.ja4 = ja4.ja4_of_record(data)
         if (reassembly is not None and h.truncated & appheaders.TRUNC_TLS_HELLO and not joined
                 and int(row["payload_len"]) == int(row["l4_payload_len"])
                 and 0 < h.tls_missing <= REASSEMBLY_MAX_HELLO):
@@ -166,4 +177,38 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
             out["tls_offered_versions"][i] = ",".join(f"0x{v:04x}" for v in h.tls_offered_versions)  # type: ignore[index]
         if h.tls_alpn:
             out["tls_alpn"][i] = ",".join(a.replace(",", "%2C") for a in h.tls_alpn)  # type: ignore[index]
+        if h.dns_answer_list:
+            out["dns_answer_records"][i] = answer_records(h.dns_answer_list)  # type: ignore[index]
+        if names is not None:
+            names.observe(out, i, row, h, is_dns)
     return decoded
+
+
+_RTYPES = {1: "A", 5: "CNAME", 28: "AAAA"}
+
+
+def answer_records(answers: list[tuple[int, str, int, str]]) -> str:
+    """The dns_answer_records text: 'TYPE value ttl' per answer, comma-separated (',' in a name: \\044)."""
+    return ",".join(f"{_RTYPES[t]} {v.replace(',', chr(92) + '044')} {ttl}" for t, v, ttl, _ in answers)
+
+
+def _quic(out: MutableMapping[str, object], i: int, row, data: bytes, names) -> appheaders.AppHeaders | None:
+    """A QUIC long-header datagram: its version, and a client Initial's ClientHello (SNI, ALPN,
+    JA4) once whole -- across Initials with ``names`` (its reassembly), else from this one alone."""
+    ini = quic.parse_initial(data)
+    if ini is None:
+        return None
+    out["quic_version"][i] = ini.version  # type: ignore[index]
+    if not ini.crypto:
+        return None
+    if names is not None:
+        key = (int(row["ifindex"]), bytes(row["src_ip"]), int(row["src_port"]), ini.dcid)
+        hello, whole = names.quic_reassembly.add(key, ini.crypto)
+    else:
+        hello, whole = quic.hello_of(ini.crypto)
+    if not whole or not hello or hello[0] != appheaders.TLS_CLIENT_HELLO:
+        return None
+    h = appheaders.AppHeaders()
+    appheaders.parse_tls(quic.as_tls_record(hello), h)
+    h.ja4 = ja4.ja4_of_hello(hello, "q")
+    return h

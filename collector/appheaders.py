@@ -19,6 +19,7 @@ DNS_MAX_NAME = 255  # octets of a name on the wire (RFC 1035 2.3.4), the cap of 
 DNS_MAX_POINTERS = 16
 HTTP_MAX_METHOD = 32  # a longer token is not taken for a method
 TLS_MAX_ALPN = 8  # ALPN protocols kept
+DNS_MAX_ANSWERS = 16  # answer records kept per response (dns_answer_records)
 
 # Bits of AppHeaders.truncated (the packets column `truncated`): which value was cut,
 # or could not be read to its end because the copied bytes ended first.
@@ -32,6 +33,7 @@ TRUNC_TLS_HELLO = 1 << 6  # the copy ended inside the hello: versions / SNI / AL
 TRUNC_TLS_SNI = 1 << 7  # tls_sni cut (over MAX_STR or the copy ended inside it)
 TRUNC_TLS_ALPN = 1 << 8  # tls_alpn cut (more than TLS_MAX_ALPN protocols, one over MAX_STR, or copy end)
 TRUNC_HTTP_METHOD = 1 << 9  # the request line ended before " HTTP/": method and path from a cut line
+TRUNC_DNS_ANSWERS = 1 << 10  # dns_answer_records cut: more than DNS_MAX_ANSWERS, or the copy ended inside them
 TRUNC_NAMES = {v: k for k, v in globals().items() if k.startswith("TRUNC_") and isinstance(v, int)}
 
 HTTP_METHODS = (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
@@ -90,6 +92,9 @@ class AppHeaders:
     dns_qtype: int = 0
     dns_rcode: int = 0
     dns_answers: int = 0
+    # Answer records of a response (issue 14 "names"): (type, value, ttl), value an address
+    # (A / AAAA) or a name (CNAME), with the owner name of each record.
+    dns_answer_list: list[tuple[int, str, int, str]] = field(default_factory=list)
     http_method: str = ""
     http_path: str = ""
     http_host: str = ""
@@ -99,6 +104,7 @@ class AppHeaders:
     tls_version: int = 0  # ServerHello: the chosen version; ClientHello: the highest offered
     tls_offered_versions: list[int] = field(default_factory=list)
     tls_alpn: list[str] = field(default_factory=list)
+    ja4: str = ""  # a whole ClientHello's JA4 (collector/ja4.py; set by appdecode)
     truncated: int = 0  # TRUNC_* bits: which values were cut
     tls_missing: int = 0  # a hello cut by the end of the bytes: how many of its bytes were not there
 
@@ -218,7 +224,46 @@ def parse_dns(msg: bytes, h: AppHeaders) -> bool:
             h.dns_qtype = struct.unpack_from("!H", msg, after)[0]
         elif after >= 0:
             h.truncated |= TRUNC_DNS_HEADER  # the question's type is not in the bytes
+        if flags & 0x8000 and ancount and qdcount == 1 and after >= 0:
+            _dns_answers(msg, after + 4, ancount, h)
     return True
+
+
+DNS_A, DNS_CNAME, DNS_AAAA = 1, 5, 28
+
+
+def _dns_answers(msg: bytes, pos: int, count: int, h: AppHeaders) -> None:
+    """The answer section's A, AAAA and CNAME records (others skipped), at most DNS_MAX_ANSWERS."""
+    import ipaddress
+
+    for _ in range(count):
+        owner, pos, cut = dns_name_ex(msg, pos)
+        if pos < 0 or pos + 10 > len(msg) or cut:
+            h.truncated |= TRUNC_DNS_ANSWERS
+            return
+        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, pos)
+        rdata_at = pos + 10
+        pos = rdata_at + rdlen
+        if pos > len(msg):
+            h.truncated |= TRUNC_DNS_ANSWERS
+            return
+        if rclass != 1 or rtype not in (DNS_A, DNS_AAAA, DNS_CNAME):
+            continue
+        if len(h.dns_answer_list) >= DNS_MAX_ANSWERS:
+            h.truncated |= TRUNC_DNS_ANSWERS
+            return
+        if rtype == DNS_A and rdlen == 4:
+            value = str(ipaddress.IPv4Address(msg[rdata_at:pos]))
+        elif rtype == DNS_AAAA and rdlen == 16:
+            value = str(ipaddress.IPv6Address(msg[rdata_at:pos]))
+        elif rtype == DNS_CNAME:
+            value, _, cut = dns_name_ex(msg[:pos], rdata_at)
+            if cut or not value:
+                h.truncated |= TRUNC_DNS_ANSWERS
+                continue
+        else:
+            continue
+        h.dns_answer_list.append((rtype, value, ttl, owner))
 
 
 def looks_like_dns(msg: bytes) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from hdrlog.bpf import SOURCE_DIR
-from hdrlog.collector import appdecode, bpfsys, fdstore, handover, records
+from hdrlog.collector import appdecode, bpfsys, fdstore, handover, names as namesmod, records
 from hdrlog.collector import filters as filterlang
 from hdrlog.collector import flows as flowmod
 from hdrlog.collector import connections as connmod
@@ -299,6 +299,7 @@ class Capture:
         self._final_counters: dict[str, int] | None = None
         self._polled = 0
         self._reassembly = appdecode.Reassembly()  # TLS hellos over two segments, across polls
+        self._names = namesmod.Names()  # issue 14: DNS rtt, passive DNS, connection names (collector/names.py)
         self._cfg_leaf = None  # Python-side copy of the BPF cfg entry (bpf/flows.h struct hdrlog_cfg)
         self._flow_drain: flowmod.FlowDrain | None = None
         self._fallback: list = []  # records with LOG_FLOW_FALLBACK, for the next drain_flows()
@@ -406,7 +407,8 @@ class Capture:
                     rec = records.as_records(raw, n)
                     why = rec["log_reason"]
             out = records.decode(raw, n, self._ifnames, self._offset_ns, 1,
-                                 payloads=payloads, dns_ports=self.config.dns_ports, reassembly=self._reassembly)
+                                 payloads=payloads, dns_ports=self.config.dns_ports, reassembly=self._reassembly,
+                                 names_state=self._names)
             sampled = (why & records.LOG_SAMPLED) != 0
             if sampled.any():  # a sampled record stands for N packets, unless it is notable anyway
                 rate = np.ones(n, dtype=np.uint32)
@@ -466,7 +468,14 @@ class Capture:
         except OSError as e:  # never let a map read stop the capture
             log.warning("capture: connection map read failed: %s", e)
             return None
+        if cols:
+            self._names.annotate(cols)  # names: resp_name, tls_sni, tls_alpn, ja4, http_host
         return cols
+
+    def drain_dns_names(self) -> dict[str, object] | None:
+        """``dns_names`` rows (passive DNS) seen since the last call, or None (collector/names.py)."""
+        with self._lock:
+            return self._names.drain_dns_names()
 
     def set_filters(self, rules) -> None:
         """Replace the in-kernel filters while running (expressions or text; see collector/filters.py)."""
@@ -487,6 +496,7 @@ class Capture:
         with self._lock:
             out = self._read_counters()
             out.update(self._reassembly.counters())
+            out.update(self._names.counters())
             if reported and self._keeper is not None and self._bpf is not None:
                 self._keeper.write_state(self._kernel_counters)
             return out

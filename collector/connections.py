@@ -327,6 +327,8 @@ class ConnDrain:
         out: dict[str, object] = {}
         for spec in CONNECTIONS:
             v = cols[spec.name]
+            if not v and rows:  # filled after the drain (names: resp_name, tls_sni, ... by collector/names.py)
+                v = [""] * len(rows) if spec.is_string else [0] * len(rows)
             if spec.is_string:
                 out[spec.name] = v
             elif spec.dtype == "V16":

@@ -132,6 +132,7 @@ def decode(
     payloads: Sequence[tuple[int, bytes]] = (),
     dns_ports: Iterable[int] = appdecode.DEFAULT_DNS_PORTS,
     reassembly: appdecode.Reassembly | None = None,
+    names_state=None,
 ) -> dict[str, object]:
     """Packet columns (registry order and dtypes) from ``count`` packed records.
 
@@ -164,5 +165,5 @@ def decode(
         else:
             out[name] = np.zeros(count, dtype=spec.dtype)
     if payloads:
-        appdecode.fill(out, rec, payloads, dns_ports, reassembly)
+        appdecode.fill(out, rec, payloads, dns_ports, reassembly, names_state)  # collector/names.py
     return out

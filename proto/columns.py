@@ -91,6 +91,11 @@ PACKETS = _cols(
     ("tls_alpn", STRING, "TLS ClientHello ALPN protocols, comma-separated"),
     ("vlan_inner_id", "<u2", "innermost VLAN id when the frame has two or more tags, else 0"),
     ("truncated", "<u2", "which app-layer values were cut (bits in collector/appheaders.py TRUNC_*; docs/sql.md)"),
+    # Issue 14, names and fingerprints (collector/names.py, ja4.py, quic.py).
+    ("dns_answer_records", STRING, "DNS response's A, AAAA and CNAME answers, comma-separated 'TYPE value ttl'"),
+    ("dns_rtt_us", "<u4", "DNS response: microseconds since its query (same 5-tuple and id), 0 = query not seen"),
+    ("ja4", STRING, "JA4 fingerprint of a TLS or QUIC ClientHello (FoxIO's JA4, BSD-3)"),
+    ("quic_version", "<u4", "QUIC long header's version (0x00000001 = v1), 0 = not QUIC"),
 )
 
 FLOWS = _cols(
@@ -137,6 +142,25 @@ CONNECTIONS = _cols(
     ("resp_retrans", "<u4", "responder packets that resent payload"),
     ("zero_windows", "<u4", "zero-window advertisements, both sides"),
     ("community_id", STRING, "Community ID v1, seed 0"),
+    # Issue 14 (collector/names.py): the first value seen on the connection's packets.
+    ("resp_name", STRING, "the name the originator's host resolved the responder's address from (passive DNS)"),
+    ("tls_sni", STRING, "first TLS (or QUIC Initial) ClientHello server name"),
+    ("tls_alpn", STRING, "its ALPN protocols, comma-separated"),
+    ("ja4", STRING, "its JA4 fingerprint"),
+    ("http_host", STRING, "first HTTP Host header"),
+)
+
+# Passive DNS (collector/names.py): one row per interface, client, name and address per
+# collector interval in which a response mapped the name to the address.
+DNS_NAMES = _cols(
+    ("first_seen", "<i8", "first response in the interval, UTC nanoseconds"),
+    ("last_seen", "<i8", "last response in the interval, UTC nanoseconds"),
+    ("ifname", STRING, "interface"),
+    ("client_ip", "V16", "the host that asked (IPv6 / IPv4-mapped)"),
+    ("name", STRING, "the question's name (what the client asked for, also when answered through CNAMEs)"),
+    ("address", "V16", "an A / AAAA answer (IPv6 / IPv4-mapped)"),
+    ("ttl", "<u4", "the answer's TTL in the last response, seconds"),
+    ("responses", "<u4", "responses with this mapping in the interval"),
 )
 
 COLLECTOR_STATS = _cols(
@@ -151,6 +175,7 @@ TABLES: dict[str, tuple[ColumnSpec, ...]] = {
     "flows": FLOWS,
     "connections": CONNECTIONS,
     "collector_stats": COLLECTOR_STATS,
+    "dns_names": DNS_NAMES,
 }
 
 DIRECTIONS = {1: "ingress", 2: "egress"}

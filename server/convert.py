@@ -33,7 +33,7 @@ MAX_ROWS = 10_000_000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,254}$")
 _DIRECTIONS = pa.array(["", registry.DIRECTIONS[1], registry.DIRECTIONS[2]])
-_TIME_COLUMNS = {"ts", "start_ts", "end_ts"}
+_TIME_COLUMNS = {"ts", "start_ts", "end_ts", "first_seen", "last_seen"}  # DateTime64(9) from UTC ns
 
 
 class BatchError(ValueError):

@@ -27,7 +27,8 @@ log = logging.getLogger("hdrlog.server")
 DATABASE = "hdrlog"
 
 # The time column each table is partitioned by (toDate of it, UTC).
-PARTITION_TS = {"packets": "ts", "flows": "start_ts", "connections": "start_ts", "collector_stats": "ts"}
+PARTITION_TS = {"packets": "ts", "flows": "start_ts", "connections": "start_ts", "collector_stats": "ts",
+                "dns_names": "first_seen"}
 
 _TABLE_SETTINGS = "SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192"
 
@@ -403,6 +404,49 @@ MIGRATIONS += [
     (8, "connections (one row per connection, Zeek's conn_state and history)", [_CONNECTIONS_V1]),
 ]
 
+# -- issue 14: names and fingerprints ---------------------------------------------------------
+# Passive DNS: one row per interface, client, name and address per collector interval (first and
+# last response in it). Latest mapping of a name:
+#   SELECT address, max(last_seen), argMax(ttl, last_seen) FROM hdrlog.dns_names WHERE name = 'x' GROUP BY address
+_DNS_NAMES_V1 = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.dns_names
+(
+    first_seen      DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    last_seen       DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1)),
+    host            LowCardinality(String),
+    collector_id    LowCardinality(String),
+    batch_seq       UInt64 CODEC(Delta, ZSTD(1)),
+    ifname          LowCardinality(String),
+    client_ip       IPv6 CODEC(ZSTD(1)),
+    name            String CODEC(ZSTD(1)),
+    address         IPv6 CODEC(ZSTD(1)),
+    ttl             UInt32 CODEC(T64, ZSTD(1)),
+    responses       UInt32 CODEC(T64, ZSTD(1)),
+    INDEX idx_name name TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_address address TYPE bloom_filter(0.01) GRANULARITY 4
+)
+ENGINE = MergeTree
+PARTITION BY toDate(first_seen)
+ORDER BY (host, name, first_seen)
+{_TABLE_SETTINGS}
+"""
+
+MIGRATIONS += [
+    (9, "names and fingerprints: dns_names; packets dns_answer_records, dns_rtt_us, ja4, quic_version; "
+        "connections resp_name, tls_sni, tls_alpn, ja4, http_host", [
+        _DNS_NAMES_V1,
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS dns_answer_records String CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS dns_rtt_us UInt32 CODEC(T64, ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS ja4 LowCardinality(String)",
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS quic_version UInt32 CODEC(T64, ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.connections ADD COLUMN IF NOT EXISTS resp_name String CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.connections ADD COLUMN IF NOT EXISTS tls_sni String CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.connections ADD COLUMN IF NOT EXISTS tls_alpn LowCardinality(String)",
+        f"ALTER TABLE {DATABASE}.connections ADD COLUMN IF NOT EXISTS ja4 LowCardinality(String)",
+        f"ALTER TABLE {DATABASE}.connections ADD COLUMN IF NOT EXISTS http_host String CODEC(ZSTD(1))",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.
@@ -455,7 +499,7 @@ _DTYPE_SQL = {"u1": "UInt8", "<u2": "UInt16", "<u4": "UInt32", "<u8": "UInt64", 
 
 def column_type(table: str, name: str, dtype: str) -> str:
     """The SQL type of a registry column (the same rules as the DDL above)."""
-    if name in ("ts", "start_ts", "end_ts"):
+    if name in ("ts", "start_ts", "end_ts", "first_seen", "last_seen"):
         return "DateTime64(9, 'UTC')"
     if name == "direction":
         return "LowCardinality(String)"

@@ -11,8 +11,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from scapy.all import IP, TCP, UDP, Dot1Q, Ether, IPv6, Raw, wrpcap
+import sys
+
+from scapy.all import DNS, DNSQR, GRE, IP, TCP, UDP, Dot1Q, Ether, IPv6, Raw, wrpcap
 from scapy.layers.l2 import Dot1AD
+from scapy.layers.vxlan import VXLAN
 
 from tests import gapframes as gf
 
@@ -68,16 +71,52 @@ def dns_long() -> list[bytes]:
             bytes(udp(53004) / Raw(gf.dns_dotted_name_query()))]
 
 
+def tunnels() -> list[bytes]:
+    """Overlay traffic: VXLAN (VNI 4242), Geneve (VNI 77), GRE (key 9) and IP-in-IP, each around
+    an inner TCP SYN 10.x -> 198.18.251.x:443 (inner addresses of an overlay) and a DNS query."""
+    from scapy.contrib.geneve import GENEVE
+
+    inner = lambda n: (IP(src=f"198.18.251.{n}", dst="198.18.251.100") /  # noqa: E731
+                       TCP(sport=41000 + n, dport=443, flags="S", seq=1000 + n))
+    dns = lambda n: (IP(src=f"198.18.251.{n}", dst="198.18.251.53") / UDP(sport=42000 + n, dport=53) /  # noqa: E731
+                     DNS(id=n, rd=1, qd=DNSQR(qname=f"overlay{n}.example")))
+    ieth = Ether(src="02:48:44:00:01:01", dst="02:48:44:00:01:02")
+    outer = lambda: _eth() / IP(src=A4, dst=B4)  # noqa: E731
+    return [bytes(outer() / UDP(sport=50001, dport=4789) / VXLAN(vni=4242) / ieth / inner(1)),
+            bytes(outer() / UDP(sport=50002, dport=4789) / VXLAN(vni=4242) / ieth / dns(2)),
+            bytes(outer() / UDP(sport=50003, dport=6081) / GENEVE(vni=77, proto=0x6558) / ieth / inner(3)),
+            bytes(outer() / GRE(key_present=1, key=9, proto=0x0800) / inner(4)),
+            bytes(outer() / inner(5)),  # IP-in-IP (protocol 4)
+            bytes(_eth() / IPv6(src=A6, dst=B6) / UDP(sport=50006, dport=4789) / VXLAN(vni=4243) / ieth / inner(6))]
+
+
+def quic_initial() -> list[bytes]:
+    """A real QUIC v1 client Initial (aioquic; SNI quic.example.org, ALPN h3) to B4:443. Random
+    (connection id, key share): rewritten only with --random, and then decodes the same."""
+    import time
+
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    c = QuicConnection(configuration=QuicConfiguration(is_client=True, server_name="quic.example.org",
+                                                       alpn_protocols=["h3"]))
+    c.connect((B4, 443), now=time.time())
+    return [bytes(_eth() / IP(src=A4, dst=B4) / UDP(sport=50443, dport=443) / Raw(d))
+            for d, _ in c.datagrams_to_send(now=time.time())]
+
+
 CAPTURES = {"tls-pq-hello-2seg.pcap": pq_tls, "http-webdav.pcap": webdav, "qinqinq.pcap": qinqinq,
-            "dns-long-name.pcap": dns_long}
+            "dns-long-name.pcap": dns_long, "tunnels-vxlan-geneve-gre-ipip.pcap": tunnels}
+RANDOM = {"quic-initial.pcap": quic_initial}  # not byte-for-byte reproducible: only with --random
 
 
 def packets(name: str) -> list[bytes]:
-    return CAPTURES[name]()
+    return {**CAPTURES, **RANDOM}[name]()
 
 
 def main() -> None:
-    for name, build in CAPTURES.items():
+    todo = dict(CAPTURES, **(RANDOM if "--random" in sys.argv[1:] else {}))
+    for name, build in todo.items():
         frames = [Ether(f) for f in build()]
         for i, f in enumerate(frames):
             f.time = 1_780_000_000 + i / 1000
