@@ -46,6 +46,8 @@ REJECT_LOG_INTERVAL = 1.0
 MAX_UNSENT_ACKS = 10_000
 # A restarted collector skips at most one reserved block of seqs (1000); this allows for a billion.
 MAX_SEQ_JUMP = 1_000_000_000
+# Collector ids one stream remembers having read the stored seqs of (a collector sends one).
+MAX_COLLECTORS_PER_STREAM = 1000
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str:
@@ -137,6 +139,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         room.set()
         self.metrics.stream_opened()
         peer = context.peer()
+        floors: dict[str, int] = {}  # collector_id -> lowest seq whose stored seqs were read for this stream
 
         def queue_ack(ack: ingest_pb2.Ack) -> None:
             acks.put_nowait(ack)
@@ -190,6 +193,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                     queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.REJECTED, error=str(exc),
                                              reason=exc.kind))
                     continue
+                if self.writer.shared:
+                    # Another server may have stored this collector's later seqs: ask ClickHouse (writer.py,
+                    # "Across servers") on its first batch here, and on any batch below what was asked.
+                    floor = floors.get(batch.collector_id)
+                    if floor is None or batch.seq < floor:
+                        problem = await self.writer.refresh(batch.collector_id, host, batch.seq)
+                        if problem:
+                            self.metrics.batches_retry.inc()
+                            queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.RETRY,
+                                                     error=f"store unavailable: {problem}"))
+                            continue
+                        if len(floors) >= MAX_COLLECTORS_PER_STREAM:
+                            floors.clear()
+                        floors[batch.collector_id] = batch.seq
                 fut = await self.writer.submit(batch.collector_id, batch.seq, tables)
                 outstanding += 1
                 drained.clear()

@@ -49,6 +49,13 @@ class ServerMetrics:
                                             "Time streams waited for room in the pending buffer", registry=r)
         self.sql_queries = Counter(f"{NS}_sql_queries", "SQL endpoint requests, by outcome", ["outcome"],
                                    registry=r)
+        self.seq_refreshes = Counter(f"{NS}_stored_seq_reads", "Reads of one collector's stored seqs from "
+                                     "ClickHouse (a stream's first batch, when other servers share the store)",
+                                     registry=r)
+        self.sql_inserts = Counter(f"{NS}_sql_inserts", "INSERTs on the SQL endpoint's write user, by outcome",
+                                   ["outcome"], registry=r)
+        self.sql_inserted_rows = Counter(f"{NS}_sql_inserted_rows", "Rows inserted through the SQL endpoint's "
+                                         "write user, by table", ["table"], registry=r)
         # Plain totals for the status line.
         self.total_batches = 0
         self.total_rows = 0

@@ -37,6 +37,9 @@ seen dropped first). Compressed bodies (gzip, deflate, lz4, zstd when
 installed) are decoded incrementally in a thread with an output cap of
 ``MAX_BODY_BYTES`` (HTTP 413 beyond it).
 
+With ``--sql-write-user`` a second user may also INSERT into hdrlog tables
+(``sqlinsert.py``, which says how it is wired); it reads like the SQL user.
+
 The HTTP side is a small asyncio server on the ingest event loop (HTTP/1.1,
 keep-alive, Content-Length or chunked bodies); queries run in a small thread
 pool on their own chDB handles, so a slow query never stalls ingest.
@@ -74,6 +77,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from hdrlog.server import sqlguard
+from hdrlog.server.sqlinsert import INSERT_SETTINGS, InsertEndpoint
 from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.store import Store, StoreError
 
@@ -287,8 +291,9 @@ def credentials_of(req: "Request", params: dict[str, str]) -> tuple[str, str] | 
 
 class SqlEndpoint:
     def __init__(self, store: Store, metrics: ServerMetrics, host: str, port: int, *, limits: Limits | None = None,
-                 credentials: tuple[str, str] | None = None):
+                 credentials: tuple[str, str] | None = None, inserts: InsertEndpoint | None = None):
         self.store = store
+        self.inserts = inserts  # the write user's INSERTs (sqlinsert.py); None: reads only
         self.guard = sqlguard.SqlGuard(store.parse, store.known_settings)
         self._credentials = (_digest(credentials[0]), _digest(credentials[1])) if credentials else None
         self._last_auth_log = 0.0
@@ -340,7 +345,8 @@ class SqlEndpoint:
         try:
             while True:
                 try:
-                    req = await asyncio.wait_for(_read_head(reader), KEEPALIVE_SECONDS)
+                    req = await asyncio.wait_for(_read_head(reader, max(
+                        MAX_BODY_BYTES, self.inserts.max_body_bytes if self.inserts else 0)), KEEPALIVE_SECONDS)
                 except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
                 except _BadRequest as exc:
@@ -351,23 +357,31 @@ class SqlEndpoint:
                     return
                 keep_alive = req.headers.get("connection", "").lower() != "close" and req.version == "HTTP/1.1"
                 early = await self._before_body(req, peer_key)
+                writer_ = early is None and self._writer(req)
+                if early is None and not writer_ and int(req.headers.get("content-length", "0") or 0) > MAX_BODY_BYTES:
+                    early = _error(SqlError(1, f"query larger than {MAX_BODY_BYTES} bytes"), 413)
+                cap = self.inserts.max_body_bytes if writer_ and self.inserts else MAX_BODY_BYTES
                 if early is not None:
                     # Answered on the head alone: an unread body makes the connection unusable.
                     keep_alive = keep_alive and not _has_body(req)
                     status, body, headers = early
                 else:
                     try:
-                        req.body = await asyncio.wait_for(_read_body(reader, req), KEEPALIVE_SECONDS)
+                        req.body = await asyncio.wait_for(_read_body(reader, req, cap), KEEPALIVE_SECONDS)
                         encoding = req.headers.get("content-encoding", "").lower()
                         if req.body and encoding and encoding != "identity":
-                            req.body = await asyncio.to_thread(_decompress, req.body, encoding, MAX_BODY_BYTES)
+                            req.body = await asyncio.to_thread(_decompress, req.body, encoding, cap)
                     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                         return
                     except _BadRequest as exc:
                         await _send(writer, exc.status, _error_body(SqlError(1, str(exc))),
                                     {"X-ClickHouse-Exception-Code": "1"}, keep_alive=False)
                         return
-                    answer = await self._respond(req, reader)
+                    params = dict(parse_qsl(urlsplit(req.target).query, keep_blank_values=True))
+                    insert = self.inserts.split(params.get("query", ""), req.body) \
+                        if writer_ and self.inserts and req.method == "POST" else None
+                    answer = await self.inserts.run(*insert, params) if insert and self.inserts \
+                        else await self._respond(req, reader, readonly=2 if writer_ else 1)
                     if answer is None:  # the client went away; its query was cancelled
                         return
                     status, body, headers = answer
@@ -406,7 +420,8 @@ class SqlEndpoint:
             return refused
         return None
 
-    async def _respond(self, req: Request, reader: asyncio.StreamReader) -> tuple[int, bytes, dict[str, str]] | None:
+    async def _respond(self, req: Request, reader: asyncio.StreamReader,
+                       readonly: int = 1) -> tuple[int, bytes, dict[str, str]] | None:
         url = urlsplit(req.target)
         params = dict(parse_qsl(url.query, keep_blank_values=True))
         body = req.body.decode("utf-8", "replace") if req.method == "POST" else ""
@@ -420,7 +435,8 @@ class SqlEndpoint:
         query_id = params.get("query_id") or str(uuid.uuid4())
         try:
             settings = capped_settings(
-                {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")},
+                {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")
+                 and not (readonly == 2 and k in INSERT_SETTINGS)},  # the write user's client sends them on reads too
                 self.limits)
         except SqlError as exc:
             self.metrics.sql_queries.labels("refused").inc()
@@ -456,7 +472,7 @@ class SqlEndpoint:
         settings = stmt.settings
         try:
             fut = loop.run_in_executor(self._pool, lambda: self.store.query(
-                sql, database=stmt.database, settings=settings, parameters=parameters))
+                sql, database=stmt.database, settings=settings, parameters=parameters, readonly=readonly))
         except RuntimeError as exc:  # the pool is shutting down
             self._slots.release()
             return _error(SqlError(1002, f"server is stopping ({exc})"), 503, query_id=query_id)
@@ -511,6 +527,13 @@ class SqlEndpoint:
         }
         return 200, out, headers
 
+    def _writer(self, req: Request) -> bool:
+        """The request carries the write user's credentials (sqlinsert.py): it may INSERT, with a larger body."""
+        if self.inserts is None:
+            return False
+        given = credentials_of(req, dict(parse_qsl(urlsplit(req.target).query, keep_blank_values=True)))
+        return given is not None and self.inserts.is_writer(*given)
+
     async def _admit(self) -> None:
         """Wait for a worker in a bounded queue; SqlError 202 when the queue is full or the wait too long."""
         assert self._slots is not None
@@ -532,8 +555,10 @@ class SqlEndpoint:
     def _authenticate(self, req: Request, params: dict[str, str],
                       peer_key: str = "") -> tuple[int, bytes, dict[str, str]] | None:
         """None when the request may run; else the 401/403/429 answer."""
-        if self._credentials is None:
-            return None
+        if self._credentials is None:  # reads are open (--insecure): only a wrong write login is refused
+            given = credentials_of(req, params)
+            if self.inserts is None or given is None or given[0] != self.inserts.user:
+                return None
         now = time.monotonic()
         limiter = self._auth_limiter
         if peer_key and limiter.limited(peer_key, now):
@@ -561,10 +586,15 @@ class SqlEndpoint:
                      "or user/password URL parameters)"), 401)
             headers["WWW-Authenticate"] = 'Basic realm="hdrlog", charset="UTF-8"'
             return status, body, headers
-        user_ok = hmac.compare_digest(_digest(given[0]), self._credentials[0])
-        password_ok = hmac.compare_digest(_digest(given[1]), self._credentials[1])
-        if user_ok & password_ok:
-            return None
+        if self._credentials is None:
+            if self.inserts is not None and self.inserts.is_writer(*given):
+                return None
+        else:
+            user_ok = hmac.compare_digest(_digest(given[0]), self._credentials[0])
+            password_ok = hmac.compare_digest(_digest(given[1]), self._credentials[1])
+            # The write user (sqlinsert.py) may read too: a server's start and its stored-seq reads are SELECTs.
+            if (user_ok & password_ok) or (self.inserts is not None and self.inserts.is_writer(*given)):
+                return None
         self.metrics.sql_queries.labels("unauthenticated").inc()
         if peer_key:
             limiter.failed(peer_key, now)
@@ -608,7 +638,7 @@ def _has_body(req: Request) -> bool:
     return req.headers.get("content-length", "0").strip() not in ("", "0")
 
 
-async def _read_head(reader: asyncio.StreamReader) -> Request | None:
+async def _read_head(reader: asyncio.StreamReader, cap: int = MAX_BODY_BYTES) -> Request | None:
     """The request line and headers (the body is read after the credentials are checked)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -638,13 +668,13 @@ async def _read_head(reader: asyncio.StreamReader) -> Request | None:
             raise _BadRequest(400, "bad Content-Length") from None
         if length < 0:
             raise _BadRequest(400, "bad Content-Length")
-        if length > MAX_BODY_BYTES:
-            raise _BadRequest(413, f"query larger than {MAX_BODY_BYTES} bytes")
+        if length > cap:
+            raise _BadRequest(413, f"query larger than {cap} bytes")
     return Request(method, target, version, headers, b"")
 
 
-async def _read_body(reader: asyncio.StreamReader, req: Request) -> bytes:
-    """The body as sent (at most MAX_BODY_BYTES), still encoded."""
+async def _read_body(reader: asyncio.StreamReader, req: Request, cap: int = MAX_BODY_BYTES) -> bytes:
+    """The body as sent (at most ``cap`` bytes), still encoded."""
     headers = req.headers
     if headers.get("transfer-encoding", "").lower() == "chunked":
         chunks: list[bytes] = []
@@ -660,8 +690,8 @@ async def _read_body(reader: asyncio.StreamReader, req: Request) -> bytes:
                     pass
                 break
             total += size
-            if total > MAX_BODY_BYTES:
-                raise _BadRequest(413, f"query larger than {MAX_BODY_BYTES} bytes")
+            if total > cap:
+                raise _BadRequest(413, f"query larger than {cap} bytes")
             chunks.append(await reader.readexactly(size))
             await reader.readexactly(2)
         return b"".join(chunks)

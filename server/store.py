@@ -209,6 +209,8 @@ class Store:
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
         self._known_settings: frozenset[str] | None = None
+        self._ingress: Any = None   # the SQL endpoint's write user's handle (raw_insert)
+        self._ingress_lock = threading.Lock()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -260,6 +262,10 @@ class Store:
             control, self._control = self._control, None
         if control is not None:
             readers.append(control)
+        with self._ingress_lock:
+            ingress, self._ingress = self._ingress, None
+        if ingress is not None:
+            readers.append(ingress)
         for client in readers:
             try:
                 client.close()
@@ -295,6 +301,33 @@ class Store:
             raise classify(exc) from None
         return data.num_rows
 
+    def _ingress_client(self) -> Any:
+        if self._ingress is None:
+            if self._closed:
+                raise StoreError("store is closed")
+            self._ingress = self._connect()
+        return self._ingress
+
+    def raw_insert(self, table: str, columns: list[str] | None, data: bytes, fmt: str,
+                   settings: Mapping[str, str]) -> int:
+        """Insert ``data`` (Arrow / ArrowStream / Native bytes) into hdrlog.<table>, for the SQL endpoint's write
+        user (sqlinsert.py), on a handle of its own; returns the rows written (0 when deduplicated)."""
+        with self._ingress_lock:
+            try:
+                summary = self._ingress_client().raw_insert(f"{schema.DATABASE}.{table}", columns, data,
+                                                            dict(settings), fmt)
+            except Exception as exc:  # noqa: BLE001
+                raise classify(exc) from None
+        return int(getattr(summary, "written_rows", 0) or 0)
+
+    def query_rows(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple]:
+        """A catalogue read for the write path (the tables that take INSERTs), on the write user's handle."""
+        with self._ingress_lock:
+            try:
+                return list(self._ingress_client().query(sql, parameters=dict(parameters or {})).result_rows)
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(short_message(exc), code=error_code(exc)) from None
+
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.
 
@@ -325,20 +358,57 @@ class Store:
                     marks[int(d)] = StoredSeqs(_runs([int(x) for x in seqs]))
         return Watermarks(out)
 
+    def stored_seqs(self, collector_id: str, host: str, since: int) -> dict[str, dict[int, StoredSeqs]]:
+        """The batch_seqs >= ``since`` that have rows stored for one collector, per table and day.
+
+        What another server may have stored since this one last looked (several servers in front of one
+        ClickHouse). ``host`` is the primary key's prefix, so only that host's granules are read; the same
+        min / max / distinct count per key as ``committed_watermarks``, the seqs themselves only where a
+        key has holes. One query for all tables.
+        """
+        parts = []
+        for table, ts in schema.PARTITION_TS.items():
+            parts.append(
+                f"SELECT '{table}' AS t, toUInt32(toDate({ts})) AS day, min(batch_seq) AS lo, max(batch_seq) AS hi, "
+                f"groupBitmap(batch_seq) AS n FROM {schema.DATABASE}.{table} "
+                "WHERE host = {h:String} AND collector_id = {c:String} AND batch_seq >= {s:UInt64} GROUP BY day")
+        params = {"h": host, "c": collector_id, "s": int(since)}
+        out: dict[str, dict[int, StoredSeqs]] = {}
+        try:
+            rows = self._client.query(" UNION ALL ".join(parts), parameters=params).result_rows
+            holey = {(str(t), int(d)) for t, d, lo, hi, n in rows if int(hi) - int(lo) + 1 != int(n)}
+            for t, d, lo, hi, n in rows:
+                if (str(t), int(d)) not in holey:
+                    out.setdefault(str(t), {})[int(d)] = StoredSeqs([(int(lo), int(hi))])
+            for table in sorted({t for t, _ in holey}):
+                ts = schema.PARTITION_TS[table]
+                detail = self._client.query(
+                    f"SELECT toUInt32(toDate({ts})) AS day, arraySort(groupUniqArray(batch_seq)) "
+                    f"FROM {schema.DATABASE}.{table} "
+                    "WHERE host = {h:String} AND collector_id = {c:String} AND batch_seq >= {s:UInt64} GROUP BY day",
+                    parameters=params).result_rows
+                for d, seqs in detail:
+                    if (table, int(d)) in holey:
+                        out.setdefault(table, {})[int(d)] = StoredSeqs(_runs([int(x) for x in seqs]))
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the stored seqs of {collector_id}: {short_message(exc)}") from None
+        return out
+
     def count(self, table: str, where: str = "1") -> int:
         return int(self._client.command(f"SELECT count() FROM {schema.DATABASE}.{table} WHERE {where}"))
 
     # -- SQL endpoint (worker threads) ---------------------------------------
 
-    def _reader(self) -> Any:
-        client = getattr(self._local, "client", None)
+    def _reader(self, level: int = 1) -> Any:
+        attr = "client" if level == 1 else f"client{level}"
+        client = getattr(self._local, attr, None)
         if client is None:
             if self._closed:
                 raise StoreError("store is closed")
-            client = self._read_only(self._connect(), {})
+            client = self._read_only(self._connect(), {}, level)
             with self._readers_lock:
                 self._readers.append(client)
-            self._local.client = client
+            setattr(self._local, attr, client)
         return client
 
     def server_setting(self, name: str) -> str:
@@ -371,15 +441,18 @@ class Store:
         return self._known_settings
 
     def query(self, sql: str, *, database: str | None = None, settings: Mapping[str, str] | None = None,
-              parameters: Mapping[str, str] | None = None) -> bytes:
-        """Run one statement (already checked read-only by the caller) and return the raw output bytes."""
+              parameters: Mapping[str, str] | None = None, readonly: int = 1) -> bytes:
+        """Run one statement (already checked read-only by the caller) and return the raw output bytes.
+
+        ``readonly = 2`` (the write user's reads, sqlinsert.py): a handle that reads only but on which settings
+        may change, so system.settings shows the insert settings as changeable, as a real ClickHouse does."""
         known = self.known_settings()
         # Only what differs from the handle's defaults (the limits) needs a handle of its own.
         use = {k: v for k, v in (settings or {}).items()
                if k in known and k != "readonly" and _as_text(self.sql_settings.get(k)) != _as_text(v)}
         # Under readonly = 1 a handle cannot change a setting, so a query with settings gets a
         # handle of its own that takes them before it turns read-only (about 1 ms with chDB).
-        client = self._read_only(self._connect(), use) if use and self.embedded else self._reader()
+        client = self._read_only(self._connect(), use, readonly) if use and self.embedded else self._reader(readonly)
         # A chDB handle keeps its last USE, so always name the database.
         client.database = database or "default"
         try:
@@ -388,10 +461,10 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
         finally:
-            if client is not getattr(self._local, "client", None):
+            if client is not getattr(self._local, "client" if readonly == 1 else f"client{readonly}", None):
                 client.close()
 
-    def _read_only(self, client: Any, settings: Mapping[str, str]) -> Any:
+    def _read_only(self, client: Any, settings: Mapping[str, str], level: int = 1) -> Any:
         """Make ``client`` a SQL reader: ``settings`` first, then readonly = 1 (no writes, no SET,
         no SETTINGS, no table functions but numbers/values/generateRandom) and no introspection."""
         settings = {**self.sql_settings, **settings}
@@ -403,7 +476,7 @@ class Store:
         for key, value in settings.items():
             client.command(f"SET {key} = {quote_value(value)}")
         client.command("SET allow_introspection_functions = 0")
-        client.command("SET readonly = 1")
+        client.command(f"SET readonly = {2 if level == 2 else 1}")
         return client
 
     def parse(self, sql: str, parameters: Mapping[str, str] | None = None) -> str:

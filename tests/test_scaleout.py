@@ -1,0 +1,182 @@
+"""Past one server (issue 16, item 5): several stateless servers in front of one store.
+
+The store is an embedded chDB owned by one server (``W``), which takes the other servers' INSERTs on its
+ClickHouse-compatible HTTP endpoint (``--sql-write-user``); the others run ``--clickhouse http://writer:...@W``,
+the same clickhouse-connect code that would talk to a real ClickHouse. Real processes, real gRPC, real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import clickhouse_connect
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hdrlog.collector.sender import Outbox, Sender
+from hdrlog.collector.spool import Spool
+from hdrlog.proto import ingest_pb2
+from hdrlog.server import schema
+from tests.support import ServerProcess, wait_until
+from tests.test_server_helpers import packets_table
+
+WRITER, WRITE_PW = "writer", "write-pw-for-tests"
+READER, READ_PW = "reader", "read-pw-for-tests"
+
+
+def writer_server(tmp_path: Path) -> ServerProcess:
+    """W: owns the embedded store, serves reads to READER and INSERTs to WRITER."""
+    d = tmp_path / "w"
+    d.mkdir()
+    w = ServerProcess(f"chdb://{tmp_path}/store", d, "--sql-user", READER, "--sql-write-user", WRITER,
+                      "--flush-interval", "0.1")
+    w.env = {"HDRLOG_SQL_PASSWORD": READ_PW, "HDRLOG_SQL_WRITE_PASSWORD": WRITE_PW}
+    return w
+
+
+def remote_server(tmp_path: Path, name: str, w: ServerProcess, grpc_port: int | None = None) -> ServerProcess:
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    url = f"http://{WRITER}:{WRITE_PW}@127.0.0.1:{w.sql_port}"
+    return ServerProcess(url, d, "--flush-interval", "0.1", grpc_port=grpc_port)
+
+
+def sql(w: ServerProcess, query: str, user: str = READER, password: str = READ_PW) -> list[dict]:
+    qs = urllib.parse.urlencode({"query": query, "default_format": "JSONEachRow"})
+    req = urllib.request.Request(f"{w.sql_url}/?{qs}", headers={"X-ClickHouse-User": user,
+                                                               "X-ClickHouse-Key": password})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return [json.loads(line) for line in resp.read().decode().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    started: list[ServerProcess] = []
+
+    def start(proc: ServerProcess) -> ServerProcess:
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+def test_two_servers_one_collector_switching_under_sigkill_every_packet_exactly_once(tmp_path, fleet):
+    w = fleet(writer_server(tmp_path))
+    s1 = fleet(remote_server(tmp_path, "s1", w))
+    s2 = fleet(remote_server(tmp_path, "s2", w))
+    n_batches, rows = 240, 500
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 30, host_id="fo-host")
+    spool.open()
+
+    def make(seq: int) -> ingest_pb2.Batch:
+        b = ingest_pb2.Batch(collector_id=spool.collector_id, host="fo-host", seq=seq)
+        b.tables.extend([packets_table(rows, seq)])
+        return b
+
+    seqs: list[int] = []
+    events: list[str] = []
+
+    async def go() -> Sender:
+        outbox = Outbox(max_rows=1 << 30, spool=spool)
+        sender = Sender([s1.address, s2.address], outbox)
+        sender.start()
+
+        async def acked_at_least(n: int) -> None:
+            while sender.counters.batches_acked < n:
+                await asyncio.sleep(0.02)
+
+        async def produce() -> None:
+            for _ in range(n_batches):
+                seq = spool.next_seq()
+                seqs.append(seq)
+                outbox.put(make(seq), rows)
+                await asyncio.sleep(0.005)
+
+        producer = asyncio.create_task(produce())
+        # Under load: the first server dies with batches in flight, the collector moves to the second ...
+        await acked_at_least(n_batches // 5)
+        assert sender.target == s1.address  # sticky while healthy
+        await asyncio.to_thread(s1.kill)
+        events.append(f"killed s1 at {sender.counters.batches_acked} acked")
+        await acked_at_least(sender.counters.batches_acked + n_batches // 10)
+        assert sender.target == s2.address
+        # ... the first comes back on its port, the second dies: the collector moves back.
+        restarted = remote_server(tmp_path, "s1", w, grpc_port=s1.grpc_port)
+        await asyncio.to_thread(fleet, restarted)
+        await acked_at_least(sender.counters.batches_acked + n_batches // 10)
+        await asyncio.to_thread(s2.kill)
+        events.append(f"killed s2 at {sender.counters.batches_acked} acked")
+        await producer
+        assert await sender.wait_drained(120), f"unacked: {len(outbox)} ({events})"
+        assert sender.target == s1.address
+        await sender.stop()
+        return sender
+
+    sender = asyncio.run(go())
+    assert sender.counters.switches >= 2 and sender.counters.batches_rejected == 0
+    total = sql(w, "SELECT count() AS n, uniqExact(batch_seq) AS seqs FROM hdrlog.packets")[0]
+    wrong = sql(w, f"SELECT batch_seq, count() AS n FROM hdrlog.packets GROUP BY batch_seq "
+                   f"HAVING n != {rows} ORDER BY batch_seq LIMIT 20")
+    assert wrong == [], f"seqs stored other than once: {wrong} ({events})"
+    assert int(total["seqs"]) == n_batches and int(total["n"]) == n_batches * rows, (total, events)
+    stored = [int(r["batch_seq"]) for r in sql(w, "SELECT DISTINCT batch_seq FROM hdrlog.packets ORDER BY batch_seq")]
+    assert stored == sorted(seqs)
+
+
+def test_insert_endpoint_write_user_only_hdrlog_tables_and_dedup_token(tmp_path, fleet):
+    w = fleet(writer_server(tmp_path))
+    host = f"127.0.0.1:{w.sql_port}"
+    writer = clickhouse_connect.get_client(dsn=f"http://{WRITER}:{WRITE_PW}@{host}")
+    data = pa.table({"ts": pa.array(np.full(3, 1_700_000_000 * 10**9), pa.timestamp("ns", "UTC")),
+                     "host": ["h", "h", "h"], "collector_id": ["h/x"] * 3,
+                     "batch_seq": pa.array([7, 7, 7], pa.uint64())})
+    token = {"insert_deduplication_token": "t-1"}
+    writer.insert_arrow("hdrlog.packets", data, settings=token)
+    writer.insert_arrow("hdrlog.packets", data, settings=token)  # a resend: dropped by the token
+    assert sql(w, "SELECT count() AS n FROM hdrlog.packets") == [{"n": 3}]
+    # Native too (clickhouse-connect's insert(): DESCRIBE first, lz4-compressed body)
+    import datetime
+    when = datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=datetime.timezone.utc)
+    writer.insert("hdrlog.packets", [[when, "h", "h/x", 8]],
+                  column_names=["ts", "host", "collector_id", "batch_seq"], settings={"insert_deduplication_token": "t-2"})
+    assert sql(w, "SELECT count() AS n FROM hdrlog.packets") == [{"n": 4}]
+    # the watermark reads a server makes, through the same endpoint
+    assert writer.query("SELECT max(batch_seq) FROM hdrlog.packets").result_rows == [(8,)]
+
+    def refused(client, statement: str) -> str:
+        with pytest.raises(Exception) as info:
+            client.command(statement)
+        return str(info.value)
+
+    assert "164" in refused(writer, "CREATE TABLE default.x (a UInt8) ENGINE = Memory")
+    assert "164" in refused(writer, "DROP TABLE hdrlog.packets")
+    with pytest.raises(Exception, match="hdrlog"):
+        writer.insert_arrow("default.t", data)
+    with pytest.raises(Exception):
+        writer.command("INSERT INTO hdrlog.packets SELECT * FROM hdrlog.packets")
+    assert sql(w, "SELECT count() AS n FROM hdrlog.packets") == [{"n": 4}]
+    # the read-only user cannot insert; a wrong write password is refused
+    reader = clickhouse_connect.get_client(dsn=f"http://{READER}:{READ_PW}@{host}")
+    with pytest.raises(Exception, match="164|READONLY|readonly"):
+        reader.insert_arrow("hdrlog.packets", data, settings={"insert_deduplication_token": "t-3"})
+    with pytest.raises(Exception, match="516|Authentication"):
+        clickhouse_connect.get_client(dsn=f"http://{WRITER}:wrong@{host}")
+    assert sql(w, "SELECT count() AS n FROM hdrlog.packets") == [{"n": 4}]
+
+
+def test_insert_endpoint_is_off_by_default(server):
+    body = b"INSERT INTO hdrlog.packets (batch_seq) FORMAT Native\n"
+    req = urllib.request.Request(server.sql_url + "/", data=body)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 403 and info.value.headers["X-ClickHouse-Exception-Code"] == "164"
