@@ -271,7 +271,7 @@ def _server_migrate(ns: argparse.Namespace) -> int:
 
     args = {"clickhouse": ns.clickhouse, "insecure": True}
     config = cfg.load(ServerConfig, args=args, file=ns.config, section="server")
-    store = Store(config.clickhouse)
+    store = Store(config.clickhouse, cluster=config.cluster)
     try:
         store.open()
         applied = store.migrate()

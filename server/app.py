@@ -48,7 +48,7 @@ class Server:
         self.metrics = ServerMetrics()
         self.sql_limits = sql_limits(config)
         self.store = Store(config.clickhouse, server_memory_bytes=config.server_memory_bytes(),
-                           sql_settings=self.sql_limits.defaults())
+                           sql_settings=self.sql_limits.defaults(), cluster=config.cluster)
         self.writer: Writer | None = None
         self.grpc_port: int | None = None
         self.sql_port: int | None = None

@@ -36,6 +36,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from hdrlog.server import schema
+from hdrlog.server.cluster import Layout
 from hdrlog.sqlclient import redact
 
 log = logging.getLogger("hdrlog.server")
@@ -197,8 +198,11 @@ class Watermarks:
 
 
 class Store:
-    def __init__(self, url: str, *, server_memory_bytes: int = 0, sql_settings: Mapping[str, Any] | None = None):
+    def __init__(self, url: str, *, server_memory_bytes: int = 0, sql_settings: Mapping[str, Any] | None = None,
+                 cluster: str = "", cluster_rehearsal: bool = False):
         self.url = url
+        # --cluster NAME: replicated local tables behind Distributed ones (server/cluster.py)
+        self.layout = Layout(cluster, rehearsal=cluster_rehearsal) if cluster else None
         self.embedded = url.startswith("chdb:")
         self.server_memory_bytes = server_memory_bytes
         self.sql_settings = dict(sql_settings or {})
@@ -237,16 +241,20 @@ class Store:
 
     def migrate(self) -> list[int]:
         try:
-            return schema.migrate(self._client.command)
+            return schema.migrate(self._ddl())
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to apply the schema: {short_message(exc)}") from None
 
     def apply_ttl(self, days: dict[str, int]) -> list[str]:
         """Set each table's age limit (schema.apply_ttl); returns the tables changed."""
         try:
-            return schema.apply_ttl(self._client.command, days)
+            return schema.apply_ttl(self._ddl(), days)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to set the tables' TTL: {short_message(exc)}") from None
+
+    def _ddl(self) -> Any:
+        """The client's command(), in the cluster's form of each statement with --cluster."""
+        return self.layout.wrap(self._client.command) if self.layout is not None else self._client.command
 
     def new_client(self) -> Any:
         """A separate client that may write (its own chDB handle): for the scheduled reports."""
@@ -295,6 +303,8 @@ class Store:
             "min_insert_block_size_rows": 0,
             "min_insert_block_size_bytes": 0,
         }
+        if self.layout is not None:  # into a Distributed table: return once the shard has stored the rows
+            settings["distributed_foreground_insert"] = 1
         try:
             self._client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
         except Exception as exc:  # noqa: BLE001

@@ -180,3 +180,81 @@ def test_insert_endpoint_is_off_by_default(server):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=30)
     assert info.value.code == 403 and info.value.headers["X-ClickHouse-Exception-Code"] == "164"
+
+
+# -- --cluster NAME: what can be shown on one node ------------------------------------------------------
+
+CLUSTER_XML = """<clickhouse>
+  <tcp_port>{port}</tcp_port>
+  <remote_servers><one><shard><replica><host>localhost</host><port>{port}</port></replica></shard></one></remote_servers>
+</clickhouse>
+"""
+
+
+def _every_schema_statement() -> list[str]:
+    out = [f"CREATE DATABASE IF NOT EXISTS {schema.DATABASE}", schema.SCHEMA_VERSION_DDL]
+    for _, _, statements in schema.MIGRATIONS:
+        out += statements
+    out += [f"ALTER TABLE hdrlog.packets MODIFY TTL toDateTime(ts) + INTERVAL 30 DAY "
+            "SETTINGS materialize_ttl_after_modify = 0",
+            "ALTER TABLE hdrlog.packets MODIFY SETTING ttl_only_drop_parts = 1",
+            "ALTER TABLE hdrlog.packets ADD COLUMN IF NOT EXISTS vlan_inner_id UInt16"]
+    return out
+
+
+def test_cluster_ddl_parses_in_the_engine_and_has_the_replicated_distributed_shape(tmp_path):
+    from hdrlog.server.cluster import Layout
+
+    layout = Layout("fleet")
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path}/parse")
+    made: list[str] = []
+    for sql in _every_schema_statement():
+        for stmt in layout.statements(sql):
+            # The engine's own parser accepts each statement (formatQuery raises SYNTAX_ERROR otherwise).
+            text = client.query("SELECT formatQuery({q:String})", parameters={"q": stmt}).result_rows[0][0]
+            assert "ON CLUSTER fleet" in text, stmt
+            made.append(text)
+    creates = [t for t in made if t.startswith("CREATE TABLE")]
+    for table in list(schema.PARTITION_TS) + list(schema.ROLLUP_TABLES) + ["anomalies"]:
+        local = [t for t in creates if t.startswith(f"CREATE TABLE IF NOT EXISTS hdrlog.{table}_local ")]
+        dist = [t for t in creates if t.startswith(f"CREATE TABLE IF NOT EXISTS hdrlog.{table} ")]
+        assert len(local) == 1 and "Replicated" in local[0] and "'{replica}'" in local[0], table
+        assert "non_replicated_deduplication_window" not in local[0]
+        assert len(dist) == 1 and f"Distributed(fleet, hdrlog, {table}_local, cityHash64(host))" in dist[0], table
+    views = [t for t in made if t.startswith("CREATE MATERIALIZED VIEW")]
+    assert len(views) == 3 and all("_local" in v.split(" AS ")[0] and "FROM hdrlog.packets_local" in v for v in views)
+    assert any("ReplicatedSummingMergeTree('/clickhouse/tables/{shard}/hdrlog/packets_1m_local', '{replica}', "
+               "(packets, bytes, records))" in t for t in creates)
+    assert any("hdrlog.schema_version ON CLUSTER fleet" in t and "/clickhouse/tables/hdrlog/schema_version" in t
+               for t in creates)
+
+
+def test_cluster_layout_rehearsed_on_one_chdb_node_distributed_writes_are_deduplicated(tmp_path):
+    """The same layout without ON CLUSTER and replication, on a one-shard cluster of chDB's own (a config
+    file): the Distributed write path the server uses, its tokens, views and stored-seq reads."""
+    from hdrlog.server.convert import convert_batch
+    from hdrlog.server.store import Store
+    from hdrlog.server.writer import batch_token
+    from tests.test_server_helpers import batch
+    from tests.support import free_port
+
+    config = tmp_path / "cluster.xml"
+    config.write_text(CLUSTER_XML.format(port=free_port()))
+    store = Store(f"chdb://{tmp_path}/node", cluster="one", cluster_rehearsal=True)
+    real_connect = store._connect
+    store._connect = lambda options=None: real_connect({**(options or {}), "config-file": str(config)})
+    store.open()
+    store.migrate()
+    engines = dict(store._client.query("SELECT name, engine FROM system.tables WHERE database = 'hdrlog'").result_rows)
+    assert engines["packets"] == "Distributed" and engines["packets_local"] == "MergeTree"
+    assert engines["packets_1m_local"] == "SummingMergeTree" and engines["packets_1m"] == "Distributed"
+    tr = convert_batch(batch(5, 300, collector_id="host-a/c"), "host-a")[0]
+    token = batch_token("host-a/c", 5, "packets", int(tr.days[0]), tr.rows)
+    store.insert("packets", tr.data, token)
+    store.insert("packets", tr.data, token)  # the resend, from another server: same token, dropped on the shard
+    assert store.count("packets") == 300
+    assert store._client.command("SELECT sum(records) FROM hdrlog.packets_1m") == 300
+    marks = store.stored_seqs("host-a/c", "host-a", 1)
+    assert [s.ranges() for s in marks["packets"].values()] == [[(5, 5)]]
+    assert store.committed_watermarks().by_key[("host-a/c", "packets")]
+    store.close()
