@@ -258,3 +258,45 @@ def test_cluster_layout_rehearsed_on_one_chdb_node_distributed_writes_are_dedupl
     assert [s.ranges() for s in marks["packets"].values()] == [[(5, 5)]]
     assert store.committed_watermarks().by_key[("host-a/c", "packets")]
     store.close()
+
+
+@pytest.mark.parametrize("scope, copies", [("batch", 1), ("flush", 2)])
+def test_same_batches_coalesced_differently_by_two_servers_racing(tmp_path, scope, copies):
+    """Server B reads the stored seqs before server A's INSERT of the same batches lands (A was cut off from
+    the collector mid-insert); each coalesced them with other batches. Tokens per batch drop B's copies;
+    tokens per flush (the old scheme) cannot: this is the race they exist for."""
+    from hdrlog.server.config import ServerConfig
+    from hdrlog.server.convert import convert_batch
+    from hdrlog.server.metrics import ServerMetrics
+    from hdrlog.server.store import Store
+    from hdrlog.server.writer import Writer
+    from tests.test_server_helpers import batch
+
+    cfg = ServerConfig(clickhouse=f"chdb://{tmp_path}/s", insecure=True, flush_rows=10**9, flush_interval=3600,
+                       dedup_scope=scope)
+    store = Store(cfg.clickhouse)
+    store.open()
+    store.migrate()
+
+    def rows(seq: int, cid: str = "host-a/c"):
+        return convert_batch(batch(seq, 100, collector_id=cid, host="host-a"), "host-a")
+
+    async def go():
+        a, b = Writer(store, cfg, ServerMetrics()), Writer(store, cfg, ServerMetrics())
+        await a.start()
+        await b.start()
+        assert await b.refresh("host-a/c", "host-a", 1) == ""  # B's stream starts: nothing stored yet
+        fa = [await a.submit("host-a/c", s, rows(s)) for s in range(1, 6)] + [await a.submit("host-a/o", 9, rows(9, "host-a/o"))]
+        fb = [await b.submit("host-a/c", s, rows(s)) for s in range(1, 11)]
+        a.flush_now()
+        await asyncio.gather(*fa)       # A's insert lands after B decided to keep seqs 1..5
+        b.flush_now()
+        await asyncio.gather(*fb)
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(go())
+    counts = dict(store._client.query("SELECT batch_seq, count() FROM hdrlog.packets WHERE collector_id = 'host-a/c' "
+                                      "GROUP BY batch_seq").result_rows)
+    store.close()
+    assert counts == {s: 100 * (copies if s <= 5 else 1) for s in range(1, 11)}
