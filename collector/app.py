@@ -339,6 +339,7 @@ class Collector:
             return {}
         c = self.sender.counters
         return {"sent_rows": c.rows_sent, "acked_rows": c.rows_acked, "reconnects": c.reconnects,
+                "server_switches": c.switches,
                 "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected),
                 "spool_degraded": float(bool(self.spool is not None and self.spool.degraded))}
 

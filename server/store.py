@@ -481,6 +481,9 @@ class Store:
         if not self.embedded:
             for key, value in settings.items():
                 client.set_client_setting(key, str(value))
+            current = getattr(client, "server_settings", {}).get("readonly")
+            if current is not None and current.readonly and str(current.value) != "0":
+                return client  # this user is read-only on the server already (e.g. an hdrlog write user's reads)
             client.set_client_setting("readonly", "1")
             return client
         for key, value in settings.items():
