@@ -108,7 +108,7 @@ class Collector:
                 self.spool.close()
             raise
         where = ", ".join(f"{i}/{d}" for i, d in self.capture.attachments)
-        log.info("collector %s capturing on %s, sending to %s", self.collector_id, where, self.config.server)
+        log.info("collector %s capturing on %s, sending to %s", self.collector_id, where, ", ".join(self.config.server))
         fdstore.notify("READY=1")  # systemd (Type=notify): a restart returns once we capture
 
     def start_pipeline(self, credentials, start_sender: bool = True) -> None:
@@ -318,7 +318,7 @@ class Collector:
             self._stats_pending = {}
 
     def _on_connected(self, up: bool) -> None:
-        log.info("server %s %s", self.config.server, "connected" if up else "disconnected")
+        log.info("server %s %s", self.sender.target if self.sender else "?", "connected" if up else "disconnected")
 
     # -- accounting ------------------------------------------------------------------------
     def counters(self, reported: bool = False) -> dict[str, int]:
@@ -354,6 +354,7 @@ class Collector:
             return {}
         c = self.sender.counters
         return {"sent_rows": c.rows_sent, "acked_rows": c.rows_acked, "reconnects": c.reconnects,
+                "server_switches": c.switches,
                 "unacked_rows": self.outbox.rows, "connected": float(self.sender.connected),
                 "spool_degraded": float(bool(self.spool is not None and self.spool.degraded))}
 

@@ -22,7 +22,9 @@ def default_spool() -> str:
 
 @dataclass
 class CollectorConfig:
-    server: str = doc_field("", "gRPC address of the hdrlog server, HOST:PORT")
+    server: list[str] = doc_field([], "gRPC address of an hdrlog server, HOST:PORT; several (repeat the flag, or a "
+                                      "comma list) for failover: the collector sticks to one while it is healthy "
+                                      "and moves to the next when its stream breaks (docs/scale.md)")
     iface: list[str] = doc_field([], "interface to watch, a name or a glob such as 'veth*'")
     host_id: str = doc_field("", "name this host's records carry (default: the client certificate's name under "
                                  "mTLS, which the server requires; the hostname with --insecure)")
@@ -83,9 +85,15 @@ class CollectorConfig:
     shutdown_timeout: float = doc_field(5.0, "seconds to wait for the server's acks when stopping", duration=True)
 
     def validate(self) -> None:
+        if isinstance(self.server, str):  # a single value (the key's old shape) still works
+            self.server = [self.server]
+        self.server = [p for item in self.server for p in (s.strip() for s in str(item).split(",")) if p]
         if not self.server:
-            raise ConfigError("server", self.server, "required: the server's HOST:PORT")
-        parse_hostport("server", self.server)
+            raise ConfigError("server", "", "required: the server's HOST:PORT (several for failover)")
+        for address in self.server:
+            parse_hostport("server", address)
+        if len(set(self.server)) != len(self.server):
+            raise ConfigError("server", ",".join(self.server), "each server may be named once")
         if not self.iface:
             raise ConfigError("iface", self.iface, "name at least one interface (--iface NAME, globs allowed)")
         if self.sample < 1:

@@ -45,7 +45,8 @@ class CollectorMetrics(Collector):
         s = self._sending()
         for name, doc in (("sent_rows", "Rows written to the server stream (resends included)"),
                           ("acked_rows", "Rows the server acknowledged as stored"),
-                          ("reconnects", "Times the stream to the server was re-established")):
+                          ("reconnects", "Times the stream to the server was re-established"),
+                          ("server_switches", "Times the collector moved to another of its servers (failover)")):
             yield CounterMetricFamily(f"{NS}_{name}", doc, value=s.get(name, 0))
         yield GaugeMetricFamily(f"{NS}_unacked_rows", "Rows waiting for the server's ack", value=s.get("unacked_rows", 0))
         yield GaugeMetricFamily(f"{NS}_server_connected", "1 while the stream to the server is up",

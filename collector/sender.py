@@ -5,6 +5,15 @@ once per connection and removes it when its Ack arrives (OK: stored, REJECTED:
 never storable, counted). When the stream breaks or the server answers RETRY,
 the task reconnects after a jittered, capped backoff and resends everything
 still unacked, oldest first; the server makes a resent seq harmless.
+
+Failover: the sender may know several servers (stateless servers in front of one
+ClickHouse, docs/scale.md). It sticks to the one it is on while that one is
+healthy; when a stream breaks (UNAVAILABLE, a reset, the server closing it, or a
+RETRY answer) it moves to the next one in the list after a short jittered pause,
+and only after a whole round of servers failed in a row does the capped
+exponential backoff grow. Whatever was unacked is resent to the new server; the
+servers' exactly-once does not depend on which of them receives a batch
+(server/writer.py, "Across servers"), and the spool makes the switch lossless.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class SendCounters:
     batches_rejected: int = 0
     rows_rejected: int = 0
     reconnects: int = 0
+    switches: int = 0  # times the sender moved to another server (failover)
     rejects: dict[str, int] = field(default_factory=dict)
 
 
@@ -256,12 +266,15 @@ class Outbox:
 
 
 class Sender:
-    """Keeps one stream to the server alive and drains the outbox through it."""
+    """Keeps one stream to a server alive and drains the outbox through it; fails over between ``targets``."""
 
-    def __init__(self, target: str, outbox: Outbox, *,
+    def __init__(self, targets: str | list[str], outbox: Outbox, *,
                  credentials: grpc.ChannelCredentials | None = None,
                  on_connected: Callable[[bool], None] | None = None):
-        self.target = target
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ValueError("Sender needs at least one server address")
+        self._current = 0
         self.outbox = outbox
         self.credentials = credentials
         self.counters = SendCounters()
@@ -300,6 +313,11 @@ class Sender:
                 return not len(self.outbox)
         return True
 
+    @property
+    def target(self) -> str:
+        """The server the sender is on (or will try next)."""
+        return self.targets[self._current]
+
     def _set_connected(self, up: bool) -> None:
         if up != self.connected:
             self.connected = up
@@ -307,8 +325,10 @@ class Sender:
 
     async def _run(self) -> None:
         delay = BACKOFF_FIRST
+        failed_in_row = 0  # streams that ended without an ack, on any server
         while not self._stopping.is_set():
             acked_before = self.counters.batches_acked + self.counters.batches_rejected
+            target = self.target
             try:
                 await self._stream_once()
             except asyncio.CancelledError:
@@ -327,11 +347,19 @@ class Sender:
                 self._last_error = f"{type(exc).__name__}: {exc}"
             self._set_connected(False)
             if self.counters.batches_acked + self.counters.batches_rejected > acked_before:
-                delay = BACKOFF_FIRST
-            wait = delay * random.uniform(0.5, 1.5)
-            log.warning("server %s: %s; %d batches (%d records) unacked, retrying in %.1fs",
-                        self.target, self._last_error, len(self.outbox), self.outbox.rows, wait)
-            delay = min(delay * 2, BACKOFF_MAX)
+                delay, failed_in_row = BACKOFF_FIRST, 0
+            failed_in_row += 1
+            if len(self.targets) > 1:
+                self._current = (self._current + 1) % len(self.targets)
+                self.counters.switches += 1
+            if failed_in_row % len(self.targets):
+                wait = BACKOFF_FIRST * random.uniform(0.5, 1.5)  # another server may be fine: try it soon
+            else:
+                wait = delay * random.uniform(0.5, 1.5)  # every server failed once more: back off
+                delay = min(delay * 2, BACKOFF_MAX)
+            where = f", trying {self.target} in {wait:.1f}s" if self.target != target else f", retrying in {wait:.1f}s"
+            log.warning("server %s: %s; %d batches (%d records) unacked%s",
+                        target, self._last_error, len(self.outbox), self.outbox.rows, where)
             self.counters.reconnects += 1
             try:
                 await asyncio.wait_for(self._stopping.wait(), wait)

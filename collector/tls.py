@@ -14,7 +14,7 @@ log = logging.getLogger("hdrlog.collector")
 
 def channel_credentials(config: CollectorConfig) -> grpc.ChannelCredentials | None:
     if config.insecure:
-        log.warning("--insecure: sending to %s without TLS or authentication", config.server)
+        log.warning("--insecure: sending to %s without TLS or authentication", ", ".join(config.server))
         return None
     return grpc.ssl_channel_credentials(
         root_certificates=Path(config.tls_ca).read_bytes(),
@@ -24,6 +24,15 @@ def channel_credentials(config: CollectorConfig) -> grpc.ChannelCredentials | No
 
 
 def check_server(config: CollectorConfig, timeout: float = 3.0) -> str:
+    """check_address() for every configured server; the first problem found ('' when none)."""
+    for address in config.server:
+        problem = check_address(config, address, timeout)
+        if problem:
+            return problem
+    return ""
+
+
+def check_address(config: CollectorConfig, address: str, timeout: float = 3.0) -> str:
     """One TLS handshake with the server as gRPC will make it; '' when it verifies or the server is not
     reachable (yet), else one sentence saying what is wrong: a name the server's certificate does not cover
     (naming the names it does), or a certificate our CA did not sign. gRPC itself only says UNAVAILABLE."""
@@ -37,7 +46,7 @@ def check_server(config: CollectorConfig, timeout: float = 3.0) -> str:
 
     if config.insecure:
         return ""
-    host, port = parse_hostport("server", config.server)  # type: ignore[misc]
+    host, port = parse_hostport("server", address)  # type: ignore[misc]
     ctx = ssl.create_default_context(cafile=config.tls_ca)
     ctx.load_cert_chain(config.tls_cert, config.tls_key)
     ctx.set_alpn_protocols(["h2"])
@@ -59,11 +68,11 @@ def check_server(config: CollectorConfig, timeout: float = 3.0) -> str:
             with bare.wrap_socket(sock, server_hostname=host) as tls:
                 der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError):
-        return f"the server {config.server} presents a certificate that does not verify: {problem}"
+        return f"the server {address} presents a certificate that does not verify: {problem}"
     cert = x509.load_der_x509_certificate(der)
     names = names_of(cert)
     if "mismatch" in problem.lower() or "hostname" in problem.lower():
-        return (f"the server {config.server} presents a certificate for {', '.join(names) or 'no names'}, not "
+        return (f"the server {address} presents a certificate for {', '.join(names) or 'no names'}, not "
                 f"{host!r}: reissue it with `hdrlog pki issue --server --san {host}` or use one of those names")
-    return (f"the server {config.server} presents a certificate ({cert.subject.rfc4514_string()}, issued by "
+    return (f"the server {address} presents a certificate ({cert.subject.rfc4514_string()}, issued by "
             f"{cert.issuer.rfc4514_string()}) that tls_ca {config.tls_ca} does not verify: {problem}")

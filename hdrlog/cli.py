@@ -272,7 +272,7 @@ def _server_migrate(ns: argparse.Namespace) -> int:
 
     args = {"clickhouse": ns.clickhouse, "insecure": True}
     config = cfg.load(ServerConfig, args=args, file=ns.config, section="server")
-    store = Store(config.clickhouse)
+    store = Store(config.clickhouse, cluster=config.cluster)
     try:
         store.open()
         applied = store.migrate()
@@ -339,7 +339,7 @@ def _collector_check(ns: argparse.Namespace) -> int:
     names = [name for _, name in socket.if_nameindex()]
     matched = sorted({n for pattern in config.iface for n in names if fnmatch.fnmatchcase(n, pattern)})
     security = "--insecure (no TLS)" if config.insecure else f"mTLS as {config.host_id!r}"
-    print(f"collector configuration OK: host {config.host_id!r}, server {config.server}, {security}, "
+    print(f"collector configuration OK: host {config.host_id!r}, server {', '.join(config.server)}, {security}, "
           f"mode {config.mode}; interfaces matching now: {', '.join(matched) or 'none (they may appear later)'}")
     return 0
 

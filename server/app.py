@@ -37,6 +37,7 @@ from hdrlog.report.scheduler import ReportScheduler
 from hdrlog.report.config import ReportConfig
 from hdrlog.server.sql import Limits, SqlEndpoint
 from hdrlog.server.sql.http import QUERY_MARKER
+from hdrlog.server.sql.insert import InsertEndpoint
 from hdrlog.server.store import Store, StoreError
 from hdrlog.clickhouse import redact
 from hdrlog.server.writer import Writer
@@ -56,7 +57,7 @@ class Server:
         self.metrics = ServerMetrics()
         self.sql_limits = sql_limits(config)
         self.store = Store(config.clickhouse, server_memory_bytes=config.server_memory_bytes(),
-                           sql_settings=self.sql_limits.defaults())
+                           sql_settings=self.sql_limits.defaults(), cluster=config.cluster)
         self.writer: Writer | None = None
         self.grpc_port: int | None = None
         self.sql_port: int | None = None
@@ -89,6 +90,12 @@ class Server:
             log.info("server: store memory limit %d MiB (max_server_memory_usage); SQL queries: %d MiB, %g s, "
                      "%d at once", self.store.server_memory_bytes >> 20, cfg.sql_max_memory_usage >> 20,
                      cfg.sql_max_execution_time, cfg.sql_max_concurrent_queries)
+        if cfg.sql_write_user:
+            log.info("server: the SQL endpoint takes INSERTs into hdrlog tables from user %r (sql_write_user)",
+                     cfg.sql_write_user)
+        if self.writer is not None and self.writer.shared:
+            log.info("server: the store is shared with other servers: one insert token per batch (dedup_scope=%s), "
+                     "stored seqs read from ClickHouse on each stream's first batch", cfg.dedup_scope)
         log.info("server: listening gRPC %s:%d (at most %d connections), SQL %s, metrics %s, store %s",
                  parse_hostport("listen", cfg.listen)[0], self.grpc_port, self.max_connections,
                  f"port {self.sql_port}" if self.sql_port else "off",
@@ -149,8 +156,14 @@ class Server:
                 credentials = cfg.sql_credentials()
             except OSError as exc:
                 raise StartError(f"unable to read sql_password_file {cfg.sql_password_file}: {exc.strerror}") from None
+            try:
+                write_credentials = cfg.sql_write_credentials()
+            except OSError as exc:
+                raise StartError(f"unable to read sql_write_password_file {cfg.sql_write_password_file}: "
+                                 f"{exc.strerror}") from None
+            inserts = InsertEndpoint(self.store, self.metrics, write_credentials) if write_credentials else None
             self._sql = SqlEndpoint(self.store, self.metrics, sql[0], sql[1], credentials=credentials,
-                                    limits=self.sql_limits)
+                                    limits=self.sql_limits, inserts=inserts)
             try:
                 self.sql_port = await self._sql.start()
             except OSError as exc:

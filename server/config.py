@@ -98,6 +98,23 @@ class ServerConfig:
                                            "(or set HDRLOG_SQL_PASSWORD; there is no password flag)")
     sql_password: str = doc_field("", "the SQL endpoint's password, from the environment or the config file "
                                       "only (never a flag: command lines are visible to every user)", flag=False)
+    sql_write_user: str = doc_field("", "a second SQL endpoint user that may also INSERT INTO hdrlog tables "
+                                        "(FORMAT Arrow or Native; what other hdrlog servers send with "
+                                        "--clickhouse http://USER:PASSWORD@THIS:PORT, docs/scale.md); '' = off. "
+                                        "Needs an embedded store and a password (HDRLOG_SQL_WRITE_PASSWORD or "
+                                        "--sql-write-password-file) and must differ from sql_user")
+    sql_write_password_file: str = doc_field("", "file whose first line is the write user's password "
+                                                 "(or set HDRLOG_SQL_WRITE_PASSWORD)")
+    sql_write_password: str = doc_field("", "the write user's password, from the environment or the config file "
+                                            "only (never a flag)", flag=False)
+    dedup_scope: str = doc_field("auto", "what one insert_deduplication_token covers: flush (one INSERT per "
+                                         "table per flush: cheapest, right when one server owns the store), "
+                                         "batch (one INSERT per batch, table and day: deduplicable whichever "
+                                         "server sends it; several servers in front of one ClickHouse) or auto "
+                                         "(batch when the store is remote or takes INSERTs from other servers)")
+    cluster: str = doc_field("", "a ClickHouse cluster name (remote store only): tables are created ON CLUSTER as "
+                                 "ReplicatedMergeTree <table>_local plus Distributed <table> (docs/scale.md); "
+                                 "'' = plain MergeTree tables")
     max_streams: int = doc_field(DEFAULT_MAX_STREAMS, "ingest streams open at once, all clients together; "
                                                       "beyond this a new stream is refused (RESOURCE_EXHAUSTED)")
     max_streams_per_host: int = doc_field(
@@ -194,6 +211,23 @@ class ServerConfig:
                 password = fh.readline().rstrip("\r\n")
         return self.sql_user, password
 
+    def sql_write_credentials(self) -> tuple[str, str] | None:
+        """(user, password) of the SQL endpoint's write user, or None when INSERTs are off."""
+        if not self.sql_write_user:
+            return None
+        password = self.sql_write_password
+        if self.sql_write_password_file:
+            with open(self.sql_write_password_file, encoding="utf-8") as fh:
+                password = fh.readline().rstrip("\r\n")
+        return self.sql_write_user, password
+
+    def store_shared(self) -> bool:
+        """Other servers may write the same tables: a remote ClickHouse, or INSERTs taken on the SQL endpoint."""
+        return not self.clickhouse.startswith("chdb:") or bool(self.sql_write_user)
+
+    def per_batch_tokens(self) -> bool:
+        return self.dedup_scope == "batch" or (self.dedup_scope == "auto" and self.store_shared())
+
     def ttl_days(self) -> dict[str, int]:
         """Age limit per table (schema.apply_ttl)."""
         r = self.ttl_rollups_days
@@ -272,6 +306,44 @@ class ServerConfig:
                                               "turn it off, or --insecure for a lab")
         if self.sql_user and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", self.sql_user):
             raise ConfigError("sql_user", self.sql_user, "letters, digits and _.@- up to 64 characters")
+        if self.dedup_scope not in ("auto", "flush", "batch"):
+            raise ConfigError("dedup_scope", self.dedup_scope, "expected auto, flush or batch")
+        if self.cluster:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", self.cluster):
+                raise ConfigError("cluster", self.cluster, "a ClickHouse cluster name: letters, digits and _.-")
+            if url.startswith("chdb:"):
+                raise ConfigError("cluster", self.cluster, "needs a remote ClickHouse (--clickhouse http(s)://...); "
+                                                           "an embedded store is one node")
+        if self.sql_write_password and self.sql_write_password_file:
+            raise ConfigError("sql_write_password_file", self.sql_write_password_file,
+                              "give the password once: HDRLOG_SQL_WRITE_PASSWORD or --sql-write-password-file, "
+                              "not both")
+        if self.sql_write_password_file:
+            try:
+                with open(self.sql_write_password_file, encoding="utf-8") as fh:
+                    first = fh.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError("sql_write_password_file", self.sql_write_password_file,
+                                  f"expected a readable file with the password on its first line ({exc})") from None
+            if not first:
+                raise ConfigError("sql_write_password_file", self.sql_write_password_file,
+                                  "its first line (the password) is empty")
+        if self.sql_write_user:
+            if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", self.sql_write_user):
+                raise ConfigError("sql_write_user", self.sql_write_user, "letters, digits and _.@- up to 64 characters")
+            if self.sql_write_user == self.sql_user:
+                raise ConfigError("sql_write_user", self.sql_write_user,
+                                  "must differ from sql_user (the read-only user)")
+            if not (self.sql_write_password or self.sql_write_password_file):
+                raise ConfigError("sql_write_user", self.sql_write_user, "needs a password: HDRLOG_SQL_WRITE_PASSWORD "
+                                                                         "or --sql-write-password-file")
+            if not url.startswith("chdb:"):
+                raise ConfigError("sql_write_user", self.sql_write_user, "takes INSERTs into an embedded store only; "
+                                                                         "a remote ClickHouse takes them itself")
+            if not self.sql_listen:
+                raise ConfigError("sql_write_user", self.sql_write_user, "needs the SQL endpoint (--sql-listen)")
+        elif self.sql_write_password or self.sql_write_password_file:
+            raise ConfigError("sql_write_user", "", "a write password is set but no --sql-write-user")
         if not 1 <= self.max_streams <= 1_000_000:
             raise ConfigError("max_streams", self.max_streams, "expected 1 to 1000000")
         if not 1 <= self.max_streams_per_host <= 1_000_000:

@@ -57,6 +57,8 @@ MAX_SEQ_JUMP = 1_000_000_000
 # Zero-filled bytes (absent columns) a table may cost beyond what it sent: ratio x bytes sent + slack.
 MAX_FILL_RATIO = 1
 FILL_SLACK = 1 << 20
+# Collector ids one stream remembers having read the stored seqs of (a collector sends one).
+MAX_COLLECTORS_PER_STREAM = 1000
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str:
@@ -170,6 +172,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         room.set()
         self.metrics.stream_opened()
         peer = context.peer()
+        floors: dict[str, int] = {}  # collector_id -> lowest seq whose stored seqs were read for this stream
 
         def queue_ack(ack: ingest_pb2.Ack) -> None:
             acks.put_nowait(ack)
@@ -231,6 +234,25 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 except BaseException:
                     self.writer.release(reserved)
                     raise
+                if self.writer.shared:
+                    # Another server may have stored this collector's later seqs: ask ClickHouse (writer.py,
+                    # "Across servers") on its first batch here, and on any batch below what was asked.
+                    floor = floors.get(batch.collector_id)
+                    if floor is None or batch.seq < floor:
+                        try:
+                            problem = await self.writer.refresh(batch.collector_id, host, batch.seq)
+                        except BaseException:
+                            self.writer.release(reserved)
+                            raise
+                        if problem:
+                            self.writer.release(reserved)
+                            self.metrics.batches_retry.inc()
+                            queue_ack(ingest_pb2.Ack(seq=batch.seq, status=ingest_pb2.Ack.RETRY,
+                                                     error=f"store unavailable: {problem}"))
+                            continue
+                        if len(floors) >= MAX_COLLECTORS_PER_STREAM:
+                            floors.clear()
+                        floors[batch.collector_id] = batch.seq
                 fut = await self.writer.submit(batch.collector_id, batch.seq, tables, reserved=reserved)
                 outstanding += 1
                 drained.clear()

@@ -57,6 +57,13 @@ class ServerMetrics:
         # Set to read the engine's own process list at scrape time (the server wires it to the store).
         self.sql_engine_queries = Gauge(f"{NS}_sql_engine_queries", "SQL-endpoint queries the engine runs now "
                                         "(its system.processes; -1 when it cannot be read)", registry=r)
+        self.seq_refreshes = Counter(f"{NS}_stored_seq_reads", "Reads of one collector's stored seqs from "
+                                     "ClickHouse (a stream's first batch, when other servers share the store)",
+                                     registry=r)
+        self.sql_inserts = Counter(f"{NS}_sql_inserts", "INSERTs on the SQL endpoint's write user, by outcome",
+                                   ["outcome"], registry=r)
+        self.sql_inserted_rows = Counter(f"{NS}_sql_inserted_rows", "Rows inserted through the SQL endpoint's "
+                                         "write user, by table", ["table"], registry=r)
         # Plain totals for the status line.
         self.total_batches = 0
         self.total_rows = 0

@@ -514,9 +514,14 @@ def applied_versions(command: Callable[[str], object]) -> set[int]:
 
 def migrate(command: Callable[[str], object]) -> list[int]:
     """Create the database and apply missing migrations; returns the versions applied now."""
-    command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
-    command(SCHEMA_VERSION_DDL)
-    done = applied_versions(command)
+    try:  # a store that is up to date needs no DDL (a server that may only INSERT and read, docs/scale.md)
+        done = applied_versions(command)
+    except Exception:  # noqa: BLE001 - no schema_version table yet: create it
+        done = set()
+    if LATEST_VERSION not in done or any(v not in done for v, _, _ in MIGRATIONS):
+        command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+        command(SCHEMA_VERSION_DDL)
+        done = applied_versions(command)
     applied: list[int] = []
     for version, description, statements in MIGRATIONS:
         if version in done:

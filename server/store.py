@@ -40,6 +40,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalErr
 from hdrlog.server import schema
 from hdrlog.clickhouse import error_code, redact
 from hdrlog.clickhouse import one_line as short_message
+from hdrlog.server.cluster import Layout
 from hdrlog.server.sql.errors import engine_name as errors_name
 
 log = logging.getLogger("hdrlog.server")
@@ -171,8 +172,11 @@ class Watermarks:
 
 
 class Store:
-    def __init__(self, url: str, *, server_memory_bytes: int = 0, sql_settings: Mapping[str, Any] | None = None):
+    def __init__(self, url: str, *, server_memory_bytes: int = 0, sql_settings: Mapping[str, Any] | None = None,
+                 cluster: str = "", cluster_rehearsal: bool = False):
         self.url = url
+        # --cluster NAME: replicated local tables behind Distributed ones (server/cluster.py)
+        self.layout = Layout(cluster, rehearsal=cluster_rehearsal) if cluster else None
         self.embedded = url.startswith("chdb:")
         self.server_memory_bytes = server_memory_bytes
         self.sql_settings = dict(sql_settings or {})
@@ -183,6 +187,8 @@ class Store:
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
         self._known_settings: frozenset[str] | None = None
+        self._ingress: Any = None   # the SQL endpoint's write user's handle (raw_insert)
+        self._ingress_lock = threading.Lock()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -209,16 +215,20 @@ class Store:
 
     def migrate(self) -> list[int]:
         try:
-            return schema.migrate(self._client.command)
+            return schema.migrate(self._ddl())
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to apply the schema: {short_message(exc)}") from None
 
     def apply_ttl(self, days: dict[str, int]) -> list[str]:
         """Set each table's age limit (schema.apply_ttl); returns the tables changed."""
         try:
-            return schema.apply_ttl(self._client.command, days)
+            return schema.apply_ttl(self._ddl(), days)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to set the tables' TTL: {short_message(exc)}") from None
+
+    def _ddl(self) -> Any:
+        """The client's command(), in the cluster's form of each statement with --cluster."""
+        return self.layout.wrap(self._client.command) if self.layout is not None else self._client.command
 
     def new_client(self) -> Any:
         """A separate client that may write (its own chDB handle): for the scheduled reports."""
@@ -234,6 +244,10 @@ class Store:
             control, self._control = self._control, None
         if control is not None:
             readers.append(control)
+        with self._ingress_lock:
+            ingress, self._ingress = self._ingress, None
+        if ingress is not None:
+            readers.append(ingress)
         for client in readers:
             try:
                 client.close()
@@ -263,11 +277,40 @@ class Store:
             "min_insert_block_size_rows": 0,
             "min_insert_block_size_bytes": 0,
         }
+        if self.layout is not None:  # into a Distributed table: return once the shard has stored the rows
+            settings["distributed_foreground_insert"] = 1
         try:
             self._client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         return data.num_rows
+
+    def _ingress_client(self) -> Any:
+        if self._ingress is None:
+            if self._closed:
+                raise StoreError("store is closed")
+            self._ingress = self._connect()
+        return self._ingress
+
+    def raw_insert(self, table: str, columns: list[str] | None, data: bytes, fmt: str,
+                   settings: Mapping[str, str]) -> int:
+        """Insert ``data`` (Arrow / ArrowStream / Native bytes) into hdrlog.<table>, for the SQL endpoint's write
+        user (sql/insert.py), on a handle of its own; returns the rows written (0 when deduplicated)."""
+        with self._ingress_lock:
+            try:
+                summary = self._ingress_client().raw_insert(f"{schema.DATABASE}.{table}", columns, data,
+                                                            dict(settings), fmt)
+            except Exception as exc:  # noqa: BLE001
+                raise classify(exc) from None
+        return int(getattr(summary, "written_rows", 0) or 0)
+
+    def query_rows(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple]:
+        """A catalogue read for the write path (the tables that take INSERTs), on the write user's handle."""
+        with self._ingress_lock:
+            try:
+                return list(self._ingress_client().query(sql, parameters=dict(parameters or {})).result_rows)
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(short_message(exc), code=error_code(exc)) from None
 
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.
@@ -299,20 +342,57 @@ class Store:
                     marks[int(d)] = StoredSeqs(_runs([int(x) for x in seqs]))
         return Watermarks(out)
 
+    def stored_seqs(self, collector_id: str, host: str, since: int) -> dict[str, dict[int, StoredSeqs]]:
+        """The batch_seqs >= ``since`` that have rows stored for one collector, per table and day.
+
+        What another server may have stored since this one last looked (several servers in front of one
+        ClickHouse). ``host`` is the primary key's prefix, so only that host's granules are read; the same
+        min / max / distinct count per key as ``committed_watermarks``, the seqs themselves only where a
+        key has holes. One query for all tables.
+        """
+        parts = []
+        for table, ts in schema.PARTITION_TS.items():
+            parts.append(
+                f"SELECT '{table}' AS t, toUInt32(toDate({ts})) AS day, min(batch_seq) AS lo, max(batch_seq) AS hi, "
+                f"groupBitmap(batch_seq) AS n FROM {schema.DATABASE}.{table} "
+                "WHERE host = {h:String} AND collector_id = {c:String} AND batch_seq >= {s:UInt64} GROUP BY day")
+        params = {"h": host, "c": collector_id, "s": int(since)}
+        out: dict[str, dict[int, StoredSeqs]] = {}
+        try:
+            rows = self._client.query(" UNION ALL ".join(parts), parameters=params).result_rows
+            holey = {(str(t), int(d)) for t, d, lo, hi, n in rows if int(hi) - int(lo) + 1 != int(n)}
+            for t, d, lo, hi, n in rows:
+                if (str(t), int(d)) not in holey:
+                    out.setdefault(str(t), {})[int(d)] = StoredSeqs([(int(lo), int(hi))])
+            for table in sorted({t for t, _ in holey}):
+                ts = schema.PARTITION_TS[table]
+                detail = self._client.query(
+                    f"SELECT toUInt32(toDate({ts})) AS day, arraySort(groupUniqArray(batch_seq)) "
+                    f"FROM {schema.DATABASE}.{table} "
+                    "WHERE host = {h:String} AND collector_id = {c:String} AND batch_seq >= {s:UInt64} GROUP BY day",
+                    parameters=params).result_rows
+                for d, seqs in detail:
+                    if (table, int(d)) in holey:
+                        out.setdefault(table, {})[int(d)] = StoredSeqs(_runs([int(x) for x in seqs]))
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the stored seqs of {collector_id}: {short_message(exc)}") from None
+        return out
+
     def count(self, table: str, where: str = "1") -> int:
         return int(self._client.command(f"SELECT count() FROM {schema.DATABASE}.{table} WHERE {where}"))
 
     # -- SQL endpoint (worker threads) ---------------------------------------
 
-    def _reader(self) -> Any:
-        client = getattr(self._local, "client", None)
+    def _reader(self, level: int = 1) -> Any:
+        attr = "client" if level == 1 else f"client{level}"
+        client = getattr(self._local, attr, None)
         if client is None:
             if self._closed:
                 raise StoreError("store is closed")
-            client = self._read_only(self._connect(), {})
+            client = self._read_only(self._connect(), {}, level)
             with self._readers_lock:
                 self._readers.append(client)
-            self._local.client = client
+            setattr(self._local, attr, client)
         return client
 
     def server_setting(self, name: str) -> str:
@@ -359,15 +439,18 @@ class Store:
         return self._known_settings
 
     def query(self, sql: str, *, database: str | None = None, settings: Mapping[str, str] | None = None,
-              parameters: Mapping[str, str] | None = None) -> bytes:
-        """Run one statement (already checked read-only by the caller) and return the raw output bytes."""
+              parameters: Mapping[str, str] | None = None, readonly: int = 1) -> bytes:
+        """Run one statement (already checked read-only by the caller) and return the raw output bytes.
+
+        ``readonly = 2`` (the write user's reads, sql/insert.py): a handle that reads only but on which settings
+        may change, so system.settings shows the insert settings as changeable, as a real ClickHouse does."""
         known = self.known_settings()
         # Only what differs from the handle's defaults (the limits) needs a handle of its own.
         use = {k: v for k, v in (settings or {}).items()
                if k in known and k != "readonly" and _as_text(self.sql_settings.get(k)) != _as_text(v)}
         # Under readonly = 1 a handle cannot change a setting, so a query with settings gets a
         # handle of its own that takes them before it turns read-only (about 1 ms with chDB).
-        client = self._read_only(self._connect(), use) if use and self.embedded else self._reader()
+        client = self._read_only(self._connect(), use, readonly) if use and self.embedded else self._reader(readonly)
         # A chDB handle keeps its last USE, so always name the database.
         client.database = database or "default"
         try:
@@ -377,24 +460,26 @@ class Store:
             raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000,
                              name=errors_name(str(exc))) from None
         finally:
-            if client is not getattr(self._local, "client", None):
+            if client is not getattr(self._local, "client" if readonly == 1 else f"client{readonly}", None):
                 client.close()
 
     def stream(self, sql: str, fmt: str, *, database: str | None = None, settings: Mapping[str, str] | None = None,
-               parameters: Mapping[str, str] | None = None, whole: bool = False) -> "ResultStream":
+               parameters: Mapping[str, str] | None = None, whole: bool = False,
+               readonly: int = 1) -> "ResultStream":
         """Start one statement (already checked read-only by the caller); its output comes in chunks.
 
         Embedded, the chunks are chDB's streaming result (``send_query``): one chunk per block, so the server
         never holds the whole answer. ``parameters`` reach the engine as they came (ClickHouse's HTTP way:
         each value in its type's text format, ``\\N`` for NULL), not formatted again by a client library.
         A remote ClickHouse answers through clickhouse-connect in one piece. The stream must be consumed
-        or closed on the thread that started it.
+        or closed on the thread that started it. ``readonly = 2``: the write user's reads (sql/insert.py),
+        on handles where settings may change, as in ``query``.
         """
         known = self.known_settings()
         use = {k: v for k, v in (settings or {}).items()
                if k in known and k != "readonly" and _as_text(self.sql_settings.get(k)) != _as_text(v)}
         if not self.embedded:
-            client = self._reader()
+            client = self._reader(readonly)
             client.database = database or "default"
             binds = {f"param_{k}": v for k, v in (parameters or {}).items()}  # raw, as the HTTP interface takes them
             try:
@@ -403,7 +488,7 @@ class Store:
                 raise StoreError(short_message(exc, limit=1000), code=error_code(exc) or 1000) from None
             return ResultStream.whole(out)
         own = bool(use)
-        conn = self._raw_reader(use) if own else self._raw_local()
+        conn = self._raw_reader(use, readonly) if own else self._raw_local(readonly)
         try:
             db = database or "default"
             if getattr(conn, "_hdrlog_db", None) != db:
@@ -421,43 +506,48 @@ class Store:
         path = os.path.realpath(urlparse(self.url).path or ":memory:")
         return chdb.connect(path)
 
-    def _raw_local(self) -> Any:
-        conn = getattr(self._local, "raw", None)
+    def _raw_local(self, level: int = 1) -> Any:
+        attr = "raw" if level == 1 else f"raw{level}"
+        conn = getattr(self._local, attr, None)
         if conn is None:
             if self._closed:
                 raise StoreError("store is closed")
-            conn = self._raw_reader({})
+            conn = self._raw_reader({}, level)
             with self._readers_lock:
                 self._readers.append(conn)
-            self._local.raw = conn
+            setattr(self._local, attr, conn)
         return conn
 
-    def _raw_reader(self, settings: Mapping[str, str]) -> Any:
-        """A chDB handle of its own for SQL readers: the limits and ``settings``, then readonly = 1."""
+    def _raw_reader(self, settings: Mapping[str, str], level: int = 1) -> Any:
+        """A chDB handle of its own for SQL readers: the limits and ``settings``, then readonly = 1
+        (2 for the write user's reads: no writes, but settings may change)."""
         conn = self._raw_conn()
         try:
             for key, value in {**self.sql_settings, **settings}.items():
                 conn.query(f"SET {key} = {quote_value(value)}")
             conn.query("SET allow_introspection_functions = 0")
-            conn.query("SET readonly = 1")
+            conn.query(f"SET readonly = {2 if level == 2 else 1}")
         except Exception:
             conn.close()
             raise
         return conn
 
-    def _read_only(self, client: Any, settings: Mapping[str, str]) -> Any:
+    def _read_only(self, client: Any, settings: Mapping[str, str], level: int = 1) -> Any:
         """Make ``client`` a SQL reader: ``settings`` first, then readonly = 1 (no writes, no SET,
         no SETTINGS, no table functions but numbers/values/generateRandom) and no introspection."""
         settings = {**self.sql_settings, **settings}
         if not self.embedded:
             for key, value in settings.items():
                 client.set_client_setting(key, str(value))
+            current = getattr(client, "server_settings", {}).get("readonly")
+            if current is not None and current.readonly and str(current.value) != "0":
+                return client  # this user is read-only on the server already (e.g. an hdrlog write user's reads)
             client.set_client_setting("readonly", "1")
             return client
         for key, value in settings.items():
             client.command(f"SET {key} = {quote_value(value)}")
         client.command("SET allow_introspection_functions = 0")
-        client.command("SET readonly = 1")
+        client.command(f"SET readonly = {2 if level == 2 else 1}")
         return client
 
     def parse(self, sql: str, parameters: Mapping[str, str] | None = None) -> str:

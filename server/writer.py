@@ -53,6 +53,32 @@ Exactly-once
     taken for a duplicate) and no other, a huge seq included
     (docs/security.md, "Exactly once").
 
+Across servers
+    Several servers may write one ClickHouse (docs/scale.md); a collector fails
+    over between them and resends what was unacked, so two servers can hold the
+    same batch, even at the same moment (the old one's INSERT still running when
+    the new one gets the resend). Two things then keep every row once, whichever
+    server received a batch:
+
+    - Per-batch tokens (``dedup_scope = batch``): each (batch, table, day) is its
+      own INSERT with a token made of (collector_id, seq, table, day, rows), the
+      same on every server however the flushes were coalesced, so ClickHouse
+      drops the second copy (``non_replicated_deduplication_window``, or
+      ``replicated_deduplication_window`` on a cluster). The price is a part per
+      batch instead of a part per flush (measured in docs/scale.md).
+    - Stored seqs read from ClickHouse, not process memory: on a stream's first
+      batch of a collector (and on any batch below the lowest seq read so far on
+      that stream), the writer reads that collector's stored seqs >= that seq
+      (``Store.stored_seqs``, by the host prefix of the primary key) and adds them
+      to its sets before deciding what to keep. A collector sends one stream at a
+      time, in seq order, so what another server stored before this stream began
+      is known; a copy still in flight elsewhere is what the tokens catch.
+
+    ``dedup_scope = auto`` (the default) is ``batch`` when the store is shared: a
+    remote ClickHouse, or an embedded one that takes INSERTs from other servers
+    (``sql_write_user``); else ``flush`` (one process owns the data: its memory
+    is the whole truth, and one part per flush is cheaper).
+
 Failures
     A transient failure (connection, timeout, too many parts, ...) is retried with
     capped, jittered exponential backoff; tables already inserted by the flush
@@ -146,6 +172,8 @@ class Writer:
         self._wm: dict[tuple[str, str], dict[int, StoredSeqs]] = {}   # (collector, table) -> day -> seqs
         self._reread_needed = False
         self._reserved_rows = 0   # rows of batches being converted (reserve() .. submit())
+        self.shared = config.store_shared()          # other servers may write the same tables
+        self.per_batch = config.per_batch_tokens()   # a token per (batch, table, day), see "Across servers"
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._stopping = False
@@ -181,6 +209,22 @@ class Writer:
         """Largest seq stored for a collector and table (-1 when none)."""
         days = self._wm.get((collector_id, table))
         return max(seqs.max for seqs in days.values()) if days else -1
+
+    async def refresh(self, collector_id: str, host: str, since: int) -> str:
+        """Add to the sets what ClickHouse holds for ``collector_id`` at seqs >= ``since`` (another server
+        may have stored them). '' when done, else why it could not be read."""
+        try:
+            marks = await asyncio.to_thread(self.store.stored_seqs, collector_id, host, since)
+        except StoreError as exc:
+            log.warning("server: %s", exc)
+            return str(exc)
+        self.metrics.seq_refreshes.inc()
+        for table, days in marks.items():
+            known = self._wm.setdefault((collector_id, table), {})
+            for day, seqs in days.items():
+                have = known.get(day)
+                known[day] = seqs if have is None else StoredSeqs(have.ranges() + seqs.ranges())
+        return ""
 
     # -- accepting ---------------------------------------------------------
 
@@ -383,6 +427,9 @@ class Writer:
             self._forget(e, Outcome(OK, rows=e.rows))
 
     async def _insert(self, entries: list[_Entry], done: set[str]) -> None:
+        if self.per_batch:
+            await self._insert_per_batch(entries, done)
+            return
         by_table: dict[str, list[tuple[_Entry, TableRows]]] = {}
         for e in entries:
             for tr in e.tables:
@@ -396,6 +443,23 @@ class Writer:
             await asyncio.to_thread(self.store.insert, table, data, token)
             self.metrics.inserted(table, data.num_rows, time.monotonic() - t0)
             done.add(table)
+
+    async def _insert_per_batch(self, entries: list[_Entry], done: set[str]) -> None:
+        """One INSERT per (batch, table, day), each with its own token: deduplicable on its own, whichever
+        server sends it and whatever else was in the flush. ``done`` holds the blocks already stored."""
+        for e in entries:
+            for tr in e.tables:
+                days = e.days[tr.name]
+                for day in days.tolist():
+                    key = f"{tr.name}\x00{e.collector_id}\x00{e.seq}\x00{day}"
+                    if key in done:
+                        continue
+                    data = tr.data if days.size == 1 else tr.data.filter(pa.array(tr.days == day))
+                    token = batch_token(e.collector_id, e.seq, tr.name, day, data.num_rows)
+                    t0 = time.monotonic()
+                    await asyncio.to_thread(self.store.insert, tr.name, data, token)
+                    self.metrics.inserted(tr.name, data.num_rows, time.monotonic() - t0)
+                    done.add(key)
 
     async def _sleep(self, delay: float) -> None:
         """Backoff that a stop interrupts (the flush then gets its bounded last attempts)."""
@@ -441,3 +505,9 @@ def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:
         h.update(f"|{e.collector_id}\x00{e.seq}\x00{tr.rows}".encode())
         h.update(e.days[table].tobytes())
     return "hdrlog-" + h.hexdigest()[:40]
+
+
+def batch_token(collector_id: str, seq: int, table: str, day: int, rows: int) -> str:
+    """The token of one batch's rows for one (table, day): the same on every server, whatever it coalesced."""
+    h = hashlib.sha256(f"{table}\x00{collector_id}\x00{seq}\x00{day}\x00{rows}".encode())
+    return "hdrlog-b-" + h.hexdigest()[:40]

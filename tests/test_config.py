@@ -16,21 +16,35 @@ def test_flag_beats_env_beats_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("collector:\n  server: file:1\n  sample: 3\n  batch-rows: 7\n  insecure: true\n  iface: [a, b]\n")
     c = load(file=str(f))
-    assert (c.server, c.sample, c.batch_rows, c.iface, c.insecure) == ("file:1", 3, 7, ["a", "b"], True)
+    assert (c.server, c.sample, c.batch_rows, c.iface, c.insecure) == (["file:1"], 3, 7, ["a", "b"], True)
     c = load(file=str(f), environ={"HDRLOG_SERVER": "env:2", "HDRLOG_IFACE": "x, y*"})
-    assert (c.server, c.iface) == ("env:2", ["x", "y*"])
-    c = load(args={"server": "flag:3", "iface": ["z"]}, file=str(f), environ={"HDRLOG_SERVER": "env:2"})
-    assert (c.server, c.iface, c.sample) == ("flag:3", ["z"], 3)
+    assert (c.server, c.iface) == (["env:2"], ["x", "y*"])
+    c = load(args={"server": ["flag:3"], "iface": ["z"]}, file=str(f), environ={"HDRLOG_SERVER": "env:2"})
+    assert (c.server, c.iface, c.sample) == (["flag:3"], ["z"], 3)
+
+
+def test_several_servers_for_failover(tmp_path):
+    """`server` is a list: repeated flags, comma lists, a YAML list; a single value still works."""
+    base = {"iface": ["e"], "insecure": True}
+    assert load(args={**base, "server": ["a:1", "b:2,c:3"]}).server == ["a:1", "b:2", "c:3"]
+    assert load(args=base, environ={"HDRLOG_SERVER": "a:1, b:2"}).server == ["a:1", "b:2"]
+    f = tmp_path / "c.yaml"
+    f.write_text("collector:\n  server: [a:1, b:2]\n")
+    assert load(args=base, file=str(f)).server == ["a:1", "b:2"]
+    with pytest.raises(cfg.ConfigError, match="each server may be named once"):
+        load(args={**base, "server": ["a:1", "a:1"]})
+    with pytest.raises(cfg.ConfigError, match="bad config server='b'"):
+        load(args={**base, "server": ["a:1,b"]})
 
 
 def test_defaults_fill_host_id():
-    c = load(args={"server": "h:1", "iface": ["eth0"], "insecure": True})
+    c = load(args={"server": ["h:1"], "iface": ["eth0"], "insecure": True})
     assert c.host_id and c.batch_rows == 10_000 and c.sample == 1
 
 
 @pytest.mark.parametrize("args, environ, needle", [
     ({"iface": ["e"], "insecure": True}, {}, "bad config server=''"),
-    ({"server": "nope", "iface": ["e"], "insecure": True}, {}, "bad config server='nope'"),
+    ({"server": ["nope"], "iface": ["e"], "insecure": True}, {}, "bad config server='nope'"),
     ({"server": "h:1", "insecure": True}, {}, "bad config iface=[]"),
     ({"server": "h:1", "iface": ["e"], "insecure": True}, {"HDRLOG_SAMPLE": "many"}, "HDRLOG_SAMPLE='many'"),
     ({"server": "h:1", "iface": ["e"], "insecure": True, "sample": "0"}, {}, "sample=0: must be 1 or more"),

@@ -7,7 +7,8 @@ The path of a request, one module each:
 - ``limits``  what one query and one client may take, and the failed-login rate limit;
 - ``guard``   may this statement run, decided by the engine's own parser; what exactly runs;
 - ``encode``  the engine's chunks into the client's bytes (joined, Native hook, compressed);
-- ``errors``  ClickHouse's error shape, with the engine's own names.
+- ``errors``  ClickHouse's error shape, with the engine's own names;
+- ``insert``  the write user's ``INSERT ... FORMAT Arrow|Native`` (``--sql-write-user``, off by default).
 
 docs/sql-endpoint.md describes it for users.
 """

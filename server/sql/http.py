@@ -24,6 +24,12 @@ connection closed unread. No credentials is HTTP 401 (code 194), wrong ones 403 
 short pause; failed logins are rate-limited per address (limits.AuthFailureLimiter, HTTP 429). Bodies are
 capped at ``MAX_BODY_BYTES`` and decoded in a thread with the same output cap (body.py).
 
+With ``--sql-write-user`` a second user may also INSERT into hdrlog tables (insert.py, which says what it
+may send): its credentials are checked on the head like the SQL user's, and only once they verify does its
+body get the larger cap (``insert.MAX_INSERT_BYTES``); an INSERT from it is split off and run before the
+read path, anything else it sends is a read like the SQL user's, on handles with ``readonly = 2`` (so its
+client sees the insert settings as changeable) and with those insert settings dropped from its reads.
+
 Limits (limits.Limits): at most ``max_concurrent`` queries run, at most ``max_queued`` wait up to
 ``queue_timeout`` seconds, more get HTTP 503 (code 202). A query's text starts with a marker comment
 (``/* hdrlog-sql ID */``) by which it is killed (``KILL QUERY``) when its client disconnects, when it
@@ -54,6 +60,7 @@ from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.sql import encode, guard
 from hdrlog.server.sql.body import MAX_BODY_BYTES, BadRequest, decompress
 from hdrlog.server.sql.errors import SqlError, tidy
+from hdrlog.server.sql.insert import INSERT_SETTINGS, InsertEndpoint
 from hdrlog.server import native
 from hdrlog.server.sql.limits import AuthFailureLimiter, Limits, capped_settings
 from hdrlog.server.store import Store, StoreError
@@ -141,6 +148,21 @@ def _has_body(request: web.Request) -> bool:
     return request.body_exists
 
 
+async def _read_body(request: web.Request, cap: int) -> bytes:
+    """The body as sent (still encoded), at most ``cap`` bytes (BadRequest 413 beyond, before reading more)."""
+    length = request.content_length
+    if length is not None and length > cap:
+        raise BadRequest(413, f"query larger than {cap} bytes")
+    out = bytearray()
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return bytes(out)
+        out += chunk
+        if len(out) > cap:
+            raise BadRequest(413, f"query larger than {cap} bytes")
+
+
 class _Run:
     """One query between its worker thread and its handler: a bounded queue of encoded chunks."""
 
@@ -167,8 +189,9 @@ class _Run:
 
 class SqlEndpoint:
     def __init__(self, store: Store, metrics: ServerMetrics, host: str, port: int, *, limits: Limits | None = None,
-                 credentials: tuple[str, str] | None = None):
+                 credentials: tuple[str, str] | None = None, inserts: InsertEndpoint | None = None):
         self.store = store
+        self.inserts = inserts  # the write user's INSERTs (insert.py); None: reads only
         self.guard = guard.SqlGuard(store.parse, store.known_settings)
         self._credentials = (_digest(credentials[0]), _digest(credentials[1])) if credentials else None
         self._last_auth_log = 0.0
@@ -191,6 +214,7 @@ class SqlEndpoint:
     async def start(self) -> int:
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hdrlog-sql")
         self._slots = asyncio.Semaphore(self.workers)
+        # Bodies are read by _read_body with the cap of the request's verified user, not client_max_size.
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle, expect_handler=self._expect)
         # auto_decompress off: bodies are decoded in a thread with an output cap (body.py), after the
@@ -228,6 +252,11 @@ class SqlEndpoint:
         if early is not None:
             return early
         request["hdrlog_checked"] = True
+        cap = self._body_cap(request)
+        if request.content_length is not None and request.content_length > cap:
+            resp = _error(SqlError(1, f"query larger than {cap} bytes"), 413)  # no 100: the body stays unsent
+            resp.force_close()
+            return resp
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
@@ -251,10 +280,18 @@ class SqlEndpoint:
             return refused
         return None
 
+    def _body_cap(self, request: web.Request) -> int:
+        """The body cap of this request's user: the write user's larger one only once it verified (head)."""
+        if self.inserts is not None and request.get("hdrlog_writer"):
+            return self.inserts.max_body_bytes
+        return MAX_BODY_BYTES
+
     def _authenticate(self, request: web.Request, params: dict[str, str]) -> web.Response | None:
-        """None when the request may run; else the 401/403/429 answer."""
-        if self._credentials is None:
-            return None
+        """None when the request may run (``request["hdrlog_writer"]`` set when it is the write user's);
+        else the 401/403/429 answer."""
+        given = credentials_of(request.headers, params)
+        if self._credentials is None and (self.inserts is None or given is None or given[0] != self.inserts.user):
+            return None  # reads are open (--insecure without --sql-user): only a login as the write user is checked
         peer = request.transport.get_extra_info("peername") if request.transport else None
         peer_key = AuthFailureLimiter.key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
         now = time.monotonic()
@@ -275,7 +312,6 @@ class SqlEndpoint:
                                         f"retry in {wait} s"), 429)
             resp.headers["Retry-After"] = str(wait)
             return resp
-        given = credentials_of(request.headers, params)
         if given is None:
             self.metrics.sql_queries.labels("unauthenticated").inc()
             resp = _error(SqlError(
@@ -284,10 +320,15 @@ class SqlEndpoint:
                      "or user/password URL parameters)"), 401)
             resp.headers["WWW-Authenticate"] = 'Basic realm="hdrlog", charset="UTF-8"'
             return resp
-        user_ok = hmac.compare_digest(_digest(given[0]), self._credentials[0])
-        password_ok = hmac.compare_digest(_digest(given[1]), self._credentials[1])
-        if user_ok & password_ok:
+        # The write user (insert.py) may read too: a server's start and its stored-seq reads are SELECTs.
+        if self.inserts is not None and self.inserts.is_writer(*given):
+            request["hdrlog_writer"] = True
             return None
+        if self._credentials is not None:
+            user_ok = hmac.compare_digest(_digest(given[0]), self._credentials[0])
+            password_ok = hmac.compare_digest(_digest(given[1]), self._credentials[1])
+            if user_ok & password_ok:
+                return None
         self.metrics.sql_queries.labels("unauthenticated").inc()
         if peer_key:
             limiter.failed(peer_key, now)
@@ -305,22 +346,27 @@ class SqlEndpoint:
             early = await self._before_body(request)
             if early is not None:
                 return early
+        writer = self.inserts is not None and bool(request.get("hdrlog_writer"))
+        cap = self._body_cap(request)  # the write user's larger cap only once its credentials verified (head)
         try:
-            body = await request.read() if request.method == "POST" else b""
+            body = await _read_body(request, cap) if request.method == "POST" else b""
             encoding = request.headers.get("Content-Encoding", "").lower()
             if body and encoding and encoding != "identity":
-                body = await asyncio.to_thread(decompress, body, encoding, MAX_BODY_BYTES)
-        except web.HTTPRequestEntityTooLarge:
-            resp = _error(SqlError(1, f"query larger than {MAX_BODY_BYTES} bytes"), 413)
-            resp.force_close()
-            return resp
+                body = await asyncio.to_thread(decompress, body, encoding, cap)
         except BadRequest as exc:
             resp = _error(SqlError(1, str(exc)), exc.status)
             resp.force_close()
             return resp
-        return await self._respond(request, body)
+        if writer and self.inserts is not None and request.method == "POST":
+            params = dict(request.query)
+            insert = self.inserts.split(params.get("query", ""), body)
+            if insert is not None:
+                status, out, headers = await self.inserts.run(*insert, params)
+                return web.Response(status=status, body=out, headers=headers)
+        return await self._respond(request, body, readonly=2 if writer else 1)
 
-    async def _respond(self, request: web.Request, raw_body: bytes) -> web.StreamResponse:
+    async def _respond(self, request: web.Request, raw_body: bytes, readonly: int = 1) -> web.StreamResponse:
+        """A read: guard, worker, streamed answer. ``readonly = 2`` for the write user's reads (insert.py)."""
         params = dict(request.query)
         body = raw_body.decode("utf-8", "replace")
         query = params.get("query", "")
@@ -331,7 +377,8 @@ class SqlEndpoint:
         query_id = params.get("query_id") or str(uuid.uuid4())
         try:
             settings = capped_settings(
-                {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")},
+                {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")
+                 and not (readonly == 2 and k in INSERT_SETTINGS)},  # the write user's client sends them on reads too
                 self.limits)
         except SqlError as exc:
             self.metrics.sql_queries.labels("refused").inc()
@@ -385,7 +432,7 @@ class SqlEndpoint:
             """On a worker: run the query, hand its encoded chunks over; its end or error last."""
             try:
                 stream = self.store.stream(sql, fmt, database=stmt.database, settings=stmt.settings,
-                                           parameters=parameters, whole=whole)
+                                           parameters=parameters, whole=whole, readonly=readonly)
             except StoreError as exc:
                 run.put(exc)
                 return
