@@ -20,19 +20,13 @@ import tempfile
 import time
 import urllib.request
 
-from hdrlog.server.bench import make_batch
+from bench.server_stages import make_batch
+from hdrlog.dev.processes import free_port
 from hdrlog.server.convert import convert_batch
 from hdrlog.server.store import Store
 from hdrlog.server.writer import batch_token, concat
 
 FLUSH_ROWS = 50_000
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tables(batch_rows: int, n_batches: int, start: int):
