@@ -189,21 +189,29 @@ def render_source(config: CaptureConfig | None = None) -> str:
 def resolve_ifaces(patterns: list[str], links: dict[str, int]) -> list[tuple[str, int]]:
     """Names and globs -> [(name, ifindex)], in pattern order, without duplicates.
 
-    A literal name that does not exist, or a glob matching nothing, is a ValueError
-    naming it.
+    A literal name that does not exist is a ValueError naming it. A glob matching nothing is
+    a warning (``--iface eth0 --iface 'veth*'`` on a host without containers yet is normal),
+    unless nothing at all matches: that is a ValueError naming every pattern.
     """
     out: dict[str, int] = {}
+    empty: list[str] = []
     for pat in patterns:
         if _GLOB_CHARS & set(pat):
             hits = sorted(n for n in links if fnmatch.fnmatchcase(n, pat))
             if not hits:
-                raise ValueError(f"capture ifaces: glob {pat!r} matches no interface (have: {', '.join(sorted(links))})")
+                empty.append(pat)
             for n in hits:
                 out.setdefault(n, links[n])
         else:
             if pat not in links:
                 raise ValueError(f"capture ifaces: interface {pat!r} does not exist")
             out.setdefault(pat, links[pat])
+    have = ", ".join(sorted(links))
+    if empty and not out:
+        raise ValueError(f"capture ifaces: glob {empty[0]!r} matches no interface (have: {have})")
+    for pat in empty:
+        log.warning("capture ifaces: glob %r matches no interface now (have: %s); interfaces that appear later "
+                    "are captured after a restart of the collector", pat, have)
     return list(out.items())
 
 

@@ -226,10 +226,13 @@ def _require_server_extra(command: str) -> None:
     """One clear line, not an ImportError, on a host installed without the server extra."""
     import importlib
 
+    from hdrlog.clickhouse import engine_messages_logged
+
     missing = []
     for module in ("pyarrow", "chdb"):
         try:
-            importlib.import_module(module)
+            with engine_messages_logged():  # loading chDB may print an engine notice with a stack trace
+                importlib.import_module(module)
         except ImportError:
             missing.append(module)
     if missing:

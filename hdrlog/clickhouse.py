@@ -10,11 +10,17 @@ Used by ``hdrlog sql``, the server's store and the reports.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
+import tempfile
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from hdrlog.errors import UserError
+
+log = logging.getLogger("hdrlog")
 
 _NETWORK_GISTS = ("Connection refused", "Name or service not known", "timed out", "No route to host")
 
@@ -80,3 +86,27 @@ def error_code(exc: BaseException) -> int:
         return value
     found = re.findall(r"Code: (\d+)", str(exc))
     return int(found[-1]) if found else 0
+
+
+@contextlib.contextmanager
+def engine_messages_logged():
+    """What the embedded engine prints on stderr while it loads and starts (fd 2: a notice with a 40-line
+    stack trace, e.g. "Cannot use cgroups reader" inside a network namespace, where no cgroup memory file
+    is visible) becomes one log line per message instead."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line and not line[0].isdigit() and not line.startswith(" "):  # not a stack frame
+            log.info("the embedded engine says: %s", line.split(", Stack trace")[0][:300])

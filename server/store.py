@@ -38,7 +38,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from hdrlog.server import schema
-from hdrlog.clickhouse import error_code, redact
+from hdrlog.clickhouse import engine_messages_logged, error_code, redact
 from hdrlog.clickhouse import one_line as short_message
 from hdrlog.server.cluster import Layout
 from hdrlog.server.sql.errors import engine_name as errors_name
@@ -209,7 +209,8 @@ class Store:
         options = {"max_server_memory_usage": str(self.server_memory_bytes)} \
             if self.embedded and self.server_memory_bytes else None
         try:
-            self._client = self._connect(options)
+            with engine_messages_logged():
+                self._client = self._connect(options)
         except Exception as exc:  # noqa: BLE001 - one clear line for the operator
             raise StoreError(f"unable to open ClickHouse at {redact(self.url)}: {short_message(exc)}") from None
 
