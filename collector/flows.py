@@ -33,6 +33,7 @@ FLOW_VALUE_DTYPE = np.dtype([
     ("tcp_flags", "<u4"), ("flags", "<u4"),
 ])
 assert FLOW_KEY_DTYPE.itemsize == 44 and FLOW_VALUE_DTYPE.itemsize == 40  # struct flow_key / flow_value
+FLOW_CONTINUED = 1 << 0  # flow_value.flags: the flow had an entry in the other map (bpf/flows.h)
 
 DEFAULT_GRACE = 0.01
 _KEY_FIELDS = ("ifindex", "direction", "ip_version", "ip_proto", "src_ip", "dst_ip", "src_port", "dst_port")

@@ -27,7 +27,9 @@ import json
 import logging
 import os
 import re
+import time
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -205,3 +207,43 @@ class Keeper:
         if self._state_fd >= 0:
             os.close(self._state_fd)
             self._state_fd = -1
+
+
+@dataclass
+class Adopted:
+    """What the predecessors' programs left, read by ``adopt()``."""
+
+    records: list = field(default_factory=list)  # [(raw, n, payloads)] from their ring buffers, in order
+    flows: list = field(default_factory=list)  # [(keys, values)] from their flow maps
+    counts: dict = field(default_factory=dict)  # what they counted after their last collector_stats row
+
+
+def adopt(inheritance: Inheritance) -> Adopted:
+    """Read what the predecessors' programs left, once ours runs in their links, and release them."""
+    time.sleep(flows.DEFAULT_GRACE)  # a CPU still in an old program finishes its packet
+    out = Adopted()
+    got_records = got_flows = 0
+    for gen in inheritance.generations:
+        state = gen.state()
+        if state.get("layout") != LAYOUT_ID:
+            log.warning("capture: the previous collector (generation %d) wrote another record layout: "
+                        "what it left in the kernel is not read", gen.gen)
+            gen.release()
+            continue
+        reported = state.get("reported") or {}
+        for name, value in gen.counters().items():
+            out.counts[name] = out.counts.get(name, 0) + max(0, value - reported.get(name, 0))
+        chunks, odd = gen.drain_records()
+        if odd:  # should stay 0: the layout id matched
+            log.warning("capture: %d records the previous collector left were of another size: skipped", odd)
+        out.records.extend(chunks)
+        got_records += sum(n for _, n, _ in chunks)
+        keys, vals = gen.drain_flows()
+        if len(keys):
+            out.flows.append((keys, vals))
+            got_flows += len(keys)
+        gen.release()
+    log.info("capture: took over from the previous collector without a gap: %d records and %d flows it "
+             "left in the kernel, %d packets it saw after its last report", got_records, got_flows,
+             out.counts.get("seen", 0))
+    return out

@@ -11,6 +11,7 @@ and ``bpf/types.h`` together.
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -41,7 +42,7 @@ PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
 COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated", "payload", "filtered", "sampled_out",
                  "flowed", "flow_map_full", "conn_tracked", "conn_map_full")
 
-# log_reason bits (bpf/flows.h LOG_*): why a record was sent.
+# log_reason bits (bpf/modes.h LOG_*): why a record was sent.
 LOG_ALL = 1 << 0  # packets mode, every packet
 LOG_SAMPLED = 1 << 1  # the 1:N sample: stands for N packets
 LOG_FIRST = 1 << 2  # among the first packets of its flow
@@ -114,6 +115,49 @@ _MAC_WEIGHTS = np.array([1 << (8 * (5 - i)) for i in range(6)], dtype=np.uint64)
 def mac_to_u64(macs: np.ndarray) -> np.ndarray:
     """(N, 6) uint8 MAC bytes -> uint64 numbers, first byte most significant."""
     return macs.astype(np.uint64) @ _MAC_WEIGHTS
+
+
+def mono_to_wall_offset_ns() -> int:
+    """UTC ns minus CLOCK_MONOTONIC ns (what ``decode`` adds to mono_ns), from the tightest of a few
+    sandwiched reads."""
+    best = None
+    for _ in range(5):
+        m1 = time.monotonic_ns()
+        w = time.time_ns()
+        m2 = time.monotonic_ns()
+        if best is None or m2 - m1 < best[0]:
+            best = (m2 - m1, w - (m1 + m2) // 2)
+    return best[1]
+
+
+def split_flow_fallback(raw, n: int, payloads: list[tuple[int, bytes]]):
+    """Take the records with LOG_FLOW_FALLBACK (the flow map was full: user space counts them into
+    flows) out of a run of ``n``: (those records or None, (raw, n, payloads, records view) of the ones
+    still to log as rows)."""
+    rec = as_records(raw, n)
+    why = rec["log_reason"]
+    fallback = (why & LOG_FLOW_FALLBACK) != 0
+    if not fallback.any():
+        return None, (raw, n, payloads, rec)
+    taken = rec[fallback].copy()
+    keep = (why & (0xFF ^ LOG_FLOW_FALLBACK)) != 0
+    if keep.all():
+        return taken, (raw, n, payloads, rec)
+    idx = np.flatnonzero(keep)
+    remap = {int(j): i for i, j in enumerate(idx)}
+    raw = rec[keep].tobytes()
+    return taken, (raw, len(idx), [(remap[i], b) for i, b in payloads if i in remap], as_records(raw, len(idx)))
+
+
+def sample_rates(why: np.ndarray, effective_sample: int) -> np.ndarray | None:
+    """sample_rate per record from its log_reason, or None when every record stands for itself: a
+    sampled record stands for N packets unless it is notable anyway (or a conn-map-full fallback)."""
+    sampled = (why & LOG_SAMPLED) != 0
+    if not sampled.any():
+        return None
+    rate = np.ones(len(why), dtype=np.uint32)
+    rate[sampled & ((why & (LOG_NOTABLE | LOG_CONN_FALLBACK)) == 0)] = max(1, effective_sample)
+    return rate
 
 
 def as_records(raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:

@@ -26,7 +26,8 @@ from scapy.all import (
 from scapy.layers.l2 import Dot1AD
 
 from hdrlog.collector import records
-from hdrlog.collector.capture import TC_PRIO, Capture, CaptureConfig
+from hdrlog.collector.attach import TC_PRIO
+from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.proto.columns import PACKETS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
