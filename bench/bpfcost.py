@@ -33,6 +33,10 @@ class _Prog:
         outer = self.bpf[b"flow_maps"]
         for slot in (0, 1):
             outer[ctypes.c_int(slot)] = ctypes.c_int(self.bpf[f"flows{slot}".encode()].map_fd)
+        try:  # trees before the connection map's handover have no conn_maps
+            self.bpf[b"conn_maps"][ctypes.c_int(0)] = ctypes.c_int(self.bpf[b"conns"].map_fd)
+        except KeyError:
+            pass
         self.reader = RingBufReader(self.bpf[b"records"].map_fd, records.RECORD_SIZE)
 
     def set_mode(self, mode: str) -> None:

@@ -198,6 +198,11 @@ static __always_inline int flow_account(const struct pkt_record *r, u32 slot, u3
 /* Connections (conntrack.h), both directions in one entry; drained by collector/connections.py.
  * Key: struct conn_key (canonical ends + ifindex). Value: struct conn_value (with its spin lock). */
 BPF_HASH(conns, struct conn_key, struct conn_value, HDRLOG_CONN_ENTRIES);
+/* The connection map the program counts into: this program's `conns`, or the one a
+ * predecessor counted into, handed over across a collector restart (collector/handover.py),
+ * so open connections keep their entries (and their uid).
+ * Key: 0 (u32). Value: fd of a map like `conns`, set by user space before the program runs. */
+BPF_ARRAY_OF_MAPS(conn_maps, "conns", 1);
 /* An all-zero value to insert new connections from (too big for the stack).
  * Key: 0 (u32). Value: struct conn_blank (never written). */
 BPF_PERCPU_ARRAY(conn_blank, struct conn_blank, 1);
@@ -211,14 +216,17 @@ static __always_inline int conn_track(const struct pkt_record *r, u32 first_n, i
     int side = 0;
     if (!conn_key_of(r, &k, &side))
         return CONN_UNTRACKED;
-    struct conn_value *v = conns.lookup(&k);
+    u32 zero = 0;
+    void *cm = conn_maps.lookup(&zero);
+    if (!cm)
+        return CONN_FULL;
+    struct conn_value *v = bpf_map_lookup_elem(cm, &k);
     if (!v) {
-        u32 zero = 0;
         struct conn_blank *b = conn_blank.lookup(&zero);
         if (!b)
             return CONN_FULL;
-        conns.insert(&k, (struct conn_value *)b); /* -EEXIST: another CPU was first, fine */
-        v = conns.lookup(&k);
+        bpf_map_update_elem(cm, &k, b, BPF_NOEXIST); /* -EEXIST: another CPU was first, fine */
+        v = bpf_map_lookup_elem(cm, &k);
         if (!v)
             return CONN_FULL;
     }

@@ -9,8 +9,8 @@ as ``packets`` columns (collector/records.py); ``drain_flows()`` and ``drain_con
 the ``flows`` and ``connections`` rows of the in-kernel maps (collector/flows.py,
 collector/connections.py); ``stop()`` detaches what this component attached.
 
-About 430 lines, past the ~400 of the others: the component's lifecycle and its three drains,
-each a few lines that call the stage that owns the work.
+About 470 lines, past the ~400 of the others: the component's lifecycle (with what a handover
+changes in it) and its three drains, each a few lines that call the stage that owns the work.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import logging
+import os
 import socket
 import threading
 import time
@@ -134,6 +135,9 @@ class Capture:
         self._final_flows: tuple | None = None
         self._conn_drain: connmod.ConnDrain | None = None
         self._final_conns: dict[str, object] | None = None
+        self._conns_fd: int | None = None  # a predecessor's connection map (handover), ours to close
+        self._conn_map_fd = -1  # the connection map the program counts into
+        self._final_conns_inherited: dict[str, object] | None = None
         self.filter_rules: list[filterlang.Rule] = filterlang.parse_rules(config.filters)
 
     # -- lifecycle ------------------------------------------------------------
@@ -151,6 +155,7 @@ class Capture:
         self._bpf = bpf
         self._final_counters = None
         inheritance = handover.Inheritance.from_service_manager() if fdstore.available() else None
+        self._conns_fd = inheritance.take_conns() if inheritance else None  # kept open while we run
         try:
             if inheritance:  # a predecessor's links where we will not put ours: detach them first
                 ours = {(idx, d) for _, idx in targets for d in PARENTS} if self.config.attach != "tc" else set()
@@ -166,7 +171,9 @@ class Capture:
             if fdstore.available() and self.config.attach != "tc":
                 # Our maps go to the store before any link runs the program that fills them.
                 self._keeper = handover.Keeper(inheritance.next_gen if inheritance else 1)
-                if not self._keeper.keep_maps({n: bpf[n.encode()].map_fd for n in handover.MAPS}):
+                maps = {n: bpf[n.encode()].map_fd for n in handover.MAPS}
+                maps["conns"] = self._conn_map_fd  # the one the program counts into: ours or the handed one
+                if not self._keeper.keep_maps(maps):
                     self._keeper.close()
                     self._keeper = None
             self._attacher = Attacher(self.config.attach, self._fns,
@@ -176,6 +183,8 @@ class Capture:
                 for name, idx in targets:
                     self._ifnames[idx] = name
                     self._attacher.attach(ipr, name, idx, inheritance)
+            if self._conns_fd is not None and self._conn_map_fd != self._conns_fd:
+                self._final_conns_inherited = self._finish_conns(self._conns_fd)
             if inheritance:
                 adopted = handover.adopt(inheritance)
                 self._pending.extend(adopted.records)
@@ -257,6 +266,9 @@ class Capture:
             if self._bpf is None:
                 final, self._final_conns = self._final_conns, None
                 return final
+            if self._final_conns_inherited is not None:  # a predecessor's map we do not count into
+                final, self._final_conns_inherited = self._final_conns_inherited, None
+                return final
             if self._conn_drain is None:
                 return None
             self._refresh_offset()
@@ -267,6 +279,15 @@ class Capture:
         """(interim, final) connection rows written so far."""
         d = self._conn_drain or getattr(self, "_conn_drain_done", None)
         return (d.interim_rows, d.final_rows) if d else (0, 0)
+
+    def _finish_conns(self, fd: int) -> dict[str, object] | None:
+        """Final rows for every connection in a predecessor's map that this program does not use."""
+        drain = connmod.ConnDrain(fd, self.config.conn, self.config.host or socket.gethostname())
+        try:
+            return drain.poll(time.monotonic_ns(), self._ifnames, self._offset_ns, finish=True)
+        except OSError as e:
+            log.warning("capture: the previous collector's connection map could not be read: %s", e)
+            return None
 
     def _conn_poll(self, finish: bool) -> dict[str, object] | None:
         assert self._conn_drain is not None
@@ -324,8 +345,18 @@ class Capture:
         self._apply_filters()
         if self.config.mode != "packets":
             self._flow_drain = flowmod.FlowDrain(bpf, self._set_flow_slot, self.config.flow_entries)
+        self._conn_map_fd = bpf[b"conns"].map_fd
+        if self._conns_fd is not None and self.config.mode == "auto":
+            try:  # the predecessor's map: its open connections go on counting, with their uids
+                bpf[b"conn_maps"][ctypes.c_int(0)] = ctypes.c_int(self._conns_fd)
+                self._conn_map_fd = self._conns_fd
+            except Exception as e:
+                log.warning("capture: the previous collector's connection map does not fit this program (%s; "
+                            "conn_entries changed?): its open connections get their final rows now", e)
+        if self._conn_map_fd != self._conns_fd:
+            bpf[b"conn_maps"][ctypes.c_int(0)] = ctypes.c_int(self._conn_map_fd)
         if self.config.mode == "auto":
-            self._conn_drain = connmod.ConnDrain(bpf[b"conns"].map_fd, self.config.conn,
+            self._conn_drain = connmod.ConnDrain(self._conn_map_fd, self.config.conn,
                                                  self.config.host or socket.gethostname())
 
     def _write_cfg(self) -> None:
@@ -407,10 +438,10 @@ class Capture:
                     log.warning("capture: final flow drain failed: %s", e)
                 self._flow_drain = None
             if self._conn_drain is not None:
-                # Connections are not handed over yet (see collector/handover.py): every open one
-                # gets its final row now, and a successor starts it afresh as a new connection.
+                # Detached: every open connection gets its final row now. Handing over: only the rows
+                # due now; the successor counts on in the same map (handover.py) and ends them.
                 try:
-                    self._final_conns = self._conn_poll(finish=True)
+                    self._final_conns = self._conn_poll(finish=not handing_over)
                 except Exception as e:  # pragma: no cover
                     log.warning("capture: final connection drain failed: %s", e)
                 self._conn_drain_done = self._conn_drain
@@ -429,4 +460,7 @@ class Capture:
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = None
+        if self._conns_fd is not None:
+            os.close(self._conns_fd)
+            self._conns_fd = None
         self._pending.clear()
