@@ -11,7 +11,10 @@
  *
  *  1. counts it (CNT_SEEN in the per-CPU `counters`) and parses its headers
  *     (parse.h: L2 -> IPv4/IPv6 -> L4) into a struct pkt_record (types.h)
- *     built in the per-CPU `scratch` buffer;
+ *     built in the per-CPU `scratch` buffer; the clock (bpf_ktime_get_ns, a
+ *     third of a packet's cost here) is read for every packet that passes the
+ *     filters in MODE_PACKETS and MODE_FLOWS, and in MODE_AUTO only for those
+ *     that need it (a connection's state or history changes, a flow, a record);
  *  2. applies the in-kernel filters (filter.h, filter_pass() below): a rejected
  *     packet counts as CNT_FILTERED and costs nothing further;
  *  3. in MODE_AUTO counts it into its bidirectional connection (conntrack.h,
@@ -23,7 +26,8 @@
  *     candidates behind the record (payload.h);
  *  5. decides whether the packet becomes a record (modes.h): every packet or a
  *     1:N sample in MODE_PACKETS, none in MODE_FLOWS, notable packets plus a
- *     1:N sample of the rest in MODE_AUTO -- the cheapest tests first;
+ *     1:N sample of the rest in MODE_AUTO -- the cheapest tests first, the draw
+ *     (a per-CPU generator, no helper call) only for packets not notable;
  *  6. outputs the record with bpf_ringbuf_output at its real size (header +
  *     copied payload) into `records`; a full ring buffer drops it and counts
  *     CNT_RINGBUF_FULL. User space (collector/) reads the ring buffer in bulk,
@@ -209,7 +213,7 @@ BPF_PERCPU_ARRAY(conn_blank, struct conn_blank, 1);
 
 /* Count the record into its connection: CONN_TRACKED (sets *first when it is
  * among the first `first_n` packets of the connection), CONN_UNTRACKED or CONN_FULL. */
-static __always_inline int conn_track(const struct pkt_record *r, u32 first_n, int *first)
+static __always_inline int conn_track(struct pkt_record *r, u32 first_n, int *first)
 {
     asm volatile("" ::: "memory"); /* read the record afresh: one verifier state for every parse path */
     struct conn_key k = {};
@@ -230,9 +234,20 @@ static __always_inline int conn_track(const struct pkt_record *r, u32 first_n, i
         if (!v)
             return CONN_FULL;
     }
-    bpf_spin_lock(&v->lock);
-    u64 before = conn_update(v, r, side);
-    bpf_spin_unlock(&v->lock);
+    u64 before = 0;
+    int letter = 0;
+    if (conn_fast(v, r, side, bpf_ktime_get_coarse_ns(), &before, &letter)) { /* counters only: no lock */
+        if (letter) {
+            bpf_spin_lock(&v->lock);
+            hist_add(v, 'T', side & 1);
+            bpf_spin_unlock(&v->lock);
+        }
+    } else {
+        r->mono_ns = bpf_ktime_get_ns(); /* state, history or handshake times change: the precise clock */
+        bpf_spin_lock(&v->lock);
+        before = conn_update(v, r, side);
+        bpf_spin_unlock(&v->lock);
+    }
     *first = before < first_n;
     return CONN_TRACKED;
 }
@@ -256,6 +271,10 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         return TC_ACT_UNSPEC;
     }
     u32 mode = cf->mode;
+    /* The clock: now, but in MODE_AUTO only when the packet needs it (conn_track's
+     * locked path, a flow, a record): most packets there only move counters. */
+    if (mode != MODE_AUTO)
+        r->mono_ns = bpf_ktime_get_ns();
     u32 n = cf->sample_n;
     u8 why = 0;
     int first = 0;
@@ -266,11 +285,15 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         } else if (ct == CONN_FULL) {
             c->n[CNT_CONN_MAP_FULL]++;
             why = LOG_CONN_FALLBACK;
-        } else if (flow_account(r, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
-            c->n[CNT_FLOW_MAP_FULL]++;
-            why = LOG_FLOW_FALLBACK;
         } else {
-            c->n[CNT_FLOWED]++;
+            if (!r->mono_ns)
+                r->mono_ns = bpf_ktime_get_ns();
+            if (flow_account(r, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
+                c->n[CNT_FLOW_MAP_FULL]++;
+                why = LOG_FLOW_FALLBACK;
+            } else {
+                c->n[CNT_FLOWED]++;
+            }
         }
         if (mode == MODE_FLOWS && !why)
             return TC_ACT_UNSPEC;
@@ -279,7 +302,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         copy_candidate(skb, s); /* one call site: the verifier walks it once */
     if (mode == MODE_PACKETS) {
         if (n > 1) {
-            if (bpf_get_prandom_u32() % n) {
+            if (!sample_hit(s, n)) {
                 c->n[CNT_SAMPLED_OUT]++;
                 return TC_ACT_UNSPEC;
             }
@@ -291,7 +314,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         u8 nb = notable(r, first);
         if (nb)
             why |= nb;
-        else if (n && bpf_get_prandom_u32() % n == 0)
+        else if (n && sample_hit(s, n))
             why |= LOG_SAMPLED;
         else
             c->n[CNT_SAMPLED_OUT]++;
@@ -299,6 +322,8 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
             return TC_ACT_UNSPEC;
     }
     r->log_reason = why;
+    if (!r->mono_ns)
+        r->mono_ns = bpf_ktime_get_ns();
     u64 size = sizeof(struct pkt_record) + r->payload_len;
     barrier_var(size);
     if (size > sizeof(struct pkt_scratch))

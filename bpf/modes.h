@@ -9,7 +9,8 @@
  * connection key into the flow maps) and logs notable packets -- the first
  * cfg.first_packets of a connection or flow, TCP SYN/FIN/RST, DNS ports, ICMP,
  * app-layer candidates (payload copied, payload.h) -- and a 1:N sample of the
- * rest (cfg.sample_n, 0 = none). Packets not logged count as CNT_SAMPLED_OUT.
+ * rest (cfg.sample_n, 0 = none; the draw is payload.h's sample_hit(), a per-CPU
+ * generator). Packets not logged count as CNT_SAMPLED_OUT.
  * The record's log_reason says why it was logged, so user space can set
  * sample_rate: N for LOG_SAMPLED only, else 1.
  *

@@ -500,7 +500,7 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
     u32 wire = len;
 
     st.len = len;
-    r->mono_ns = bpf_ktime_get_ns();
+    /* r->mono_ns is taken by handle(), when and if the packet needs it. */
     r->ifindex = skb->ifindex;
     r->direction = dir;
     if (skb->vlan_present) {

@@ -32,6 +32,7 @@
 struct pkt_scratch {
     struct pkt_record rec;
     u8 payload[HDRLOG_PAYLOAD_BYTES];
+    u64 rng;             /* this CPU's sampling generator (modes.h sample_hit), never sent */
 };
 
 /* Is a payload starting with these 4 bytes worth copying? (See the top comment.) */
@@ -115,6 +116,21 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     u16 flags = r->parse_flags;
     r->payload_len = copy_payload(skb, off, plen, s->payload, &flags);
     r->parse_flags = flags;
+}
+
+/* The 1:N draw (modes.h): one packet in n, from this CPU's xorshift64* generator
+ * (seeded from bpf_get_prandom_u32 once) and a multiply instead of a division
+ * (probability ceil(2^32 / n) / 2^32): no helper call per packet. */
+static __always_inline int sample_hit(struct pkt_scratch *s, u32 n)
+{
+    u64 x = s->rng;
+    if (!x)
+        x = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32() | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    s->rng = x;
+    return ((((x * 0x2545F4914F6CDD1DULL) >> 32) * n) >> 32) == 0;
 }
 
 #endif /* HDRLOG_PAYLOAD_H */
