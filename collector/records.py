@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hdrlog.collector import appdecode
+from hdrlog.collector import appdecode, communityid
 from hdrlog.proto.columns import PACKETS
 
 # parse_flags bits (bpf/types.h PARSE_*).
@@ -175,6 +175,7 @@ def decode(
     sample_rate: int = 1,
     payloads: Sequence[tuple[int, bytes]] = (),
     dns_ports: Iterable[int] = appdecode.DEFAULT_DNS_PORTS,
+    cids: communityid.CommunityIdCache | None = None,
 ) -> dict[str, object]:
     """Packet columns (registry order and dtypes) from ``count`` packed records.
 
@@ -182,7 +183,8 @@ def decode(
     nanoseconds; ``ifnames`` maps ifindex to name (unknown ones become "if<N>").
     ``payloads`` are the payload bytes of the records that carry some, as
     ``(record index, bytes)``; the app-layer columns are decoded from them
-    (``appdecode.fill``) and stay 0 / '' for every other record.
+    (``appdecode.fill``) and stay 0 / '' for every other record. ``community_id`` comes
+    from ``cids`` (once per connection; default: the process's cache).
     """
     rec = as_records(raw, count)
     out: dict[str, object] = {}
@@ -207,4 +209,21 @@ def decode(
             out[name] = np.zeros(count, dtype=spec.dtype)
     if payloads:
         appdecode.fill(out, rec, payloads, dns_ports)
+    out["community_id"] = community_id_column(rec, cids or communityid.CACHE)
     return out
+
+
+# What keeps a packet out of the connection tracker (bpf/conntrack.h conn_key_of) keeps it
+# without a Community ID too: the same tuple, or none, on the packet and its connection.
+_NO_TUPLE = (PARSE_TRUNC_L3 | PARSE_TRUNC_L4 | PARSE_BAD_IHL | PARSE_EXTHDR_LIMIT | PARSE_NONFIRST_FRAG
+             | PARSE_BAD_IP_VERSION)
+
+
+def community_id_column(rec: np.ndarray, cids: communityid.CommunityIdCache) -> list[str]:
+    """The Community ID of every record's tuple ('' where it has none)."""
+    proto = rec["ip_proto"]
+    ok = (rec["ip_version"] != 0) & np.isin(proto, communityid.ID_PROTOCOLS) & ((rec["parse_flags"] & _NO_TUPLE) == 0)
+    icmp = (proto == 1) | (proto == 58)
+    sport = np.where(icmp, rec["icmp_type"], rec["src_port"])
+    dport = np.where(icmp, rec["icmp_code"], rec["dst_port"])
+    return cids.of_rows(proto, rec["src_ip"], rec["dst_ip"], sport, dport, ok)

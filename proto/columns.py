@@ -89,6 +89,8 @@ PACKETS = _cols(
     ("tls_version", "<u2", "TLS ServerHello chosen version, or ClientHello highest offered version"),
     ("tls_offered_versions", STRING, "TLS ClientHello offered versions, comma-separated hex such as 0x0304,0x0303"),
     ("tls_alpn", STRING, "TLS ClientHello ALPN protocols, comma-separated"),
+    ("community_id", STRING, "Community ID v1, seed 0, of the packet's connection (TCP, UDP, ICMP, ICMPv6, SCTP; "
+                             "'' for others and for fragments and headers cut short)"),
 )
 
 FLOWS = _cols(
@@ -106,6 +108,8 @@ FLOWS = _cols(
     ("bytes", "<u8", "wire bytes in the interval"),
     ("tcp_flags", "<u2", "OR of all TCP flags"),
     ("sample_rate", "<u4", "1 = every packet counted"),
+    ("community_id", STRING, "Community ID v1, seed 0 (TCP, UDP, SCTP; '' for ICMP flows, whose key has no type, "
+                             "and port-0 fragment flows)"),
 )
 
 # One row per bidirectional connection per host interface, Zeek's conn.log semantics

@@ -397,6 +397,14 @@ MIGRATIONS += [
     (7, "connections (one row per connection, Zeek's conn_state and history)", [_CONNECTIONS_V1]),
 ]
 
+# Community ID on packets and flows (issue 13 item 4): the key they join connections on.
+MIGRATIONS += [
+    (8, "packets and flows: community_id", [
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS community_id String CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.flows ADD COLUMN IF NOT EXISTS community_id String CODEC(ZSTD(1))",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 TTL_COLUMNS = {"packets": "ts", "flows": "start_ts", "collector_stats": "ts", "packets_1m": "minute",
                "pairs_1m": "minute", "services_1m": "minute", "anomalies": "report_ts"}
