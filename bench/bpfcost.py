@@ -110,7 +110,7 @@ def run() -> list[dict]:
         "value": f"{auto:.0f} ns",
         "baseline": f"{flows:.0f} ns (flows mode, same run)",
         "ratio": f"{auto / flows:.2f}x",
-        "note": "auto: the connection tracker (bpf/conntrack.h, spin-locked entry) instead of the flow map, plus "
+        "note": "auto: the connection tracker (bpf/conntrack.h; counters-only packets lock-free) instead of the flow map, plus "
                 "the notable/sample decision; goal <= 1.1x flows mode (issue 13)",
     })
     return rows
