@@ -27,7 +27,9 @@
  * the value's bpf_spin_lock and runs conn_update(), which needs no helper call:
  *   - the first packet fixes who is the originator: its sender, except when it
  *     is a SYN+ACK (Zeek flips roles then: CONN_FLIPPED, '^' in the history);
- *   - per side: packets, IP bytes, payload bytes (TCP: how far the sequence
+ *   - per side: packets and IP bytes as frames on the wire (a GSO/GRO skb
+ *     counts skb->gso_segs packets, each further one with its own IP and L4
+ *     headers' bytes: wire_ip_bytes()), payload bytes (TCP: how far the sequence
  *     space advanced, SYN and FIN octets left out, so a retransmission is not
  *     counted twice and 4 GiB wraps are fine; UDP/ICMP: payload lengths),
  *     retransmissions (payload that starts before the highest sequence number
@@ -402,9 +404,23 @@ static __always_inline void tcp_history(struct conn_value *v, struct conn_side *
     }
 }
 
-/* Count one packet into its connection (called with v->lock held: no helper
- * calls in here; r->mono_ns is the precise clock). Returns the connection's packet count before this one. */
-static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_record *r, int side)
+/* The IP bytes of a record's `segs` frames on the wire. A GSO skb (TCP builds
+ * them on egress before TC; GRO merges them on ingress) is `segs` frames: its IP
+ * header's length covers all the payload and one set of headers, and every
+ * further frame carries its own IP and L4 headers (ip_len - l4_payload_len). */
+static __always_inline u64 wire_ip_bytes(const struct pkt_record *r, u32 segs)
+{
+    u32 ip = r->ip_len, plen = r->l4_payload_len;
+    u64 b = ip;
+    if (segs > 1 && ip > plen)
+        b += (u64)(segs - 1) * (ip - plen);
+    return b;
+}
+
+/* Count one skb, `segs` frames (skb->gso_segs, 1 when 0), into its connection
+ * (called with v->lock held: no helper calls in here; r->mono_ns is the precise
+ * clock). Returns the connection's packet count before this one. */
+static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_record *r, int side, u32 segs)
 {
     side &= 1;
     struct conn_side *me = &v->side[side];
@@ -420,8 +436,8 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
     }
     if (r->mono_ns > v->last_ns)
         v->last_ns = r->mono_ns;
-    __sync_fetch_and_add(&me->pkts, 1);
-    __sync_fetch_and_add(&me->ip_bytes, r->ip_len);
+    __sync_fetch_and_add(&me->pkts, segs);
+    __sync_fetch_and_add(&me->ip_bytes, wire_ip_bytes(r, segs));
     if (!tcp) {
         u32 hdr = (p == IPPROTO_UDP || p == IPPROTO_ICMP || p == IPPROTO_ICMPV6_) ? 8 : 0;
         u32 l4 = r->l4_len;
@@ -448,7 +464,8 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
         me->hist |= CH_SEQ;
         me->seq_end = syn ? seq + 1 : seq;
     }
-    if (len && (s32)(seq - *(volatile u32 *)&me->seq_end) < 0) {
+    /* A SYN's payload starts one past its seq (the SYN octet): data on a SYN is new data. */
+    if (len && (s32)(seq + (syn ? 1 : 0) - *(volatile u32 *)&me->seq_end) < 0) {
         if (hist_due(retrans_add(me)))
             hist_add(v, 'T', side);
     }
@@ -479,8 +496,8 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
  * conn_update() under the lock; else 1 (and *letter = 1 when a 'T' letter is
  * due, for the caller to add under the lock). *before: the connection's packets
  * before this one. */
-static __always_inline int conn_fast(struct conn_value *v, const struct pkt_record *r, int side, u64 now,
-                                     u64 *before, int *letter)
+static __always_inline int conn_fast(struct conn_value *v, const struct pkt_record *r, int side, u32 segs,
+                                     u64 now, u64 *before, int *letter)
 {
     side &= 1;
     struct conn_side *me = &v->side[side];
@@ -520,8 +537,8 @@ static __always_inline int conn_fast(struct conn_value *v, const struct pkt_reco
     }
     if (now > v->last_ns)
         v->last_ns = now;
-    *before = __sync_fetch_and_add(&me->pkts, 1) + *(volatile u64 *)&peer->pkts;
-    __sync_fetch_and_add(&me->ip_bytes, r->ip_len);
+    *before = __sync_fetch_and_add(&me->pkts, segs) + *(volatile u64 *)&peer->pkts;
+    __sync_fetch_and_add(&me->ip_bytes, wire_ip_bytes(r, segs));
     return 1;
 }
 

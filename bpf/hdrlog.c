@@ -291,9 +291,10 @@ BPF_ARRAY_OF_MAPS(conn_maps, "conns", 1);
  * Key: 0 (u32). Value: struct conn_blank (never written). */
 BPF_PERCPU_ARRAY(conn_blank, struct conn_blank, 1);
 
-/* Count the record into its connection: CONN_TRACKED (sets *first when it is
- * among the first `first_n` packets of the connection), CONN_UNTRACKED or CONN_FULL. */
-static __always_inline int conn_track(struct pkt_record *r, u32 first_n, int *first)
+/* Count the record, `segs` frames (a GSO skb is many), into its connection: CONN_TRACKED
+ * (sets *first when it is among the first `first_n` packets of the connection),
+ * CONN_UNTRACKED or CONN_FULL. */
+static __always_inline int conn_track(struct pkt_record *r, u32 segs, u32 first_n, int *first)
 {
     asm volatile("" ::: "memory"); /* read the record afresh: one verifier state for every parse path */
     struct conn_key k = {};
@@ -316,7 +317,7 @@ static __always_inline int conn_track(struct pkt_record *r, u32 first_n, int *fi
     }
     u64 before = 0;
     int letter = 0;
-    if (conn_fast(v, r, side, bpf_ktime_get_coarse_ns(), &before, &letter)) { /* counters only: no lock */
+    if (conn_fast(v, r, side, segs, bpf_ktime_get_coarse_ns(), &before, &letter)) { /* counters only: no lock */
         if (letter) {
             bpf_spin_lock(&v->lock);
             hist_add(v, 'T', side & 1);
@@ -325,7 +326,7 @@ static __always_inline int conn_track(struct pkt_record *r, u32 first_n, int *fi
     } else {
         r->mono_ns = bpf_ktime_get_ns(); /* state, history or handshake times change: the precise clock */
         bpf_spin_lock(&v->lock);
-        before = conn_update(v, r, side);
+        before = conn_update(v, r, side, segs);
         bpf_spin_unlock(&v->lock);
     }
     *first = before < first_n;
@@ -359,7 +360,8 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
     u8 why = 0;
     int first = 0;
     if (mode != MODE_PACKETS) {
-        int ct = mode == MODE_AUTO ? conn_track(r, cf->first_packets, &first) : CONN_UNTRACKED;
+        u32 segs = skb->gso_segs ? skb->gso_segs : 1;
+        int ct = mode == MODE_AUTO ? conn_track(r, segs, cf->first_packets, &first) : CONN_UNTRACKED;
         if (ct == CONN_TRACKED) {
             c->n[CNT_CONN_TRACKED]++;
         } else if (ct == CONN_FULL) {
