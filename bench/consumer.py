@@ -6,7 +6,7 @@ ring holds ``FILL`` real records. Then one consumer drains the ring and decodes
 everything into ``packets`` columns (records.decode), timed with the thread's
 CPU clock. Rounds alternate between hdrlog's bulk mmap reader
 (collector/ringbuf.py) and the baseline: BCC's per-record callback
-(capture._CallbackReader). Prints records/s per core for both and the ratio.
+(ringbuf.CallbackReader). Prints records/s per core for both and the ratio.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def load(ringbuf_bytes: int = 64 << 20, extra_cflags: list[str] | None = None):
 
     from bcc import BPF
 
-    from hdrlog.collector.capture import BPF_SOURCE, CaptureConfig, cflags
+    from hdrlog.bpf.build import BPF_SOURCE, cflags
+    from hdrlog.collector.capture import CaptureConfig
 
     cfg = CaptureConfig(ifaces=["lo"], ringbuf_bytes=ringbuf_bytes)
     src = os.environ.get("HDRLOG_BENCH_BPF_SOURCE", str(BPF_SOURCE))  # another tree's C, for A/B runs
@@ -69,7 +70,8 @@ def drain_decode(read, offset: int) -> tuple[int, float]:
 
 def run() -> list[dict]:
     from hdrlog.collector import records
-    from hdrlog.collector.capture import _CallbackReader, mono_to_wall_offset_ns
+    from hdrlog.collector.records import mono_to_wall_offset_ns
+    from hdrlog.collector.ringbuf import CallbackReader
     from hdrlog.collector.ringbuf import RingBufReader
 
     frame = ipv4_tcp_frame()
@@ -78,7 +80,7 @@ def run() -> list[dict]:
     ours, base = [], []
     try:
         reader = RingBufReader(bpf[b"records"].map_fd, records.RECORD_SIZE, max_records=1 << 16)
-        cb = _CallbackReader(bpf, "records")
+        cb = CallbackReader(bpf, "records", records.RECORD_SIZE)
         for _ in range(ROUNDS):
             fill(fn, frame, FILL)
             n, cpu = drain_decode(lambda: reader.read(0), offset)

@@ -1,4 +1,4 @@
-"""The TC classifier's C source; see hdrlog.c for its logic."""
+"""The TC classifier's C source (see hdrlog.c's top comment for its logic) and its build (build.py)."""
 
 from pathlib import Path
 

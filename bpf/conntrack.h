@@ -12,12 +12,24 @@
  * Community ID spec pair them, else the type and the code.
  *
  * A new connection is inserted as an all-zero value (BPF_NOEXIST, from a
- * per-CPU blank: the value is too big for the stack), then every packet --
- * the first one too -- takes the value's bpf_spin_lock and runs conn_update(),
- * which needs no helper call:
+ * per-CPU blank: the value is too big for the stack). A packet that changes
+ * nothing but counters -- TCP without SYN/FIN/RST from a side already past
+ * INACTIVE that has given its 'D' (or 'A') letter, no zero window, no handshake
+ * time to take; UDP and ICMP once their side is active -- is counted by
+ * conn_fast() with atomic adds and no lock (a retransmission too, with the lock
+ * only for its 'T' letter at the 1st, 10th, 100th...), and stamps last_ns from
+ * CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns: no clock read, at most one
+ * tick, 1/CONFIG_HZ, behind the precise clock; max() keeps last_ns from going
+ * back). So end_ts is exact to the tick when a connection's last packets are
+ * counters only; every packet that changes state, history or handshake times
+ * is stamped with the precise clock. Every other packet (SYN,
+ * FIN, RST, the first payload each way, zero windows, a race on seq_end) takes
+ * the value's bpf_spin_lock and runs conn_update(), which needs no helper call:
  *   - the first packet fixes who is the originator: its sender, except when it
  *     is a SYN+ACK (Zeek flips roles then: CONN_FLIPPED, '^' in the history);
- *   - per side: packets, IP bytes, payload bytes (TCP: how far the sequence
+ *   - per side: packets and IP bytes as frames on the wire (a GSO/GRO skb
+ *     counts skb->gso_segs packets, each further one with its own IP and L4
+ *     headers' bytes: wire_ip_bytes()), payload bytes (TCP: how far the sequence
  *     space advanced, SYN and FIN octets left out, so a retransmission is not
  *     counted twice and 4 GiB wraps are fine; UDP/ICMP: payload lengths),
  *     retransmissions (payload that starts before the highest sequence number
@@ -32,8 +44,10 @@
  *     S H A D F R I Q once per side, S H F R again when their sequence number
  *     changes, T and W at the 1st, 10th, 100th... occurrence (Zeek's rules).
  *     At most HDRLOG_CONN_HISTORY letters; beyond, CONN_HIST_FULL.
- * The lock makes the two directions, which run on different CPUs, update one
- * entry in turn: counts and letters are exact and in arrival order.
+ * The lock makes the two directions, which run on different CPUs, update the
+ * state and history in turn, in arrival order. Counters are atomic adds on both
+ * paths, and seq_end only moves forward by compare-and-swap, so the counts are
+ * exact whichever path a packet takes.
  *
  * User space (collector/connections.py) reads the map in bulk every second
  * (BPF_MAP_LOOKUP_BATCH with BPF_F_LOCK), writes interim rows for open
@@ -114,19 +128,23 @@ struct conn_side {
     __u64 ts_syn;        /* first SYN without ACK (CLOCK_MONOTONIC ns, 0 = none) */
     __u64 ts_synack;     /* first SYN+ACK */
     __u64 ts_ack;        /* first ACK without SYN after the peer's SYN+ACK */
-    __u32 seq_end;       /* highest seq + payload (+1 for a SYN or FIN) seen */
-    __u32 retrans;       /* payload packets starting before seq_end */
+    __u32 seq_end;       /* highest seq + payload (+1 for a SYN or FIN) seen (8-byte aligned: SEQ_WORD) */
+    __u32 retrans;       /* payload packets starting before seq_end (the word's high half) */
     __u32 zero_win;      /* zero-window advertisements (not on SYN or RST) */
     __u32 last_syn;      /* seq of the last SYN / FIN end / RST, for repeated letters */
     __u32 last_fin;
     __u32 last_rst;
-    __u32 t_next;        /* retrans count that gives the next 'T' (0 = 1) */
+    __u32 t_next;        /* unused: 'T' comes from hist_due() on the atomic retrans count */
     __u32 w_next;        /* zero_win count that gives the next 'W' (0 = 1) */
     __u16 hist;          /* CH_* */
     __u8  state;         /* ZS_* */
     __u8  prev_state;
     __u32 _pad;
 };                       /* 88 bytes */
+
+_Static_assert(__builtin_offsetof(struct conn_side, seq_end) % 8 == 0 &&
+               __builtin_offsetof(struct conn_side, retrans) == __builtin_offsetof(struct conn_side, seq_end) + 4,
+               "seq_end and retrans must share one aligned u64");
 
 /* Value: the connection's counts, history and state. */
 struct conn_value {
@@ -230,6 +248,41 @@ static __always_inline void hist_scaled(struct conn_value *v, u8 letter, int sid
     } else if (!*next) {
         *next = 1;
     }
+}
+
+/* Zeek's ScaledHistoryEntry for a counter that atomic adds move: `count` is the
+ * value this packet made, so every value is seen exactly once. */
+static __always_inline int hist_due(u32 count)
+{
+    return count == 1 || count == 10 || count == 100 || count == 1000 || count == 10000 ||
+           count == 100000 || count == 1000000 || count == 10000000 || count == 100000000;
+}
+
+/* seq_end and retrans share one naturally aligned u64 (seq_end the low half):
+ * 64-bit atomics are what the BPF target has here, and a compare-and-swap on the
+ * word moves seq_end while an atomic add of 1 << 32 counts a retransmission. */
+#define SEQ_WORD(e) ((u64 *)&(e)->seq_end)
+
+/* Move seq_end forward to `end`; returns how far it moved (0: not forward, or
+ * other CPUs kept moving the word for every attempt). */
+static __always_inline s32 seq_advance(struct conn_side *me, u32 end)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u64 old = *(volatile u64 *)SEQ_WORD(me);
+        s32 adv = (s32)(end - (u32)old);
+        if (adv <= 0)
+            return 0;
+        if (__sync_val_compare_and_swap(SEQ_WORD(me), old, (old & 0xffffffff00000000ULL) | end) == old)
+            return adv;
+    }
+    return 0;
+}
+
+/* Count a retransmission; returns the count it made. */
+static __always_inline u32 retrans_add(struct conn_side *me)
+{
+    return (u32)(__sync_fetch_and_add(SEQ_WORD(me), 1ULL << 32) >> 32) + 1;
 }
 
 static __always_inline void zs_set(struct conn_side *e, u8 st)
@@ -351,9 +404,23 @@ static __always_inline void tcp_history(struct conn_value *v, struct conn_side *
     }
 }
 
-/* Count one packet into its connection (called with v->lock held: no helper
- * calls in here). Returns the connection's packet count before this one. */
-static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_record *r, int side)
+/* The IP bytes of a record's `segs` frames on the wire. A GSO skb (TCP builds
+ * them on egress before TC; GRO merges them on ingress) is `segs` frames: its IP
+ * header's length covers all the payload and one set of headers, and every
+ * further frame carries its own IP and L4 headers (ip_len - l4_payload_len). */
+static __always_inline u64 wire_ip_bytes(const struct pkt_record *r, u32 segs)
+{
+    u32 ip = r->ip_len, plen = r->l4_payload_len;
+    u64 b = ip;
+    if (segs > 1 && ip > plen)
+        b += (u64)(segs - 1) * (ip - plen);
+    return b;
+}
+
+/* Count one skb, `segs` frames (skb->gso_segs, 1 when 0), into its connection
+ * (called with v->lock held: no helper calls in here; r->mono_ns is the precise
+ * clock). Returns the connection's packet count before this one. */
+static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_record *r, int side, u32 segs)
 {
     side &= 1;
     struct conn_side *me = &v->side[side];
@@ -369,12 +436,12 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
     }
     if (r->mono_ns > v->last_ns)
         v->last_ns = r->mono_ns;
-    me->pkts++;
-    me->ip_bytes += r->ip_len;
+    __sync_fetch_and_add(&me->pkts, segs);
+    __sync_fetch_and_add(&me->ip_bytes, wire_ip_bytes(r, segs));
     if (!tcp) {
         u32 hdr = (p == IPPROTO_UDP || p == IPPROTO_ICMP || p == IPPROTO_ICMPV6_) ? 8 : 0;
         u32 l4 = r->l4_len;
-        me->bytes += l4 > hdr ? l4 - hdr : 0;
+        __sync_fetch_and_add(&me->bytes, l4 > hdr ? l4 - hdr : 0);
         if (p == IPPROTO_UDP) {
             me->state = ZS_ESTABLISHED; /* UDP_ACTIVE */
             if (!(me->hist & CH_DATA)) {
@@ -397,15 +464,14 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
         me->hist |= CH_SEQ;
         me->seq_end = syn ? seq + 1 : seq;
     }
-    if (len && (s32)(seq - me->seq_end) < 0) {
-        me->retrans++;
-        hist_scaled(v, 'T', side, me->retrans, &me->t_next);
+    /* A SYN's payload starts one past its seq (the SYN octet): data on a SYN is new data. */
+    if (len && (s32)(seq + (syn ? 1 : 0) - *(volatile u32 *)&me->seq_end) < 0) {
+        if (hist_due(retrans_add(me)))
+            hist_add(v, 'T', side);
     }
-    s32 adv = (s32)(end - me->seq_end);
-    if (adv > 0) {
-        me->bytes += (u32)adv - fin; /* syn: seq_end started past the SYN octet */
-        me->seq_end = end;
-    }
+    s32 adv = seq_advance(me, end);
+    if (adv > 0)
+        __sync_fetch_and_add(&me->bytes, (u32)adv - fin); /* syn: seq_end started past the SYN octet */
     if (r->tcp_window == 0 && !(fl & (TH_SYN | TH_RST))) {
         me->zero_win++;
         hist_scaled(v, 'W', side, me->zero_win, &me->w_next);
@@ -423,6 +489,57 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
     tcp_history(v, me, side, fl, seq, len);
     tcp_state(me, peer, is_orig, fl, len);
     return before;
+}
+
+/* The lock-free path (see the top): count a packet that changes nothing but
+ * counters. Returns 0, having changed nothing, when the packet needs
+ * conn_update() under the lock; else 1 (and *letter = 1 when a 'T' letter is
+ * due, for the caller to add under the lock). *before: the connection's packets
+ * before this one. */
+static __always_inline int conn_fast(struct conn_value *v, const struct pkt_record *r, int side, u32 segs,
+                                     u64 now, u64 *before, int *letter)
+{
+    side &= 1;
+    struct conn_side *me = &v->side[side];
+    struct conn_side *peer = &v->side[side ^ 1];
+    if (!(v->flags & CONN_STARTED))
+        return 0;
+    u8 p = r->ip_proto;
+    u16 hist = me->hist;
+    if (p == IPPROTO_TCP) {
+        u16 fl = r->tcp_flags;
+        u32 len = r->l4_payload_len;
+        if ((fl & (TH_SYN | TH_FIN | TH_RST)) || me->state == ZS_INACTIVE || !(hist & CH_SEQ) ||
+            r->tcp_window == 0)
+            return 0;
+        if (len ? !(hist & CH_DATA) : ((fl & TH_ACK) && !(hist & CH_ACK)))
+            return 0; /* its first 'D' or 'A' */
+        if ((fl & TH_ACK) && peer->ts_synack && !me->ts_ack)
+            return 0; /* the handshake's last ACK */
+        u32 seq = r->tcp_seq;
+        u32 end = seq + len;
+        u64 old = *(volatile u64 *)SEQ_WORD(me);
+        u32 cur = (u32)old;
+        s32 adv = (s32)(end - cur);
+        if (adv > 0 &&
+            __sync_val_compare_and_swap(SEQ_WORD(me), old, (old & 0xffffffff00000000ULL) | end) != old)
+            return 0; /* another CPU moved the word: the locked path sorts it out */
+        if (adv > 0)
+            __sync_fetch_and_add(&me->bytes, (u32)adv);
+        if (len && (s32)(seq - cur) < 0)
+            *letter = hist_due(retrans_add(me));
+    } else if (p == IPPROTO_UDP ? !(hist & CH_DATA) : me->state != ZS_ESTABLISHED) {
+        return 0;
+    } else {
+        u32 hdr = (p == IPPROTO_UDP || p == IPPROTO_ICMP || p == IPPROTO_ICMPV6_) ? 8 : 0;
+        u32 l4 = r->l4_len;
+        __sync_fetch_and_add(&me->bytes, l4 > hdr ? l4 - hdr : 0);
+    }
+    if (now > v->last_ns)
+        v->last_ns = now;
+    *before = __sync_fetch_and_add(&me->pkts, segs) + *(volatile u64 *)&peer->pkts;
+    __sync_fetch_and_add(&me->ip_bytes, wire_ip_bytes(r, segs));
+    return 1;
 }
 
 #endif /* HDRLOG_CONNTRACK_H */

@@ -1,6 +1,7 @@
 /* Records and constants shared by hdrlog.c and user space.
  *
- * Mirrored in Python by collector/records.py (RECORD_DTYPE, PARSE_*, COUNTER_NAMES):
+ * Mirrored in Python by collector/records.py (RECORD_DTYPE, PARSE_*, COUNTER_NAMES;
+ * tests/test_capture_records.py checks every constant shared with Python):
  * change both together. The record is fixed-size, naturally aligned and has no
  * padding holes, so a numpy structured dtype reads a run of them at once.
  * Multi-byte numbers are host order (little-endian on the machines we target);
@@ -104,7 +105,7 @@ struct pkt_record {
     __u8  tcp_wscale;
     __u8  icmp_type;
     __u8  icmp_code;
-    __u8  log_reason;     /* LOG_* (flows.h): why this record was sent */
+    __u8  log_reason;     /* LOG_* (modes.h): why this record was sent */
     __u16 payload_len;    /* bytes of L4 payload that follow this header */
     __u16 ip_len;         /* IP total length (IPv6: 40 + payload length), as the header says */
     __u16 l4_len;         /* bytes from the L4 header to the IP end, as the header says */

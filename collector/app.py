@@ -23,7 +23,6 @@ import uuid
 import numpy as np
 
 from hdrlog.collector.batcher import Batcher
-from hdrlog.collector.connections import ConnConfig
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.config import CollectorConfig
 from hdrlog.collector.metrics import CollectorMetrics
@@ -60,14 +59,7 @@ class Collector:
         self.collector_id = f"{config.host_id}/{uuid.uuid4().hex[:12]}"
         self.spool: Spool | None = None
         self._filter_mtime: float | None = None
-        self.capture = Capture(CaptureConfig(
-            ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes, sample_rate=config.sample,
-            mode=config.mode, first_packets=config.first_packets, flow_entries=config.flow_entries,
-            filters=self._filter_rules(), reader=config.reader, dns_ports=list(config.dns_ports),
-            attach=config.attach, host=config.host_id,
-            conn=ConnConfig(entries=config.conn_entries, interim=config.conn_interim,
-                            tcp_timeout=config.conn_tcp_timeout, udp_timeout=config.conn_udp_timeout,
-                            icmp_timeout=config.conn_icmp_timeout, linger=config.conn_linger)))
+        self.capture = Capture(CaptureConfig.from_config(config, self._filter_rules()))
         self.outbox: Outbox | None = None
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None

@@ -221,3 +221,71 @@ def addr16(addr) -> bytes:
     """The 16-byte form of an address (IPv4 IPv4-mapped), as the batched form takes it."""
     b = ipaddress.ip_address(addr).packed if not isinstance(addr, (bytes, bytearray)) else bytes(addr)
     return _MAPPED_PREFIX + b if len(b) == 4 else b
+
+
+# Protocols whose rows carry a Community ID (the spec's, with ports or ICMP type/code).
+ID_PROTOCOLS = (1, 6, 17, 58, 132)
+DEFAULT_CACHE_ENTRIES = 65536
+
+
+class CommunityIdCache:
+    """Community IDs for the rows of a batch, computed once per connection.
+
+    A bounded LRU keyed by the tuple as a row gives it (protocol, addresses, ports or ICMP
+    type/code): the packets of a connection hit the same entry (its two directions are two
+    keys with the same id), so a flow of a million packets costs one SHA-1, and the misses
+    of a batch are computed together (``community_ids``). ``entries`` bounds the memory;
+    beyond it the least recently used tuples go.
+    """
+
+    def __init__(self, entries: int = DEFAULT_CACHE_ENTRIES):
+        from collections import OrderedDict
+
+        self.entries = entries
+        self._ids: OrderedDict[bytes, str] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def of_rows(self, proto, saddr, daddr, sport, dport, ok) -> list[str]:
+        """One id per row ('' where ``ok`` is False); ``saddr``/``daddr`` as 16-byte (V16) values."""
+        proto = np.asarray(proto, np.uint8)
+        n = len(proto)
+        ok = np.asarray(ok, bool)
+        out = [""] * n
+        if n == 0 or not ok.any():
+            return out
+        rows = np.flatnonzero(ok)
+        key = np.zeros((len(rows), 37), np.uint8)
+        key[:, 0] = proto[rows]
+        s16, d16 = _addr16(saddr), _addr16(daddr)
+        key[:, 1:17] = s16[rows]
+        key[:, 17:33] = d16[rows]
+        key[:, 33:35] = np.asarray(sport, "<u2")[rows].view(np.uint8).reshape(-1, 2)
+        key[:, 35:37] = np.asarray(dport, "<u2")[rows].view(np.uint8).reshape(-1, 2)
+        uniq, first, inverse = np.unique(key.view("V37").ravel(), return_index=True, return_inverse=True)
+        cache = self._ids
+        ids: list[str | None] = []
+        missing: list[int] = []
+        keys = uniq.tolist()
+        for i, k in enumerate(keys):
+            got = cache.get(k)
+            if got is None:
+                missing.append(i)
+            else:
+                cache.move_to_end(k)
+            ids.append(got)
+        self.misses += len(missing)
+        self.hits += len(uniq) - len(missing)
+        if missing:
+            at = rows[first[missing]]
+            new = community_ids(proto[at], s16[at], d16[at], np.asarray(sport)[at], np.asarray(dport)[at])
+            for i, cid in zip(missing, new):
+                ids[i] = cid
+                cache[keys[i]] = cid
+            while len(cache) > self.entries:
+                cache.popitem(last=False)
+        for r, j in zip(rows.tolist(), inverse.ravel().tolist()):
+            out[r] = ids[j]
+        return out
+
+
+CACHE = CommunityIdCache()  # the collector's (one capture per process)

@@ -96,12 +96,15 @@ class CollectorConfig:
             raise ConfigError("server", ",".join(self.server), "each server may be named once")
         if not self.iface:
             raise ConfigError("iface", self.iface, "name at least one interface (--iface NAME, globs allowed)")
+        for name in self.iface:
+            if not isinstance(name, str) or not name or (len(name) > 15 and not set("*?[") & set(name)):
+                raise ConfigError("iface", name, "an interface name (at most 15 characters) or a glob")
         if self.sample < 1:
             raise ConfigError("sample", self.sample, "must be 1 or more")
         if self.mode not in ("packets", "flows", "auto"):
             raise ConfigError("mode", self.mode, "must be packets, flows or auto")
-        if self.first_packets < 0:
-            raise ConfigError("first_packets", self.first_packets, "must not be negative")
+        if not 0 <= self.first_packets <= 1 << 20:
+            raise ConfigError("first_packets", self.first_packets, f"must be from 0 to {1 << 20}")
         if not 0.1 <= self.flow_interval <= 3600:
             raise ConfigError("flow_interval", self.flow_interval, "must be from 0.1 to 3600 seconds")
         if not 16 <= self.flow_entries <= 1 << 24:
@@ -133,8 +136,8 @@ class CollectorConfig:
             raise ConfigError("max_unacked_rows", self.max_unacked_rows, f"must be at least batch_rows ({self.batch_rows})")
         if self.spool_max_bytes < 1 << 20:
             raise ConfigError("spool_max_bytes", self.spool_max_bytes, "must be at least 1048576 (1 MiB)")
-        if self.ringbuf_bytes < 4096 or self.ringbuf_bytes & (self.ringbuf_bytes - 1):
-            raise ConfigError("ringbuf_bytes", self.ringbuf_bytes, "must be a power of two, at least 4096")
+        if not 4096 <= self.ringbuf_bytes <= 1 << 30 or self.ringbuf_bytes & (self.ringbuf_bytes - 1):
+            raise ConfigError("ringbuf_bytes", self.ringbuf_bytes, "must be a power of two from 4096 to 1073741824")
         try:
             self.dns_ports = [int(p) for p in self.dns_ports]
         except (TypeError, ValueError):

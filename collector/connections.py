@@ -247,7 +247,7 @@ class ConnDrain:
                 if final is None:
                     continue
                 rows.append((key, final, 1))
-                self._next_interim.pop(kb, None)  # its ids are dropped once its row is built, below
+                self._next_interim.pop(kb, None)  # its ids go once the final row is written (below)
                 continue
             due = self._next_interim.get(kb)
             if due is None:

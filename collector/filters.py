@@ -18,7 +18,7 @@ ports (ICMP, ...) have port 0 and fail a port include; non-IP packets have no
 address and fail an address include.
 
 ``compile_rules`` turns rules into ``FilterTables`` (plain data);
-``FilterTables.apply(bpf, ...)`` writes them into the maps of bpf/flows.h while
+``FilterTables.apply(bpf, ...)`` writes them into the maps of bpf/filter.h while
 the program runs (see there for the bit layout). The collector re-applies
 them when its ``filter_file`` changes or on SIGHUP.
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# bpf/flows.h F_* and FF_* (keep in step).
+# bpf/filter.h F_* and FF_* (tests/test_capture_records.py checks they agree).
 F_INC_SRC, F_EXC_SRC, F_INC_DST, F_EXC_DST, F_INC_ANY, F_EXC_ANY = (1 << i for i in range(6))
 FF_ADDR = 1 << 0
 FF_ADDR_INC_SRC = 1 << 1
@@ -55,7 +55,7 @@ DIRECTIONS = {"ingress": 1, "egress": 2}
 SIDES = {"src": (F_INC_SRC, F_EXC_SRC), "dst": (F_INC_DST, F_EXC_DST), "net": (F_INC_ANY, F_EXC_ANY)}
 PORT_SIDES = {"sport": (F_INC_SRC, F_EXC_SRC), "dport": (F_INC_DST, F_EXC_DST), "port": (F_INC_ANY, F_EXC_ANY)}
 KEYWORDS = (*SIDES, *PORT_SIDES, "proto", "dir", "iface")
-MAX_PREFIXES = 4096  # bpf/flows.h HDRLOG_FILTER_PREFIXES
+MAX_PREFIXES = 4096  # bpf/filter.h HDRLOG_FILTER_PREFIXES
 
 
 class FilterError(ValueError):
@@ -137,7 +137,7 @@ def _proto(rule: Rule, v: str) -> int:
 
 @dataclass
 class FilterTables:
-    """What the rules become in the maps of bpf/flows.h."""
+    """What the rules become in the maps of bpf/filter.h."""
 
     flags: int = 0
     dir: bytes = bytes(4)

@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from hdrlog.collector import communityid
 from hdrlog.proto.columns import FLOWS
 
 FLOW_KEY_DTYPE = np.dtype([
@@ -33,14 +34,16 @@ FLOW_VALUE_DTYPE = np.dtype([
     ("tcp_flags", "<u4"), ("flags", "<u4"),
 ])
 assert FLOW_KEY_DTYPE.itemsize == 44 and FLOW_VALUE_DTYPE.itemsize == 40  # struct flow_key / flow_value
+FLOW_CONTINUED = 1 << 0  # flow_value.flags: the flow had an entry in the other map (bpf/flows.h)
 
 DEFAULT_GRACE = 0.01
 _KEY_FIELDS = ("ifindex", "direction", "ip_version", "ip_proto", "src_ip", "dst_ip", "src_port", "dst_port")
 
 
 def flow_columns(keys: np.ndarray, vals: np.ndarray, ifnames: Mapping[int, str], mono_to_wall_ns: int,
-                 sample_rate: int = 1) -> dict[str, object]:
-    """``flows`` columns (registry order and dtypes) from key and value arrays."""
+                 sample_rate: int = 1, cids: communityid.CommunityIdCache | None = None) -> dict[str, object]:
+    """``flows`` columns (registry order and dtypes) from key and value arrays; ``community_id``
+    from ``cids`` (default: the process's cache)."""
     n = len(keys)
     uniq, inverse = np.unique(keys["ifindex"], return_inverse=True)
     names = [ifnames.get(int(i)) or f"if{int(i)}" for i in uniq]
@@ -56,6 +59,13 @@ def flow_columns(keys: np.ndarray, vals: np.ndarray, ifnames: Mapping[int, str],
             continue
         elif name == "sample_rate":
             col = np.full(n, sample_rate)
+        elif name == "community_id":  # no ICMP type in the key; port 0 both ways: fragments
+            proto = keys["ip_proto"]
+            ok = (keys["ip_version"] != 0) & np.isin(proto, (6, 17, 132)) & (
+                (keys["src_port"] != 0) | (keys["dst_port"] != 0) | (proto == 132))
+            out[name] = (cids or communityid.CACHE).of_rows(proto, keys["src_ip"], keys["dst_ip"],
+                                                             keys["src_port"], keys["dst_port"], ok)
+            continue
         elif name in vals.dtype.names:
             col = vals[name]
         else:

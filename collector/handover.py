@@ -6,7 +6,8 @@ in the service manager's fd store, besides its own copies:
 * ``hdrlog.link.<ifindex>.<direction>``: each tcx link (collector/bpfsys.py);
   the classifier stays attached while any copy of the link is open;
 * ``hdrlog.<gen>.<map>``: the program's ring buffer (``records``), per-CPU
-  ``counters`` and both flow maps of generation ``gen`` (one per incarnation);
+  ``counters``, both flow maps of generation ``gen`` (one per incarnation) and the
+  connection map it counts into (``conns``: its own, or the one it was handed);
 * ``hdrlog.<gen>.state``: a small memfd with the record layout id and the
   counter values already reported in ``collector_stats``.
 
@@ -16,7 +17,11 @@ finds the fds in ``LISTEN_FDS``, swaps its program into each link with one
 atomic BPF_LINK_UPDATE (every packet runs the old program or the new one), then
 reads what the old program left: the ring buffer to its end, both flow maps,
 and the counters since the last report. Then it drops the old generation from
-the store. ``systemctl stop`` makes systemd close the stored fds: the links go,
+the store. The connection map is not read but taken over: the new program counts
+into the same map (through its one-slot ``conn_maps``), so a connection open across
+the restart keeps its entry, its counts and its uid, and gets one final row, from
+whichever collector sees it end; the one that stops for a restart writes no final
+rows for open connections. ``systemctl stop`` makes systemd close the stored fds: the links go,
 and nothing stays attached. Outside systemd none of this happens: closing the
 process's own link fds detaches on exit.
 """
@@ -27,24 +32,27 @@ import json
 import logging
 import os
 import re
+import time
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from hdrlog.collector import bpfsys, fdstore, flows, records
+from hdrlog.collector import bpfsys, connections, fdstore, flows, records
 from hdrlog.collector.ringbuf import RingBufReader, map_info
 
 log = logging.getLogger("hdrlog.collector")
 
-MAPS = ("records", "counters", "flows0", "flows1")
+MAPS = ("records", "counters", "flows0", "flows1", "conns")
 STATE_BYTES = 4096
 # Changes whenever what a ring-buffer record, a flow entry or the counters mean changes:
 # a successor decodes a predecessor's records only when this matches.
 LAYOUT_ID = zlib.crc32(repr((records.RECORD_DTYPE.descr, flows.FLOW_KEY_DTYPE.descr,
-                             flows.FLOW_VALUE_DTYPE.descr, records.COUNTER_NAMES)).encode())
+                             flows.FLOW_VALUE_DTYPE.descr, records.COUNTER_NAMES,
+                             connections.CONN_KEY_DTYPE.descr, connections.CONN_VALUE_DTYPE.descr)).encode())
 
 _LINK = re.compile(r"^hdrlog\.link\.(\d+)\.(ingress|egress)$")
-_GEN = re.compile(r"^hdrlog\.(\d+)\.(records|counters|flows0|flows1|state)$")
+_GEN = re.compile(r"^hdrlog\.(\d+)\.(records|counters|flows0|flows1|conns|state)$")
 
 
 def link_name(ifindex: int, direction: str) -> str:
@@ -57,6 +65,7 @@ class Generation:
     def __init__(self, gen: int, fds: dict[str, int]):
         self.gen = gen
         self.fds = fds
+        self._taken: set[str] = set()
 
     def state(self) -> dict:
         fd = self.fds.get("state")
@@ -105,8 +114,20 @@ class Generation:
             return flows.empty()
         return np.concatenate(keys), np.concatenate(vals)
 
+    def take_conns(self) -> int | None:
+        """The connection map's fd, now the caller's to keep and close (None when there is none or
+        the layout differs); release() still drops its name from the store."""
+        if self.state().get("layout") != LAYOUT_ID:
+            return None
+        fd = self.fds.pop("conns", None)
+        if fd is not None:
+            self._taken.add("conns")
+        return fd
+
     def release(self) -> None:
         """Drop this generation from the fd store and close our copies."""
+        for name in self._taken:
+            fdstore.remove(f"hdrlog.{self.gen}.{name}")
         for name, fd in self.fds.items():
             fdstore.remove(f"hdrlog.{self.gen}.{name}")
             try:
@@ -153,6 +174,14 @@ class Inheritance:
 
     def __bool__(self) -> bool:
         return bool(self.links or self.generations)
+
+    def take_conns(self) -> int | None:
+        """The newest generation's connection map (see Generation.take_conns)."""
+        for gen in reversed(self.generations):
+            fd = gen.take_conns()
+            if fd is not None:
+                return fd
+        return None
 
     @property
     def next_gen(self) -> int:
@@ -205,3 +234,43 @@ class Keeper:
         if self._state_fd >= 0:
             os.close(self._state_fd)
             self._state_fd = -1
+
+
+@dataclass
+class Adopted:
+    """What the predecessors' programs left, read by ``adopt()``."""
+
+    records: list = field(default_factory=list)  # [(raw, n, payloads)] from their ring buffers, in order
+    flows: list = field(default_factory=list)  # [(keys, values)] from their flow maps
+    counts: dict = field(default_factory=dict)  # what they counted after their last collector_stats row
+
+
+def adopt(inheritance: Inheritance) -> Adopted:
+    """Read what the predecessors' programs left, once ours runs in their links, and release them."""
+    time.sleep(flows.DEFAULT_GRACE)  # a CPU still in an old program finishes its packet
+    out = Adopted()
+    got_records = got_flows = 0
+    for gen in inheritance.generations:
+        state = gen.state()
+        if state.get("layout") != LAYOUT_ID:
+            log.warning("capture: the previous collector (generation %d) wrote another record layout: "
+                        "what it left in the kernel is not read", gen.gen)
+            gen.release()
+            continue
+        reported = state.get("reported") or {}
+        for name, value in gen.counters().items():
+            out.counts[name] = out.counts.get(name, 0) + max(0, value - reported.get(name, 0))
+        chunks, odd = gen.drain_records()
+        if odd:  # should stay 0: the layout id matched
+            log.warning("capture: %d records the previous collector left were of another size: skipped", odd)
+        out.records.extend(chunks)
+        got_records += sum(n for _, n, _ in chunks)
+        keys, vals = gen.drain_flows()
+        if len(keys):
+            out.flows.append((keys, vals))
+            got_flows += len(keys)
+        gen.release()
+    log.info("capture: took over from the previous collector without a gap: %d records and %d flows it "
+             "left in the kernel, %d packets it saw after its last report", got_records, got_flows,
+             out.counts.get("seen", 0))
+    return out

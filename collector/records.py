@@ -11,11 +11,12 @@ and ``bpf/types.h`` together.
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hdrlog.collector import appdecode
+from hdrlog.collector import appdecode, communityid
 from hdrlog.proto.columns import PACKETS
 
 # parse_flags bits (bpf/types.h PARSE_*).
@@ -41,7 +42,7 @@ PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
 COUNTER_NAMES = ("seen", "logged", "ringbuf_full", "truncated", "payload", "filtered", "sampled_out",
                  "flowed", "flow_map_full", "conn_tracked", "conn_map_full")
 
-# log_reason bits (bpf/flows.h LOG_*): why a record was sent.
+# log_reason bits (bpf/modes.h LOG_*): why a record was sent.
 LOG_ALL = 1 << 0  # packets mode, every packet
 LOG_SAMPLED = 1 << 1  # the 1:N sample: stands for N packets
 LOG_FIRST = 1 << 2  # among the first packets of its flow
@@ -116,6 +117,49 @@ def mac_to_u64(macs: np.ndarray) -> np.ndarray:
     return macs.astype(np.uint64) @ _MAC_WEIGHTS
 
 
+def mono_to_wall_offset_ns() -> int:
+    """UTC ns minus CLOCK_MONOTONIC ns (what ``decode`` adds to mono_ns), from the tightest of a few
+    sandwiched reads."""
+    best = None
+    for _ in range(5):
+        m1 = time.monotonic_ns()
+        w = time.time_ns()
+        m2 = time.monotonic_ns()
+        if best is None or m2 - m1 < best[0]:
+            best = (m2 - m1, w - (m1 + m2) // 2)
+    return best[1]
+
+
+def split_flow_fallback(raw, n: int, payloads: list[tuple[int, bytes]]):
+    """Take the records with LOG_FLOW_FALLBACK (the flow map was full: user space counts them into
+    flows) out of a run of ``n``: (those records or None, (raw, n, payloads, records view) of the ones
+    still to log as rows)."""
+    rec = as_records(raw, n)
+    why = rec["log_reason"]
+    fallback = (why & LOG_FLOW_FALLBACK) != 0
+    if not fallback.any():
+        return None, (raw, n, payloads, rec)
+    taken = rec[fallback].copy()
+    keep = (why & (0xFF ^ LOG_FLOW_FALLBACK)) != 0
+    if keep.all():
+        return taken, (raw, n, payloads, rec)
+    idx = np.flatnonzero(keep)
+    remap = {int(j): i for i, j in enumerate(idx)}
+    raw = rec[keep].tobytes()
+    return taken, (raw, len(idx), [(remap[i], b) for i, b in payloads if i in remap], as_records(raw, len(idx)))
+
+
+def sample_rates(why: np.ndarray, effective_sample: int) -> np.ndarray | None:
+    """sample_rate per record from its log_reason, or None when every record stands for itself: a
+    sampled record stands for N packets unless it is notable anyway (or a conn-map-full fallback)."""
+    sampled = (why & LOG_SAMPLED) != 0
+    if not sampled.any():
+        return None
+    rate = np.ones(len(why), dtype=np.uint32)
+    rate[sampled & ((why & (LOG_NOTABLE | LOG_CONN_FALLBACK)) == 0)] = max(1, effective_sample)
+    return rate
+
+
 def as_records(raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """View ``count`` packed records as a structured array (no copy)."""
     if len(raw) < count * RECORD_SIZE:
@@ -133,6 +177,7 @@ def decode(
     dns_ports: Iterable[int] = appdecode.DEFAULT_DNS_PORTS,
     reassembly: appdecode.Reassembly | None = None,
     names_state=None,
+    cids: communityid.CommunityIdCache | None = None,
 ) -> dict[str, object]:
     """Packet columns (registry order and dtypes) from ``count`` packed records.
 
@@ -141,7 +186,8 @@ def decode(
     ``payloads`` are the payload bytes of the records that carry some, as
     ``(record index, bytes)``; the app-layer columns are decoded from them
     (``appdecode.fill``, with ``reassembly`` for TLS hellos over two segments)
-    and stay 0 / '' for every other record.
+    and stay 0 / '' for every other record. ``community_id`` comes from ``cids`` (once per
+    connection; default: the process's cache).
     """
     rec = as_records(raw, count)
     out: dict[str, object] = {}
@@ -166,4 +212,21 @@ def decode(
             out[name] = np.zeros(count, dtype=spec.dtype)
     if payloads:
         appdecode.fill(out, rec, payloads, dns_ports, reassembly, names_state)  # collector/names.py
+    out["community_id"] = community_id_column(rec, cids or communityid.CACHE)
     return out
+
+
+# What keeps a packet out of the connection tracker (bpf/conntrack.h conn_key_of) keeps it
+# without a Community ID too: the same tuple, or none, on the packet and its connection.
+_NO_TUPLE = (PARSE_TRUNC_L3 | PARSE_TRUNC_L4 | PARSE_BAD_IHL | PARSE_EXTHDR_LIMIT | PARSE_NONFIRST_FRAG
+             | PARSE_BAD_IP_VERSION)
+
+
+def community_id_column(rec: np.ndarray, cids: communityid.CommunityIdCache) -> list[str]:
+    """The Community ID of every record's tuple ('' where it has none)."""
+    proto = rec["ip_proto"]
+    ok = (rec["ip_version"] != 0) & np.isin(proto, communityid.ID_PROTOCOLS) & ((rec["parse_flags"] & _NO_TUPLE) == 0)
+    icmp = (proto == 1) | (proto == 58)
+    sport = np.where(icmp, rec["icmp_type"], rec["src_port"])
+    dport = np.where(icmp, rec["icmp_code"], rec["dst_port"])
+    return cids.of_rows(proto, rec["src_ip"], rec["dst_ip"], sport, dport, ok)

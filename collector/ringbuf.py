@@ -37,10 +37,16 @@ the ring is already a quarter full. That bounds reads to about 100/s whatever
 the record rate: measured with bench/collector_cpu.py, without it the per-read
 overhead, not the decode, was most of the collector's CPU at 40k packets/s
 (it adds at most 10 ms to a record's path; batches wait 1 s).
+
+``CallbackReader`` is the other consumer (``reader: callback``): BCC calls back once
+per record and the raw bytes are copied out, behind the same ``read(timeout_ms) ->
+(bytes, count, tails)`` seam; ``open_reader()`` picks one of the two. The mmap reader
+is the default (bench/consumer.py measures both).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import select
 import time
@@ -212,3 +218,52 @@ class RingBufReader:
             except BufferError:  # a view is still held somewhere; unmapped when it goes
                 pass
 
+
+
+class CallbackReader:
+    """Ring-buffer consumer through BCC's per-record callback: copies raw bytes out."""
+
+    def __init__(self, bpf, map_name: str, record_size: int):
+        self._bpf = bpf
+        self._chunks: list[bytes] = []
+        self._payloads: list[tuple[int, bytes]] = []
+        self.odd = 0  # records shorter than the fixed header (should stay 0)
+        chunks = self._chunks
+        payloads = self._payloads
+        size = record_size
+        string_at = ctypes.string_at
+
+        def on_record(_ctx, data, n):
+            if n == size:
+                chunks.append(string_at(data, size))
+            elif n > size:
+                payloads.append((len(chunks), string_at(data + size, n - size)))
+                chunks.append(string_at(data, size))
+            else:
+                self.odd += 1
+            return 0
+
+        self._cb = on_record  # keep a reference: BCC holds only a C pointer
+        bpf[map_name.encode()].open_ring_buffer(on_record)
+
+    def read(self, timeout_ms: int) -> tuple[bytes, int, list[tuple[int, bytes]]]:
+        """(fixed headers joined, how many, [(index, payload bytes)]) of what arrived."""
+        self._bpf.ring_buffer_poll(timeout_ms)
+        if not self._chunks:
+            return b"", 0, []
+        raw = b"".join(self._chunks)
+        n = len(self._chunks)
+        payloads = list(self._payloads)
+        self._chunks.clear()
+        self._payloads.clear()
+        return raw, n, payloads
+
+    def close(self) -> None:
+        """Nothing to unmap: BCC owns the ring buffer's consumer."""
+
+
+def open_reader(kind: str, bpf, map_name: str, record_size: int):
+    """The ring-buffer consumer of this kind: "mmap" (RingBufReader) or "callback"."""
+    if kind == "callback":
+        return CallbackReader(bpf, map_name, record_size)
+    return RingBufReader(bpf[map_name.encode()].map_fd, record_size)

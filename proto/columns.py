@@ -96,6 +96,8 @@ PACKETS = _cols(
     ("dns_rtt_us", "<u4", "DNS response: microseconds since its query (same 5-tuple and id), 0 = query not seen"),
     ("ja4", STRING, "JA4 fingerprint of a TLS or QUIC ClientHello (FoxIO's JA4, BSD-3)"),
     ("quic_version", "<u4", "QUIC long header's version (0x00000001 = v1), 0 = not QUIC"),
+    ("community_id", STRING, "Community ID v1, seed 0, of the packet's connection (TCP, UDP, ICMP, ICMPv6, SCTP; "
+                             "'' for others and for fragments and headers cut short)"),
 )
 
 FLOWS = _cols(
@@ -113,6 +115,8 @@ FLOWS = _cols(
     ("bytes", "<u8", "wire bytes in the interval"),
     ("tcp_flags", "<u2", "OR of all TCP flags"),
     ("sample_rate", "<u4", "1 = every packet counted"),
+    ("community_id", STRING, "Community ID v1, seed 0 (TCP, UDP, SCTP; '' for ICMP flows, whose key has no type, "
+                             "and port-0 fragment flows)"),
 )
 
 # One row per bidirectional connection per host interface, Zeek's conn.log semantics

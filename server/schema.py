@@ -447,6 +447,14 @@ MIGRATIONS += [
     ]),
 ]
 
+# Community ID on packets and flows (issue 13 item 4): the key they join connections on.
+MIGRATIONS += [
+    (10, "packets and flows: community_id", [
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS community_id String CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.flows ADD COLUMN IF NOT EXISTS community_id String CODEC(ZSTD(1))",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.

@@ -131,6 +131,24 @@ def expected(frame: bytes) -> dict:
     return e
 
 
+def community_id(e: dict) -> str:
+    """The reference Community ID (PyPI ``communityid``, Corelight's) of a row's expected columns: the
+    collector's rule (collector/records.py community_id_column) is '' for non-IP, other protocols, and
+    packets whose tuple the parser could not read (fragments after the first, headers cut short)."""
+    import communityid as ref
+
+    if not e["ip_version"] or e["ip_proto"] not in (1, 6, 17, 58, 132) or e["parse_flags"] & records._NO_TUPLE:
+        return ""
+    icmp = e["ip_proto"] in (1, 58)
+    sport, dport = (e["icmp_type"], e["icmp_code"]) if icmp else (e["src_port"], e["dst_port"])
+
+    def text(a: bytes) -> str:
+        ip = ipaddress.IPv6Address(a)
+        return str(ip.ipv4_mapped or ip) if e["ip_version"] == 4 else str(ip)
+
+    return ref.CommunityID(seed=0).calc(ref.FlowTuple(e["ip_proto"], text(e["src_ip"]), text(e["dst_ip"]), sport, dport))
+
+
 def send_frames(lab, host, frames: list[bytes], tmp_path) -> None:
     path = tmp_path / "frames.json"
     path.write_text(json.dumps([f.hex() for f in frames]))

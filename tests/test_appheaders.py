@@ -186,7 +186,7 @@ def test_http_prefixes_mirror_the_kernel():
 
     from hdrlog.bpf import SOURCE_DIR
 
-    text = (SOURCE_DIR / "hdrlog.c").read_text()
+    text = (SOURCE_DIR / "payload.h").read_text()  # app_candidate() lives in payload.h
     body = text[text.index("app_candidate("):]
     body = body[:body.index("\n}\n")]
     words = {int(m, 16).to_bytes(4, "big") for m in re.findall(r"case 0x([0-9a-f]{8}):", body)}

@@ -48,6 +48,7 @@ def progs():
             outer = bpf[b"flow_maps"]
             for slot in (0, 1):
                 outer[ctypes.c_int(slot)] = ctypes.c_int(bpf[f"flows{slot}".encode()].map_fd)
+            bpf[b"conn_maps"][ctypes.c_int(0)] = ctypes.c_int(bpf[b"conns"].map_fd)
             cfg = bpf[b"cfg"]
             leaf = cfg.Leaf()
             leaf.mode, leaf.sample_n = 0, 1  # packets mode: one record per run

@@ -57,15 +57,51 @@ def test_parse_flag_names_are_unique_bits():
     assert all(b and b & (b - 1) == 0 for b in bits) and len(bits) == len(set(bits))
 
 
-def test_constants_mirror_types_h():
+def test_constants_mirror_the_bpf_headers():
+    """Every constant and struct size bpf/*.h shares with Python, read from the headers themselves."""
     import re
 
-    from hdrlog.bpf import SOURCE_DIR
+    from hdrlog.bpf import SOURCE_DIR, build
+    from hdrlog.collector import capture, filters
+    from hdrlog.collector import connections as cm
+    from hdrlog.collector import flows
 
-    text = (SOURCE_DIR / "types.h").read_text()
-    parse = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define (PARSE_\w+)\s+\(1 << (\d+)\)", text)}
+    text = "".join((SOURCE_DIR / h).read_text() for h in build.HEADERS)
+    shifts = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define (\w+)\s+\(1 << (\d+)\)", text)}
+    plain = {m[0]: int(m[1], 0) for m in re.findall(r"#define (\w+)\s+\(?(0x[0-9a-fA-F]+|\d+)\)?\s", text)}
+
+    def family(prefix: str, table: dict) -> dict:
+        return {k: v for k, v in table.items() if k.startswith(prefix)}
+
+    # types.h: parse flags, counters, directions
+    parse = family("PARSE_", shifts)
     assert parse == {name: getattr(records, name) for name in parse}
     assert set(parse) == set(records.PARSE_FLAG_NAMES.values())
-    cnt = {m[0]: int(m[1]) for m in re.findall(r"#define CNT_(\w+)\s+(\d+)", text)}
-    assert cnt.pop("MAX") == len(records.COUNTER_NAMES)
-    assert {k.lower(): v for k, v in cnt.items()} == {n: i for i, n in enumerate(records.COUNTER_NAMES)}
+    cnt = family("CNT_", plain)
+    assert cnt.pop("CNT_MAX") == len(records.COUNTER_NAMES)
+    assert {k[4:].lower(): v for k, v in cnt.items()} == {n: i for i, n in enumerate(records.COUNTER_NAMES)}
+    assert family("DIR_", plain) == {"DIR_INGRESS": records.DIR_INGRESS, "DIR_EGRESS": records.DIR_EGRESS}
+    # modes.h: modes and log reasons
+    assert {k[5:].lower(): v for k, v in family("MODE_", plain).items()} == capture.MODES
+    log_bits = family("LOG_", shifts)
+    assert len(log_bits) == 8 and log_bits == {name: getattr(records, name) for name in log_bits}
+    assert "#define LOG_CONN_FALLBACK LOG_ALL" in text and records.LOG_CONN_FALLBACK == records.LOG_ALL
+    # filter.h: rule bits and dimension flags
+    fbits = {k: v for k, v in shifts.items() if k.startswith(("F_", "FF_"))}
+    assert len(fbits) == 20 and fbits == {name: getattr(filters, name) for name in fbits}
+    assert plain["HDRLOG_FILTER_PREFIXES"] == filters.MAX_PREFIXES
+    # flows.h and conntrack.h: flags, Zeek states, map key and value layouts
+    assert shifts["FLOW_CONTINUED"] == flows.FLOW_CONTINUED
+    for name in ("CONN_ORIG_1", "CONN_FLIPPED", "CONN_HIST_FULL", "CONN_STARTED"):
+        assert shifts[name] == getattr(cm, name), name
+    for name in ("ZS_INACTIVE", "ZS_SYN_SENT", "ZS_SYN_ACK_SENT", "ZS_PARTIAL", "ZS_ESTABLISHED", "ZS_CLOSED",
+                 "ZS_RESET", "HDRLOG_CONN_HISTORY"):
+        assert plain[name] == getattr(cm, name), name
+    sizes = {k: int(v) for k, v in re.findall(r"struct (\w+) \{[^{}]*?\};\s+/\* (\d+) bytes \*/", text, re.S)}
+    assert sizes["conn_key"] == cm.CONN_KEY_DTYPE.itemsize
+    assert sizes["conn_side"] == cm.CONN_SIDE_DTYPE.itemsize
+    assert sizes["conn_value"] == cm.CONN_VALUE_DTYPE.itemsize
+    assert sizes["flow_key"] == flows.FLOW_KEY_DTYPE.itemsize and sizes["flow_value"] == flows.FLOW_VALUE_DTYPE.itemsize
+    # payload.h / build.py: the copy's chunk and cap
+    assert re.search(r"#define HDRLOG_PAYLOAD_CHUNK (\d+)", text)[1] == str(build.PAYLOAD_CHUNK)
+    assert re.search(r"#define HDRLOG_PAYLOAD_BYTES (\d+)", text)[1] == str(build.PAYLOAD_BYTES)

@@ -36,20 +36,8 @@ NOBODY_MAC = "02:48:44:00:00:99"  # owned by no interface: frames to it are seen
 
 # -- pure parts ----------------------------------------------------------------------------
 
-def test_constants_mirror_conntrack_h():
-    text = (SOURCE_DIR / "conntrack.h").read_text()
-    defs = {m[0]: int(m[1], 0) for m in re.findall(r"#define (\w+)\s+\(?(0x[0-9a-f]+|\d+)", text)}
-    shifts = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define (CONN_\w+)\s+\(1 << (\d+)\)", text)}
-    for name in ("CONN_ORIG_1", "CONN_FLIPPED", "CONN_HIST_FULL", "CONN_STARTED"):
-        assert shifts[name] == getattr(cm, name), name
-    for name in ("ZS_INACTIVE", "ZS_SYN_SENT", "ZS_SYN_ACK_SENT", "ZS_PARTIAL", "ZS_ESTABLISHED", "ZS_CLOSED",
-                 "ZS_RESET", "HDRLOG_CONN_HISTORY"):
-        assert defs[name] == getattr(cm, name), name
-    sizes = dict(re.findall(r"struct (conn_\w+) \{.*?\};\s+/\* (\d+) bytes \*/", text, re.S))
-    assert int(sizes["conn_key"]) == cm.CONN_KEY_DTYPE.itemsize
-    assert int(sizes["conn_side"]) == cm.CONN_SIDE_DTYPE.itemsize
-    assert int(sizes["conn_value"]) == cm.CONN_VALUE_DTYPE.itemsize
-    assert "#define LOG_CONN_FALLBACK LOG_ALL" in text and records.LOG_CONN_FALLBACK == records.LOG_ALL
+# The constants and layouts shared with bpf/conntrack.h: tests/test_capture_records.py
+# (test_constants_mirror_the_bpf_headers, one test for every header).
 
 
 @pytest.mark.parametrize("os_,rs,sizes,hist,want", [

@@ -13,8 +13,8 @@ out of the capture's rows by port. What each test asserts:
   sent again, and the capture sees every send at A), ``orig_bytes`` equals the bytes the
   application sent exactly (sequence numbers, not the sum of payloads: the retransmissions
   would add ~5%);
-* packets and IP bytes equal the frames on the wire when every skb is one frame (gso_max_segs 1);
-  with GSO (TCP's default on egress) they do not -- a strict xfail, the kernel tracker's bug;
+* packets and IP bytes equal the frames on the wire, both when every skb is one frame
+  (gso_max_segs 1) and with GSO (TCP's default on egress: one skb is skb->gso_segs frames);
 * ``community_id`` equals Corelight's reference (PyPI ``communityid``), given the tuple as the
   applications used it, for TCP, UDP and ICMP echo over IPv4 and TCP, UDP, ICMPv6 echo over IPv6.
 """
@@ -302,10 +302,9 @@ def test_packets_and_ip_bytes_equal_the_wire_with_single_segment_skbs(netlab):
     assert row["orig_bytes"] == 600_000
 
 
-@pytest.mark.xfail(strict=True, reason="bpf/conntrack.h counts one packet per skb at the hook: a GSO skb "
-                   "(TCP always builds them on egress) is many frames on the wire; it should add "
-                   "skb->gso_segs packets and their headers' bytes (reported with issue 13)")
 def test_packets_and_ip_bytes_equal_the_wire_with_gso(netlab):
+    """GSO on (TCP's default on egress): an skb at the hook is many frames on the wire, and the
+    tracker counts skb->gso_segs packets and every further frame's IP and TCP headers."""
     row, stats = _wire_counts(*netlab, 48142, 48042, None)
     a_b = stats["a>b"]
     print(f"GSO: orig_pkts {row['orig_pkts']} vs {a_b['received']} frames on the wire; orig_ip_bytes "

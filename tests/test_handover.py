@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -54,7 +55,8 @@ def test_restart_under_a_service_manager_hands_the_capture_over_without_a_gap(
     ifindex = socket.if_nametoindex(dev)
 
     def collector() -> CollectorProcess:
-        c = CollectorProcess(server.address, [dev], host_id, tmp_path, "--mode", mode, manager=manager)
+        c = CollectorProcess(server.address, [dev], host_id, tmp_path, "--mode", mode, "--conn-interim", "1",
+                             manager=manager)
         collectors.append(c)
         c.start()
         return c
@@ -62,7 +64,7 @@ def test_restart_under_a_service_manager_hands_the_capture_over_without_a_gap(
     first = collector()
     wait_until(lambda: manager.ready_count() == 1, 30, "READY=1 from the first collector")
     assert {f"hdrlog.link.{ifindex}.ingress", f"hdrlog.link.{ifindex}.egress",
-            "hdrlog.1.records", "hdrlog.1.counters", "hdrlog.1.flows0", "hdrlog.1.flows1",
+            "hdrlog.1.records", "hdrlog.1.counters", "hdrlog.1.flows0", "hdrlog.1.flows1", "hdrlog.1.conns",
             "hdrlog.1.state"} == set(manager.names()), " | ".join(m.replace("\n", " ") for m in manager.messages)
 
     sender = send_udp(lab, host, port, count, rate=1000)  # 6 s of traffic across the restart
@@ -85,19 +87,20 @@ def test_restart_under_a_service_manager_hands_the_capture_over_without_a_gap(
         rows = server.sql("SELECT count() AS n, uniqExact(src_port, ip_id) AS distinct_packets "
                           f"FROM hdrlog.packets WHERE {where}")
         assert rows == [{"n": count, "distinct_packets": count}]
+    if mode == "auto":  # every datagram counted once, in its (one of 50) connection kept across the restart
+        where = f"host = '{host_id}' AND resp_port = {port} AND ip_proto = 17"
+        query = ("SELECT count() AS uids, sum(n) AS n, sum(finals) AS finals FROM (SELECT uid, max(orig_pkts) "
+                 f"AS n, sum(final) AS finals FROM hdrlog.connections WHERE {where} GROUP BY uid)")
+        wait_until(lambda: server.sql(query)[0]["n"] == count, 30, f"connection rows with all {count} datagrams")
+        assert server.sql(query) == [{"uids": 50, "n": count, "finals": 0}]  # open still: no final row yet
     assert second.stop() == 0
-    if mode == "auto":  # every datagram is counted in exactly one flow row
-        where = f"host = '{host_id}' AND dst_port = {port} AND direction = 'ingress'"
-        total = server.sql(f"SELECT sum(packets) AS n FROM hdrlog.flows WHERE {where}")
-        assert total == [{"n": count}]
     # Counters: what the second collector reported continues the first, no packet twice or never.
     stats = {r["counter"]: int(r["n"]) for r in server.sql(
         f"SELECT counter, sum(value) AS n FROM hdrlog.collector_stats WHERE host = '{host_id}' GROUP BY counter")}
     if mode == "packets":
         assert stats["seen"] == server.count(f"host = '{host_id}'"), stats
-    else:
-        flowed = server.sql(f"SELECT sum(packets) AS n FROM hdrlog.flows WHERE host = '{host_id}'")[0]["n"]
-        assert stats["seen"] == int(flowed), stats
+    else:  # every packet counted once, into a connection or a flow, by one of the two
+        assert stats["seen"] == stats["conn_tracked"] + stats["flowed"] >= count, stats
 
     manager.close_store()  # `systemctl stop`: systemd closes what it kept
     wait_until(lambda: not hooks(dev), 10, "the programs to detach once the store is closed")
@@ -162,3 +165,75 @@ def test_a_predecessor_with_another_record_layout_is_swapped_out_but_not_read(
     assert all(len(n) == 1 and n != o for n, o in zip(new_ids, old_ids)), (old_ids, new_ids)  # ours now
     assert not any(n.startswith("hdrlog.1.") for n in manager.names())
     assert second.stop() == 0
+
+
+def test_a_tcp_connection_open_across_a_restart_keeps_its_uid_and_exact_totals(
+        lab, tmp_path, server, manager, collectors):
+    """The connection map is handed over: one connection, one uid, one final row, every byte."""
+    host = lab.add_host("a")
+    dev, host_id, sport, cport, rounds = host.peer_ifname, "handover-conn", 47301, 47302, 24
+
+    def collector() -> CollectorProcess:
+        c = CollectorProcess(server.address, [dev], host_id, tmp_path, "--mode", "auto", "--conn-interim", "1",
+                             "--conn-linger", "0.5", manager=manager)
+        collectors.append(c)
+        c.start()
+        return c
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host.peer_addr4, sport))
+    listener.listen()
+    listener.settimeout(30)
+
+    def serve():
+        c, _ = listener.accept()
+        with c:
+            while d := c.recv(65536):
+                c.sendall(b"e" * (2 * len(d)))
+
+    first = collector()
+    wait_until(lambda: manager.ready_count() == 1, 30, "READY=1 from the first collector")
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
+    client = lab.popen(host, sys.executable, "-c", f"""
+import socket, time
+s = socket.socket()
+s.bind(('{host.addr4}', {cport}))
+s.connect(('{host.peer_addr4}', {sport}))
+got = 0
+for i in range({rounds}):
+    s.sendall(b'm' * 1000)
+    while got < 2000 * (i + 1):
+        got += len(s.recv(65536))
+    time.sleep(0.25)
+s.shutdown(socket.SHUT_WR)
+s.recv(10)
+s.close()
+""")
+    where = f"host = '{host_id}' AND resp_port = {sport} AND orig_port = {cport}"
+    wait_until(lambda: server.sql(f"SELECT count() AS n FROM hdrlog.connections WHERE {where}") != [{"n": 0}],
+               30, "an interim row from the first collector")
+    assert first.stop() == 0  # mid-connection
+    time.sleep(1.0)  # the old program counts on with no collector at all
+    second = collector()
+    assert "took over from the previous collector without a gap" in second.log()
+    assert client.wait(60) == 0
+    server_thread.join(10)
+    listener.close()
+    wait_until(lambda: server.sql(f"SELECT sum(final) AS n FROM hdrlog.connections WHERE {where}") == [{"n": 1}],
+               30, "the connection's final row")
+    time.sleep(1.5)  # a second final row, if any, would come now
+    assert second.stop() == 0
+    rows = server.sql(f"SELECT uid, final, conn_state, orig_bytes, resp_bytes, orig_pkts, resp_pkts, start_ts "
+                      f"FROM hdrlog.connections WHERE {where} ORDER BY end_ts")
+    assert len({r["uid"] for r in rows}) == 1, rows  # the same connection before and after the restart
+    finals = [r for r in rows if r["final"]]
+    assert len(finals) == 1 and rows[-1]["final"] == 1, rows
+    final = finals[0]
+    assert (final["conn_state"], final["orig_bytes"], final["resp_bytes"]) == ("SF", 1000 * rounds, 2000 * rounds)
+    interim = [r for r in rows if not r["final"]]
+    assert len(interim) >= 2 and all(r["orig_bytes"] < final["orig_bytes"] for r in interim), rows
+    assert [r["orig_pkts"] for r in rows] == sorted(r["orig_pkts"] for r in rows)  # cumulative, never restarted
+    manager.close_store()
+    wait_until(lambda: not hooks(dev), 10, "the programs to detach once the store is closed")
