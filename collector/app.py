@@ -76,7 +76,7 @@ class Collector:
         self._stats_by_seq: dict[int, dict[str, int]] = {}
         self._stats_at = time.monotonic()
         self._next_filter_check = 0.0
-        self.metrics = CollectorMetrics(self.counters, self._sending)
+        self.metrics = CollectorMetrics(self.counters, self._sending, self.capture.map_fill)
         self._metrics_http: MetricsHttp | None = None
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -333,6 +333,16 @@ class Capture:
                 self._keeper.write_state(self._kernel_counters)
             return out
 
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        """(entries, capacity) of the kernel's connection map (at its last read) and flow map (at its
+        last drain): how close each is to refusing new entries (conn_map_full, flow_map_full)."""
+        out = {}
+        if self._conn_drain is not None:
+            out["conn"] = (getattr(self._conn_drain, "last_entries", 0), self.config.conn.entries)
+        if self._flow_drain is not None:
+            out["flow"] = (getattr(self._flow_drain, "last_entries", 0), self.config.flow_entries)
+        return out
+
     @property
     def attachments(self) -> list[tuple[str, str]]:
         return [(name, direction) for name, _, direction in self._attacher.attached]

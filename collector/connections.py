@@ -227,6 +227,7 @@ class ConnDrain:
         """Rows due now (interim and final), or None. ``now_ns`` is CLOCK_MONOTONIC.
         ``finish``: every connection gets its final row (the program no longer runs)."""
         keys, vals = self.read_all()
+        self.last_entries = len(keys)  # the map's fill level, for /metrics
         rows: list[tuple] = []
         interim_ns = int(self.config.interim * NS)
         linger_ns = int(self.config.linger * NS)

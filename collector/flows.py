@@ -98,6 +98,7 @@ class FlowDrain:
         keys, vals = self.read_map(old)
         self.drains += 1
         self.flows += len(keys)
+        self.last_entries = len(keys)  # how full the map got in the interval just ended, for /metrics
         return keys, vals
 
     def drain_all(self) -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,11 @@ NS = "hdrlog_collector"
 
 
 class CollectorMetrics(Collector):
-    def __init__(self, counters: Callable[[], dict[str, int]], sending: Callable[[], dict[str, float]]):
+    def __init__(self, counters: Callable[[], dict[str, int]], sending: Callable[[], dict[str, float]],
+                 maps: Callable[[], dict[str, tuple[int, int]]] = dict):
         self._counters = counters
         self._sending = sending
+        self._maps = maps  # map name -> (entries, capacity)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         add_standard_metrics(self.registry, "collector")
@@ -42,6 +44,16 @@ class CollectorMetrics(Collector):
             if name.startswith("drop_"):
                 dropped.add_metric([name[len("drop_"):]], value)
         yield dropped
+        fill = self._maps()
+        entries = GaugeMetricFamily(f"{NS}_map_entries", "Entries in a kernel map (conn: at its last read; "
+                                    "flow: at the end of the last interval)", labels=["map"])
+        capacity = GaugeMetricFamily(f"{NS}_map_capacity", "Entries a kernel map holds before it refuses new ones "
+                                     "(conn_entries, flow_entries)", labels=["map"])
+        for name, (n, cap) in sorted(fill.items()):
+            entries.add_metric([name], n)
+            capacity.add_metric([name], cap)
+        yield entries
+        yield capacity
         s = self._sending()
         for name, doc in (("sent_rows", "Rows written to the server stream (resends included)"),
                           ("acked_rows", "Rows the server acknowledged as stored"),

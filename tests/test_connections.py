@@ -399,9 +399,13 @@ s.recv(10)
 s.close()
 """), daemon=True)
     client.start()
+    fill = []
     while client.is_alive():  # the collector reads the map every second while the connection lives
         conns._pull()
+        fill.append(conns.cap.map_fill()["conn"])
         time.sleep(0.25)
+    # the map's fill level (exported as hdrlog_collector_map_entries) saw the open connection
+    assert max(n for n, _ in fill) >= 1 and {cap for _, cap in fill} == {conns.cap.config.conn.entries}
     t.join(10)
     rows = conns.of_port(sport)
     final = _final(rows)

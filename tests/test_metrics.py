@@ -21,7 +21,8 @@ def scrape(port: int, path: str = "/metrics") -> str:
 def test_standard_metrics_and_only_metrics_served(component):
     if component == "collector":
         counters = {"seen": 10, "logged": 7, "flowed": 3, "drop_ringbuf_full": 2, "drop_spool_full": 1}
-        registry = CollectorMetrics(lambda: counters, lambda: {"sent_rows": 5}).registry
+        registry = CollectorMetrics(lambda: counters, lambda: {"sent_rows": 5},
+                                    lambda: {"conn": (1200, 65536), "flow": (7, 65536)}).registry
     else:
         registry = ServerMetrics().registry
     http = MetricsHttp(registry, "127.0.0.1", 0)
@@ -41,6 +42,8 @@ def test_standard_metrics_and_only_metrics_served(component):
         assert 'hdrlog_collector_dropped_records_total{reason="ringbuf_full"} 2.0' in text
         assert 'hdrlog_collector_dropped_records_total{reason="spool_full"} 1.0' in text
         assert "hdrlog_collector_flowed_packets_total 3.0" in text
+        assert 'hdrlog_collector_map_entries{map="conn"} 1200.0' in text
+        assert 'hdrlog_collector_map_capacity{map="flow"} 65536.0' in text
 
 
 def test_status_lines_grow_rarer_while_nothing_changes():
