@@ -27,8 +27,8 @@ from hdrlog.collector.connections import ConnConfig
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.config import CollectorConfig
 from hdrlog.collector.metrics import CollectorMetrics
-from hdrlog.collector.sender import Outbox, Sender
-from hdrlog.collector.spool import Spool, SpoolError
+from hdrlog.collector.sender import Sender
+from hdrlog.collector.spool import Outbox, Spool, SpoolError
 from hdrlog.collector import fdstore, tls
 from hdrlog.config import parse_hostport
 from hdrlog.metrics_http import MetricsHttp

@@ -43,6 +43,9 @@ class ServerMetrics:
                                      ["kind"], registry=r)
         self.insert_seconds = Histogram(f"{NS}_insert_duration_seconds", "Time per INSERT statement",
                                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.rollup_folded_keys = Counter(f"{NS}_rollup_folded_keys",
+                                          "Rollup keys summed into an other row (rollup_max_keys reached)",
+                                          ["table"], registry=r)
         self.pending_rows = Gauge(f"{NS}_pending_rows", "Rows accepted and not yet inserted", registry=r)
         self.streams = Gauge(f"{NS}_open_streams", "Open collector streams", registry=r)
         self.backpressure_seconds = Counter(f"{NS}_backpressure_seconds",

@@ -203,6 +203,7 @@ class Store:
         self.server_memory_bytes = server_memory_bytes
         self.sql_settings = dict(sql_settings or {})
         self._control: Any = None
+        self._rollup_client: Any = None  # the rollup worker's own handle (writer.py)
         self._control_lock = threading.Lock()
         self._client: Any = None
         self._local = threading.local()
@@ -258,8 +259,10 @@ class Store:
             readers, self._readers = self._readers, []
         with self._control_lock:
             control, self._control = self._control, None
-        if control is not None:
-            readers.append(control)
+            rollup_client, self._rollup_client = self._rollup_client, None
+        for extra in (control, rollup_client):
+            if extra is not None:
+                readers.append(extra)
         for client in readers:
             try:
                 client.close()
@@ -273,27 +276,88 @@ class Store:
 
     # -- ingest ------------------------------------------------------------
 
-    def insert(self, table: str, data: pa.Table, token: str) -> int:
+    def insert(self, table: str, data: pa.Table, token: str, *, client: Any = None) -> int:
         """Insert one Arrow table into hdrlog.<table> as one block per partition.
 
         ``token`` is passed as ``insert_deduplication_token``: repeating the
         same insert (a retry after an ambiguous failure) stores nothing twice.
         """
-        if self._client is None:
+        client = client or self._client
+        if client is None:
             raise StoreError("store is closed")
         settings = {
             "insert_deduplication_token": token,
             "insert_deduplicate": 1,
+            # Synchronous: the Ack promises the rows are stored, and chDB defaults to async_insert = 1
+            # (whose deduplication is off unless async_insert_deduplicate).
+            "async_insert": 0,
             # One block per partition: keep the whole flush in one part so it is atomic.
             "max_insert_block_size": max(data.num_rows, 1_048_449),
             "min_insert_block_size_rows": 0,
             "min_insert_block_size_bytes": 0,
         }
         try:
-            self._client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
+            client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         return data.num_rows
+
+    def insert_rollup(self, data: pa.Table, token: str) -> None:
+        """Rollup rows (server/rollup.py) into rollup_in, on the rollup handle (concurrent with the
+        next flush's packets INSERT). Never a permanent failure: the server made these rows."""
+        try:
+            self.insert("rollup_in", data, token, client=self._rollup_handle())
+        except StoreError as exc:
+            raise StoreError(str(exc), code=exc.code, permanent=False) from None
+
+    def _rollup_handle(self) -> Any:
+        if self._closed:
+            raise StoreError("store is closed")
+        with self._control_lock:
+            if self._rollup_client is None:
+                self._rollup_client = self._connect()
+            return self._rollup_client
+
+    def log_rollup(self, token: str, state: int, batches: list[tuple[str, int, int]], *,
+                   rollup: bool = False) -> None:
+        """One journal row of the rollups (rollup_log): a flush's intent (state 0, with its
+        (collector_id, seq, day) list) or its end (state 1). Never a permanent failure: the
+        server wrote it, so the retry decides (writer.py)."""
+        if self._client is None:
+            raise StoreError("store is closed")
+        data = pa.table({"token": [token], "state": pa.array([state], pa.uint8()),
+                         "collector_ids": [[b[0] for b in batches]],
+                         "seqs": pa.array([[b[1] for b in batches]], pa.list_(pa.uint64())),
+                         "days": pa.array([[b[2] for b in batches]], pa.list_(pa.uint32()))})
+        client = self._rollup_handle() if rollup else self._client
+        try:
+            client.insert_arrow(f"{schema.DATABASE}.rollup_log", data, settings={
+                "insert_deduplication_token": f"{token}-log{state}", "insert_deduplicate": 1, "async_insert": 0})
+        except Exception as exc:  # noqa: BLE001
+            err = classify(exc)
+            raise StoreError(str(err), code=err.code, permanent=False) from None
+
+    def unfinished_rollups(self) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """Flushes whose intent is journaled but not their end: (token, [(collector_id, seq, day)])."""
+        try:
+            rows = self._client.query(
+                f"SELECT token, any(collector_ids), any(seqs), any(days) FROM {schema.DATABASE}.rollup_log "
+                "GROUP BY token HAVING max(state) = 0 AND countIf(state = 0) > 0 ORDER BY token").result_rows
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
+        return [(str(t), [(str(c), int(q), int(d)) for c, q, d in zip(ids, seqs, days)]) for t, ids, seqs, days in rows]
+
+    def stored_packets(self, batches: list[tuple[str, int, int]], columns: tuple[str, ...]) -> pa.Table:
+        """The stored packets rows of the given (collector_id, seq, day)s, as Arrow (the rollups' recovery)."""
+        if not batches:
+            return pa.table({})
+        try:
+            return self._client.query_arrow(
+                f"SELECT {', '.join(columns)} FROM {schema.DATABASE}.packets "
+                "WHERE (collector_id, batch_seq, toUInt32(toDate(ts))) IN {keys:Array(Tuple(String, UInt64, UInt32))}",
+                parameters={"keys": batches})
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read packets back for the rollups: {short_message(exc)}") from None
 
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.

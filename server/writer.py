@@ -74,17 +74,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from hdrlog.drops import DropWarning, backoff_delay
 from hdrlog.proto import ingest_pb2
 from hdrlog.server.config import ServerConfig
 from hdrlog.server.convert import TableRows
 from hdrlog.server.metrics import ServerMetrics
+from hdrlog.server import rollup
 from hdrlog.server.store import Store, StoredSeqs, StoreError
 
 log = logging.getLogger("hdrlog.server")
@@ -97,6 +98,9 @@ BACKOFF_START = 0.2
 BACKOFF_CAP = 10.0
 RETRY_ACK_AFTER = 3      # failed attempts before waiting streams get RETRY
 STOP_ATTEMPTS = 3        # attempts per flush once stopping, before answering RETRY and giving up
+# Steps of a flush's packets besides the INSERT itself, kept in its ``done`` set (see "Rollups").
+ROLLUP_INTENT, ROLLUP_INSERT, ROLLUP_END = "packets:intent", "packets:rollup", "packets:end"
+ROLLUP_QUEUE = 2         # flushes whose rollup may wait for the rollup worker before a flush waits
 
 
 @dataclass
@@ -147,12 +151,22 @@ class Writer:
         self._stopping = False
         self._draining = False
         self._task: asyncio.Task | None = None
+        # Flushes whose packets are stored and whose rollup is not yet: (data, token), for the worker.
+        self._rollups: asyncio.Queue = asyncio.Queue(maxsize=ROLLUP_QUEUE)
+        self._rollup_task: asyncio.Task | None = None
+        self._warn_folded = DropWarning(
+            log, f"server: rollup keys past rollup_max_keys={config.rollup_max_keys} per host-minute and flush",
+            "raise rollup_max_keys to keep more of them apart", unit="keys")
+        self._warn_rejected = DropWarning(log, "server: batches refused by ClickHouse (answered REJECTED)",
+                                          "the reason names the column to fix", level=logging.ERROR)
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         marks = await asyncio.to_thread(self.store.committed_watermarks)
         self._wm = marks.by_key
+        await asyncio.to_thread(self._recover_rollups)
+        self._rollup_task = asyncio.create_task(self._rollup_worker(), name="hdrlog-rollups")
         self._task = asyncio.create_task(self._run(), name="hdrlog-writer")
 
     async def stop(self) -> None:
@@ -163,6 +177,10 @@ class Writer:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._rollup_task is not None:
+            await self._rollups.put(None)
+            await self._rollup_task
+            self._rollup_task = None
 
     def flush_now(self) -> None:
         """From now on, flush whatever is queued without waiting for the thresholds (shutdown)."""
@@ -253,6 +271,7 @@ class Writer:
         and drop from ``entries`` what a lost attempt did store after all (data is the only state)."""
         try:
             marks = await asyncio.to_thread(self.store.committed_watermarks)
+            await self._recover()
         except StoreError as exc:
             log.warning("server: cannot re-read the stored seqs (%s); answering RETRY", exc)
             for e in entries:
@@ -321,19 +340,24 @@ class Writer:
             except StoreError as exc:
                 if exc.permanent:
                     self.metrics.insert_errors.labels("permanent").inc()
+                    if ROLLUP_INTENT in done and "packets" not in done:
+                        # The group's packets were refused: its journal entry stands for nothing (the
+                        # single batches below journal their own), so close it before they store.
+                        await self._close_intent(entries)
+                        done.discard(ROLLUP_INTENT)
                     if len(entries) > 1:
                         log.warning("server: insert refused (%s); storing the %d batches one by one", exc, len(entries))
                         for e in entries:
                             await self._flush([e], set(done))
                         return
                     e = entries[0]
-                    log.error("server: batch %s/%d rejected by ClickHouse: %s", e.collector_id, e.seq, exc)
+                    self._warn_rejected.dropped(e.rows, f"the last: {e.collector_id}/{e.seq}: {exc}")
                     self.metrics.rejected("insert")
                     self._forget(e, Outcome(REJECTED, error=f"ClickHouse refused the rows: {exc}"))
                     return
                 attempt += 1
                 self.metrics.insert_errors.labels("transient").inc()
-                delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP)
                 if self._stopping and attempt >= STOP_ATTEMPTS:
                     log.error("server: insert failed %d times while stopping (%s); %d batches not stored, "
                               "collectors will resend them", attempt, exc, len(entries))
@@ -360,14 +384,105 @@ class Writer:
             for tr in e.tables:
                 by_table.setdefault(tr.name, []).append((e, tr))
         for table, parts in by_table.items():
-            if table in done:
+            if table in done and (table != "packets" or ROLLUP_END in done):
                 continue
             data = concat([tr.data for _, tr in parts])
             token = _token(table, parts)
+            if table == "packets":
+                await self._insert_packets(data, token, parts, done)
+                continue
             t0 = time.monotonic()
             await asyncio.to_thread(self.store.insert, table, data, token)
             self.metrics.inserted(table, data.num_rows, time.monotonic() - t0)
             done.add(table)
+
+    async def _insert_packets(self, data: pa.Table, token: str, parts: list[tuple[_Entry, TableRows]],
+                              done: set[str]) -> None:
+        """packets, journaled, then its rollup handed to the rollup worker (see "Rollups" above)."""
+        if ROLLUP_INTENT not in done:
+            await asyncio.to_thread(self.store.log_rollup, token, 0, _journal(parts))
+            done.add(ROLLUP_INTENT)
+        if "packets" not in done:
+            t0 = time.monotonic()
+            await asyncio.to_thread(self.store.insert, "packets", data, token)
+            self.metrics.inserted("packets", data.num_rows, time.monotonic() - t0)
+            done.add("packets")
+        if ROLLUP_END not in done:
+            await self._rollups.put((data, token))  # waits while the worker is ROLLUP_QUEUE flushes behind
+            done.add(ROLLUP_END)
+
+    async def _rollup_worker(self) -> None:
+        """Rolls up the flushes' packets one at a time, on the store's second handle, while the next
+        flush inserts: retried until stored; once stopping, at most STOP_ATTEMPTS times (the journal
+        then has the flush without an end, and the next start rolls it up)."""
+        while True:
+            item = await self._rollups.get()
+            try:
+                if item is None:
+                    return
+                data, token = item
+                done: set[str] = set()
+                attempt = 0
+                while True:
+                    try:
+                        await asyncio.to_thread(self._roll_up, data, token, done)
+                        break
+                    except Exception as exc:  # noqa: BLE001 - server-made rows: always worth a retry
+                        attempt += 1
+                        self.metrics.insert_errors.labels("rollup").inc()
+                        if self._stopping and attempt >= STOP_ATTEMPTS:
+                            log.error("server: rollup of flush %s failed %d times while stopping (%s); the next "
+                                      "start rolls it up from the stored rows", token, attempt, exc)
+                            break
+                        delay = backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP)
+                        log.warning("server: rollup insert failed (%s); retry %d in %.1fs", exc, attempt, delay)
+                        await self._sleep(delay)
+            finally:
+                self._rollups.task_done()
+
+    def _roll_up(self, data: pa.Table, token: str, done: set[str]) -> None:
+        """Blocking: the rollup rows of ``data`` under ``token``, then the journal's end of it."""
+        if ROLLUP_INSERT not in done:
+            rows, folded = rollup.rollup_rows(data, self.config.rollup_max_keys)
+            if folded:
+                self.metrics.rollup_folded_keys.labels("pairs_1m+services_1m").inc(folded)
+                self._warn_folded.dropped(folded, "summed into other = 1 rows, totals kept")
+            self.store.insert_rollup(rows, f"{token}-rollup")
+            done.add(ROLLUP_INSERT)
+        if ROLLUP_END not in done:
+            self.store.log_rollup(token, 1, [], rollup=True)
+            done.add(ROLLUP_END)
+
+    async def _recover(self) -> None:
+        """Wait for the rollup worker to finish what it holds, then recover from the journal."""
+        await self._rollups.join()
+        await asyncio.to_thread(self._recover_rollups)
+
+    def _recover_rollups(self) -> int:
+        """Roll up again the stored rows of every flush journaled without an end (a crash or an
+        unknown failure between its packets INSERT and its rollup's), with the flush's own tokens:
+        a rollup that did land is dropped by ClickHouse, one that did not is stored. Blocking."""
+        pending = self.store.unfinished_rollups()
+        for token, batches in pending:
+            data = self.store.stored_packets(batches, rollup.SOURCE_COLUMNS)
+            done = set() if data.num_rows else {ROLLUP_INSERT}
+            self._roll_up(data, token, done)
+        if pending:
+            log.info("server: rolled up %d interrupted flushes again", len(pending))
+        return len(pending)
+
+    async def _close_intent(self, entries: list[_Entry]) -> None:
+        parts = [(e, tr) for e in entries for tr in e.tables if tr.name == "packets"]
+        token = _token("packets", parts)
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self.store.log_rollup, token, 1, [])
+                return
+            except StoreError as exc:
+                attempt += 1
+                log.warning("server: cannot close the rollup journal entry (%s); retry %d", exc, attempt)
+                await self._sleep(backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP))
 
     async def _sleep(self, delay: float) -> None:
         """Backoff that a stop interrupts (the flush then gets its bounded last attempts)."""
@@ -404,6 +519,11 @@ def concat(tables: list[pa.Table]) -> pa.Table:
             wide = pa.dictionary(pa.int32(), f.type.value_type)
             data = data.set_column(i, f.name, data.column(i).cast(wide))
     return data.combine_chunks()
+
+
+def _journal(parts: list[tuple[_Entry, TableRows]]) -> list[tuple[str, int, int]]:
+    """(collector_id, seq, day) of every batch's rows in a flush: what its rollup stands for."""
+    return [(e.collector_id, e.seq, int(d)) for e, tr in parts for d in e.days[tr.name].tolist()]
 
 
 def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:

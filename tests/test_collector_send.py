@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hdrlog.collector.batcher import Batcher
-from hdrlog.collector.sender import Outbox, Sender
+from hdrlog.collector.sender import Sender
+from hdrlog.collector.spool import Outbox
 from hdrlog.proto import columns, ingest_pb2, ingest_pb2_grpc
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdrlog.collector.sender import Outbox
+from hdrlog.collector.spool import Outbox
 from hdrlog.collector.spool import HEADER, Spool
 from hdrlog.proto import columns, ingest_pb2
 from tests.support import ServerProcess, free_port, wait_until
@@ -507,7 +507,7 @@ def test_kill_while_degraded_counts_what_memory_held(tmpfs):
     import sys
     code = f"""
 import asyncio, os, signal
-from hdrlog.collector.sender import Outbox
+from hdrlog.collector.spool import Outbox
 from hdrlog.collector.spool import Spool
 from tests.test_spool_faults import body, fill
 from pathlib import Path

@@ -1,0 +1,213 @@
+"""The per-minute rollups, computed by the server from each flush (not by materialized views).
+
+Stage of the path: receive → validate → convert → **roll up** → write → store.
+
+Until schema migration 8 three materialized views grouped every INSERT into ``packets`` by
+minute, ports and address pairs inside ClickHouse, and their cost grew with the number of
+groups: a port scan or a random-source flood (every row its own group) cut ingest to a fifth.
+Now the writer hands each flush's packets (already Arrow columns) to ``rollup_rows``, which
+groups them here with Arrow's hash group-by and returns a small table of partial aggregates
+for ``hdrlog.rollup_in`` (a ``Null`` table); three light views move its rows into
+``packets_1m``, ``pairs_1m`` and ``services_1m`` (the ``uniq`` states are made there, from one
+row per distinct value). One INSERT per flush, with its own deduplication token; exactly-once
+across a crash is the writer's job (``writer.py``, "Rollups").
+
+Bounded cost. ``packets_1m``'s key space is bounded by nature (direction x protocol x port)
+and is always exact. ``pairs_1m`` and ``services_1m`` keep, per (host, minute) and flush, at
+most ``max_keys`` keys: when a flush has more, the ``max_keys`` with the most packets (ties by
+key) keep their own rows, exact for that flush, and the rest of that minute's traffic in the
+flush is summed into one row with ``other = 1`` (addresses ``::``, port 0, protocol 0), whose
+``folded_keys`` says how many keys it stands for. Sums over a minute, ``other`` rows included,
+always equal the raw table's. The choice is deterministic (the same rows give the same
+table, whatever their order), which the crash recovery relies on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+NS_PER_MINUTE = 60 * 1_000_000_000
+DEFAULT_MAX_KEYS = 20_000
+KIND_PACKETS, KIND_PAIRS, KIND_SERVICES = 0, 1, 2
+
+# The columns of hdrlog.rollup_in (server/schema.py), in order, with their Arrow types.
+STAGE_SCHEMA = pa.schema([
+    ("kind", pa.uint8()),
+    ("minute", pa.uint32()),
+    ("host", pa.string()),
+    ("direction", pa.string()),
+    ("src_ip", pa.binary(16)),
+    ("dst_ip", pa.binary(16)),
+    ("ip_proto", pa.uint8()),
+    ("port", pa.uint16()),
+    ("value_port", pa.uint16()),
+    ("value_ip", pa.binary(16)),
+    ("has_value", pa.uint8()),
+    ("other", pa.uint8()),
+    ("folded_keys", pa.uint64()),
+    ("packets", pa.uint64()),
+    ("bytes", pa.uint64()),
+    ("records", pa.uint64()),
+    ("syns", pa.uint64()),
+    ("synacks", pa.uint64()),
+    ("rsts", pa.uint64()),
+])
+# The raw packets columns a rollup reads (the crash recovery selects just these).
+SOURCE_COLUMNS = ("ts", "host", "direction", "sample_rate", "wire_len", "ip_version", "src_ip", "dst_ip",
+                  "ip_proto", "src_port", "dst_port", "tcp_flags")
+_ZERO16 = b"\0" * 16
+
+
+def _np(col) -> np.ndarray:
+    return np.asarray(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+
+
+def _source(data: pa.Table) -> dict[str, object]:
+    """The columns the rollups need, as numpy (fixed width) or Arrow string arrays."""
+    rows = data.num_rows
+    ts = data.column("ts")
+    ts = ts.cast(pa.int64()) if not pa.types.is_integer(ts.type) else ts
+    out: dict[str, object] = {"minute": (_np(ts) // NS_PER_MINUTE * 60).astype(np.uint32)}
+    for name in ("host", "direction"):
+        col = data.column(name)
+        out[name] = col.cast(pa.string()) if col.type != pa.string() else col
+    for name in ("src_ip", "dst_ip"):
+        col = data.column(name).combine_chunks()
+        if col.type != pa.binary(16):
+            col = col.cast(pa.binary(16))
+        out[name] = col
+    for name in ("sample_rate", "wire_len", "ip_version", "ip_proto", "src_port", "dst_port", "tcp_flags"):
+        out[name] = _np(data.column(name))
+    out["rows"] = rows
+    return out
+
+
+def _group(table: pa.Table, keys: list[str], sums: list[str]) -> pa.Table:
+    """Group ``table`` by ``keys`` and sum ``sums`` (columns keep their names)."""
+    if table.num_rows == 0:
+        return table.select(keys + sums)
+    g = table.group_by(keys, use_threads=False).aggregate([(s, "sum") for s in sums])
+    return g.rename_columns([c[:-4] if c.endswith("_sum") else c for c in g.column_names])
+
+
+def _bound(fine: pa.Table, key: list[str], max_keys: int, value_cols: list[str]) -> tuple[pa.Table, int]:
+    """Keep at most ``max_keys`` keys per (host, minute) of ``fine`` (one row per key and value);
+    fold the rest of each such minute into one ``other`` row. Returns the table and the number
+    of keys folded."""
+    sums = ["packets", "bytes", "syns", "synacks", "rsts"]
+    keyed = _group(fine.select(key + sums), key, sums)
+    hm = _group(keyed.select(["host", "minute"]).append_column("n", pa.array(np.ones(keyed.num_rows, np.uint64))),
+                ["host", "minute"], ["n"])
+    if keyed.num_rows == 0 or int(pc.max(hm.column("n")).as_py()) <= max_keys:
+        return fine, 0
+    # Rank the keys inside each (host, minute): most packets first, then by key (deterministic).
+    sort_keys = [("host", "ascending"), ("minute", "ascending"), ("packets", "descending")] + \
+                [(k, "ascending") for k in key if k not in ("host", "minute")]
+    idx = pc.sort_indices(keyed, sort_keys=sort_keys)
+    ranked = keyed.take(idx)
+    hosts = _np(ranked.column("host").dictionary_encode().combine_chunks().indices)
+    minutes = _np(ranked.column("minute"))
+    new_group = np.ones(ranked.num_rows, dtype=bool)
+    new_group[1:] = (hosts[1:] != hosts[:-1]) | (minutes[1:] != minutes[:-1])
+    starts = np.flatnonzero(new_group)
+    pos = np.arange(ranked.num_rows) - np.repeat(starts, np.diff(np.append(starts, ranked.num_rows)))
+    kept_keys = ranked.filter(pa.array(pos < max_keys)).select(key)
+    folded = ranked.filter(pa.array(pos >= max_keys))
+    # Rows of ``fine`` whose key is kept: a semi join on the key columns.
+    kept = fine.join(kept_keys, key, join_type="left semi", use_threads=False)
+    other = _group(folded.select(["host", "minute"] + sums)
+                   .append_column("folded_keys", pa.array(np.ones(folded.num_rows, np.uint64))),
+                   ["host", "minute"], sums + ["folded_keys"])
+    n = other.num_rows
+    zeros16 = pa.array([_ZERO16] * n, pa.binary(16))
+    cols = {"host": other.column("host"), "minute": other.column("minute"),
+            **{s: other.column(s) for s in sums}, "folded_keys": other.column("folded_keys"),
+            "other": pa.array(np.ones(n, np.uint8)), "has_value": pa.array(np.zeros(n, np.uint8))}
+    for k in key:
+        if k not in cols:
+            cols[k] = zeros16 if fine.schema.field(k).type == pa.binary(16) else \
+                pa.array(np.zeros(n, fine.schema.field(k).type.to_pandas_dtype()), fine.schema.field(k).type)
+    for v in value_cols:
+        if v not in cols:
+            t = fine.schema.field(v).type
+            cols[v] = zeros16 if t == pa.binary(16) else pa.array(np.zeros(n, t.to_pandas_dtype()), t)
+    other_tbl = pa.table({c: cols[c] for c in fine.column_names if c in cols})
+    kept = kept.select(other_tbl.column_names)
+    return pa.concat_tables([kept, other_tbl.cast(kept.schema)]), int(folded.num_rows)
+
+
+def _stage(kind: int, t: pa.Table) -> pa.Table:
+    """``t``'s columns completed to STAGE_SCHEMA (absent ones are 0 / '' / ::)."""
+    n = t.num_rows
+    cols = []
+    for f in STAGE_SCHEMA:
+        if f.name == "kind":
+            cols.append(pa.array(np.full(n, kind, np.uint8)))
+        elif f.name in t.column_names:
+            cols.append(t.column(f.name).cast(f.type))
+        elif f.type == pa.string():
+            cols.append(pa.array([""] * n, pa.string()) if n else pa.array([], pa.string()))
+        elif f.type == pa.binary(16):
+            cols.append(pa.array([_ZERO16] * n, pa.binary(16)))
+        else:
+            cols.append(pa.array(np.zeros(n, f.type.to_pandas_dtype()), f.type))
+    return pa.Table.from_arrays(cols, schema=STAGE_SCHEMA)
+
+
+def rollup_rows(data: pa.Table, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[pa.Table, int]:
+    """The partial aggregates of one flush's ``packets`` rows, as rows of ``hdrlog.rollup_in``;
+    and how many (key, flush) pairs were folded into ``other`` rows."""
+    s = _source(data)
+    rate = s["sample_rate"].astype(np.uint64)
+    wire = s["wire_len"].astype(np.uint64) * rate
+    proto, sport, dport, flags = s["ip_proto"], s["src_port"], s["dst_port"], s["tcp_flags"]
+    tcp = proto == 6
+    syn = tcp & ((flags & 0x12) == 0x02)
+    synack = tcp & ((flags & 0x12) == 0x12)
+    rst = tcp & ((flags & 0x04) != 0)
+    port = np.where((sport == 0) | (dport == 0), np.maximum(sport, dport), np.minimum(sport, dport)).astype(np.uint16)
+    base = {"minute": pa.array(s["minute"]), "host": s["host"], "ip_proto": pa.array(proto)}
+    # packets_1m: exact (its key space is bounded by nature).
+    p1 = _group(pa.table({**base, "direction": s["direction"], "port": pa.array(port),
+                          "packets": pa.array(rate), "bytes": pa.array(wire),
+                          "records": pa.array(np.ones(s["rows"], np.uint64))}),
+                ["minute", "host", "direction", "ip_proto", "port"], ["packets", "bytes", "records"])
+    out = [_stage(KIND_PACKETS, p1)]
+    folded = 0
+    # pairs_1m: one row per (pair, destination port); the view makes uniqState(dst_port).
+    ip = s["ip_version"] != 0
+    if ip.any():
+        m = pa.array(ip)
+        pairs = pa.table({**base, "src_ip": s["src_ip"], "dst_ip": s["dst_ip"], "value_port": pa.array(dport),
+                          "packets": pa.array(rate), "bytes": pa.array(wire),
+                          "syns": pa.array(np.where(syn, rate, 0)), "synacks": pa.array(np.where(synack, rate, 0)),
+                          "rsts": pa.array(np.where(rst, rate, 0))}).filter(m)
+        key = ["minute", "host", "src_ip", "dst_ip", "ip_proto"]
+        sums = ["packets", "bytes", "syns", "synacks", "rsts"]
+        fine = _group(pairs, key + ["value_port"], sums)
+        fine = fine.append_column("has_value", pa.array(np.ones(fine.num_rows, np.uint8))) \
+                   .append_column("other", pa.array(np.zeros(fine.num_rows, np.uint8))) \
+                   .append_column("folded_keys", pa.array(np.zeros(fine.num_rows, np.uint64)))
+        fine, n = _bound(fine, key, max_keys, ["value_port"])
+        folded += n
+        out.append(_stage(KIND_PAIRS, fine))
+    # services_1m: a SYN-ACK from (ip, port), or a UDP reply from a low port; one row per client.
+    svc = synack | ((proto == 17) & (sport != 0) & (sport < dport) & (sport < 32768))
+    if svc.any():
+        m = pa.array(svc)
+        t = pa.table({**base, "src_ip": s["src_ip"], "port": pa.array(sport), "value_ip": s["dst_ip"],
+                      "packets": pa.array(rate)}).filter(m)
+        key = ["minute", "host", "src_ip", "ip_proto", "port"]
+        fine = _group(t, key + ["value_ip"], ["packets"])
+        n0 = fine.num_rows
+        for c, v in (("bytes", np.uint64), ("syns", np.uint64), ("synacks", np.uint64), ("rsts", np.uint64)):
+            fine = fine.append_column(c, pa.array(np.zeros(n0, v)))
+        fine = fine.append_column("has_value", pa.array(np.ones(n0, np.uint8))) \
+                   .append_column("other", pa.array(np.zeros(n0, np.uint8))) \
+                   .append_column("folded_keys", pa.array(np.zeros(n0, np.uint64)))
+        fine, n = _bound(fine, key, max_keys, ["value_ip"])
+        folded += n
+        out.append(_stage(KIND_SERVICES, fine))
+    return pa.concat_tables(out), folded
