@@ -115,7 +115,7 @@ class Collector:
                              on_connected=self._on_connected)
         self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
                                batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
-                               emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
+                               compress_level=self.config.batch_compression, emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
                                id_source=(lambda: self.spool.collector_id) if self.spool is not None else None,
                                on_records=self.spool.count_read if self.spool is not None else None)
         listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)

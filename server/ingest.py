@@ -180,10 +180,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                     host = identity_for(identity, batch)
                     self._check_seq(batch)
                     rows = sum(t.rows for t in batch.tables)
+                    limit = self.writer.config.max_message_bytes
                     if rows > INLINE_ROWS:
-                        tables = await asyncio.to_thread(convert_batch, batch, host)
+                        tables = await asyncio.to_thread(convert_batch, batch, host, limit)
                     else:
-                        tables = convert_batch(batch, host)
+                        tables = convert_batch(batch, host, limit)
                 except BatchError as exc:
                     self.metrics.rejected(exc.kind)
                     self._log_reject(f"server: batch {batch.collector_id[:64]!r}/{batch.seq} from {peer} rejected: {exc}")
