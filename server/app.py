@@ -217,7 +217,7 @@ class Server:
         m = self.metrics
         pending = self.writer.pending_rows if self.writer is not None else 0
         return (f"streams={m.open_streams} batches={m.total_batches} rows={m.total_rows} "
-                f"dup={m.total_dup} rejected={m.total_rejected} pending={pending}")
+                f"dup={m.total_dup} rejected={m.total_rejected} pending={pending} bytes={m.total_bytes}")
 
     async def _status_loop(self) -> None:
         from hdrlog.logs import StatusLines

@@ -77,9 +77,9 @@ def bench(rows: int, batches: int) -> list[tuple[str, float]]:
     return results
 
 
-async def _end_to_end(tmp: str, msgs: list[ingest_pb2.Batch]) -> float:
+async def _end_to_end(tmp: str, msgs: list[ingest_pb2.Batch], config: dict | None = None) -> float:
     cfg = ServerConfig(listen="127.0.0.1:0", sql_listen="", clickhouse=f"chdb://{tmp}/store", insecure=True,
-                       flush_rows=100_000, status_interval=0)
+                       status_interval=0, **(config or {}))
     server = Server(cfg)
     await server.start()
     try:
@@ -90,6 +90,7 @@ async def _end_to_end(tmp: str, msgs: list[ingest_pb2.Batch]) -> float:
             rows = 0
             async for ack in stub.Stream(iter(msgs)):
                 rows += ack.rows
+            await server.writer.caught_up()  # the rollups of the last flush are stored too
             return rows / (time.perf_counter() - t)
     finally:
         await server.stop(grace=1)

@@ -58,6 +58,7 @@ class ServerMetrics:
         self.total_dup = 0
         self.total_rejected = 0
         self.open_streams = 0
+        self.total_bytes = 0  # serialized Batch bytes received (the wire's share, for the status line)
         self._http: MetricsHttp | None = None
         self.port: int | None = None
 
@@ -67,6 +68,7 @@ class ServerMetrics:
         self.batches_received.inc()
         self.bytes_received.inc(nbytes)
         self.total_batches += 1
+        self.total_bytes += nbytes
 
     def rejected(self, kind: str) -> None:
         self.batches_rejected.labels(kind).inc()

@@ -12,12 +12,11 @@ for ``hdrlog.rollup_in`` (a ``Null`` table); three light views move its rows int
 row per distinct value). One INSERT per flush, with its own deduplication token; exactly-once
 across a crash is the writer's job (``writer.py``, "Rollups").
 
-Bounded cost. ``packets_1m``'s key space is bounded by nature (direction x protocol x port)
-and is always exact. ``pairs_1m`` and ``services_1m`` keep, per (host, minute) and flush, at
-most ``max_keys`` keys: when a flush has more, the ``max_keys`` with the most packets (ties by
+Bounded cost. Each rollup table keeps, per (host, minute) and flush, at most ``max_keys`` keys: when a flush has more, the ``max_keys`` with the most packets (ties by
 key) keep their own rows, exact for that flush, and the rest of that minute's traffic in the
-flush is summed into one row with ``other = 1`` (addresses ``::``, port 0, protocol 0), whose
-``folded_keys`` says how many keys it stands for. Sums over a minute, ``other`` rows included,
+flush is summed into one row with ``other = 1`` (addresses ``::``, port 0, protocol 0, direction
+''), whose ``folded_keys`` says how many keys it stands for (pairs_1m, services_1m; packets_1m,
+a SummingMergeTree that sums only its measures, counts them in the server's metric only). Sums over a minute, ``other`` rows included,
 always equal the raw table's. The choice is deterministic (the same rows give the same
 table, whatever their order), which the crash recovery relies on.
 """
@@ -57,7 +56,6 @@ STAGE_SCHEMA = pa.schema([
 # The raw packets columns a rollup reads (the crash recovery selects just these).
 SOURCE_COLUMNS = ("ts", "host", "direction", "sample_rate", "wire_len", "ip_version", "src_ip", "dst_ip",
                   "ip_proto", "src_port", "dst_port", "tcp_flags")
-_ZERO16 = b"\0" * 16
 
 
 def _np(col) -> np.ndarray:
@@ -92,11 +90,12 @@ def _group(table: pa.Table, keys: list[str], sums: list[str]) -> pa.Table:
     return g.rename_columns([c[:-4] if c.endswith("_sum") else c for c in g.column_names])
 
 
-def _bound(fine: pa.Table, key: list[str], max_keys: int, value_cols: list[str]) -> tuple[pa.Table, int]:
+def _bound(fine: pa.Table, key: list[str], max_keys: int, value_cols: list[str],
+           sums: tuple[str, ...] = ("packets", "bytes", "syns", "synacks", "rsts")) -> tuple[pa.Table, int]:
     """Keep at most ``max_keys`` keys per (host, minute) of ``fine`` (one row per key and value);
     fold the rest of each such minute into one ``other`` row. Returns the table and the number
     of keys folded."""
-    sums = ["packets", "bytes", "syns", "synacks", "rsts"]
+    sums = list(sums)
     keyed = _group(fine.select(key + sums), key, sums)
     hm = _group(keyed.select(["host", "minute"]).append_column("n", pa.array(np.ones(keyed.num_rows, np.uint64))),
                 ["host", "minute"], ["n"])
@@ -121,21 +120,24 @@ def _bound(fine: pa.Table, key: list[str], max_keys: int, value_cols: list[str])
                    .append_column("folded_keys", pa.array(np.ones(folded.num_rows, np.uint64))),
                    ["host", "minute"], sums + ["folded_keys"])
     n = other.num_rows
-    zeros16 = pa.array([_ZERO16] * n, pa.binary(16))
     cols = {"host": other.column("host"), "minute": other.column("minute"),
             **{s: other.column(s) for s in sums}, "folded_keys": other.column("folded_keys"),
             "other": pa.array(np.ones(n, np.uint8)), "has_value": pa.array(np.zeros(n, np.uint8))}
-    for k in key:
+    for k in [*key, *value_cols]:
         if k not in cols:
-            cols[k] = zeros16 if fine.schema.field(k).type == pa.binary(16) else \
-                pa.array(np.zeros(n, fine.schema.field(k).type.to_pandas_dtype()), fine.schema.field(k).type)
-    for v in value_cols:
-        if v not in cols:
-            t = fine.schema.field(v).type
-            cols[v] = zeros16 if t == pa.binary(16) else pa.array(np.zeros(n, t.to_pandas_dtype()), t)
+            cols[k] = _zeros(fine.schema.field(k).type, n)
     other_tbl = pa.table({c: cols[c] for c in fine.column_names if c in cols})
     kept = kept.select(other_tbl.column_names)
     return pa.concat_tables([kept, other_tbl.cast(kept.schema)]), int(folded.num_rows)
+
+
+def _zeros(t: pa.DataType, n: int) -> pa.Array:
+    """``n`` zero values of an Arrow type: 0, '' or ::."""
+    if t == pa.binary(16):
+        return pa.FixedSizeBinaryArray.from_buffers(t, n, [None, pa.py_buffer(bytes(16 * n))])
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.array([""] * n, t)
+    return pa.array(np.zeros(n, t.to_pandas_dtype()), t)
 
 
 def _stage(kind: int, t: pa.Table) -> pa.Table:
@@ -147,12 +149,8 @@ def _stage(kind: int, t: pa.Table) -> pa.Table:
             cols.append(pa.array(np.full(n, kind, np.uint8)))
         elif f.name in t.column_names:
             cols.append(t.column(f.name).cast(f.type))
-        elif f.type == pa.string():
-            cols.append(pa.array([""] * n, pa.string()) if n else pa.array([], pa.string()))
-        elif f.type == pa.binary(16):
-            cols.append(pa.array([_ZERO16] * n, pa.binary(16)))
         else:
-            cols.append(pa.array(np.zeros(n, f.type.to_pandas_dtype()), f.type))
+            cols.append(_zeros(f.type, n))
     return pa.Table.from_arrays(cols, schema=STAGE_SCHEMA)
 
 
@@ -169,13 +167,16 @@ def rollup_rows(data: pa.Table, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[pa.Ta
     rst = tcp & ((flags & 0x04) != 0)
     port = np.where((sport == 0) | (dport == 0), np.maximum(sport, dport), np.minimum(sport, dport)).astype(np.uint16)
     base = {"minute": pa.array(s["minute"]), "host": s["host"], "ip_proto": pa.array(proto)}
-    # packets_1m: exact (its key space is bounded by nature).
+    # packets_1m: by direction, protocol and service port (a scan makes every port one).
+    key = ["minute", "host", "direction", "ip_proto", "port"]
     p1 = _group(pa.table({**base, "direction": s["direction"], "port": pa.array(port),
                           "packets": pa.array(rate), "bytes": pa.array(wire),
                           "records": pa.array(np.ones(s["rows"], np.uint64))}),
-                ["minute", "host", "direction", "ip_proto", "port"], ["packets", "bytes", "records"])
+                key, ["packets", "bytes", "records"])
+    p1 = p1.append_column("other", pa.array(np.zeros(p1.num_rows, np.uint8))) \
+           .append_column("folded_keys", pa.array(np.zeros(p1.num_rows, np.uint64)))
+    p1, folded = _bound(p1, key, max_keys, [], sums=("packets", "bytes", "records"))
     out = [_stage(KIND_PACKETS, p1)]
-    folded = 0
     # pairs_1m: one row per (pair, destination port); the view makes uniqState(dst_port).
     ip = s["ip_version"] != 0
     if ip.any():

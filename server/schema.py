@@ -401,9 +401,10 @@ MIGRATIONS += [
 # The server groups each flush itself (server/rollup.py) and inserts the partial aggregates into
 # rollup_in, a Null table: three light views move them into the rollup tables (the uniq states
 # are made there, from one row per distinct value). The views on packets go: their cost grew with
-# the number of groups (a scan made every row one). pairs_1m and services_1m gain `other` (1 on
+# the number of groups (a scan made every row one). The rollups gain `other` (1 on
 # the row that stands for the keys a flush folded when it had more than the server's
-# rollup_max_keys in one minute, see docs/sql.md) and `folded_keys` (how many). rollup_log is the
+# rollup_max_keys in one minute, see docs/sql.md), pairs_1m and services_1m also `folded_keys`
+# (how many; packets_1m sums only its measures). rollup_log is the
 # writer's journal: a flush's intent before its packets INSERT, its end after the rollup INSERT;
 # a start finds the flushes without an end and rolls their stored rows up again (writer.py).
 _ROLLUP_IN = f"""
@@ -434,7 +435,7 @@ ENGINE = Null
 
 _PACKETS_1M_MV2 = f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.packets_1m_in TO {DATABASE}.packets_1m AS
-SELECT minute, host, direction, ip_proto, port, packets, bytes, records
+SELECT minute, host, direction, ip_proto, port, other, packets, bytes, records
 FROM {DATABASE}.rollup_in WHERE kind = 0
 """
 
@@ -463,11 +464,11 @@ CREATE TABLE IF NOT EXISTS {DATABASE}.rollup_log
     state         UInt8,
     collector_ids Array(String),
     seqs          Array(UInt64),
-    days          Array(UInt32)
+    days          Array(UInt32),
+    members       Array(String)
 )
 ENGINE = MergeTree
 ORDER BY (token, state)
-TTL at + INTERVAL 30 DAY
 """
 
 MIGRATIONS += [
@@ -476,6 +477,8 @@ MIGRATIONS += [
         f"DROP VIEW IF EXISTS {DATABASE}.packets_1m_mv",
         f"DROP VIEW IF EXISTS {DATABASE}.pairs_1m_mv",
         f"DROP VIEW IF EXISTS {DATABASE}.services_1m_mv",
+        f"ALTER TABLE {DATABASE}.packets_1m ADD COLUMN IF NOT EXISTS other UInt8, "
+        "MODIFY ORDER BY (host, minute, direction, ip_proto, port, other)",
         f"ALTER TABLE {DATABASE}.pairs_1m ADD COLUMN IF NOT EXISTS other UInt8, "
         "ADD COLUMN IF NOT EXISTS folded_keys SimpleAggregateFunction(sum, UInt64), "
         "MODIFY ORDER BY (host, minute, src_ip, dst_ip, ip_proto, other)",

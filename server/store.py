@@ -24,6 +24,7 @@ separate control handle; chDB runs it concurrently with the query).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -319,30 +320,56 @@ class Store:
             return self._rollup_client
 
     def log_rollup(self, token: str, state: int, batches: list[tuple[str, int, int]], *,
-                   rollup: bool = False) -> None:
+                   rollup: bool = False, members: list[str] | None = None) -> None:
         """One journal row of the rollups (rollup_log): a flush's intent (state 0, with its
-        (collector_id, seq, day) list) or its end (state 1). Never a permanent failure: the
-        server wrote it, so the retry decides (writer.py)."""
+        (collector_id, seq, day) list), its end (state 1), or a group of flushes rolled up in one
+        INSERT (state 2, ``members``). Never a permanent failure: the server wrote it, so the
+        retry decides (writer.py)."""
+        self._log_rows([(token, state, batches, members or [])], f"{token}-log{state}", rollup)
+
+    def end_rollups(self, tokens: list[str]) -> None:
+        """The journal's end of these flushes, in one INSERT (all of them or none)."""
+        name = tokens[0] if len(tokens) == 1 else \
+            "hdrlog-e-" + hashlib.sha256("|".join(sorted(tokens)).encode()).hexdigest()[:40]
+        self._log_rows([(t, 1, [], []) for t in tokens], f"{name}-log1", True)
+
+    def _log_rows(self, rows: list[tuple[str, int, list[tuple[str, int, int]], list[str]]], dedup: str,
+                  rollup: bool) -> None:
         if self._client is None:
             raise StoreError("store is closed")
-        data = pa.table({"token": [token], "state": pa.array([state], pa.uint8()),
-                         "collector_ids": [[b[0] for b in batches]],
-                         "seqs": pa.array([[b[1] for b in batches]], pa.list_(pa.uint64())),
-                         "days": pa.array([[b[2] for b in batches]], pa.list_(pa.uint32()))})
+        data = pa.table({"token": [r[0] for r in rows], "state": pa.array([r[1] for r in rows], pa.uint8()),
+                         "collector_ids": [[b[0] for b in r[2]] for r in rows],
+                         "seqs": pa.array([[b[1] for b in r[2]] for r in rows], pa.list_(pa.uint64())),
+                         "days": pa.array([[b[2] for b in r[2]] for r in rows], pa.list_(pa.uint32())),
+                         "members": pa.array([r[3] for r in rows], pa.list_(pa.string()))})
         client = self._rollup_handle() if rollup else self._client
         try:
             client.insert_arrow(f"{schema.DATABASE}.rollup_log", data, settings={
-                "insert_deduplication_token": f"{token}-log{state}", "insert_deduplicate": 1, "async_insert": 0})
+                "insert_deduplication_token": dedup, "insert_deduplicate": 1, "async_insert": 0})
         except Exception as exc:  # noqa: BLE001
             err = classify(exc)
             raise StoreError(str(err), code=err.code, permanent=False) from None
+
+    def rollup_groups(self, tokens: list[str]) -> list[tuple[str, list[str]]]:
+        """The journaled groups (state 2) with a member among ``tokens``: (group token, members)."""
+        if not tokens:
+            return []
+        try:
+            rows = self._client.query(
+                f"SELECT token, any(members) FROM {schema.DATABASE}.rollup_log WHERE state = 2 "
+                "AND hasAny(members, {t:Array(String)}) GROUP BY token ORDER BY token",
+                parameters={"t": tokens}).result_rows
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
+        return [(str(g), [str(m) for m in members]) for g, members in rows]
 
     def unfinished_rollups(self) -> list[tuple[str, list[tuple[str, int, int]]]]:
         """Flushes whose intent is journaled but not their end: (token, [(collector_id, seq, day)])."""
         try:
             rows = self._client.query(
-                f"SELECT token, any(collector_ids), any(seqs), any(days) FROM {schema.DATABASE}.rollup_log "
-                "GROUP BY token HAVING max(state) = 0 AND countIf(state = 0) > 0 ORDER BY token").result_rows
+                f"SELECT token, anyIf(collector_ids, state = 0), anyIf(seqs, state = 0), anyIf(days, state = 0) "
+                f"FROM {schema.DATABASE}.rollup_log WHERE state IN (0, 1) "
+                "GROUP BY token HAVING countIf(state = 1) = 0 ORDER BY token").result_rows
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
         return [(str(t), [(str(c), int(q), int(d)) for c, q, d in zip(ids, seqs, days)]) for t, ids, seqs, days in rows]

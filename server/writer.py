@@ -100,7 +100,10 @@ RETRY_ACK_AFTER = 3      # failed attempts before waiting streams get RETRY
 STOP_ATTEMPTS = 3        # attempts per flush once stopping, before answering RETRY and giving up
 # Steps of a flush's packets besides the INSERT itself, kept in its ``done`` set (see "Rollups").
 ROLLUP_INTENT, ROLLUP_INSERT, ROLLUP_END = "packets:intent", "packets:rollup", "packets:end"
-ROLLUP_QUEUE = 2         # flushes whose rollup may wait for the rollup worker before a flush waits
+ROLLUP_GROUP = "rollup:group"
+ROLLUP_QUEUE = 64        # flushes whose rollup may wait for the rollup worker before a flush waits
+ROLLUP_EVERY = 1.0       # seconds the rollup worker gathers flushes into one rollup INSERT
+ROLLUP_GROUP_MAX = 32    # flushes in one rollup INSERT at most
 
 
 @dataclass
@@ -154,6 +157,7 @@ class Writer:
         # Flushes whose packets are stored and whose rollup is not yet: (data, token), for the worker.
         self._rollups: asyncio.Queue = asyncio.Queue(maxsize=ROLLUP_QUEUE)
         self._rollup_task: asyncio.Task | None = None
+        self._rollup_hurry = 0  # > 0 while someone waits for the rollups (no gathering then)
         self._warn_folded = DropWarning(
             log, f"server: rollup keys past rollup_max_keys={config.rollup_max_keys} per host-minute and flush",
             "raise rollup_max_keys to keep more of them apart", unit="keys")
@@ -411,62 +415,123 @@ class Writer:
             await self._rollups.put((data, token))  # waits while the worker is ROLLUP_QUEUE flushes behind
             done.add(ROLLUP_END)
 
-    async def _rollup_worker(self) -> None:
-        """Rolls up the flushes' packets one at a time, on the store's second handle, while the next
-        flush inserts: retried until stored; once stopping, at most STOP_ATTEMPTS times (the journal
-        then has the flush without an end, and the next start rolls it up)."""
-        while True:
-            item = await self._rollups.get()
-            try:
-                if item is None:
-                    return
-                data, token = item
-                done: set[str] = set()
-                attempt = 0
-                while True:
-                    try:
-                        await asyncio.to_thread(self._roll_up, data, token, done)
-                        break
-                    except Exception as exc:  # noqa: BLE001 - server-made rows: always worth a retry
-                        attempt += 1
-                        self.metrics.insert_errors.labels("rollup").inc()
-                        if self._stopping and attempt >= STOP_ATTEMPTS:
-                            log.error("server: rollup of flush %s failed %d times while stopping (%s); the next "
-                                      "start rolls it up from the stored rows", token, attempt, exc)
-                            break
-                        delay = backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP)
-                        log.warning("server: rollup insert failed (%s); retry %d in %.1fs", exc, attempt, delay)
-                        await self._sleep(delay)
-            finally:
-                self._rollups.task_done()
+    async def caught_up(self) -> None:
+        """Until every flush queued so far has its rollup stored (tests, benchmarks, recovery)."""
+        self._rollup_hurry += 1
+        try:
+            await self._rollups.join()
+        finally:
+            self._rollup_hurry -= 1
 
-    def _roll_up(self, data: pa.Table, token: str, done: set[str]) -> None:
-        """Blocking: the rollup rows of ``data`` under ``token``, then the journal's end of it."""
+    async def _rollup_worker(self) -> None:
+        """Rolls up the flushes' packets on the store's second handle, while the next flushes
+        insert. Each flush is aggregated as it comes (its Arrow rows are let go at once); the
+        partial aggregates of the flushes that arrive within ``ROLLUP_EVERY`` seconds go into one
+        rollup INSERT (a group: its parts and views cost per INSERT, not per row). Retried until
+        stored; once stopping, at most STOP_ATTEMPTS times (the journal then has those flushes
+        without an end, and the next start rolls them up)."""
+        group: list[tuple[str, pa.Table]] = []   # (flush token, its rollup rows)
+        since = 0.0
+        while True:
+            if not group:
+                item = await self._rollups.get()
+            elif not self._rollups.empty() and len(group) < ROLLUP_GROUP_MAX:
+                item = self._rollups.get_nowait()
+            else:
+                hurry = self._stopping or self._draining or self._rollup_hurry or len(group) >= ROLLUP_GROUP_MAX
+                left = 0.0 if hurry else since + ROLLUP_EVERY - time.monotonic()
+                item = False  # False: store the group now
+                if left > 0:
+                    try:
+                        item = await asyncio.wait_for(self._rollups.get(), left)
+                    except asyncio.TimeoutError:
+                        pass
+            if item:
+                data, token = item
+                try:
+                    rows = await asyncio.to_thread(self._aggregate, data)
+                except Exception:  # noqa: BLE001 - a bug here must not stop the worker
+                    log.exception("server: cannot roll up flush %s; its journal entry stays open for the next start",
+                                  token)
+                    self._rollups.task_done()
+                    continue
+                if not group:
+                    since = time.monotonic()
+                group.append((token, rows))
+                continue  # task_done once its rollup is stored
+            if group:
+                await self._store_group(group)
+                for _ in group:
+                    self._rollups.task_done()
+                group = []
+            if item is None:
+                self._rollups.task_done()
+                return
+
+    def _aggregate(self, data: pa.Table) -> pa.Table:
+        rows, folded = rollup.rollup_rows(data, self.config.rollup_max_keys)
+        if folded:
+            self.metrics.rollup_folded_keys.labels("rollups").inc(folded)
+            self._warn_folded.dropped(folded, "summed into other = 1 rows, totals kept")
+        return rows
+
+    async def _store_group(self, group: list[tuple[str, pa.Table]]) -> None:
+        done: set[str] = set()
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self._roll_up, group, done)
+                return
+            except Exception as exc:  # noqa: BLE001 - server-made rows: always worth a retry
+                attempt += 1
+                self.metrics.insert_errors.labels("rollup").inc()
+                if self._stopping and attempt >= STOP_ATTEMPTS:
+                    log.error("server: rollup of %d flushes failed %d times while stopping (%s); the next "
+                              "start rolls them up from the stored rows", len(group), attempt, exc)
+                    return
+                delay = backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP)
+                log.warning("server: rollup insert failed (%s); retry %d in %.1fs", exc, attempt, delay)
+                await self._sleep(delay)
+
+    def _roll_up(self, group: list[tuple[str, pa.Table]], done: set[str]) -> None:
+        """Blocking: one group's rollup rows, then the journal's end of its flushes.
+
+        A group of one flush inserts under ``<flush token>-rollup``; a larger group is journaled
+        first (state 2, its members), then inserted under ``<group token>-rollup``, so a recovery
+        rolls the same flushes up together under the same token (see ``_recover_rollups``)."""
+        tokens = [t for t, _ in group]
+        name = tokens[0] if len(tokens) == 1 else _group_token(tokens)
+        if len(tokens) > 1 and ROLLUP_GROUP not in done:
+            self.store.log_rollup(name, 2, [], rollup=True, members=tokens)
+            done.add(ROLLUP_GROUP)
         if ROLLUP_INSERT not in done:
-            rows, folded = rollup.rollup_rows(data, self.config.rollup_max_keys)
-            if folded:
-                self.metrics.rollup_folded_keys.labels("pairs_1m+services_1m").inc(folded)
-                self._warn_folded.dropped(folded, "summed into other = 1 rows, totals kept")
-            self.store.insert_rollup(rows, f"{token}-rollup")
+            rows = [r for _, r in group if r.num_rows]
+            if rows:
+                self.store.insert_rollup(pa.concat_tables(rows), f"{name}-rollup")
             done.add(ROLLUP_INSERT)
         if ROLLUP_END not in done:
-            self.store.log_rollup(token, 1, [], rollup=True)
+            self.store.end_rollups(tokens)
             done.add(ROLLUP_END)
 
     async def _recover(self) -> None:
         """Wait for the rollup worker to finish what it holds, then recover from the journal."""
-        await self._rollups.join()
+        await self.caught_up()
         await asyncio.to_thread(self._recover_rollups)
 
     def _recover_rollups(self) -> int:
         """Roll up again the stored rows of every flush journaled without an end (a crash or an
-        unknown failure between its packets INSERT and its rollup's), with the flush's own tokens:
-        a rollup that did land is dropped by ClickHouse, one that did not is stored. Blocking."""
-        pending = self.store.unfinished_rollups()
-        for token, batches in pending:
-            data = self.store.stored_packets(batches, rollup.SOURCE_COLUMNS)
-            done = set() if data.num_rows else {ROLLUP_INSERT}
-            self._roll_up(data, token, done)
+        unknown failure between its packets INSERT and its rollup's), grouped as they were (the
+        group rows of the journal) and under the same tokens: a rollup that did land is dropped by
+        ClickHouse, one that did not is stored. Blocking."""
+        pending = dict(self.store.unfinished_rollups())
+        groups = self.store.rollup_groups(list(pending))
+        todo = [[m for m in members if m in pending] for _g, members in groups]
+        grouped = {m for members in todo for m in members}
+        todo += [[t] for t in pending if t not in grouped]
+        for members in todo:
+            group = [(t, self._aggregate(self.store.stored_packets(pending[t], rollup.SOURCE_COLUMNS))
+                      if pending[t] else pa.table({})) for t in members]
+            self._roll_up(group, {ROLLUP_GROUP})
         if pending:
             log.info("server: rolled up %d interrupted flushes again", len(pending))
         return len(pending)
@@ -524,6 +589,11 @@ def concat(tables: list[pa.Table]) -> pa.Table:
 def _journal(parts: list[tuple[_Entry, TableRows]]) -> list[tuple[str, int, int]]:
     """(collector_id, seq, day) of every batch's rows in a flush: what its rollup stands for."""
     return [(e.collector_id, e.seq, int(d)) for e, tr in parts for d in e.days[tr.name].tolist()]
+
+
+def _group_token(tokens: list[str]) -> str:
+    """The token of a group of flushes' rollups: the same for the same flushes, in any order."""
+    return "hdrlog-g-" + hashlib.sha256("|".join(sorted(tokens)).encode()).hexdigest()[:40]
 
 
 def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:

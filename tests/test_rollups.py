@@ -11,6 +11,8 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
+import pytest
 
 from bench import synth
 from hdrlog.proto import columns as registry
@@ -18,7 +20,7 @@ from hdrlog.proto import ingest_pb2
 from hdrlog.server import rollup
 from hdrlog.server.convert import convert_batch
 from hdrlog.server.store import Store
-from hdrlog.server.writer import _Entry, _journal, _token, concat
+from hdrlog.server.writer import _Entry, _group_token, _journal, _token, concat
 from tests.test_server_helpers import ServerProcess, ServerThread, batch, config
 from tests.test_server_restart import MiniCollector, sql
 
@@ -42,7 +44,7 @@ PAIRS = (
 QUERIES = {
     "packets_1m": (
         "SELECT toString(minute), host, direction, ip_proto, port, sum(packets), sum(bytes), sum(records) "
-        "FROM hdrlog.packets_1m GROUP BY ALL ORDER BY ALL",
+        "FROM hdrlog.packets_1m WHERE other = 0 GROUP BY ALL ORDER BY ALL",
         f"SELECT toString(toStartOfMinute(ts)), host, direction, ip_proto, {PORT} AS p, sum(toUInt64(sample_rate)), "
         "sum(toUInt64(wire_len) * sample_rate), count() FROM hdrlog.packets GROUP BY ALL ORDER BY ALL"),
     "pairs_1m": PAIRS,
@@ -82,7 +84,7 @@ def test_rollups_equal_the_raw_aggregation_on_a_plausible_mix_and_a_scan(tmp_pat
     try:
         acks = srv.send(batches)
         assert [a.status for a in acks] == [OK] * len(batches)
-        srv.call(srv.server.writer._rollups.join())  # noqa: SLF001 - the rollup worker has caught up
+        srv.call(srv.server.writer.caught_up())  # the rollup worker has caught up
         assert_rollups_equal_raw(srv.query)
         # the materialized views on packets are gone: their work is the server's now
         assert srv.query("SELECT count() FROM system.tables WHERE database = 'hdrlog' AND name LIKE '%_1m_mv'") == [(0,)]
@@ -99,7 +101,7 @@ def test_a_scan_past_rollup_max_keys_keeps_the_top_keys_exact_and_folds_the_rest
     srv = ServerThread(config(tmp_path / "store", flush_rows=100_000, rollup_max_keys=k)).start()
     try:
         assert [a.status for a in srv.send([cols_batch(1, scan, n)])] == [OK]
-        srv.call(srv.server.writer._rollups.join())  # noqa: SLF001
+        srv.call(srv.server.writer.caught_up())
         kept = {r[:5]: r for r in srv.query(PAIRS[0])}
         raw = {r[:5]: r for r in srv.query(PAIRS[1])}
         assert len(kept) == k and len(raw) > 10 * k
@@ -115,56 +117,67 @@ def test_a_scan_past_rollup_max_keys_keeps_the_top_keys_exact_and_folds_the_rest
         assert other[0][4] == len(raw) - k and other[0][5] == 1
         svc_keys = srv.query("SELECT count() FROM hdrlog.services_1m WHERE other = 0")
         assert svc_keys[0][0] <= k
-        # packets_1m is never folded: every port of the scan has its row
+        # packets_1m: its kept keys exact too, its totals (other row included) the raw totals
         mine, raw_q = QUERIES["packets_1m"]
-        assert srv.query(mine) == srv.query(raw_q)
-        folded = srv.server.metrics.value("hdrlog_server_rollup_folded_keys_total", table="pairs_1m+services_1m")
+        kept1 = srv.query(mine)
+        raw1 = {r[:5]: r for r in srv.query(raw_q)}
+        assert len(kept1) == k and all(raw1[r[:5]] == r for r in kept1)
+        assert srv.query("SELECT sum(packets), sum(bytes), sum(records) FROM hdrlog.packets_1m") == \
+            srv.query("SELECT count(), sum(toUInt64(wire_len)), count() FROM hdrlog.packets")
+        folded = srv.server.metrics.value("hdrlog_server_rollup_folded_keys_total", table="rollups")
         assert folded >= len(raw) - k
     finally:
         assert srv.stop() == []
 
 
-def _flush_state(store_path, batches, rollup_landed: bool) -> None:
-    """What a server killed after a flush's packets INSERT leaves: the journal's intent and the rows,
-    and (``rollup_landed``) the rollup rows too, but never the journal's end."""
+def _flush_state(store_path, batches, landed: str) -> None:
+    """What a server killed after its flushes' packets INSERTs leaves: the journal's intents and the
+    rows; with ``landed`` "single" also the first flush's rollup, with "group" the rollup of all
+    flushes in one INSERT and its group row; never the journal's ends."""
     store = Store(f"chdb://{store_path}")
     store.open()
     store.migrate()
     try:
-        converted = [convert_batch(b, b.host)[0] for b in batches]
-        entries = [_Entry(b.collector_id, b.seq, [t], {"packets": np.unique(t.days)}, t.rows, 0.0)
-                   for b, t in zip(batches, converted)]
-        parts = [(e, e.tables[0]) for e in entries]
-        token = _token("packets", parts)
-        data = concat([t.data for t in converted])
-        store.log_rollup(token, 0, _journal(parts))
-        store.insert("packets", data, token)
-        if rollup_landed:
-            store.insert_rollup(rollup.rollup_rows(data)[0], f"{token}-rollup")
+        tokens, stages = [], []
+        for b in batches:  # one flush per batch
+            t = convert_batch(b, b.host)[0]
+            e = _Entry(b.collector_id, b.seq, [t], {"packets": np.unique(t.days)}, t.rows, 0.0)
+            token = _token("packets", [(e, t)])
+            store.log_rollup(token, 0, _journal([(e, t)]))
+            store.insert("packets", concat([t.data]), token)
+            tokens.append(token)
+            stages.append(rollup.rollup_rows(t.data)[0])
+        if landed == "single":
+            store.insert_rollup(stages[0], f"{tokens[0]}-rollup")
+        elif landed == "group":
+            group = _group_token(tokens)
+            store.log_rollup(group, 2, [], members=tokens)
+            store.insert_rollup(pa.concat_tables(stages), f"{group}-rollup")
     finally:
         store.close()
 
 
-def test_a_crash_between_the_packets_insert_and_its_rollup_is_rolled_up_once_at_start(tmp_path):
-    for landed in (False, True):
-        path = tmp_path / f"store-{landed}"
-        batches = [batch(s, 300, collector_id="crash") for s in (1, 2, 3)]
-        # in a process of its own: one process opens one chDB path
-        prep = multiprocessing.get_context("spawn").Process(target=_flush_state, args=(path, batches, landed))
-        prep.start()
-        prep.join(120)
-        assert prep.exitcode == 0
-        srv = ServerProcess(path, tmp_path / f"server-{landed}.log").start()
-        try:
-            q = lambda text: [tuple(r.values()) for r in sql(srv, text)]  # noqa: E731
-            assert_rollups_equal_raw(q)  # rolled up at start, and not twice when it had landed
-            assert [tuple(map(int, r)) for r in q("SELECT count() AS n FROM hdrlog.rollup_log WHERE state = 1")] == [(1,)]
-            collector = MiniCollector(batches)  # resends are duplicates: nothing moves
-            assert collector.run_once(srv.target)
-            assert all(a.duplicate for a in collector.acks)
-            assert_rollups_equal_raw(q)
-        finally:
-            assert srv.stop() == 0, (tmp_path / f"server-{landed}.log").read_text()[-2000:]
+@pytest.mark.parametrize("landed", ["none", "single", "group"])
+def test_a_crash_between_the_packets_insert_and_its_rollup_is_rolled_up_once_at_start(tmp_path, landed):
+    path = tmp_path / "store"
+    batches = [batch(s, 300, collector_id="crash") for s in (1, 2, 3)]
+    # in a process of its own: one process opens one chDB path
+    prep = multiprocessing.get_context("spawn").Process(target=_flush_state, args=(path, batches, landed))
+    prep.start()
+    prep.join(120)
+    assert prep.exitcode == 0
+    srv = ServerProcess(path, tmp_path / "server.log").start()
+    try:
+        q = lambda text: [tuple(r.values()) for r in sql(srv, text)]  # noqa: E731
+        assert_rollups_equal_raw(q)  # rolled up at start, and not twice what had landed
+        ends = q("SELECT count() AS n FROM hdrlog.rollup_log WHERE state = 1")
+        assert [tuple(map(int, r)) for r in ends] == [(3,)]
+        collector = MiniCollector(batches)  # resends are duplicates: nothing moves
+        assert collector.run_once(srv.target)
+        assert all(a.duplicate for a in collector.acks)
+        assert_rollups_equal_raw(q)
+    finally:
+        assert srv.stop() == 0, (tmp_path / "server.log").read_text()[-2000:]
 
 
 def test_rollups_stay_exact_across_a_sigkill_and_resends(tmp_path):
