@@ -6,10 +6,10 @@ Until schema migration 8 three materialized views grouped every INSERT into ``pa
 minute, ports and address pairs inside ClickHouse, and their cost grew with the number of
 groups: a port scan or a random-source flood (every row its own group) cut ingest to a fifth.
 Now the writer hands each flush's packets (already Arrow columns) to ``rollup_rows``, which
-groups them here with Arrow's hash group-by and returns a small table of partial aggregates
-for ``hdrlog.rollup_in`` (a ``Null`` table); three light views move its rows into
-``packets_1m``, ``pairs_1m`` and ``services_1m`` (the ``uniq`` states are made there, from one
-row per distinct value). One INSERT per flush, with its own deduplication token; exactly-once
+groups them here with Arrow's hash group-by and returns a small table of partial aggregates,
+one row per rollup key, for ``hdrlog.rollup_in`` (a ``Null`` table); three light views move its
+rows into ``packets_1m``, ``pairs_1m`` and ``services_1m`` (the ``uniq`` states are made there,
+from the key's list of distinct ports or clients). One INSERT per flush, with its own deduplication token; exactly-once
 across a crash is the writer's job (``writer.py``, "Rollups").
 
 Bounded cost. Each rollup table keeps, per (host, minute) and flush, at most ``max_keys`` keys: when a flush has more, the ``max_keys`` with the most packets (ties by
@@ -41,9 +41,8 @@ STAGE_SCHEMA = pa.schema([
     ("dst_ip", pa.binary(16)),
     ("ip_proto", pa.uint8()),
     ("port", pa.uint16()),
-    ("value_port", pa.uint16()),
-    ("value_ip", pa.binary(16)),
-    ("has_value", pa.uint8()),
+    ("ports", pa.list_(pa.uint16())),
+    ("clients", pa.list_(pa.binary(16))),
     ("other", pa.uint8()),
     ("folded_keys", pa.uint64()),
     ("packets", pa.uint64()),
@@ -82,53 +81,50 @@ def _source(data: pa.Table) -> dict[str, object]:
     return out
 
 
-def _group(table: pa.Table, keys: list[str], sums: list[str]) -> pa.Table:
-    """Group ``table`` by ``keys`` and sum ``sums`` (columns keep their names)."""
-    if table.num_rows == 0:
-        return table.select(keys + sums)
-    g = table.group_by(keys, use_threads=False).aggregate([(s, "sum") for s in sums])
-    return g.rename_columns([c[:-4] if c.endswith("_sum") else c for c in g.column_names])
+def _group(table: pa.Table, keys: list[str], sums: list[str], distinct: str = "") -> pa.Table:
+    """Group ``table`` by ``keys``, sum ``sums`` and list the ``distinct`` values of one column
+    (columns keep their names; the list is named ``values``)."""
+    aggs = [(s, "sum") for s in sums] + ([(distinct, "distinct")] if distinct else [])
+    g = table.group_by(keys, use_threads=False).aggregate(aggs)
+    return g.rename_columns([c[:-4] if c.endswith("_sum") else "values" if c.endswith("_distinct") else c
+                             for c in g.column_names])
 
 
-def _bound(fine: pa.Table, key: list[str], max_keys: int, value_cols: list[str],
-           sums: tuple[str, ...] = ("packets", "bytes", "syns", "synacks", "rsts")) -> tuple[pa.Table, int]:
-    """Keep at most ``max_keys`` keys per (host, minute) of ``fine`` (one row per key and value);
-    fold the rest of each such minute into one ``other`` row. Returns the table and the number
-    of keys folded."""
-    sums = list(sums)
-    keyed = _group(fine.select(key + sums), key, sums)
-    hm = _group(keyed.select(["host", "minute"]).append_column("n", pa.array(np.ones(keyed.num_rows, np.uint64))),
-                ["host", "minute"], ["n"])
-    if keyed.num_rows == 0 or int(pc.max(hm.column("n")).as_py()) <= max_keys:
-        return fine, 0
+def _bound(keyed: pa.Table, key: list[str], max_keys: int, sums: list[str]) -> tuple[pa.Table, int]:
+    """Keep at most ``max_keys`` rows (one per key) per (host, minute) of ``keyed``; fold the rest
+    of each such minute into one ``other`` row (key columns zero, ``values`` empty,
+    ``folded_keys`` = how many). Returns the table and the number of keys folded."""
+    n_keys = _group(keyed.select(["host", "minute"]).append_column(
+        "n", pa.array(np.ones(keyed.num_rows, np.uint64))), ["host", "minute"], ["n"])
+    if keyed.num_rows == 0 or int(pc.max(n_keys.column("n")).as_py()) <= max_keys:
+        return keyed, 0
     # Rank the keys inside each (host, minute): most packets first, then by key (deterministic).
     sort_keys = [("host", "ascending"), ("minute", "ascending"), ("packets", "descending")] + \
                 [(k, "ascending") for k in key if k not in ("host", "minute")]
-    idx = pc.sort_indices(keyed, sort_keys=sort_keys)
-    ranked = keyed.take(idx)
+    ranked = keyed.take(pc.sort_indices(keyed.drop_columns(["values"]) if "values" in keyed.column_names
+                                        else keyed, sort_keys=sort_keys))
     hosts = _np(ranked.column("host").dictionary_encode().combine_chunks().indices)
     minutes = _np(ranked.column("minute"))
     new_group = np.ones(ranked.num_rows, dtype=bool)
     new_group[1:] = (hosts[1:] != hosts[:-1]) | (minutes[1:] != minutes[:-1])
     starts = np.flatnonzero(new_group)
     pos = np.arange(ranked.num_rows) - np.repeat(starts, np.diff(np.append(starts, ranked.num_rows)))
-    kept_keys = ranked.filter(pa.array(pos < max_keys)).select(key)
+    kept = ranked.filter(pa.array(pos < max_keys))
     folded = ranked.filter(pa.array(pos >= max_keys))
-    # Rows of ``fine`` whose key is kept: a semi join on the key columns.
-    kept = fine.join(kept_keys, key, join_type="left semi", use_threads=False)
-    other = _group(folded.select(["host", "minute"] + sums)
-                   .append_column("folded_keys", pa.array(np.ones(folded.num_rows, np.uint64))),
-                   ["host", "minute"], sums + ["folded_keys"])
+    other = _group(folded.select(["host", "minute"] + sums).append_column(
+        "folded_keys", pa.array(np.ones(folded.num_rows, np.uint64))), ["host", "minute"], sums + ["folded_keys"])
     n = other.num_rows
-    cols = {"host": other.column("host"), "minute": other.column("minute"),
-            **{s: other.column(s) for s in sums}, "folded_keys": other.column("folded_keys"),
-            "other": pa.array(np.ones(n, np.uint8)), "has_value": pa.array(np.zeros(n, np.uint8))}
-    for k in [*key, *value_cols]:
-        if k not in cols:
-            cols[k] = _zeros(fine.schema.field(k).type, n)
-    other_tbl = pa.table({c: cols[c] for c in fine.column_names if c in cols})
-    kept = kept.select(other_tbl.column_names)
-    return pa.concat_tables([kept, other_tbl.cast(kept.schema)]), int(folded.num_rows)
+    cols = {}
+    for f in kept.schema:
+        if f.name in other.column_names:
+            cols[f.name] = other.column(f.name).cast(f.type)
+        elif f.name == "other":
+            cols[f.name] = pa.array(np.ones(n, np.uint8))
+        elif f.name == "values":
+            cols[f.name] = pa.array([[]] * n, f.type)
+        else:
+            cols[f.name] = _zeros(f.type, n)
+    return pa.concat_tables([kept, pa.table(cols, schema=kept.schema)]), int(folded.num_rows)
 
 
 def _zeros(t: pa.DataType, n: int) -> pa.Array:
@@ -137,12 +133,17 @@ def _zeros(t: pa.DataType, n: int) -> pa.Array:
         return pa.FixedSizeBinaryArray.from_buffers(t, n, [None, pa.py_buffer(bytes(16 * n))])
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return pa.array([""] * n, t)
+    if pa.types.is_list(t):
+        return pa.array([[]] * n, t)
     return pa.array(np.zeros(n, t.to_pandas_dtype()), t)
 
 
 def _stage(kind: int, t: pa.Table) -> pa.Table:
-    """``t``'s columns completed to STAGE_SCHEMA (absent ones are 0 / '' / ::)."""
+    """``t``'s columns completed to STAGE_SCHEMA (absent ones are 0 / '' / :: / [])."""
     n = t.num_rows
+    if "values" in t.column_names:
+        t = t.rename_columns(["ports" if c == "values" and kind == KIND_PAIRS else
+                              "clients" if c == "values" else c for c in t.column_names])
     cols = []
     for f in STAGE_SCHEMA:
         if f.name == "kind":
@@ -154,9 +155,15 @@ def _stage(kind: int, t: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=STAGE_SCHEMA)
 
 
+def _marks(t: pa.Table) -> pa.Table:
+    n = t.num_rows
+    return t.append_column("other", pa.array(np.zeros(n, np.uint8))) \
+            .append_column("folded_keys", pa.array(np.zeros(n, np.uint64)))
+
+
 def rollup_rows(data: pa.Table, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[pa.Table, int]:
-    """The partial aggregates of one flush's ``packets`` rows, as rows of ``hdrlog.rollup_in``;
-    and how many (key, flush) pairs were folded into ``other`` rows."""
+    """The partial aggregates of one flush's ``packets`` rows, as rows of ``hdrlog.rollup_in``
+    (one per key); and how many (key, flush) pairs were folded into ``other`` rows."""
     s = _source(data)
     rate = s["sample_rate"].astype(np.uint64)
     wire = s["wire_len"].astype(np.uint64) * rate
@@ -169,46 +176,31 @@ def rollup_rows(data: pa.Table, max_keys: int = DEFAULT_MAX_KEYS) -> tuple[pa.Ta
     base = {"minute": pa.array(s["minute"]), "host": s["host"], "ip_proto": pa.array(proto)}
     # packets_1m: by direction, protocol and service port (a scan makes every port one).
     key = ["minute", "host", "direction", "ip_proto", "port"]
+    sums = ["packets", "bytes", "records"]
     p1 = _group(pa.table({**base, "direction": s["direction"], "port": pa.array(port),
                           "packets": pa.array(rate), "bytes": pa.array(wire),
-                          "records": pa.array(np.ones(s["rows"], np.uint64))}),
-                key, ["packets", "bytes", "records"])
-    p1 = p1.append_column("other", pa.array(np.zeros(p1.num_rows, np.uint8))) \
-           .append_column("folded_keys", pa.array(np.zeros(p1.num_rows, np.uint64)))
-    p1, folded = _bound(p1, key, max_keys, [], sums=("packets", "bytes", "records"))
+                          "records": pa.array(np.ones(s["rows"], np.uint64))}), key, sums)
+    p1, folded = _bound(_marks(p1), key, max_keys, sums)
     out = [_stage(KIND_PACKETS, p1)]
-    # pairs_1m: one row per (pair, destination port); the view makes uniqState(dst_port).
+    # pairs_1m: one row per pair with its distinct destination ports (the view makes the uniq state).
     ip = s["ip_version"] != 0
     if ip.any():
-        m = pa.array(ip)
-        pairs = pa.table({**base, "src_ip": s["src_ip"], "dst_ip": s["dst_ip"], "value_port": pa.array(dport),
-                          "packets": pa.array(rate), "bytes": pa.array(wire),
-                          "syns": pa.array(np.where(syn, rate, 0)), "synacks": pa.array(np.where(synack, rate, 0)),
-                          "rsts": pa.array(np.where(rst, rate, 0))}).filter(m)
         key = ["minute", "host", "src_ip", "dst_ip", "ip_proto"]
         sums = ["packets", "bytes", "syns", "synacks", "rsts"]
-        fine = _group(pairs, key + ["value_port"], sums)
-        fine = fine.append_column("has_value", pa.array(np.ones(fine.num_rows, np.uint8))) \
-                   .append_column("other", pa.array(np.zeros(fine.num_rows, np.uint8))) \
-                   .append_column("folded_keys", pa.array(np.zeros(fine.num_rows, np.uint64)))
-        fine, n = _bound(fine, key, max_keys, ["value_port"])
+        pairs = pa.table({**base, "src_ip": s["src_ip"], "dst_ip": s["dst_ip"], "port": pa.array(dport),
+                          "packets": pa.array(rate), "bytes": pa.array(wire),
+                          "syns": pa.array(np.where(syn, rate, 0)), "synacks": pa.array(np.where(synack, rate, 0)),
+                          "rsts": pa.array(np.where(rst, rate, 0))}).filter(pa.array(ip))
+        keyed, n = _bound(_marks(_group(pairs, key, sums, "port")), key, max_keys, sums)
         folded += n
-        out.append(_stage(KIND_PAIRS, fine))
-    # services_1m: a SYN-ACK from (ip, port), or a UDP reply from a low port; one row per client.
+        out.append(_stage(KIND_PAIRS, keyed))
+    # services_1m: a SYN-ACK from (ip, port), or a UDP reply from a low port; with its distinct clients.
     svc = synack | ((proto == 17) & (sport != 0) & (sport < dport) & (sport < 32768))
     if svc.any():
-        m = pa.array(svc)
-        t = pa.table({**base, "src_ip": s["src_ip"], "port": pa.array(sport), "value_ip": s["dst_ip"],
-                      "packets": pa.array(rate)}).filter(m)
         key = ["minute", "host", "src_ip", "ip_proto", "port"]
-        fine = _group(t, key + ["value_ip"], ["packets"])
-        n0 = fine.num_rows
-        for c, v in (("bytes", np.uint64), ("syns", np.uint64), ("synacks", np.uint64), ("rsts", np.uint64)):
-            fine = fine.append_column(c, pa.array(np.zeros(n0, v)))
-        fine = fine.append_column("has_value", pa.array(np.ones(n0, np.uint8))) \
-                   .append_column("other", pa.array(np.zeros(n0, np.uint8))) \
-                   .append_column("folded_keys", pa.array(np.zeros(n0, np.uint64)))
-        fine, n = _bound(fine, key, max_keys, ["value_ip"])
+        t = pa.table({**base, "src_ip": s["src_ip"], "port": pa.array(sport), "client": s["dst_ip"],
+                      "packets": pa.array(rate)}).filter(pa.array(svc))
+        keyed, n = _bound(_marks(_group(t, key, ["packets"], "client")), key, max_keys, ["packets"])
         folded += n
-        out.append(_stage(KIND_SERVICES, fine))
+        out.append(_stage(KIND_SERVICES, keyed))
     return pa.concat_tables(out), folded

@@ -401,7 +401,8 @@ MIGRATIONS += [
 # The server groups each flush itself (server/rollup.py) and inserts the partial aggregates into
 # rollup_in, a Null table: three light views move them into the rollup tables (the uniq states
 # are made there, from one row per distinct value). The views on packets go: their cost grew with
-# the number of groups (a scan made every row one). The rollups gain `other` (1 on
+# the number of groups (a scan made every row one); rollup_in carries one row per rollup key, with
+# its distinct destination ports (pairs) or clients (services) as arrays. The rollups gain `other` (1 on
 # the row that stands for the keys a flush folded when it had more than the server's
 # rollup_max_keys in one minute, see docs/sql.md), pairs_1m and services_1m also `folded_keys`
 # (how many; packets_1m sums only its measures). rollup_log is the
@@ -418,9 +419,8 @@ CREATE TABLE IF NOT EXISTS {DATABASE}.rollup_in
     dst_ip      IPv6,
     ip_proto    UInt8,
     port        UInt16,
-    value_port  UInt16,
-    value_ip    IPv6,
-    has_value   UInt8,
+    ports       Array(UInt16),
+    clients     Array(IPv6),
     other       UInt8,
     folded_keys UInt64,
     packets     UInt64,
@@ -443,7 +443,8 @@ _PAIRS_1M_MV2 = f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.pairs_1m_in TO {DATABASE}.pairs_1m AS
 SELECT minute, host, src_ip, dst_ip, ip_proto, other,
        sum(packets) AS packets, sum(bytes) AS bytes, sum(syns) AS syns, sum(synacks) AS synacks,
-       sum(rsts) AS rsts, uniqStateIf(value_port, has_value = 1) AS dst_ports, sum(folded_keys) AS folded_keys
+       sum(rsts) AS rsts, uniqMergeState(arrayReduce('uniqState', ports)) AS dst_ports,
+       sum(folded_keys) AS folded_keys
 FROM {DATABASE}.rollup_in WHERE kind = 1
 GROUP BY minute, host, src_ip, dst_ip, ip_proto, other
 """
@@ -451,7 +452,8 @@ GROUP BY minute, host, src_ip, dst_ip, ip_proto, other
 _SERVICES_1M_MV2 = f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.services_1m_in TO {DATABASE}.services_1m AS
 SELECT minute, host, src_ip AS ip, ip_proto, port, other,
-       sum(packets) AS replies, uniqStateIf(value_ip, has_value = 1) AS clients, sum(folded_keys) AS folded_keys
+       sum(packets) AS replies, uniqMergeState(arrayReduce('uniqState', clients)) AS clients,
+       sum(folded_keys) AS folded_keys
 FROM {DATABASE}.rollup_in WHERE kind = 2
 GROUP BY minute, host, ip, ip_proto, port, other
 """

@@ -277,13 +277,15 @@ class Store:
 
     # -- ingest ------------------------------------------------------------
 
-    def insert(self, table: str, data: pa.Table, token: str, *, client: Any = None) -> int:
+    def insert(self, table: str, data: pa.Table, token: str) -> int:
         """Insert one Arrow table into hdrlog.<table> as one block per partition.
 
         ``token`` is passed as ``insert_deduplication_token``: repeating the
         same insert (a retry after an ambiguous failure) stores nothing twice.
         """
-        client = client or self._client
+        return self._insert(self._client, table, data, token)
+
+    def _insert(self, client: Any, table: str, data: pa.Table, token: str) -> int:
         if client is None:
             raise StoreError("store is closed")
         settings = {
@@ -307,7 +309,7 @@ class Store:
         """Rollup rows (server/rollup.py) into rollup_in, on the rollup handle (concurrent with the
         next flush's packets INSERT). Never a permanent failure: the server made these rows."""
         try:
-            self.insert("rollup_in", data, token, client=self._rollup_handle())
+            self._insert(self._rollup_handle(), "rollup_in", data, token)
         except StoreError as exc:
             raise StoreError(str(exc), code=exc.code, permanent=False) from None
 
