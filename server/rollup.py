@@ -90,25 +90,50 @@ def _group(table: pa.Table, keys: list[str], sums: list[str], distinct: str = ""
                              for c in g.column_names])
 
 
+def _codes(col) -> np.ndarray:
+    """Sortable numbers for a key column, the same whatever the rows' order: strings by their
+    rank among the column's distinct values, numbers as they are."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        values = pc.unique(col)
+        values = values.take(pc.sort_indices(values))
+        return _np(pc.index_in(col, value_set=values)).astype(np.int64)
+    return _np(col)
+
+
+def _halves(col) -> tuple[np.ndarray, np.ndarray]:
+    """A FixedSizeBinary(16) column as two big-endian uint64 (their order is the bytes' order)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    raw = np.frombuffer(col.buffers()[1], dtype=">u8", count=2 * (col.offset + len(col)))[2 * col.offset:]
+    return raw[0::2], raw[1::2]
+
+
 def _bound(keyed: pa.Table, key: list[str], max_keys: int, sums: list[str]) -> tuple[pa.Table, int]:
     """Keep at most ``max_keys`` rows (one per key) per (host, minute) of ``keyed``; fold the rest
     of each such minute into one ``other`` row (key columns zero, ``values`` empty,
     ``folded_keys`` = how many). Returns the table and the number of keys folded."""
-    n_keys = _group(keyed.select(["host", "minute"]).append_column(
-        "n", pa.array(np.ones(keyed.num_rows, np.uint64))), ["host", "minute"], ["n"])
-    if keyed.num_rows == 0 or int(pc.max(n_keys.column("n")).as_py()) <= max_keys:
+    if keyed.num_rows <= max_keys:
+        return keyed, 0
+    host, minute = _codes(keyed.column("host")), _np(keyed.column("minute")).astype(np.int64)
+    hm = (host << 32) | minute
+    _, counts = np.unique(hm, return_counts=True)
+    if int(counts.max()) <= max_keys:
         return keyed, 0
     # Rank the keys inside each (host, minute): most packets first, then by key (deterministic).
-    sort_keys = [("host", "ascending"), ("minute", "ascending"), ("packets", "descending")] + \
-                [(k, "ascending") for k in key if k not in ("host", "minute")]
-    ranked = keyed.take(pc.sort_indices(keyed.drop_columns(["values"]) if "values" in keyed.column_names
-                                        else keyed, sort_keys=sort_keys))
-    hosts = _np(ranked.column("host").dictionary_encode().combine_chunks().indices)
-    minutes = _np(ranked.column("minute"))
-    new_group = np.ones(ranked.num_rows, dtype=bool)
-    new_group[1:] = (hosts[1:] != hosts[:-1]) | (minutes[1:] != minutes[:-1])
+    packets = _np(keyed.column("packets")).astype(np.uint64)
+    tie: list[np.ndarray] = []
+    for k in key:
+        if k in ("host", "minute"):
+            continue
+        col = keyed.column(k)
+        tie += list(_halves(col)) if col.type == pa.binary(16) else [_codes(col)]
+    order = np.lexsort([*reversed(tie), np.iinfo(np.uint64).max - packets, minute, host])
+    ranked = keyed.take(pa.array(order))
+    g = hm[order]
+    new_group = np.ones(len(g), dtype=bool)
+    new_group[1:] = g[1:] != g[:-1]
     starts = np.flatnonzero(new_group)
-    pos = np.arange(ranked.num_rows) - np.repeat(starts, np.diff(np.append(starts, ranked.num_rows)))
+    pos = np.arange(len(g)) - np.repeat(starts, np.diff(np.append(starts, len(g))))
     kept = ranked.filter(pa.array(pos < max_keys))
     folded = ranked.filter(pa.array(pos >= max_keys))
     other = _group(folded.select(["host", "minute"] + sums).append_column(

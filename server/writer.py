@@ -53,6 +53,23 @@ Exactly-once
     taken for a duplicate) and no other, a huge seq included
     (docs/security.md, "Exactly once").
 
+Rollups
+    The per-minute rollups are the server's (server/rollup.py), not materialized views, and
+    they are derived data: a flush's Ack waits for its packets, not for its rollup. Each flush
+    of packets goes: (1) its intent into ``rollup_log`` (the flush's token and its
+    (collector_id, seq, day)s), (2) the packets INSERT, (3) to the rollup worker, which
+    aggregates it at once and, on its own chDB handle while the next flushes insert, stores the
+    rollups of the flushes of about a second (``ROLLUP_EVERY``) in one INSERT into
+    ``rollup_in`` (under ``<flush token>-rollup`` for one flush; for several, first a group row
+    naming them, then ``<group token>-rollup``), then (4) their ends, in one INSERT. A flush with
+    an intent and no end (a SIGKILL between (2) and (4), or an unknown failure) is rolled up at
+    the next start, or before the next flush after such a failure, from its stored rows, grouped
+    as the journal says and under the same tokens: ClickHouse drops a rollup that had landed
+    and stores one that had not. The aggregation is deterministic (the same rows give the same
+    result, in any order), so a recovered rollup is the lost one. A flush whose packets were
+    refused for good gets its end at once (it stands for nothing; its batches are stored one by
+    one, each journaled on its own).
+
 Failures
     A transient failure (connection, timeout, too many parts, ...) is retried with
     capped, jittered exponential backoff; tables already inserted by the flush
