@@ -40,8 +40,10 @@ from hdrlog.server.writer import Outcome, Writer
 
 log = logging.getLogger("hdrlog.server")
 
-# Batches with at most this many rows are converted on the event loop; larger ones in a thread.
-INLINE_ROWS = 20_000
+# Batches with at most this many rows are converted on the event loop; larger ones in a thread,
+# which overlaps their conversion (inflate, validate, Arrow) with the reading of the next ones and
+# with the INSERT running in another thread (zstd and Arrow release the GIL).
+INLINE_ROWS = 2_000
 REJECT_LOG_INTERVAL = 1.0
 MAX_UNSENT_ACKS = 10_000
 # A restarted collector skips at most one reserved block of seqs (1000); this allows for a billion.

@@ -407,7 +407,8 @@ class Writer:
         for table, parts in by_table.items():
             if table in done and (table != "packets" or ROLLUP_END in done):
                 continue
-            data = concat([tr.data for _, tr in parts])
+            # In a thread: the event loop keeps reading and converting the next batches meanwhile.
+            data = await asyncio.to_thread(concat, [tr.data for _, tr in parts])
             token = _token(table, parts)
             if table == "packets":
                 await self._insert_packets(data, token, parts, done)
