@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from hdrlog.drops import Every
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server.convert import BatchError, convert_batch
 from hdrlog.server.metrics import ServerMetrics
@@ -88,18 +88,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.max_streams_per_host = max_streams_per_host
         self.open_streams = 0
         self.open_by_identity: dict[str, int] = {}
-        self._last_reject_log = 0.0
-        self._suppressed = 0
+        self._reject_every = Every(first=REJECT_LOG_INTERVAL, most=REJECT_LOG_INTERVAL)
 
     def _log_reject(self, line: str) -> None:
         """At most one rejection warning per second; the others are counted in the next line."""
-        now = time.monotonic()
-        if now - self._last_reject_log < REJECT_LOG_INTERVAL:
-            self._suppressed += 1
+        if not self._reject_every.due():
             return
-        more = f" (and {self._suppressed} more rejections not logged)" if self._suppressed else ""
+        held, self._reject_every.held = self._reject_every.held, 0
+        more = f" (and {held} more rejections not logged)" if held else ""
         log.warning("%s%s", line, more)
-        self._last_reject_log, self._suppressed = now, 0
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC name)
         if self.open_streams >= self.max_streams:

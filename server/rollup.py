@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 NS_PER_MINUTE = 60 * 1_000_000_000
-DEFAULT_MAX_KEYS = 20_000
+DEFAULT_MAX_KEYS = 5_000
 KIND_PACKETS, KIND_PAIRS, KIND_SERVICES = 0, 1, 2
 
 # The columns of hdrlog.rollup_in (server/schema.py), in order, with their Arrow types.
