@@ -1,33 +1,20 @@
-"""Server benchmark: rows/s from gRPC Batch to rows in ClickHouse, against a row-wise insert.
+"""Server benchmark: rows/s from gRPC Batch to rows (and rollups) in ClickHouse, on two mixes.
 
-Reuses bench.server_stages (``python -m bench.server_stages`` prints every stage):
-``make_batch`` builds columnar packets Batches of ``ROWS`` rows, and its
-``_end_to_end`` streams them to a whole in-process server (grpc.aio ->
-validate -> Arrow -> insert -> Ack) over loopback into a fresh embedded chDB
-store, timing until the last Ack (an Ack means the rows are stored).
+Two data sets of packets rows, one host, as a collector would send them (batches of ``ROWS``):
+- plausible: bench/synth.py's fleet traffic (ephemeral client ports towards a few services);
+- scan: bench/synth.py's ``scan`` (TCP SYNs to every port from 20,000 peers, RST-ACK answers):
+  every port and nearly every pair its own rollup key, the rollups' worst case.
 
-Baselines, measured in the same run on the same rows into a fresh chDB store:
-- row-wise insert: clickhouse-connect ``client.insert(table, rows)`` with one
-  Python sequence per row (the rows are built before the clock starts, so the
-  baseline is not charged for them);
-- bare ``insert_arrow`` of the already-built Arrow tables (the store's own
-  ceiling: what is left is the server's part).
-Rounds alternate; medians are reported.
-
-What the schema costs at insert time (``_schema_rows``): the same Arrow tables
-inserted the server's way (``Store.insert``'s settings: dedup token, one block)
-into fresh stores that got the real migrations and then lost, in the scratch
-store only, the per-minute rollups' materialized views (DROP VIEW), the packets
-skip indexes (ALTER TABLE ... DROP INDEX), or both; the baseline is the full
-schema as it ships, measured in the same rounds. One more variant keeps the full
-schema and inserts with ``parallel_view_processing = 1`` (the three views run in
-parallel instead of one after the other). Every variant goes through the same
-procedure (fresh store, migrate, drop, one warm-up insert, timed inserts), in an
-order that reverses every round so load drift hits all sides alike.
-The views' cost depends on how many groups a block has per minute, so this runs
-on two data sets: ``make_batch``'s (random addresses, ports and protocols: nearly
-every row its own group in packets_1m and pairs_1m, the worst case) and
-bench/synth.py's plausible fleet traffic (one host, 50k packets/s).
+For each, in the same run and in rounds that alternate their order (these machines are noisy):
+- the whole server (``bench.server_stages._end_to_end``: grpc.aio -> validate -> Arrow ->
+  packets INSERT and the per-minute rollups -> Ack) into a fresh embedded chDB store, after one
+  warm-up batch, timed until the last Ack *and* the rollup worker has stored the last rollup;
+- its baseline: a bare ``insert_arrow`` of the same rows, already converted to Arrow, into a
+  fresh store with the packets table and no rollups (the store's own ceiling). The ratio is
+  what the server's share and the rollups together cost.
+And: the scan rate against the plausible rate (the acceptance wants >= 0.5x), and the wire
+bytes per packets row of the batches, compressed (zstd level 1, the collector's default) against
+uncompressed (what collectors sent before), on the same batches.
 """
 
 from __future__ import annotations
@@ -37,148 +24,60 @@ import statistics
 import tempfile
 import time
 
-ROWS, BATCHES, ROUNDS = 50_000, 3, 2
-SCHEMA_ROUNDS = 5
-SCHEMA_RATES: dict[tuple[str, str], list[float]] = {}  # every round's rows/s of the last run, for __main__
-ROLLUP_VIEWS = ("packets_1m_mv", "pairs_1m_mv", "services_1m_mv")
-# name: (drop the rollup views, drop the packets skip indexes, extra insert settings)
-VARIANTS = {
-    "full": (False, False, {}),
-    "no_mv": (True, False, {}),
-    "no_idx": (False, True, {}),
-    "bare": (True, True, {}),
-    "pvp": (False, False, {"parallel_view_processing": 1}),
-}
+ROWS, BATCHES, ROUNDS = 25_000, 16, 3
+START = 1_699_999_980 * 10**9  # a minute boundary
+RATE = 50_000                   # packets/s of the synthetic host: the rows span ROWS * BATCHES / RATE seconds
 
 
-def _fresh_store(tmp: str):
-    from hdrlog.server.store import Store
-
-    store = Store(f"chdb://{tmp}/store")
-    store.open()
-    store.migrate()
-    return store
-
-
-def _rowwise_and_arrow(msgs) -> tuple[float, float]:
-    from hdrlog.server.convert import convert_batch
-
-    tables = [convert_batch(m, m.host)[0].data for m in msgs]
-    names = tables[0].column_names
-    rows = [[list(r.values()) for r in t.to_pylist()] for t in tables]
-    n = sum(t.num_rows for t in tables)
-    with tempfile.TemporaryDirectory() as tmp:
-        store = _fresh_store(tmp)
-        try:
-            client = store._client  # noqa: SLF001 - the baselines talk to the store directly
-            client.insert_arrow("hdrlog.packets", tables[0])  # warm-up: parts, partitions, MVs
-            t = time.perf_counter()
-            for r in rows:
-                client.insert("hdrlog.packets", r, column_names=names)
-            rowwise = n / (time.perf_counter() - t)
-            t = time.perf_counter()
-            for tbl in tables:
-                client.insert_arrow("hdrlog.packets", tbl)
-            arrow = n / (time.perf_counter() - t)
-        finally:
-            store.close()
-    return rowwise, arrow
-
-
-def _synth_tables(n: int, k: int):
-    """k Arrow tables of n rows of bench/synth.py traffic from one host, 50k packets/s."""
+def mixes() -> dict[str, dict]:
     from bench import synth
+
+    n = ROWS * BATCHES
+    return {"plausible": synth.packets(n, start_ns=START, seconds=n / RATE, hosts=1)["host-00"],
+            "scan": synth.scan(n, start_ns=START, seconds=n / RATE)["host-00"]}
+
+
+def batches(cols: dict, level: int, collector_id: str = "bench") -> list:
     from hdrlog.proto import columns as registry
     from hdrlog.proto import ingest_pb2
-    from hdrlog.server.convert import convert_batch
 
-    start = 1_699_999_980 * 10**9  # a minute boundary
-    cols = synth.packets(n * k, start_ns=start, seconds=n * k / 50_000, hosts=1)["host-00"]
     out = []
-    for j in range(k):
-        part = {c: v[j * n:(j + 1) * n] for c, v in cols.items()}
-        batch = ingest_pb2.Batch(collector_id="bench", host="host-00", seq=j + 1)
-        batch.tables.append(registry.encode_table("packets", part, n))
-        out.append(convert_batch(batch, batch.host)[0].data)
+    for j in range(BATCHES):
+        part = {c: v[j * ROWS:(j + 1) * ROWS] for c, v in cols.items()}
+        b = ingest_pb2.Batch(collector_id=collector_id, host="host-00", seq=j + 1)
+        b.tables.append(registry.encode_table("packets", part, ROWS, level=level))
+        out.append(b)
     return out
 
 
-def _variant_rate(tables, drop_views: bool, drop_indexes: bool, extra: dict) -> float:
-    """rows/s of inserting ``tables`` into a fresh store with the schema variant."""
-    from hdrlog.server import schema
+def _bare(msgs) -> float:
+    """rows/s of insert_arrow of the converted rows, in flush-sized tables, into a packets table
+    without rollups."""
+    from hdrlog.server.convert import convert_batch
+    from hdrlog.server.store import Store
 
+    from hdrlog.server.config import DEFAULT_FLUSH_ROWS
+    from hdrlog.server.writer import concat
+
+    # In the server's flush size (its default flush_rows), so the baseline coalesces as well as it.
+    converted = [convert_batch(m, m.host)[0].data for m in msgs]
+    per = max(1, DEFAULT_FLUSH_ROWS // ROWS)
+    tables = [concat(converted[i:i + per]) for i in range(0, len(converted), per)]
     with tempfile.TemporaryDirectory() as tmp:
-        store = _fresh_store(tmp)
-        client = store._client  # noqa: SLF001 - the bench changes its scratch store's schema
+        store = Store(f"chdb://{tmp}/store")
+        store.open()
+        store.migrate()
+        client = store._client  # noqa: SLF001 - the baseline talks to the store directly
         try:
-            if drop_views:
-                for view in ROLLUP_VIEWS:
-                    client.command(f"DROP VIEW {schema.DATABASE}.{view}")
-            if drop_indexes:
-                for name, *_ in schema._SKIP_INDEXES["packets"]:  # noqa: SLF001
-                    client.command(f"ALTER TABLE {schema.DATABASE}.packets DROP INDEX {name}")
-
-            def insert(tbl, token: str) -> None:
-                # Store.insert's settings (server/store.py), plus the variant's.
-                settings = {"insert_deduplication_token": token, "insert_deduplicate": 1,
-                            "max_insert_block_size": max(tbl.num_rows, 1_048_449),
-                            "min_insert_block_size_rows": 0, "min_insert_block_size_bytes": 0, **extra}
-                client.insert_arrow(f"{schema.DATABASE}.packets", tbl, settings=settings)
-
-            insert(tables[0], "warm-up")  # first insert pays for part/partition creation
+            for view in ("packets_1m_in", "pairs_1m_in", "services_1m_in"):
+                client.command(f"DROP VIEW IF EXISTS hdrlog.{view}")
+            client.insert_arrow("hdrlog.packets", tables[0])  # warm-up: first part, partition
             t = time.perf_counter()
-            for i, tbl in enumerate(tables):
-                insert(tbl, f"bench-{i}")
-            return sum(tbl.num_rows for tbl in tables) / (time.perf_counter() - t)
+            for tbl in tables:
+                client.insert_arrow("hdrlog.packets", tbl)
+            return sum(t.num_rows for t in tables) / (time.perf_counter() - t)
         finally:
             store.close()
-
-
-def _schema_rows(msgs) -> list[dict]:
-    from hdrlog.server.convert import convert_batch
-
-    data = {"make_batch": [convert_batch(m, m.host)[0].data for m in msgs],
-            "synth": _synth_tables(ROWS, BATCHES)}
-    rates: dict[tuple[str, str], list[float]] = {}
-    for rnd in range(SCHEMA_ROUNDS):
-        names, variants = list(data), list(VARIANTS)
-        if rnd % 2:
-            names.reverse()
-            variants.reverse()
-        for d in names:
-            for v in variants:
-                rates.setdefault((d, v), []).append(_variant_rate(data[d], *VARIANTS[v]))
-    SCHEMA_RATES.clear()
-    SCHEMA_RATES.update(rates)
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    what = {
-        "no_mv": "without the 3 rollup materialized views",
-        "no_idx": "without the 4 packets skip indexes",
-        "bare": "without views and skip indexes",
-        "pvp": "full schema, insert with parallel_view_processing=1",
-    }
-    label = {"make_batch": "make_batch data (worst case for rollups)",
-             "synth": "bench/synth.py fleet traffic (plausible)"}
-    how = (f"median of {SCHEMA_ROUNDS} rounds of {BATCHES} x {ROWS} rows, Store.insert settings, each into a fresh "
-           "chDB store: real migrations, then the variant's DROP VIEW / DROP INDEX; all variants interleaved, "
-           "order reversed each round")
-    rows = []
-    for d in data:
-        base = med[(d, "full")]
-        for v in ("no_mv", "no_idx", "bare", "pvp"):
-            val = med[(d, v)]
-            share = f"{1 - base / val:.0%}".replace("-0%", "0%")
-            note = how if not rows else "same procedure as above"
-            if v != "pvp":
-                note += f"; the removed part is {share} of the full schema's insert time"
-            rows.append({
-                "figure": f"schema insert cost, {label[d]}: {what[v]}",
-                "value": f"{val / 1e3:.0f} k/s",
-                "baseline": f"{base / 1e3:.0f} k/s (full schema as it ships)",
-                "ratio": f"{val / base:.2f}x",
-                "note": note,
-            })
-    return rows
 
 
 def _grpc(msgs) -> float:
@@ -189,35 +88,51 @@ def _grpc(msgs) -> float:
 
 
 def run() -> list[dict]:
-    from bench.server_stages import make_batch
-
-    msgs = [make_batch(s, ROWS) for s in range(1, BATCHES + 1)]
-    ours, rowwise, arrow = [], [], []
-    for _ in range(ROUNDS):
-        ours.append(_grpc(msgs))
-        r, a = _rowwise_and_arrow(msgs)
-        rowwise.append(r)
-        arrow.append(a)
-    o, r, a = statistics.median(ours), statistics.median(rowwise), statistics.median(arrow)
-    how = (f"median of {ROUNDS} rounds of {BATCHES} Batches x {ROWS} packets rows over loopback gRPC into a "
-           f"fresh embedded chDB store, until the last Ack; baselines on the same rows, same run")
-    return [{
-        "figure": "server: rows/s, gRPC Batch -> rows in ClickHouse (chDB), one server process",
-        "value": f"{o / 1e3:.0f} k/s",
-        "baseline": f"{r / 1e3:.0f} k/s (row-wise clickhouse-connect insert)",
-        "ratio": f"{o / r:.2f}x",
-        "note": how,
-    }, {
-        "figure": "server: same, against the store's own ceiling",
-        "value": f"{o / 1e3:.0f} k/s",
-        "baseline": f"{a / 1e3:.0f} k/s (bare insert_arrow of ready Arrow tables)",
-        "ratio": f"{o / a:.2f}x",
-        "note": "the gap is the server's share (receive, validate, convert, dedup token, ack)",
-    }] + _schema_rows(msgs)
+    data = mixes()
+    sent = {k: batches(v, 1) for k, v in data.items()}
+    plain = {k: batches(v, 0) for k, v in data.items()}
+    ours: dict[str, list[float]] = {k: [] for k in data}
+    bare: dict[str, list[float]] = {k: [] for k in data}
+    for rnd in range(ROUNDS):
+        names = list(data) if rnd % 2 == 0 else list(reversed(data))
+        for k in names:
+            ours[k].append(_grpc(sent[k]))
+            bare[k].append(_bare(plain[k]))
+    o = {k: statistics.median(v) for k, v in ours.items()}
+    b = {k: statistics.median(v) for k, v in bare.items()}
+    how = (f"median of {ROUNDS} rounds of {BATCHES} Batches x {ROWS} packets rows (zstd level 1) over loopback "
+           "gRPC into a fresh embedded chDB store, until the last Ack and the last rollup stored; "
+           "baseline: the same rows as ready Arrow tables of the server's flush_rows, insert_arrow into a fresh "
+           "store without rollups (after a warm-up insert, like the server's warm-up batch)")
+    rows = []
+    for k, label in (("plausible", "plausible mix (bench/synth.py)"), ("scan", "scan-like mix (every port, 20k peers)")):
+        rows.append({
+            "figure": f"server: rows/s gRPC -> packets + rollups in chDB, {label}",
+            "value": f"{o[k] / 1e3:.0f} k/s",
+            "baseline": f"{b[k] / 1e3:.0f} k/s (bare insert_arrow, no rollups)",
+            "ratio": f"{o[k] / b[k]:.2f}x",
+            "note": how if not rows else "same procedure",
+        })
+    rows.append({
+        "figure": "server: scan-like mix against the plausible mix (whole server)",
+        "value": f"{o['scan'] / 1e3:.0f} k/s",
+        "baseline": f"{o['plausible'] / 1e3:.0f} k/s (plausible mix)",
+        "ratio": f"{o['scan'] / o['plausible']:.2f}x",
+        "note": "same rounds as above; before the server made the rollups: 0.08-0.23x (issue 16)",
+    })
+    for k in data:
+        packed = sum(m.ByteSize() for m in sent[k]) / (ROWS * BATCHES)
+        raw = sum(m.ByteSize() for m in plain[k]) / (ROWS * BATCHES)
+        rows.append({
+            "figure": f"wire bytes per packets row, {k} mix, zstd level 1 per column",
+            "value": f"{packed:.1f} B",
+            "baseline": f"{raw:.1f} B (uncompressed, as before)",
+            "ratio": f"{packed / raw:.2f}x",
+            "note": f"serialized Batch bytes / rows, the same {BATCHES} batches of {ROWS} rows",
+        })
+    return rows
 
 
 if __name__ == "__main__":
     for row in run():
         print(row)
-    for (d, v), r in SCHEMA_RATES.items():
-        print(f"{d:10} {v:6} rounds: " + " ".join(f"{x / 1e3:.0f}" for x in r) + " k/s")

@@ -159,3 +159,41 @@ def connections(count: int, *, start_ns: int, seconds: float, hosts: int = 8, se
         sel = np.nonzero(host_of == h)[0]
         out[f"host-{h:02d}"] = {k: ([v[i] for i in sel] if isinstance(v, list) else v[sel]) for k, v in cols.items()}
     return out
+
+
+def scan(rows: int, *, start_ns: int, seconds: float, peers: int = 20_000, seed: int = 2,
+         host: str = "host-00") -> dict[str, dict[str, object]]:
+    """A scan-like mix on one host: ``peers`` sources (a random-source flood or a distributed scan)
+    send TCP SYNs to every port of the host's 4 addresses; the host answers each with a RST-ACK.
+    Every port and nearly every (peer, address) pair is its own rollup key: the worst case for
+    per-minute rollups, and the traffic an anomaly tool exists for."""
+    rng = np.random.default_rng(seed)
+    ts = (start_ns + np.sort(rng.random(rows)) * seconds * NS).astype(np.int64)
+    peer_ips = np.array([v16(f"198.18.{128 + p // 250}.{p % 250 + 1}") for p in range(peers)], dtype="V16")
+    local = np.array([v16(f"198.19.200.{10 + k}") for k in range(4)], dtype="V16")[rng.integers(0, 4, rows)]
+    remote = peer_ips[rng.integers(0, peers, rows)]
+    port = rng.integers(1, 65536, rows).astype(np.uint16)
+    eph = rng.integers(1024, 65536, rows).astype(np.uint16)
+    reply = rng.random(rows) < 0.5  # half the rows: the host's RST-ACK (egress)
+    cols = registry.empty_columns("packets", rows)
+    cols["ts"] = ts
+    cols["ifname"] = ["eth0"] * rows
+    cols["direction"] = np.where(reply, 2, 1).astype("u1")
+    cols["sample_rate"] = np.ones(rows, dtype="<u4")
+    cols["wire_len"] = np.where(reply, 54, 60).astype("<u4")
+    cols["eth_type"] = np.full(rows, 0x0800, dtype="<u2")
+    cols["ip_version"] = np.full(rows, 4, dtype="u1")
+    cols["eth_src"] = np.where(reply, 0x02AA00000001, 0x02BB00000001).astype("<u8")
+    cols["eth_dst"] = np.where(reply, 0x02BB00000001, 0x02AA00000001).astype("<u8")
+    cols["src_ip"] = np.where(reply, local, remote)
+    cols["dst_ip"] = np.where(reply, remote, local)
+    cols["src_port"] = np.where(reply, port, eph).astype("<u2")
+    cols["dst_port"] = np.where(reply, eph, port).astype("<u2")
+    cols["ip_proto"] = np.full(rows, 6, dtype="u1")
+    cols["ttl"] = np.where(reply, 64, rng.integers(40, 64, rows)).astype("u1")
+    cols["tcp_flags"] = np.where(reply, 0x14, 0x02).astype("<u2")
+    cols["tcp_seq"] = rng.integers(0, 2**32, rows, dtype=np.uint64).astype("<u4")
+    cols["tcp_window"] = np.where(reply, 0, 1024).astype("<u2")
+    cols["ip_id"] = rng.integers(0, 65536, rows).astype("<u4")
+    cols["dont_fragment"] = np.where(reply, 1, 0).astype("u1")
+    return {host: cols}

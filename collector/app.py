@@ -26,10 +26,11 @@ from hdrlog.collector.batcher import Batcher
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.config import CollectorConfig
 from hdrlog.collector.metrics import CollectorMetrics
-from hdrlog.collector.sender import Outbox, Sender
-from hdrlog.collector.spool import Spool, SpoolError
+from hdrlog.collector.sender import Sender
+from hdrlog.collector.spool import Outbox, Spool, SpoolError
 from hdrlog.collector import fdstore, tls
 from hdrlog.config import parse_hostport
+from hdrlog.drops import DropWarning
 from hdrlog.metrics_http import MetricsHttp
 
 log = logging.getLogger("hdrlog.collector")
@@ -61,6 +62,9 @@ class Collector:
         self._filter_mtime: float | None = None
         self.capture = Capture(CaptureConfig.from_config(config, self._filter_rules()))
         self.outbox: Outbox | None = None
+        self._warn_unacked = DropWarning(
+            log, f"unacked buffer full (max_unacked_rows={config.max_unacked_rows})",
+            "the server is not keeping up or unreachable: raise max_unacked_rows or check it")
         self.sender: Sender | None = None
         self.batcher: Batcher | None = None
         self.records_captured = 0
@@ -113,7 +117,7 @@ class Collector:
                              on_connected=self._on_connected)
         self.batcher = Batcher(collector_id=self.collector_id, host=self.config.host_id,
                                batch_rows=self.config.batch_rows, batch_interval=self.config.batch_interval,
-                               emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
+                               compress_level=self.config.batch_compression, emit=self._emit, seq_source=self.spool.next_seq if self.spool is not None else None,
                                id_source=(lambda: self.spool.collector_id) if self.spool is not None else None,
                                on_records=self.spool.count_read if self.spool is not None else None)
         listen = parse_hostport("metrics_listen", self.config.metrics_listen, allow_empty=True)
@@ -290,9 +294,7 @@ class Collector:
         dropped = self.outbox.put(batch, rows)
         self._track_stats(batch)
         if dropped and self.spool is None:  # (with a spool, the spool and the outbox say what was dropped)
-            log.warning("unacked buffer full (max_unacked_rows=%d): dropped %d oldest records; "
-                        "the server is not keeping up or unreachable — raise max_unacked_rows or check it",
-                        self.config.max_unacked_rows, dropped)
+            self._warn_unacked.dropped(dropped, "the oldest, counted as drop_unacked_full")
 
     def _track_stats(self, batch) -> None:
         """Remember which counter deltas rode in this batch; re-report those of dropped batches."""

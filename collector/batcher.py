@@ -3,7 +3,8 @@
 A batch closes when it holds ``batch_rows`` records or when its first record is
 ``batch_interval`` seconds old, whichever comes first. Every closed batch gets
 the next ``seq`` of this collector incarnation; the sender keeps it until the
-server acknowledges it.
+server acknowledges it. Columns are zstd-compressed at ``compress_level`` (the
+collector's ``batch_compression``; proto/ingest.proto, Compression).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Batcher:
     """Collects chunks per table and emits Batch messages through ``emit``."""
 
     def __init__(self, *, collector_id: str, host: str, batch_rows: int, batch_interval: float,
-                 emit: Callable[[ingest_pb2.Batch, int], None], first_seq: int = 1,
+                 emit: Callable[[ingest_pb2.Batch, int], None], first_seq: int = 1, compress_level: int = 0,
                  seq_source: Callable[[], int] | None = None,
                  id_source: Callable[[], str] | None = None,
                  on_records: Callable[[int], None] | None = None,
@@ -47,6 +48,7 @@ class Batcher:
         self.host = host
         self.batch_rows = batch_rows
         self.batch_interval = batch_interval
+        self.compress_level = compress_level  # zstd level of the columns (0 = none; columns.encode_table)
         self._emit = emit
         self._clock = clock
         self.next_seq = first_seq
@@ -95,7 +97,7 @@ class Batcher:
         records = 0  # header and flow records; collector_stats rows are bookkeeping, not counted
         for table, chunks in self._chunks.items():
             cols, n = concat_columns(table, chunks)
-            batch.tables.append(columns.encode_table(table, cols, n))
+            batch.tables.append(columns.encode_table(table, cols, n, level=self.compress_level))
             if table != "collector_stats":
                 records += n
         self.next_seq = seq + 1

@@ -73,6 +73,8 @@ class CollectorConfig:
     batch_rows: int = doc_field(10_000, "close a batch when it holds this many records")
     batch_interval: float = doc_field(1.0, "close a batch at the latest this many seconds after its first record",
                                       duration=True)
+    batch_compression: int = doc_field(1, "zstd level for a batch's columns on the wire and in the spool "
+                                          "(1 is the measured sweet spot; 0 = uncompressed, for servers before it)")
     max_unacked_rows: int = doc_field(2_000_000, "without a spool, or while the spool's disk refuses "
                                                  "batches (full, read-only, failing): records kept in memory "
                                                  "waiting for the server's ack; beyond this the oldest batches "
@@ -130,6 +132,8 @@ class CollectorConfig:
             raise ConfigError("filter_file", self.filter_file, "file not readable")
         if self.batch_rows < 1:
             raise ConfigError("batch_rows", self.batch_rows, "must be 1 or more")
+        if not 0 <= self.batch_compression <= 19:
+            raise ConfigError("batch_compression", self.batch_compression, "must be a zstd level from 0 (off) to 19")
         if not 0 < self.batch_interval <= 60:
             raise ConfigError("batch_interval", self.batch_interval, "must be more than 0 and at most 60 seconds")
         if self.max_unacked_rows < self.batch_rows:

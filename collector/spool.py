@@ -1,5 +1,8 @@
 """The durable spool: every batch is on disk before it is sent, and leaves only when acked.
 
+Stage of the path: capture → decode → batch → **spool** → send. ``Spool`` is the directory;
+``Outbox`` (at the end) is what the sender drains: the batches not acked yet, on disk and in memory.
+
 Layout of the spool directory::
 
     state.json            {"collector_id": ..., "host_id": ..., "seq_reserved": N}
@@ -46,6 +49,7 @@ crossed the interface while no collector ran.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
@@ -53,14 +57,15 @@ import logging
 import mmap
 import os
 import struct
-import time
 import uuid
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from hdrlog.drops import DropWarning, Every
 from hdrlog.proto import ingest_pb2
 
 log = logging.getLogger("hdrlog.collector")
@@ -103,27 +108,6 @@ class SpoolCorrupt(ValueError):
         self.rows = rows
 
 
-class Every:
-    """Rate limit for a log line: due at once, then after 5 s, doubling up to 10 minutes."""
-
-    def __init__(self, first: float = 5.0, most: float = 600.0):
-        self.first, self.most = first, most
-        self._every, self._next = first, 0.0
-        self.held = 0  # occurrences not logged since the last line
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            self.held += 1
-            return False
-        self._next = now + self._every
-        self._every = min(self._every * 2, self.most)
-        return True
-
-    def reset(self) -> None:
-        self._every, self._next, self.held = self.first, 0.0, 0
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -152,9 +136,8 @@ class Spool:
         self.lost_at_crash = 0  # records the previous run had read but not spooled when it died
         self.tally: np.ndarray | None = None  # [records read, records spooled], shared mapping
         self._lock_fd: int | None = None
-        self._unlogged_drops = 0
-        self._next_full_log = 0.0
-        self._full_log_every = 5.0  # doubles up to 10 minutes while the spool stays full
+        self._warn_full = DropWarning(log, f"spool {self.dir} full (spool_max_bytes={max_bytes}), oldest batches",
+                                      "the server is unreachable or slow: raise spool_max_bytes or check it")
         self._tally_map: mmap.mmap | None = None
         self._warn_unwritable = Every()
         self._warn_remove = Every()
@@ -439,16 +422,7 @@ class Spool:
 
     def _log_full(self, dropped: list[SpooledBatch]) -> None:
         if dropped:
-            self._unlogged_drops += sum(b.rows for b in dropped)
-            now = time.monotonic()
-            if now >= self._next_full_log:
-                log.warning("spool %s full (spool_max_bytes=%d): dropped the oldest batches, %d records so far "
-                            "(%d since the last warning); the server is unreachable or slow — raise "
-                            "spool_max_bytes or check it", self.dir, self.max_bytes, self.dropped_rows,
-                            self._unlogged_drops)
-                self._unlogged_drops = 0
-                self._full_log_every = min(self._full_log_every * 2, 600.0)
-                self._next_full_log = now + self._full_log_every
+            self._warn_full.dropped(sum(b.rows for b in dropped), "counted as drop_spool_full")
 
     def load(self, seq: int) -> ingest_pb2.Batch:
         """Read a batch back, checked: OSError when the disk cannot, SpoolCorrupt when the file is bad."""
@@ -474,3 +448,199 @@ class Spool:
         if item is not None:
             self.bytes -= item.nbytes
             self._unlink(self._path(seq))
+
+
+class Outbox:
+    """Batches waiting for their ack, oldest first.
+
+    Without a spool the batches live in memory, at most ``max_rows`` records; beyond
+    that the oldest are dropped (``memory_dropped_rows``, drop_unacked_full). With a
+    spool (``hdrlog.collector.spool``) every batch is on disk before it is offered to
+    the sender, the spool's byte limit decides what is dropped (the oldest), and memory
+    holds only the bodies of at most ``CACHED_BATCHES`` batches not yet sent: a resend,
+    or a backlog built while the server was away, is read back from disk one batch at a
+    time, checked; a bad file is skipped and counted (drop_spool_corrupt).
+
+    When the spool's disk refuses a batch (full, read-only, failing) the batch is kept
+    in memory instead, under the same ``max_rows`` bound as without a spool, and every
+    later batch tries the disk again: the first that succeeds writes the batches memory
+    held (oldest first) to disk too, and the outbox is back to spooling.
+    """
+
+    CACHED_BATCHES = 8
+
+    def __init__(self, max_rows: int, spool=None):
+        self.max_rows = max_rows
+        self.spool = spool
+        # seq -> (body or None when only on disk, rows, on disk)
+        self._items: OrderedDict[int, tuple[ingest_pb2.Batch | None, int, bool]] = OrderedDict()
+        self._cached = 0  # bodies in memory of batches also on disk
+        self._memory_rows = 0  # records of batches held in memory only
+        self.rows = 0
+        self.memory_dropped_rows = 0  # dropped because memory was full (drop_unacked_full)
+        self.unreadable_rows = 0  # spooled batches that could not be read back (disk trouble)
+        self.last_dropped: list[int] = []  # seqs the last put() dropped to make room
+        self.discarded: list[int] = []  # seqs get() dropped (bad or unreadable file), until the owner clears it
+        self.changed = asyncio.Event()
+        self._warn_memory = DropWarning(log, f"outbox memory full (max_unacked_rows={max_rows}), oldest batches",
+                                        "fix the spool's disk or raise max_unacked_rows", level=logging.ERROR)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def memory_rows(self) -> int:
+        """Records of batches held in memory only (the spool's disk refused them)."""
+        return self._memory_rows
+
+    def restore(self, spooled) -> None:
+        """Batches an earlier run left in the spool, sent first (they have the lowest seqs)."""
+        for b in spooled:
+            self._items[b.seq] = (None, b.rows, True)
+            self.rows += b.rows
+        self.changed.set()
+
+    def put(self, batch: ingest_pb2.Batch, rows: int) -> int:
+        """Add a batch; returns how many rows of older batches had to be dropped to fit
+        (their seqs are in ``last_dropped``). Never raises for the disk's sake."""
+        self.last_dropped = []
+        dropped = 0
+        if self.spool is not None and self._spool_memory():
+            try:
+                dropped += self._dropped_by_spool(self.spool.write(batch, rows))
+            except SpoolUnwritable as exc:
+                dropped += self._dropped_by_spool(exc.dropped)
+            else:
+                self._items[batch.seq] = (batch, rows, True)
+                self._cached += 1
+                self._uncache()
+                self.rows += rows
+                self.changed.set()
+                return dropped
+        dropped += self._make_room(rows)
+        self._items[batch.seq] = (batch, rows, False)
+        self._memory_rows += rows
+        self.rows += rows
+        self.changed.set()
+        return dropped
+
+    def _spool_memory(self) -> bool:
+        """Write the batches memory holds to the spool, oldest first; True when none is left in memory."""
+        if not self._memory_rows:
+            return True
+        for seq, (body, rows, disk) in list(self._items.items()):
+            if disk or seq not in self._items:
+                continue
+            try:
+                self._dropped_by_spool(self.spool.write(body, rows))
+            except SpoolUnwritable as exc:
+                self._dropped_by_spool(exc.dropped)
+                return False
+            if seq in self._items:
+                self._items[seq] = (body, rows, True)
+                self._memory_rows -= rows
+                self._cached += 1
+        self._uncache()
+        return True
+
+    def _dropped_by_spool(self, batches) -> int:
+        """The spool removed its oldest batches to stay under its limit (drop_spool_full, counted there)."""
+        n = 0
+        for old in batches:
+            self.last_dropped.append(old.seq)
+            n += self._drop(old.seq)
+        return n
+
+    def _make_room(self, rows: int) -> int:
+        """Drop the oldest batches held in memory only until ``rows`` more fit under max_rows."""
+        dropped = 0
+        for seq in [s for s, item in self._items.items() if not item[2]]:
+            if self._memory_rows + rows <= self.max_rows:
+                break
+            self.last_dropped.append(seq)
+            n = self._drop(seq)
+            dropped += n
+        if dropped:
+            self.memory_dropped_rows += dropped
+            if self.spool is not None:
+                self.spool.count_accounted(dropped)
+                self._warn_memory.dropped(dropped, f"spool {self.spool.dir} unwritable ({self.spool.degraded}); "
+                                                   "counted as drop_unacked_full")
+        return dropped
+
+    def _uncache(self) -> None:
+        while self._cached > self.CACHED_BATCHES:
+            for seq, (body, r, disk) in self._items.items():  # uncache the oldest cached body
+                if body is not None and disk:
+                    self._items[seq] = (None, r, True)
+                    self._cached -= 1
+                    break
+
+    def _drop(self, seq: int) -> int:
+        item = self._items.pop(seq, None)
+        if item is None:
+            return 0
+        body, rows, disk = item
+        if body is not None and disk and self.spool is not None:
+            self._cached -= 1
+        if not disk:
+            self._memory_rows -= rows
+        self.rows -= rows
+        return rows
+
+    def pop(self, seq: int) -> int | None:
+        """The batch was acked (or rejected): forget it, on disk too."""
+        item = self._items.get(seq)
+        if item is None:
+            return None
+        rows = self._drop(seq)
+        if self.spool is not None:
+            if item[2]:
+                self.spool.remove(seq)
+            else:
+                self.spool.count_accounted(rows)
+        self.changed.set()
+        return rows
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._items
+
+    def seqs_after(self, seq: int) -> list[int]:
+        return [s for s in self._items if s > seq]
+
+    def get(self, seq: int) -> tuple[ingest_pb2.Batch, int] | None:
+        """The batch to send, read back from the spool when it is not in memory; None when gone
+        (acked, dropped, or its file unreadable or bad: counted, and the rest goes on)."""
+        item = self._items.get(seq)
+        if item is None:
+            return None
+        body, rows, disk = item
+        if body is not None:
+            if self.spool is not None and disk:  # sent once: from now on it lives on disk only
+                self._items[seq] = (None, rows, True)
+                self._cached -= 1
+            return body, rows
+        try:
+            return self.spool.load(seq), rows
+        except SpoolCorrupt as exc:
+            self._drop(seq)
+            self.spool.discard_corrupt(seq, exc)
+            self.discarded.append(seq)
+        except OSError as exc:
+            log.error("spool: cannot read back batch %d (%s); %d records lost, counted as drop_spool_unreadable",
+                      seq, exc, rows)
+            self._drop(seq)
+            self.spool.remove(seq)
+            self.unreadable_rows += rows
+            self.discarded.append(seq)
+        self.changed.set()
+        return None
+
+    def after(self, seq: int) -> list[tuple[int, ingest_pb2.Batch, int]]:
+        """Unacked batches with a seq above ``seq``, in order (bodies read from the spool if needed)."""
+        out = []
+        for s in self.seqs_after(seq):
+            got = self.get(s)
+            if got is not None:
+                out.append((s, got[0], got[1]))
+        return out

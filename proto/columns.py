@@ -15,10 +15,18 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import zstandard
 
 from hdrlog.proto import ingest_pb2
 
 STRING = "str"  # marker for variable-length UTF-8 columns
+ZSTD = ingest_pb2.ZSTD
+# zstd level the collector uses by default: level 1 takes most of what zstd can (a packets batch
+# of bench/synth.py traffic: 165 -> 24 bytes a row; level 3: 23.7, level 6: 23.0) for a third
+# of the time of level 3 (BENCHMARKS.md, "wire bytes").
+DEFAULT_COMPRESS_LEVEL = 1
+# Columns shorter than this travel as they are: a zstd frame costs ~10 bytes.
+MIN_COMPRESS_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,10 @@ class ColumnError(ValueError):
     """A Table message does not match the registry; the message names the column."""
 
 
+class InflateError(ColumnError):
+    """A compressed column breaks its declared sizes or the server's bound."""
+
+
 def spec_of(table: str) -> dict[str, ColumnSpec]:
     try:
         return {c.name: c for c in TABLES[table]}
@@ -222,22 +234,89 @@ def encode_strings(values: Sequence[str]) -> tuple[bytes, bytes]:
     return b"".join(encoded), offsets.tobytes()
 
 
-def encode_table(table: str, columns: Mapping[str, object], rows: int) -> ingest_pb2.Table:
-    """Build a Table message; every registry column must be present with ``rows`` values."""
+def encode_table(table: str, columns: Mapping[str, object], rows: int, *, level: int = 0) -> ingest_pb2.Table:
+    """Build a Table message; every registry column must be present with ``rows`` values.
+
+    ``level`` > 0 compresses each column with zstd at that level where it is worth it
+    (``Compression.ZSTD`` in ingest.proto); 0 sends every column as it is (what collectors before
+    compression sent, still accepted)."""
     msg = ingest_pb2.Table(name=table, rows=rows)
+    zc = zstandard.ZstdCompressor(level=level) if level > 0 else None
     for spec in TABLES[table]:
         values = columns[spec.name]
         if len(values) != rows:
             raise ColumnError(f"column {table}.{spec.name} has {len(values)} values, expected {rows}")
         col = msg.columns.add(name=spec.name)
         if spec.is_string:
-            col.values, col.offsets = encode_strings(values)  # type: ignore[arg-type]
+            data, offsets = encode_strings(values)  # type: ignore[arg-type]
+            if zc is not None and len(data) + len(offsets) >= MIN_COMPRESS_BYTES:
+                lengths = np.diff(np.frombuffer(offsets, dtype="<i4")).astype("<i4").tobytes()
+                cv, co = zc.compress(data), zc.compress(lengths)
+                if len(cv) + len(co) < len(data) + len(offsets):
+                    col.values, col.offsets, col.compression = cv, co, ZSTD
+                    col.values_size, col.offsets_size = len(data), len(lengths)
+                    continue
+            col.values, col.offsets = data, offsets
         else:
-            col.values = np.ascontiguousarray(values, dtype=spec.dtype).tobytes()
+            raw = np.ascontiguousarray(values, dtype=spec.dtype).tobytes()
+            if zc is not None and len(raw) >= MIN_COMPRESS_BYTES:
+                packed = zc.compress(raw)
+                if len(packed) < len(raw):
+                    col.values, col.compression, col.values_size = packed, ZSTD, len(raw)
+                    continue
+            col.values = raw
     return msg
 
 
-def decode_table(msg: ingest_pb2.Table) -> tuple[dict[str, object], list[str]]:
+class Inflater:
+    """Inflates the compressed columns of one batch within a byte budget (the server's bound).
+
+    Declared sizes are checked before anything is inflated: a fixed-width column must declare
+    exactly rows x width, string lengths rows x 4, and all of a batch's inflated bytes together
+    at most ``budget``; a frame that inflates to anything but its declared size is refused.
+    """
+
+    def __init__(self, budget: int):
+        self.left = budget
+        self._zd = zstandard.ZstdDecompressor()
+
+    def _take(self, where: str, frame: bytes, size: int) -> bytes:
+        if size > self.left:
+            raise InflateError(f"{where} declares {size} bytes once inflated, past what the batch may hold "
+                              f"({self.left} bytes left of the server's bound)")
+        try:
+            out = self._zd.decompress(frame, max_output_size=size) if size else b""
+        except zstandard.ZstdError as exc:
+            raise InflateError(f"{where} is not a zstd frame of {size} bytes ({exc})") from None
+        if len(out) != size:
+            raise InflateError(f"{where} inflates to {len(out)} bytes, it declares {size}")
+        self.left -= size
+        return out
+
+    def column(self, table: str, col: ingest_pb2.Column, spec: ColumnSpec, rows: int) -> tuple[bytes, bytes]:
+        """(values, offsets) of a column as NONE would carry them."""
+        where = f"column {table}.{col.name}"
+        if col.compression == ingest_pb2.NONE:
+            return col.values, col.offsets
+        if col.compression != ZSTD:
+            raise InflateError(f"{where} has compression {col.compression}, not one this server knows (NONE, ZSTD)")
+        if spec.is_string:
+            if col.offsets_size != rows * 4:
+                raise InflateError(f"{where} declares {col.offsets_size} bytes of lengths, expected {rows} x 4")
+            lengths = np.frombuffer(self._take(where + " lengths", col.offsets, col.offsets_size), dtype="<i4")
+            if rows and int(lengths.min()) < 0:
+                raise InflateError(f"{where} has a negative string length")
+            offsets = np.zeros(rows + 1, dtype="<i8")
+            np.cumsum(lengths, out=offsets[1:])
+            if offsets[-1] != col.values_size:
+                raise InflateError(f"{where} lengths add up to {int(offsets[-1])} bytes, it declares {col.values_size}")
+            return self._take(where, col.values, col.values_size), offsets.astype("<i4").tobytes()
+        if col.values_size != rows * spec.itemsize:
+            raise InflateError(f"{where} declares {col.values_size} bytes, expected {rows} x {spec.itemsize}")
+        return self._take(where, col.values, col.values_size), b""
+
+
+def decode_table(msg: ingest_pb2.Table, inflater: Inflater | None = None) -> tuple[dict[str, object], list[str]]:
     """Check a received Table against the registry and return its columns.
 
     Fixed-width columns come back as read-only numpy views of the message bytes;
@@ -245,7 +324,8 @@ def decode_table(msg: ingest_pb2.Table) -> tuple[dict[str, object], list[str]]:
     offsets have been checked (UTF-8 validity is the caller's job: Arrow checks it).
     Missing columns are filled with zeros / empty strings. Returns the columns and
     the names of unknown columns that were ignored. Raises ColumnError naming the
-    first problem found.
+    first problem found. Compressed columns are inflated by ``inflater`` (its budget bounds
+    them; without one, a compressed column is refused).
     """
     specs = spec_of(msg.name)
     rows = msg.rows
@@ -258,15 +338,21 @@ def decode_table(msg: ingest_pb2.Table) -> tuple[dict[str, object], list[str]]:
             continue
         if col.name in out:
             raise ColumnError(f"column {msg.name}.{col.name} appears twice")
-        if spec.is_string:
-            out[col.name] = (col.values, _check_offsets(msg.name, col, rows))
+        if col.compression != ingest_pb2.NONE:
+            if inflater is None:
+                raise ColumnError(f"column {msg.name}.{col.name} is compressed and no inflater was given")
+            values, offsets = inflater.column(msg.name, col, spec, rows)
         else:
-            if len(col.values) != rows * spec.itemsize:
+            values, offsets = col.values, col.offsets
+        if spec.is_string:
+            out[col.name] = (values, _check_offsets(msg.name, col.name, values, offsets, rows))
+        else:
+            if len(values) != rows * spec.itemsize:
                 raise ColumnError(
-                    f"column {msg.name}.{col.name} has {len(col.values)} bytes, "
+                    f"column {msg.name}.{col.name} has {len(values)} bytes, "
                     f"expected {rows} x {spec.itemsize}"
                 )
-            out[col.name] = np.frombuffer(col.values, dtype=spec.dtype)
+            out[col.name] = np.frombuffer(values, dtype=spec.dtype)
     for spec in specs.values():
         if spec.name not in out:
             if spec.is_string:
@@ -279,7 +365,9 @@ def decode_table(msg: ingest_pb2.Table) -> tuple[dict[str, object], list[str]]:
 def table_bytes(msg: ingest_pb2.Table) -> tuple[int, int]:
     """(bytes sent, bytes of zeros to fill) for a Table message, before decoding anything.
 
-    Bytes sent are those of the registry's columns present (values and offsets); bytes to
+    Bytes sent are those of the registry's columns present (values and offsets; for a
+    compressed column the sizes it declares once inflated, which the server's inflate bound
+    holds to ``max_message_bytes`` before anything is inflated); bytes to
     fill are what ``decode_table`` would allocate for the absent ones at ``msg.rows`` rows
     (fixed width: rows x item size; strings: rows + 1 int32 offsets). A receiver compares the
     two to refuse a table whose rows are not carried by its bytes. Unknown tables give (0, 0).
@@ -291,20 +379,23 @@ def table_bytes(msg: ingest_pb2.Table) -> tuple[int, int]:
     for col in msg.columns:
         if col.name in specs:
             present.add(col.name)
-            sent += len(col.values) + len(col.offsets)
+            if col.compression != ingest_pb2.NONE:
+                sent += col.values_size + col.offsets_size
+            else:
+                sent += len(col.values) + len(col.offsets)
     filled = sum((rows + 1) * 4 if s.is_string else rows * s.itemsize
                  for name, s in specs.items() if name not in present)
     return sent, filled
 
 
-def _check_offsets(table: str, col: ingest_pb2.Column, rows: int) -> np.ndarray:
-    if len(col.offsets) != (rows + 1) * 4:
+def _check_offsets(table: str, name: str, values: bytes, raw: bytes, rows: int) -> np.ndarray:
+    if len(raw) != (rows + 1) * 4:
         raise ColumnError(
-            f"column {table}.{col.name} has {len(col.offsets) // 4} offsets, expected {rows + 1}"
+            f"column {table}.{name} has {len(raw) // 4} offsets, expected {rows + 1}"
         )
-    offsets = np.frombuffer(col.offsets, dtype="<i4")
-    if offsets[0] != 0 or offsets[-1] != len(col.values) or (rows and np.any(np.diff(offsets) < 0)):
-        raise ColumnError(f"column {table}.{col.name} has offsets that do not index its values")
+    offsets = np.frombuffer(raw, dtype="<i4")
+    if offsets[0] != 0 or offsets[-1] != len(values) or (rows and np.any(np.diff(offsets) < 0)):
+        raise ColumnError(f"column {table}.{name} has offsets that do not index its values")
     return offsets
 
 

@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hdrlog/proto/ingest.proto\x12\thdrlog.v1\"7\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x01(\x0c\"G\n\x05Table\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\"\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x11.hdrlog.v1.Column\"s\n\x05\x42\x61tch\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ns\x18\x04 \x01(\x04\x12 \n\x06tables\x18\x05 \x03(\x0b\x32\x10.hdrlog.v1.Table\"\xa4\x01\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.hdrlog.v1.Ack.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\")\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0c\n\x08REJECTED\x10\x01\x12\t\n\x05RETRY\x10\x02\x32\x38\n\x06Ingest\x12.\n\x06Stream\x12\x10.hdrlog.v1.Batch\x1a\x0e.hdrlog.v1.Ack(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19hdrlog/proto/ingest.proto\x12\thdrlog.v1\"\x8f\x01\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x16.hdrlog.v1.Compression\x12\x13\n\x0bvalues_size\x18\x05 \x01(\x04\x12\x14\n\x0coffsets_size\x18\x06 \x01(\x04\"G\n\x05Table\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\"\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x11.hdrlog.v1.Column\"s\n\x05\x42\x61tch\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ns\x18\x04 \x01(\x04\x12 \n\x06tables\x18\x05 \x03(\x0b\x32\x10.hdrlog.v1.Table\"\xa4\x01\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.hdrlog.v1.Ack.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\")\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0c\n\x08REJECTED\x10\x01\x12\t\n\x05RETRY\x10\x02*!\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x32\x38\n\x06Ingest\x12.\n\x06Stream\x12\x10.hdrlog.v1.Batch\x1a\x0e.hdrlog.v1.Ack(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hdrlog.proto.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COLUMN']._serialized_start=40
-  _globals['_COLUMN']._serialized_end=95
-  _globals['_TABLE']._serialized_start=97
-  _globals['_TABLE']._serialized_end=168
-  _globals['_BATCH']._serialized_start=170
-  _globals['_BATCH']._serialized_end=285
-  _globals['_ACK']._serialized_start=288
-  _globals['_ACK']._serialized_end=452
-  _globals['_ACK_STATUS']._serialized_start=411
-  _globals['_ACK_STATUS']._serialized_end=452
-  _globals['_INGEST']._serialized_start=454
-  _globals['_INGEST']._serialized_end=510
+  _globals['_COMPRESSION']._serialized_start=543
+  _globals['_COMPRESSION']._serialized_end=576
+  _globals['_COLUMN']._serialized_start=41
+  _globals['_COLUMN']._serialized_end=184
+  _globals['_TABLE']._serialized_start=186
+  _globals['_TABLE']._serialized_end=257
+  _globals['_BATCH']._serialized_start=259
+  _globals['_BATCH']._serialized_end=374
+  _globals['_ACK']._serialized_start=377
+  _globals['_ACK']._serialized_end=541
+  _globals['_ACK_STATUS']._serialized_start=500
+  _globals['_ACK_STATUS']._serialized_end=541
+  _globals['_INGEST']._serialized_start=578
+  _globals['_INGEST']._serialized_end=634
 # @@protoc_insertion_point(module_scope)

@@ -7,15 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NONE: _ClassVar[Compression]
+    ZSTD: _ClassVar[Compression]
+NONE: Compression
+ZSTD: Compression
+
 class Column(_message.Message):
-    __slots__ = ("name", "values", "offsets")
+    __slots__ = ("name", "values", "offsets", "compression", "values_size", "offsets_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     values: bytes
     offsets: bytes
-    def __init__(self, name: _Optional[str] = ..., values: _Optional[bytes] = ..., offsets: _Optional[bytes] = ...) -> None: ...
+    compression: Compression
+    values_size: int
+    offsets_size: int
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., values_size: _Optional[int] = ..., offsets_size: _Optional[int] = ...) -> None: ...
 
 class Table(_message.Message):
     __slots__ = ("name", "rows", "columns")

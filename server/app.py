@@ -124,7 +124,13 @@ class Server:
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            # Long idle links (a quiet host sends a batch a minute, NAT and firewalls drop silent
+            # flows): ping every 30 s, give up after 20 s without an answer, and accept the
+            # collectors' own pings (every 20 s, also between streams) without calling them abuse.
             ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
@@ -249,7 +255,7 @@ class Server:
         m = self.metrics
         pending = self.writer.pending_rows if self.writer is not None else 0
         return (f"streams={m.open_streams} batches={m.total_batches} rows={m.total_rows} "
-                f"dup={m.total_dup} rejected={m.total_rejected} pending={pending}")
+                f"dup={m.total_dup} rejected={m.total_rejected} pending={pending} bytes={m.total_bytes}")
 
     async def _status_loop(self) -> None:
         from hdrlog.logs import StatusLines

@@ -32,6 +32,9 @@ from typing import Callable
 from hdrlog.server.schema import DATABASE
 
 SHARDING_KEY = "cityHash64(host)"
+# Tables without a host column, and what shards them instead (the rollup journal: by its token).
+UNSHARDED_BY_HOST = {"rollup_log": "cityHash64(token)"}
+_DROP_VIEW = re.compile(r"^\s*DROP VIEW IF EXISTS (\S+)$")
 _DB = re.escape(DATABASE)
 _CREATE_TABLE = re.compile(rf"^\s*CREATE TABLE IF NOT EXISTS {_DB}\.(\w+)\s*\(", re.S)
 _CREATE_MV = re.compile(rf"^\s*CREATE MATERIALIZED VIEW IF NOT EXISTS {_DB}\.(\w+) TO {_DB}\.(\w+) AS", re.S)
@@ -71,8 +74,9 @@ class Layout:
             body = _ENGINE.sub(lambda e: self.engine(local, e.group(1) or "", e.group(2) or ""), body, count=1)
             if not self.rehearsal:
                 body = body.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
+            key = SHARDING_KEY if table not in UNSHARDED_BY_HOST else UNSHARDED_BY_HOST[table]
             dist = (f"CREATE TABLE IF NOT EXISTS {DATABASE}.{table}{self.on} AS {DATABASE}.{local} "
-                    f"ENGINE = Distributed({self.cluster}, {DATABASE}, {local}, {SHARDING_KEY})")
+                    f"ENGINE = Distributed({self.cluster}, {DATABASE}, {local}, {key})")
             return [body, dist]
         m = _CREATE_MV.match(text)
         if m:
@@ -80,6 +84,9 @@ class Layout:
             head = f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.{view}{self.on} TO {DATABASE}.{target}_local AS"
             rest = re.sub(rf"\bFROM {_DB}\.(\w+)", lambda f: f"FROM {DATABASE}.{f.group(1)}_local", text[m.end():])
             return [head + rest]
+        m = _DROP_VIEW.match(text)
+        if m:
+            return [f"DROP VIEW IF EXISTS {m.group(1)}{self.on}"]
         m = _ALTER.match(text)
         if m:
             table, rest = m.group(1), m.group(2)
@@ -89,6 +96,8 @@ class Layout:
             if re.match(r"(ADD|MODIFY) COLUMN\b", rest):
                 # The Distributed table has the same columns (its type may change; codecs live on the shards).
                 bare = re.sub(r" CODEC\(.*\)$", "", rest)
+                # ... and no sorting key: that is the shards' (a Distributed table has none to modify).
+                bare = re.sub(r",\s*MODIFY ORDER BY \(.*\)$", "", bare, flags=re.S)
                 out.append(f"ALTER TABLE {DATABASE}.{table}{self.on} {bare}")
             return out
         # apply_ttl reads a table's TTL from system.tables: the local table's, where it is set.

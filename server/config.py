@@ -20,6 +20,7 @@ DEFAULT_SQL_LISTEN = "127.0.0.1:7623"
 DEFAULT_FLUSH_ROWS = 50_000
 DEFAULT_FLUSH_INTERVAL = 0.5
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_ROLLUP_MAX_KEYS = 5_000
 DEFAULT_STATUS_INTERVAL = 5.0
 DEFAULT_PENDING_FACTOR = 4
 # Age limits per table, in days. 0 = forever by default: a TTL deletes rows as they are inserted when
@@ -172,6 +173,9 @@ class ServerConfig:
                                       duration=True)
     max_pending_rows: int = doc_field(
         0, "rows held in memory before streams are paused (backpressure); 0 means 4 x flush_rows")
+    rollup_max_keys: int = doc_field(
+        DEFAULT_ROLLUP_MAX_KEYS, "keys pairs_1m and services_1m keep per host, minute and flush; the rest of that "
+        "minute is summed into one other = 1 row (docs/sql.md, \"Bounded rollups\")")
     max_message_bytes: int = doc_field(DEFAULT_MAX_MESSAGE_BYTES, "largest Batch message accepted, in bytes")
     status_interval: float = doc_field(DEFAULT_STATUS_INTERVAL, "seconds between one-line status logs; 0 disables them",
                                        duration=True)
@@ -376,6 +380,8 @@ class ServerConfig:
             raise ConfigError("flush_interval", self.flush_interval, "expected seconds, > 0 and <= 3600")
         if self.max_pending_rows < 0 or (self.max_pending_rows and self.max_pending_rows < self.flush_rows):
             raise ConfigError("max_pending_rows", self.max_pending_rows, "expected 0 (= 4 x flush_rows) or >= flush_rows")
+        if not 1 <= self.rollup_max_keys <= 10_000_000:
+            raise ConfigError("rollup_max_keys", self.rollup_max_keys, "expected an integer from 1 to 10000000")
         if not 1024 <= self.max_message_bytes <= 2**31 - 1:
             raise ConfigError("max_message_bytes", self.max_message_bytes, "expected bytes from 1024 to 2147483647")
         if self.status_interval < 0:

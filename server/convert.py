@@ -30,6 +30,9 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 MAX_DAY = 65_535
 # A table claiming more rows than this is refused before anything is allocated.
 MAX_ROWS = 10_000_000
+# Bytes the compressed columns of one batch may inflate to, unless the caller says (ingest.py
+# passes max_message_bytes).
+DEFAULT_INFLATE_LIMIT = 64 << 20
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,254}$")
 _DIRECTIONS = pa.array(["", registry.DIRECTIONS[1], registry.DIRECTIONS[2]])
@@ -75,12 +78,15 @@ def _server_string(value: str, rows: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([value]))
 
 
-def convert_table(msg: ingest_pb2.Table, host: str, collector_id: str, seq: int) -> TableRows:
+def convert_table(msg: ingest_pb2.Table, host: str, collector_id: str, seq: int,
+                  inflater: registry.Inflater | None = None) -> TableRows:
     """One Table message -> Arrow table in the SQL column order of the registry plus server columns."""
     if msg.rows > MAX_ROWS:
         raise BatchError("columns", f"table {msg.name!r} claims {msg.rows} rows (at most {MAX_ROWS} per batch)")
     try:
-        cols, _ignored = registry.decode_table(msg)
+        cols, _ignored = registry.decode_table(msg, inflater or registry.Inflater(DEFAULT_INFLATE_LIMIT))
+    except registry.InflateError as exc:
+        raise BatchError("inflate", str(exc)) from None
     except registry.ColumnError as exc:
         raise BatchError("unknown_table" if "unknown table" in str(exc) else "columns", str(exc)) from None
     rows = int(msg.rows)
@@ -125,17 +131,21 @@ def convert_table(msg: ingest_pb2.Table, host: str, collector_id: str, seq: int)
     return TableRows(msg.name, pa.table(arrays), days)
 
 
-def convert_batch(batch: ingest_pb2.Batch, host: str) -> list[TableRows]:
-    """Validate a whole Batch; returns its non-empty tables (a table may appear once)."""
+def convert_batch(batch: ingest_pb2.Batch, host: str, inflate_limit: int = DEFAULT_INFLATE_LIMIT) -> list[TableRows]:
+    """Validate a whole Batch; returns its non-empty tables (a table may appear once).
+
+    Compressed columns inflate to at most ``inflate_limit`` bytes for the whole batch (the server
+    passes ``max_message_bytes``: a compressed batch holds no more than an uncompressed one may)."""
     check_name("collector_id", batch.collector_id)
     check_name("host", host)
+    inflater = registry.Inflater(inflate_limit)
     out: list[TableRows] = []
     seen: set[str] = set()
     for msg in batch.tables:
         if msg.name in seen:
             raise BatchError("columns", f"table {msg.name!r} appears twice in the batch")
         seen.add(msg.name)
-        tr = convert_table(msg, host, batch.collector_id, batch.seq)
+        tr = convert_table(msg, host, batch.collector_id, batch.seq, inflater)
         if tr.rows:
             out.append(tr)
     return out

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from hdrlog.proto import columns as registry
+from hdrlog.drops import Every
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server.convert import MAX_ROWS, BatchError, convert_batch
 from hdrlog.server.metrics import ServerMetrics
@@ -48,8 +48,10 @@ from hdrlog.server.writer import Outcome, Writer
 
 log = logging.getLogger("hdrlog.server")
 
-# Batches with at most this many rows are converted on the event loop; larger ones in a thread.
-INLINE_ROWS = 20_000
+# Batches with at most this many rows are converted on the event loop; larger ones in a thread,
+# which overlaps their conversion (inflate, validate, Arrow) with the reading of the next ones and
+# with the INSERT running in another thread (zstd and Arrow release the GIL).
+INLINE_ROWS = 2_000
 REJECT_LOG_INTERVAL = 1.0
 MAX_UNSENT_ACKS = 10_000
 # A restarted collector skips at most one reserved block of seqs (1000); this allows for a billion.
@@ -121,18 +123,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.max_streams_per_host = max_streams_per_host
         self.open_streams = 0
         self.open_by_identity: dict[str, int] = {}
-        self._last_reject_log = 0.0
-        self._suppressed = 0
+        self._reject_every = Every(first=REJECT_LOG_INTERVAL, most=REJECT_LOG_INTERVAL)
 
     def _log_reject(self, line: str) -> None:
         """At most one rejection warning per second; the others are counted in the next line."""
-        now = time.monotonic()
-        if now - self._last_reject_log < REJECT_LOG_INTERVAL:
-            self._suppressed += 1
+        if not self._reject_every.due():
             return
-        more = f" (and {self._suppressed} more rejections not logged)" if self._suppressed else ""
+        held, self._reject_every.held = self._reject_every.held, 0
+        more = f" (and {held} more rejections not logged)" if held else ""
         log.warning("%s%s", line, more)
-        self._last_reject_log, self._suppressed = now, 0
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC name)
         if self.open_streams >= self.max_streams:
@@ -220,10 +219,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                     # Room in the pending buffer first, then the allocation (backpressure before conversion).
                     await self.writer.reserve(rows)
                     reserved = rows
+                    limit = self.writer.config.max_message_bytes
                     if rows > INLINE_ROWS:
-                        tables = await asyncio.to_thread(convert_batch, batch, host)
+                        tables = await asyncio.to_thread(convert_batch, batch, host, limit)
                     else:
-                        tables = convert_batch(batch, host)
+                        tables = convert_batch(batch, host, limit)
                 except BatchError as exc:
                     self.writer.release(reserved)
                     self.metrics.rejected(exc.kind)

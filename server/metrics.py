@@ -43,6 +43,9 @@ class ServerMetrics:
                                      ["kind"], registry=r)
         self.insert_seconds = Histogram(f"{NS}_insert_duration_seconds", "Time per INSERT statement",
                                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.rollup_folded_keys = Counter(f"{NS}_rollup_folded_keys",
+                                          "Rollup keys summed into an other row (rollup_max_keys reached)",
+                                          ["table"], registry=r)
         self.pending_rows = Gauge(f"{NS}_pending_rows", "Rows accepted and not yet inserted", registry=r)
         self.streams = Gauge(f"{NS}_open_streams", "Open collector streams", registry=r)
         self.backpressure_seconds = Counter(f"{NS}_backpressure_seconds",
@@ -70,6 +73,7 @@ class ServerMetrics:
         self.total_dup = 0
         self.total_rejected = 0
         self.open_streams = 0
+        self.total_bytes = 0  # serialized Batch bytes received (the wire's share, for the status line)
         self._http: MetricsHttp | None = None
         self.port: int | None = None
 
@@ -79,6 +83,7 @@ class ServerMetrics:
         self.batches_received.inc()
         self.bytes_received.inc(nbytes)
         self.total_batches += 1
+        self.total_bytes += nbytes
 
     def rejected(self, kind: str) -> None:
         self.batches_rejected.labels(kind).inc()

@@ -212,8 +212,8 @@ def _index_ddl(table: str) -> list[str]:
     return out
 
 
-# Per-minute rollups, filled by materialized views on every insert into packets (so also
-# deduplicated with it: a repeated insert token drops the view's block too). Counts are weighted
+# Per-minute rollups. Filled by materialized views on every insert into packets until migration 10;
+# since then the server computes them per flush (server/rollup.py, see below). Counts are weighted
 # by sample_rate (estimated packets on the wire); `records` counts logged rows.
 # `port` is the service side by the usual heuristic: the lower of the two ports (0 without L4).
 ROLLUP_TABLES = ("packets_1m", "pairs_1m", "services_1m")
@@ -452,6 +452,100 @@ MIGRATIONS += [
     (10, "packets and flows: community_id", [
         f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS community_id String CODEC(ZSTD(1))",
         f"ALTER TABLE {DATABASE}.flows ADD COLUMN IF NOT EXISTS community_id String CODEC(ZSTD(1))",
+    ]),
+]
+
+# -- issue 16: rollups off the insert path ---------------------------------------------------
+# The server groups each flush itself (server/rollup.py) and inserts the partial aggregates into
+# rollup_in, a Null table: three light views move them into the rollup tables (the uniq states
+# are made there, from one row per distinct value). The views on packets go: their cost grew with
+# the number of groups (a scan made every row one); rollup_in carries one row per rollup key, with
+# its distinct destination ports (pairs) or clients (services) as arrays. The rollups gain `other` (1 on
+# the row that stands for the keys a flush folded when it had more than the server's
+# rollup_max_keys in one minute, see docs/sql.md), pairs_1m and services_1m also `folded_keys`
+# (how many; packets_1m sums only its measures). rollup_log is the
+# writer's journal: a flush's intent before its packets INSERT, its end after the rollup INSERT;
+# a start finds the flushes without an end and rolls their stored rows up again (writer.py).
+_ROLLUP_IN = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.rollup_in
+(
+    kind        UInt8,
+    minute      DateTime('UTC'),
+    host        LowCardinality(String),
+    direction   LowCardinality(String),
+    src_ip      IPv6,
+    dst_ip      IPv6,
+    ip_proto    UInt8,
+    port        UInt16,
+    ports       Array(UInt16),
+    clients     Array(IPv6),
+    other       UInt8,
+    folded_keys UInt64,
+    packets     UInt64,
+    bytes       UInt64,
+    records     UInt64,
+    syns        UInt64,
+    synacks     UInt64,
+    rsts        UInt64
+)
+ENGINE = Null
+"""
+
+_PACKETS_1M_MV2 = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.packets_1m_in TO {DATABASE}.packets_1m AS
+SELECT minute, host, direction, ip_proto, port, other, packets, bytes, records
+FROM {DATABASE}.rollup_in WHERE kind = 0
+"""
+
+_PAIRS_1M_MV2 = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.pairs_1m_in TO {DATABASE}.pairs_1m AS
+SELECT minute, host, src_ip, dst_ip, ip_proto, other,
+       sum(packets) AS packets, sum(bytes) AS bytes, sum(syns) AS syns, sum(synacks) AS synacks,
+       sum(rsts) AS rsts, uniqMergeState(arrayReduce('uniqState', ports)) AS dst_ports,
+       sum(folded_keys) AS folded_keys
+FROM {DATABASE}.rollup_in WHERE kind = 1
+GROUP BY minute, host, src_ip, dst_ip, ip_proto, other
+"""
+
+_SERVICES_1M_MV2 = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.services_1m_in TO {DATABASE}.services_1m AS
+SELECT minute, host, src_ip AS ip, ip_proto, port, other,
+       sum(packets) AS replies, uniqMergeState(arrayReduce('uniqState', clients)) AS clients,
+       sum(folded_keys) AS folded_keys
+FROM {DATABASE}.rollup_in WHERE kind = 2
+GROUP BY minute, host, ip, ip_proto, port, other
+"""
+
+_ROLLUP_LOG = f"""
+CREATE TABLE IF NOT EXISTS {DATABASE}.rollup_log
+(
+    at            DateTime('UTC') DEFAULT now(),
+    token         String,
+    state         UInt8,
+    collector_ids Array(String),
+    seqs          Array(UInt64),
+    days          Array(UInt32),
+    members       Array(String)
+)
+ENGINE = MergeTree
+ORDER BY (token, state)
+"""
+
+MIGRATIONS += [
+    (11, "rollups computed by the server: rollup_in and its views, other/folded_keys, rollup_log; "
+        "the materialized views on packets dropped", [
+        f"DROP VIEW IF EXISTS {DATABASE}.packets_1m_mv",
+        f"DROP VIEW IF EXISTS {DATABASE}.pairs_1m_mv",
+        f"DROP VIEW IF EXISTS {DATABASE}.services_1m_mv",
+        f"ALTER TABLE {DATABASE}.packets_1m ADD COLUMN IF NOT EXISTS other UInt8, "
+        "MODIFY ORDER BY (host, minute, direction, ip_proto, port, other)",
+        f"ALTER TABLE {DATABASE}.pairs_1m ADD COLUMN IF NOT EXISTS other UInt8, "
+        "ADD COLUMN IF NOT EXISTS folded_keys SimpleAggregateFunction(sum, UInt64), "
+        "MODIFY ORDER BY (host, minute, src_ip, dst_ip, ip_proto, other)",
+        f"ALTER TABLE {DATABASE}.services_1m ADD COLUMN IF NOT EXISTS other UInt8, "
+        "ADD COLUMN IF NOT EXISTS folded_keys SimpleAggregateFunction(sum, UInt64), "
+        "MODIFY ORDER BY (host, minute, ip, ip_proto, port, other)",
+        _ROLLUP_IN, _PACKETS_1M_MV2, _PAIRS_1M_MV2, _SERVICES_1M_MV2, _ROLLUP_LOG,
     ]),
 ]
 

@@ -24,6 +24,7 @@ separate control handle; chDB runs it concurrently with the query).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import os
 import time
@@ -181,6 +182,7 @@ class Store:
         self.server_memory_bytes = server_memory_bytes
         self.sql_settings = dict(sql_settings or {})
         self._control: Any = None
+        self._rollup_client: Any = None  # the rollup worker's own handle (writer.py)
         self._control_lock = threading.Lock()
         self._client: Any = None
         self._local = threading.local()
@@ -243,8 +245,10 @@ class Store:
             readers, self._readers = self._readers, []
         with self._control_lock:
             control, self._control = self._control, None
-        if control is not None:
-            readers.append(control)
+            rollup_client, self._rollup_client = self._rollup_client, None
+        for extra in (control, rollup_client):
+            if extra is not None:
+                readers.append(extra)
         with self._ingress_lock:
             ingress, self._ingress = self._ingress, None
         if ingress is not None:
@@ -268,11 +272,17 @@ class Store:
         ``token`` is passed as ``insert_deduplication_token``: repeating the
         same insert (a retry after an ambiguous failure) stores nothing twice.
         """
-        if self._client is None:
+        return self._insert(self._client, table, data, token)
+
+    def _insert(self, client: Any, table: str, data: pa.Table, token: str) -> int:
+        if client is None:
             raise StoreError("store is closed")
         settings = {
             "insert_deduplication_token": token,
             "insert_deduplicate": 1,
+            # Synchronous: the Ack promises the rows are stored, and chDB defaults to async_insert = 1
+            # (whose deduplication is off unless async_insert_deduplicate).
+            "async_insert": 0,
             # One block per partition: keep the whole flush in one part so it is atomic.
             "max_insert_block_size": max(data.num_rows, 1_048_449),
             "min_insert_block_size_rows": 0,
@@ -281,7 +291,7 @@ class Store:
         if self.layout is not None:  # into a Distributed table: return once the shard has stored the rows
             settings["distributed_foreground_insert"] = 1
         try:
-            self._client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
+            client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
         return data.num_rows
@@ -312,6 +322,107 @@ class Store:
                 return list(self._ingress_client().query(sql, parameters=dict(parameters or {})).result_rows)
             except Exception as exc:  # noqa: BLE001
                 raise StoreError(short_message(exc), code=error_code(exc)) from None
+
+    def insert_rollup(self, data: pa.Table, token: str) -> None:
+        """Rollup rows (server/rollup.py) into rollup_in, on the rollup handle (concurrent with the
+        next flush's packets INSERT). Never a permanent failure: the server made these rows."""
+        try:
+            self._insert(self._rollup_handle(), "rollup_in", data, token)
+        except StoreError as exc:
+            raise StoreError(str(exc), code=exc.code, permanent=False) from None
+
+    def _rollup_handle(self) -> Any:
+        if self._closed:
+            raise StoreError("store is closed")
+        with self._control_lock:
+            if self._rollup_client is None:
+                self._rollup_client = self._connect()
+            return self._rollup_client
+
+    def log_rollup(self, token: str, state: int, batches: list[tuple[str, int, int]], *,
+                   rollup: bool = False, members: list[str] | None = None) -> None:
+        """One journal row of the rollups (rollup_log): a flush's intent (state 0, with its
+        (collector_id, seq, day) list), its end (state 1), or a group of flushes rolled up in one
+        INSERT (state 2, ``members``). Never a permanent failure: the server wrote it, so the
+        retry decides (writer.py)."""
+        self._log_rows([(token, state, batches, members or [])], f"{token}-log{state}", rollup)
+
+    def _journal_client(self, rollup: bool) -> Any:
+        """The rollup worker's handle (``rollup``: a remote session takes one query at a time) or the main one."""
+        if rollup:
+            return self._rollup_handle()
+        if self._client is None:
+            raise StoreError("store is closed")
+        return self._client
+
+    def log_rollups(self, intents: list[tuple[str, list[tuple[str, int, int]]]]) -> None:
+        """The intents (state 0) of several flushes or batches, in one journal INSERT."""
+        name = intents[0][0] if len(intents) == 1 else \
+            "hdrlog-i-" + hashlib.sha256("|".join(sorted(t for t, _ in intents)).encode()).hexdigest()[:40]
+        self._log_rows([(t, 0, batches, []) for t, batches in intents], f"{name}-log0", False)
+
+    def end_rollups(self, tokens: list[str]) -> None:
+        """The journal's end of these flushes, in one INSERT (all of them or none)."""
+        name = tokens[0] if len(tokens) == 1 else \
+            "hdrlog-e-" + hashlib.sha256("|".join(sorted(tokens)).encode()).hexdigest()[:40]
+        self._log_rows([(t, 1, [], []) for t in tokens], f"{name}-log1", True)
+
+    def _log_rows(self, rows: list[tuple[str, int, list[tuple[str, int, int]], list[str]]], dedup: str,
+                  rollup: bool) -> None:
+        if self._client is None:
+            raise StoreError("store is closed")
+        data = pa.table({"token": [r[0] for r in rows], "state": pa.array([r[1] for r in rows], pa.uint8()),
+                         "collector_ids": [[b[0] for b in r[2]] for r in rows],
+                         "seqs": pa.array([[b[1] for b in r[2]] for r in rows], pa.list_(pa.uint64())),
+                         "days": pa.array([[b[2] for b in r[2]] for r in rows], pa.list_(pa.uint32())),
+                         "members": pa.array([r[3] for r in rows], pa.list_(pa.string()))})
+        client = self._rollup_handle() if rollup else self._client
+        try:
+            client.insert_arrow(f"{schema.DATABASE}.rollup_log", data, settings={
+                "insert_deduplication_token": dedup, "insert_deduplicate": 1, "async_insert": 0})
+        except Exception as exc:  # noqa: BLE001
+            err = classify(exc)
+            raise StoreError(str(err), code=err.code, permanent=False) from None
+
+    def rollup_groups(self, tokens: list[str], *, rollup: bool = False) -> list[tuple[str, list[str]]]:
+        """The journaled groups (state 2) with a member among ``tokens``: (group token, members)."""
+        if not tokens:
+            return []
+        try:
+            rows = self._journal_client(rollup).query(
+                f"SELECT token, any(members) FROM {schema.DATABASE}.rollup_log WHERE state = 2 "
+                "AND hasAny(members, {t:Array(String)}) GROUP BY token ORDER BY token",
+                parameters={"t": tokens}).result_rows
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
+        return [(str(g), [str(m) for m in members]) for g, members in rows]
+
+    def unfinished_rollups(self, *, rollup: bool = False) -> list[tuple[str, list[tuple[str, int, int]], int]]:
+        """Flushes (or batches) whose intent is journaled but not their end:
+        (token, [(collector_id, seq, day)], seconds since the last intent was journaled)."""
+        try:
+            rows = self._journal_client(rollup).query(
+                f"SELECT token, anyIf(collector_ids, state = 0), anyIf(seqs, state = 0), anyIf(days, state = 0), "
+                "toInt64(dateDiff('second', maxIf(at, state = 0), now())) "
+                f"FROM {schema.DATABASE}.rollup_log WHERE state IN (0, 1) "
+                "GROUP BY token HAVING countIf(state = 1) = 0 ORDER BY token").result_rows
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
+        return [(str(t), [(str(c), int(q), int(d)) for c, q, d in zip(ids, seqs, days)], int(age))
+                for t, ids, seqs, days, age in rows]
+
+    def stored_packets(self, batches: list[tuple[str, int, int]], columns: tuple[str, ...], *,
+                       rollup: bool = False) -> pa.Table:
+        """The stored packets rows of the given (collector_id, seq, day)s, as Arrow (the rollups' recovery)."""
+        if not batches:
+            return pa.table({})
+        try:
+            return self._journal_client(rollup).query_arrow(
+                f"SELECT {', '.join(columns)} FROM {schema.DATABASE}.packets "
+                "WHERE (collector_id, batch_seq, toUInt32(toDate(ts))) IN {keys:Array(Tuple(String, UInt64, UInt32))}",
+                parameters={"keys": batches})
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read packets back for the rollups: {short_message(exc)}") from None
 
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.

@@ -79,6 +79,49 @@ Across servers
     (``sql_write_user``); else ``flush`` (one process owns the data: its memory
     is the whole truth, and one part per flush is cheaper).
 
+Rollups
+    The per-minute rollups are the server's (server/rollup.py), not materialized views, and
+    they are derived data: a flush's Ack waits for its packets, not for its rollup. Each flush
+    of packets goes: (1) its intent into ``rollup_log`` (the flush's token and its
+    (collector_id, seq, day)s), (2) the packets INSERT, (3) to the rollup worker, which
+    aggregates it at once and, on its own chDB handle while the next flushes insert, stores the
+    rollups of the flushes of about a second (``ROLLUP_EVERY``) in one INSERT into
+    ``rollup_in`` (under ``<flush token>-rollup`` for one flush; for several, first a group row
+    naming them, then ``<group token>-rollup``), then (4) their ends, in one INSERT. A flush with
+    an intent and no end (a SIGKILL between (2) and (4), or an unknown failure) is rolled up at
+    the next start, or before the next flush after such a failure, from its stored rows, grouped
+    as the journal says and under the same tokens: ClickHouse drops a rollup that had landed
+    and stores one that had not. The aggregation is deterministic (the same rows give the same
+    result, in any order), so a recovered rollup is the lost one. A flush whose packets were
+    refused for good gets its end at once (it stands for nothing; its batches are stored one by
+    one, each journaled on its own).
+
+Rollups across servers
+    With ``dedup_scope = batch`` a flush's grouping is this server's own, so its
+    rollups must not depend on it: each (batch, day) of packets is journaled, inserted
+    and rolled up on its own, under tokens made from that batch alone (the intent
+    under its packets token, the rollup under ``<batch token>-rollup``), and the
+    rollup worker does not gather them into groups (one rollup INSERT per batch, as
+    there is one packets INSERT per batch). The aggregation is deterministic, so two
+    servers holding the same batch make the same rollup under the same token, and
+    ClickHouse keeps one copy whichever server grouped what (tests/test_scaleout.py
+    races two writers on the same batches).
+
+    The journal (``rollup_log``) is shared too, so a recovery meets other servers'
+    entries. Rolling one up again is harmless (same token). One whose packets are not
+    stored (yet) is left open while younger than ``ROLLUP_ABANDONED`` (its server may
+    be inserting them right now) and ended after that (that server gave up; a resend
+    to another server journals its own intent under the same token). Each server on a
+    shared store also sweeps the journal every ``ROLLUP_SWEEP`` seconds for open entries
+    at least that old: a server killed between a batch's packets and its rollup is not
+    necessarily restarted, and another one finishes its work.
+
+    What remains: a batch first stored more than ``ROLLUP_ABANDONED`` after an abandoned
+    intent of it, by a server that then dies between its packets and rollup INSERTs,
+    loses its rollup (the end written for the abandoned intent hides the new intent).
+    And a rollup repeated after the tables' deduplication window (10,000 blocks) is
+    stored twice, as a repeated packets INSERT would be.
+
 Failures
     A transient failure (connection, timeout, too many parts, ...) is retried with
     capped, jittered exponential backoff; tables already inserted by the flush
@@ -103,17 +146,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from hdrlog.drops import DropWarning, backoff_delay
 from hdrlog.proto import ingest_pb2
 from hdrlog.server.config import ServerConfig
 from hdrlog.server.convert import TableRows
 from hdrlog.server.metrics import ServerMetrics
+from hdrlog.server import rollup
 from hdrlog.server.store import Store, StoredSeqs, StoreError
 
 log = logging.getLogger("hdrlog.server")
@@ -126,6 +170,14 @@ BACKOFF_START = 0.2
 BACKOFF_CAP = 10.0
 RETRY_ACK_AFTER = 3      # failed attempts before waiting streams get RETRY
 STOP_ATTEMPTS = 3        # attempts per flush once stopping, before answering RETRY and giving up
+# Steps of a flush's packets besides the INSERT itself, kept in its ``done`` set (see "Rollups").
+ROLLUP_INTENT, ROLLUP_INSERT, ROLLUP_END = "packets:intent", "packets:rollup", "packets:end"
+ROLLUP_GROUP = "rollup:group"
+ROLLUP_QUEUE = 64        # flushes whose rollup may wait for the rollup worker before a flush waits
+ROLLUP_EVERY = 1.0       # seconds the rollup worker gathers flushes into one rollup INSERT
+ROLLUP_GROUP_MAX = 32    # flushes in one rollup INSERT at most
+ROLLUP_SWEEP = 10        # seconds between a shared store's journal sweeps, and the age they pick up
+ROLLUP_ABANDONED = 600   # seconds after which a shared store's journal entry without stored rows is given up
 
 
 @dataclass
@@ -179,12 +231,23 @@ class Writer:
         self._stopping = False
         self._draining = False
         self._task: asyncio.Task | None = None
+        # Flushes whose packets are stored and whose rollup is not yet: (data, token), for the worker.
+        self._rollups: asyncio.Queue = asyncio.Queue(maxsize=ROLLUP_QUEUE)
+        self._rollup_task: asyncio.Task | None = None
+        self._rollup_hurry = 0  # > 0 while someone waits for the rollups (no gathering then)
+        self._warn_folded = DropWarning(
+            log, f"server: rollup keys past rollup_max_keys={config.rollup_max_keys} per host-minute and flush",
+            "raise rollup_max_keys to keep more of them apart", unit="keys")
+        self._warn_rejected = DropWarning(log, "server: batches refused by ClickHouse (answered REJECTED)",
+                                          "the reason names the column to fix", level=logging.ERROR)
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         marks = await asyncio.to_thread(self.store.committed_watermarks)
         self._wm = marks.by_key
+        await asyncio.to_thread(self._recover_rollups)
+        self._rollup_task = asyncio.create_task(self._rollup_worker(), name="hdrlog-rollups")
         self._task = asyncio.create_task(self._run(), name="hdrlog-writer")
 
     async def stop(self) -> None:
@@ -195,6 +258,10 @@ class Writer:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._rollup_task is not None:
+            await self._rollups.put(None)
+            await self._rollup_task
+            self._rollup_task = None
 
     def flush_now(self) -> None:
         """From now on, flush whatever is queued without waiting for the thresholds (shutdown)."""
@@ -325,6 +392,7 @@ class Writer:
         and drop from ``entries`` what a lost attempt did store after all (data is the only state)."""
         try:
             marks = await asyncio.to_thread(self.store.committed_watermarks)
+            await self._recover()
         except StoreError as exc:
             log.warning("server: cannot re-read the stored seqs (%s); answering RETRY", exc)
             for e in entries:
@@ -393,19 +461,27 @@ class Writer:
             except StoreError as exc:
                 if exc.permanent:
                     self.metrics.insert_errors.labels("permanent").inc()
+                    if ROLLUP_INTENT in done and "packets" not in done:
+                        # The group's packets were refused: its journal entry stands for nothing (the
+                        # single batches below journal their own), so close it before they store.
+                        await self._close_intent(entries)
+                        done.discard(ROLLUP_INTENT)
                     if len(entries) > 1:
                         log.warning("server: insert refused (%s); storing the %d batches one by one", exc, len(entries))
                         for e in entries:
                             await self._flush([e], set(done))
                         return
                     e = entries[0]
-                    log.error("server: batch %s/%d rejected by ClickHouse: %s", e.collector_id, e.seq, exc)
+                    if self.per_batch:
+                        # Its journaled (batch, day)s will never be stored: end them (same token on any server).
+                        await self._close_intent([e], done)
+                    self._warn_rejected.dropped(e.rows, f"the last: {e.collector_id}/{e.seq}: {exc}")
                     self.metrics.rejected("insert")
                     self._forget(e, Outcome(REJECTED, error=f"ClickHouse refused the rows: {exc}"))
                     return
                 attempt += 1
                 self.metrics.insert_errors.labels("transient").inc()
-                delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP)
                 if self._stopping and attempt >= STOP_ATTEMPTS:
                     log.error("server: insert failed %d times while stopping (%s); %d batches not stored, "
                               "collectors will resend them", attempt, exc, len(entries))
@@ -435,10 +511,14 @@ class Writer:
             for tr in e.tables:
                 by_table.setdefault(tr.name, []).append((e, tr))
         for table, parts in by_table.items():
-            if table in done:
+            if table in done and (table != "packets" or ROLLUP_END in done):
                 continue
-            data = concat([tr.data for _, tr in parts])
+            # In a thread: the event loop keeps reading and converting the next batches meanwhile.
+            data = await asyncio.to_thread(concat, [tr.data for _, tr in parts])
             token = _token(table, parts)
+            if table == "packets":
+                await self._insert_packets(data, token, parts, done)
+                continue
             t0 = time.monotonic()
             await asyncio.to_thread(self.store.insert, table, data, token)
             self.metrics.inserted(table, data.num_rows, time.monotonic() - t0)
@@ -446,20 +526,235 @@ class Writer:
 
     async def _insert_per_batch(self, entries: list[_Entry], done: set[str]) -> None:
         """One INSERT per (batch, table, day), each with its own token: deduplicable on its own, whichever
-        server sends it and whatever else was in the flush. ``done`` holds the blocks already stored."""
+        server sends it and whatever else was in the flush. ``done`` holds the blocks already stored.
+
+        packets: the intents of every (batch, day) first (one journal INSERT), then each block, then
+        each block's rollup handed to the worker on its own (see "Rollups across servers")."""
+        blocks: list[tuple[str, TableRows, str, pa.Table, str, tuple[str, int, int]]] = []
         for e in entries:
             for tr in e.tables:
                 days = e.days[tr.name]
                 for day in days.tolist():
                     key = f"{tr.name}\x00{e.collector_id}\x00{e.seq}\x00{day}"
-                    if key in done:
+                    if key in done and (tr.name != "packets" or f"{key}:end" in done):
                         continue
                     data = tr.data if days.size == 1 else tr.data.filter(pa.array(tr.days == day))
                     token = batch_token(e.collector_id, e.seq, tr.name, day, data.num_rows)
-                    t0 = time.monotonic()
-                    await asyncio.to_thread(self.store.insert, tr.name, data, token)
-                    self.metrics.inserted(tr.name, data.num_rows, time.monotonic() - t0)
-                    done.add(key)
+                    blocks.append((key, tr, token, data, tr.name, (e.collector_id, e.seq, int(day))))
+        intents = [(token, [where]) for key, _tr, token, _d, table, where in blocks
+                   if table == "packets" and f"{key}:intent" not in done]
+        if intents:
+            await asyncio.to_thread(self.store.log_rollups, intents)
+            done.update(f"{block[0]}:intent" for block in blocks if block[4] == "packets")
+        for key, _tr, token, data, table, _where in blocks:
+            if key not in done:
+                t0 = time.monotonic()
+                await asyncio.to_thread(self.store.insert, table, data, token)
+                self.metrics.inserted(table, data.num_rows, time.monotonic() - t0)
+                done.add(key)
+            if table == "packets" and f"{key}:end" not in done:
+                await self._rollups.put((data, token))  # rolled up alone, under <token>-rollup
+                done.add(f"{key}:end")
+
+    async def _insert_packets(self, data: pa.Table, token: str, parts: list[tuple[_Entry, TableRows]],
+                              done: set[str]) -> None:
+        """packets, journaled, then its rollup handed to the rollup worker (see "Rollups" above)."""
+        if ROLLUP_INTENT not in done:
+            await asyncio.to_thread(self.store.log_rollup, token, 0, _journal(parts))
+            done.add(ROLLUP_INTENT)
+        if "packets" not in done:
+            t0 = time.monotonic()
+            await asyncio.to_thread(self.store.insert, "packets", data, token)
+            self.metrics.inserted("packets", data.num_rows, time.monotonic() - t0)
+            done.add("packets")
+        if ROLLUP_END not in done:
+            await self._rollups.put((data, token))  # waits while the worker is ROLLUP_QUEUE flushes behind
+            done.add(ROLLUP_END)
+
+    async def caught_up(self) -> None:
+        """Until every flush queued so far has its rollup stored (tests, benchmarks, recovery)."""
+        self._rollup_hurry += 1
+        try:
+            await self._rollups.join()
+        finally:
+            self._rollup_hurry -= 1
+
+    async def _rollup_worker(self) -> None:
+        """Rolls up the flushes' packets on the store's second handle, while the next flushes
+        insert. Each flush is aggregated as it comes (its Arrow rows are let go at once); the
+        partial aggregates of the flushes that arrive within ``ROLLUP_EVERY`` seconds go into one
+        rollup INSERT (a group: its parts and views cost per INSERT, not per row). Retried until
+        stored; once stopping, at most STOP_ATTEMPTS times (the journal then has those flushes
+        without an end, and the next start rolls them up)."""
+        group: list[tuple[str, pa.Table]] = []   # (flush token, its rollup rows)
+        since = 0.0
+        # Per-batch tokens: every batch's rollup alone, under its own token (see "Rollups across servers").
+        group_max = 1 if self.per_batch else ROLLUP_GROUP_MAX
+        next_sweep = time.monotonic() + ROLLUP_SWEEP
+        while True:
+            if not group and self.shared:
+                # A shared store: other servers' interrupted rollups too, every ROLLUP_SWEEP seconds.
+                if time.monotonic() >= next_sweep and not self._stopping:
+                    await asyncio.to_thread(self._sweep)
+                    next_sweep = time.monotonic() + ROLLUP_SWEEP
+                try:
+                    item = await asyncio.wait_for(self._rollups.get(), max(0.01, next_sweep - time.monotonic()))
+                except asyncio.TimeoutError:
+                    continue
+            elif not group:
+                item = await self._rollups.get()
+            elif not self._rollups.empty() and len(group) < group_max:
+                item = self._rollups.get_nowait()
+            else:
+                hurry = self._stopping or self._draining or self._rollup_hurry or len(group) >= group_max
+                left = 0.0 if hurry else since + ROLLUP_EVERY - time.monotonic()
+                item = False  # False: store the group now
+                if left > 0:
+                    try:
+                        item = await asyncio.wait_for(self._rollups.get(), left)
+                    except asyncio.TimeoutError:
+                        pass
+            if item:
+                data, token = item
+                try:
+                    rows = await asyncio.to_thread(self._aggregate, data)
+                except Exception:  # noqa: BLE001 - a bug here must not stop the worker
+                    log.exception("server: cannot roll up flush %s; its journal entry stays open for the next start",
+                                  token)
+                    self._rollups.task_done()
+                    continue
+                if not group:
+                    since = time.monotonic()
+                group.append((token, rows))
+                continue  # task_done once its rollup is stored
+            if group:
+                await self._store_group(group)
+                for _ in group:
+                    self._rollups.task_done()
+                group = []
+            if item is None:
+                self._rollups.task_done()
+                return
+
+    def _aggregate(self, data: pa.Table) -> pa.Table:
+        rows, folded = rollup.rollup_rows(data, self.config.rollup_max_keys)
+        if folded:
+            self.metrics.rollup_folded_keys.labels("rollups").inc(folded)
+            self._warn_folded.dropped(folded, "summed into other = 1 rows, totals kept")
+        return rows
+
+    async def _store_group(self, group: list[tuple[str, pa.Table]]) -> None:
+        done: set[str] = set()
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self._roll_up, group, done)
+                return
+            except Exception as exc:  # noqa: BLE001 - server-made rows: always worth a retry
+                attempt += 1
+                self.metrics.insert_errors.labels("rollup").inc()
+                if self._stopping and attempt >= STOP_ATTEMPTS:
+                    log.error("server: rollup of %d flushes failed %d times while stopping (%s); the next "
+                              "start rolls them up from the stored rows", len(group), attempt, exc)
+                    return
+                delay = backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP)
+                log.warning("server: rollup insert failed (%s); retry %d in %.1fs", exc, attempt, delay)
+                await self._sleep(delay)
+
+    def _roll_up(self, group: list[tuple[str, pa.Table]], done: set[str]) -> None:
+        """Blocking: one group's rollup rows, then the journal's end of its flushes.
+
+        A group of one flush inserts under ``<flush token>-rollup``; a larger group is journaled
+        first (state 2, its members), then inserted under ``<group token>-rollup``, so a recovery
+        rolls the same flushes up together under the same token (see ``_recover_rollups``)."""
+        tokens = [t for t, _ in group]
+        name = tokens[0] if len(tokens) == 1 else _group_token(tokens)
+        if len(tokens) > 1 and ROLLUP_GROUP not in done:
+            self.store.log_rollup(name, 2, [], rollup=True, members=tokens)
+            done.add(ROLLUP_GROUP)
+        if ROLLUP_INSERT not in done:
+            rows = [r for _, r in group if r.num_rows]
+            if rows:
+                self.store.insert_rollup(pa.concat_tables(rows), f"{name}-rollup")
+            done.add(ROLLUP_INSERT)
+        if ROLLUP_END not in done:
+            self.store.end_rollups(tokens)
+            done.add(ROLLUP_END)
+
+    async def _recover(self) -> None:
+        """Wait for the rollup worker to finish what it holds, then recover from the journal."""
+        await self.caught_up()
+        await asyncio.to_thread(self._recover_rollups)
+
+    def _sweep(self) -> None:
+        """On a shared store, from the rollup worker every ``ROLLUP_SWEEP`` seconds (on its handle: one query
+        at a time per session): roll up the journal's entries at least that old and still open, whichever
+        server wrote them (one that died is not necessarily restarted to do it, servers being stateless). A
+        live server ends its own within seconds; a repeat of one is dropped by its token."""
+        try:
+            self._recover_rollups(ROLLUP_SWEEP, on_rollup_handle=True)
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            log.warning("server: rollup journal sweep failed (%s); next in %.0fs", exc, ROLLUP_SWEEP)
+
+    def _recover_rollups(self, min_age: int = 0, on_rollup_handle: bool = False) -> int:
+        """Roll up again the stored rows of every flush journaled without an end (a crash or an
+        unknown failure between its packets INSERT and its rollup's), grouped as they were (the
+        group rows of the journal) and under the same tokens: a rollup that did land is dropped by
+        ClickHouse, one that did not is stored. Blocking.
+
+        On a shared store the journal holds other servers' entries too: one whose packets are not
+        stored and that is younger than ``ROLLUP_ABANDONED`` is left open (its server may be
+        inserting them right now; see "Rollups across servers")."""
+        h = on_rollup_handle
+        unfinished = [u for u in self.store.unfinished_rollups(rollup=h) if u[2] >= min_age]
+        pending = {t: batches for t, batches, _age in unfinished}
+        ages = {t: age for t, _batches, age in unfinished}
+        groups = self.store.rollup_groups(list(pending), rollup=h)
+        todo = [[m for m in members if m in pending] for _g, members in groups]
+        grouped = {m for members in todo for m in members}
+        todo += [[t] for t in pending if t not in grouped]
+        recovered = 0
+        for members in todo:
+            group = [(t, self.store.stored_packets(pending[t], rollup.SOURCE_COLUMNS, rollup=h) if pending[t]
+                      else pa.table({}))
+                     for t in members]
+            if self.shared and any(data.num_rows == 0 and pending[t] and ages[t] < ROLLUP_ABANDONED
+                                   for t, data in group):
+                continue
+            self._roll_up([(t, self._aggregate(data) if data.num_rows else data) for t, data in group], {ROLLUP_GROUP})
+            recovered += len(members)
+        if recovered:
+            log.info("server: rolled up %d interrupted flushes again", recovered)
+        return recovered
+
+    async def _close_intent(self, entries: list[_Entry], done: set[str] | None = None) -> None:
+        """End the journal entry of a flush whose packets were refused for good; with per-batch tokens,
+        of each of its (batch, day)s journaled and not stored (``done`` says which)."""
+        if self.per_batch:
+            tokens = []
+            for e in entries:
+                for tr in e.tables:
+                    if tr.name != "packets":
+                        continue
+                    for day in e.days[tr.name].tolist():
+                        key = f"packets\x00{e.collector_id}\x00{e.seq}\x00{day}"
+                        if f"{key}:intent" in (done or ()) and key not in (done or ()):
+                            rows = tr.rows if e.days[tr.name].size == 1 else int((tr.days == day).sum())
+                            tokens.append(batch_token(e.collector_id, e.seq, "packets", day, rows))
+            if not tokens:
+                return
+        else:
+            parts = [(e, tr) for e in entries for tr in e.tables if tr.name == "packets"]
+            tokens = [_token("packets", parts)]
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self.store.end_rollups, tokens)
+                return
+            except StoreError as exc:
+                attempt += 1
+                log.warning("server: cannot close the rollup journal entry (%s); retry %d", exc, attempt)
+                await self._sleep(backoff_delay(attempt, BACKOFF_START, BACKOFF_CAP))
 
     async def _sleep(self, delay: float) -> None:
         """Backoff that a stop interrupts (the flush then gets its bounded last attempts)."""
@@ -496,6 +791,16 @@ def concat(tables: list[pa.Table]) -> pa.Table:
             wide = pa.dictionary(pa.int32(), f.type.value_type)
             data = data.set_column(i, f.name, data.column(i).cast(wide))
     return data.combine_chunks()
+
+
+def _journal(parts: list[tuple[_Entry, TableRows]]) -> list[tuple[str, int, int]]:
+    """(collector_id, seq, day) of every batch's rows in a flush: what its rollup stands for."""
+    return [(e.collector_id, e.seq, int(d)) for e, tr in parts for d in e.days[tr.name].tolist()]
+
+
+def _group_token(tokens: list[str]) -> str:
+    """The token of a group of flushes' rollups: the same for the same flushes, in any order."""
+    return "hdrlog-g-" + hashlib.sha256("|".join(sorted(tokens)).encode()).hexdigest()[:40]
 
 
 def _token(table: str, parts: list[tuple[_Entry, TableRows]]) -> str:

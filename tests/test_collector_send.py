@@ -8,7 +8,8 @@ import grpc
 import numpy as np
 
 from hdrlog.collector.batcher import Batcher
-from hdrlog.collector.sender import Outbox, Sender
+from hdrlog.collector.sender import Sender
+from hdrlog.collector.spool import Outbox
 from hdrlog.proto import columns, ingest_pb2, ingest_pb2_grpc
 
 

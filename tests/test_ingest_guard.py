@@ -223,9 +223,9 @@ def test_a_full_pending_buffer_stops_a_stream_before_it_converts_the_next_batch(
     converted: list[int] = []
     real_convert = ingest.convert_batch
 
-    def counting(b, host):
+    def counting(b, host, *limit):
         converted.append(b.seq)
-        return real_convert(b, host)
+        return real_convert(b, host, *limit)
 
     monkeypatch.setattr(ingest, "convert_batch", counting)
     srv = ServerThread(config(tmp_path / "store", flush_rows=1000, max_pending_rows=1000, flush_interval=0.01)).start()

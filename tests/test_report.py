@@ -1,7 +1,7 @@
 """hdrlog report on controlled data: every detector against ground truth, outputs, delivery, CLI.
 
-The store is filled through the server's own conversion (convert_batch -> Store.insert, which
-also feeds the rollups' materialized views) with synthetic traffic (bench/synth.py) for the
+The store is filled through the server's own conversion and rollups (convert_batch -> Store.insert,
+and server/rollup.py's partial aggregates -> Store.insert_rollup, as the writer does) with synthetic traffic (bench/synth.py) for the
 report's hour and the same hour of the 7 days before, plus injected anomalies whose subjects
 are known. The lab test (test_report_lab.py) does the same with real traffic.
 """
@@ -29,6 +29,7 @@ from hdrlog.report import deliver, render
 from hdrlog.report import build as reporting
 from hdrlog.report.connection import Connection, connect
 from hdrlog.report.scheduler import ReportScheduler
+from hdrlog.server import rollup
 from hdrlog.server.convert import convert_batch
 from hdrlog.report.config import ReportConfig
 from hdrlog.server.store import Store
@@ -55,6 +56,8 @@ class Filler:
         b.tables.append(registry.encode_table(table, full, n))
         for t in convert_batch(b, host):
             self.store.insert(t.name, t.data, f"fill-{self.seq}-{t.name}")
+            if t.name == "packets":  # the rollups, as the server's writer makes them (server/rollup.py)
+                self.store.insert_rollup(rollup.rollup_rows(t.data)[0], f"fill-{self.seq}-rollup")
 
     def connections(self, host: str, rows: list[dict], start: float, spread: float) -> None:
         """Connection rows given as dicts (addresses as text; final = 1 and a uid unless given)."""

@@ -136,6 +136,16 @@ def test_two_servers_one_collector_switching_under_sigkill_every_packet_exactly_
     assert int(total["seqs"]) == n_batches and int(total["n"]) == n_batches * rows, (total, events)
     stored = [int(r["batch_seq"]) for r in sql(w, "SELECT DISTINCT batch_seq FROM hdrlog.packets ORDER BY batch_seq")]
     assert stored == sorted(seqs)
+    # The rollups too, exactly once: per-batch rollup tokens drop the copies of batches both servers held, and what
+    # s2 stored but had not rolled up when it was killed (it is not restarted) is finished by a surviving server's
+    # sweep of the shared journal (server/writer.py, "Rollups across servers").
+    rolled = "SELECT toInt64(sum(records)) AS r, toInt64(sum(packets)) AS p FROM hdrlog.packets_1m"
+    raw = sql(w, "SELECT toInt64(count()) AS r, toInt64(sum(toUInt64(sample_rate))) AS p FROM hdrlog.packets")
+    wait_until(lambda: sql(w, rolled) == raw, 120, f"rollups equal to the raw rows {raw}")
+    wait_until(lambda: sql(w, "SELECT count() AS n FROM (SELECT token FROM hdrlog.rollup_log WHERE state IN (0, 1) "
+                              "GROUP BY token HAVING countIf(state = 1) = 0)") == [{"n": 0}],
+               120, "every rollup journal entry ended")
+    assert sql(w, rolled) == raw
 
 
 def test_insert_endpoint_write_user_only_hdrlog_tables_and_dedup_token(tmp_path, fleet):
@@ -279,7 +289,18 @@ def test_cluster_ddl_parses_in_the_engine_and_has_the_replicated_distributed_sha
         assert "non_replicated_deduplication_window" not in local[0]
         assert len(dist) == 1 and f"Distributed(fleet, hdrlog, {table}_local, cityHash64(host))" in dist[0], table
     views = [t for t in made if t.startswith("CREATE MATERIALIZED VIEW")]
-    assert len(views) == 3 and all("_local" in v.split(" AS ")[0] and "FROM hdrlog.packets_local" in v for v in views)
+    # Migration 5's views read packets_local; migration 11 drops them (on the cluster) for views on rollup_in_local,
+    # the Null table the servers' rollups go through (server/rollup.py).
+    assert len(views) == 6 and all("_local" in v.split(" AS ")[0] for v in views)
+    assert sum("FROM hdrlog.packets_local" in v for v in views) == 3
+    assert sum("FROM hdrlog.rollup_in_local" in v for v in views) == 3
+    drops = [t for t in made if t.startswith("DROP VIEW")]
+    assert len(drops) == 3 and all("ON CLUSTER fleet" in t for t in drops)
+    stage = [t for t in creates if t.startswith("CREATE TABLE IF NOT EXISTS hdrlog.rollup_in_local ")]
+    assert len(stage) == 1 and "ENGINE = `Null`" in stage[0]
+    journal = [t for t in creates if t.startswith("CREATE TABLE IF NOT EXISTS hdrlog.rollup_log ")]
+    assert len(journal) == 1 and "Distributed(fleet, hdrlog, rollup_log_local, cityHash64(token))" in journal[0]
+    assert not [t for t in made if t.startswith("ALTER TABLE hdrlog.packets_1m ON CLUSTER") and "ORDER BY" in t]
     assert any("ReplicatedSummingMergeTree('/clickhouse/tables/{shard}/hdrlog/packets_1m_local', '{replica}', "
                "(packets, bytes, records))" in t for t in creates)
     assert any("hdrlog.schema_version ON CLUSTER fleet" in t and "/clickhouse/tables/hdrlog/schema_version" in t
@@ -310,7 +331,16 @@ def test_cluster_layout_rehearsed_on_one_chdb_node_distributed_writes_are_dedupl
     store.insert("packets", tr.data, token)
     store.insert("packets", tr.data, token)  # the resend, from another server: same token, dropped on the shard
     assert store.count("packets") == 300
+    # The rollups are the server's (server/rollup.py): the batch's rollup under its per-batch token, twice.
+    from hdrlog.server import rollup
+    rows, _ = rollup.rollup_rows(tr.data)
+    store.insert_rollup(rows, f"{token}-rollup")
+    store.insert_rollup(rows, f"{token}-rollup")
     assert store._client.command("SELECT sum(records) FROM hdrlog.packets_1m") == 300
+    store.log_rollups([(token, [("host-a/c", 5, int(tr.days[0]))])])
+    assert [t for t, *_ in store.unfinished_rollups()] == [token]
+    store.end_rollups([token])
+    assert store.unfinished_rollups() == []
     marks = store.stored_seqs("host-a/c", "host-a", 1)
     assert [s.ranges() for s in marks["packets"].values()] == [[(5, 5)]]
     assert store.committed_watermarks().by_key[("host-a/c", "packets")]
@@ -355,5 +385,14 @@ def test_same_batches_coalesced_differently_by_two_servers_racing(tmp_path, scop
     asyncio.run(go())
     counts = dict(store._client.query("SELECT batch_seq, count() FROM hdrlog.packets WHERE collector_id = 'host-a/c' "
                                       "GROUP BY batch_seq").result_rows)
+    # The rollups follow the raw rows: with per-batch tokens each batch's rollup is its own INSERT under its own
+    # token, so B's copy of a batch A rolled up (in another grouping) is dropped too.
+    raw = store._client.query("SELECT count(), sum(toUInt64(wire_len) * sample_rate) FROM hdrlog.packets").result_rows
+    rolled = store._client.query("SELECT sum(records), sum(bytes) FROM hdrlog.packets_1m").result_rows
+    pairs = store._client.query("SELECT sum(packets) FROM hdrlog.pairs_1m").result_rows
+    pairs_raw = store._client.query("SELECT sum(toUInt64(sample_rate)) FROM hdrlog.packets WHERE ip_version != 0").result_rows
+    open_entries = store.unfinished_rollups()
     store.close()
     assert counts == {s: 100 * (copies if s <= 5 else 1) for s in range(1, 11)}
+    assert rolled == raw and pairs == pairs_raw, (rolled, raw, pairs, pairs_raw)
+    assert open_entries == []

@@ -261,7 +261,8 @@ def test_a_batch_refused_for_identity_is_kept_and_the_sender_stops(server, certs
     """Resending cannot fix an identity refusal, and dropping it would lose data silently: keep it, stop, say so."""
     import asyncio
 
-    from hdrlog.collector.sender import Outbox, Sender
+    from hdrlog.collector.sender import Sender
+    from hdrlog.collector.spool import Outbox
 
     async def go():
         creds = grpc.ssl_channel_credentials(

@@ -295,7 +295,9 @@ def test_metrics_endpoint_and_status_line(tmp_path):
                      'hdrlog_server_batches_rejected_total{reason="collector_id"} 1.0',
                      "hdrlog_server_duplicate_batches_total 1.0", "hdrlog_server_pending_rows 0.0"):
             assert line in text, line
-        assert srv.server.status_line() == "streams=0 batches=3 rows=10 dup=1 rejected=1 pending=0"
+        line = srv.server.status_line()
+        assert line.startswith("streams=0 batches=3 rows=10 dup=1 rejected=1 pending=0 bytes=")
+        assert int(line.rsplit("=", 1)[1]) == srv.server.metrics.value("hdrlog_server_received_bytes_total")
     finally:
         srv.stop()
 

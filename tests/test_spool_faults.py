@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdrlog.collector.sender import Outbox
+from hdrlog.collector.spool import Outbox
 from hdrlog.collector.spool import HEADER, Spool
 from hdrlog.proto import columns, ingest_pb2
 from tests.support import ServerProcess, free_port, wait_until
@@ -468,7 +468,9 @@ def test_collector_process_with_its_spool_disk_full_keeps_running_and_counts_eve
         try:
             collector = CollectorProcess(f"127.0.0.1:{port}", [host.peer_ifname], host_id, tmp_path,
                                          *only(base), "--spool-max-bytes", str(1 << 30),
-                                         "--max-unacked-rows", "1500", "--batch-rows", "200")
+                                         "--max-unacked-rows", "1500", "--batch-rows", "200",
+                                         # uncompressed, as sized: zstd batches would not fill the 256 KiB disk
+                                         "--batch-compression", "0")
             procs.append(collector)
             collector.start()
             assert send(lab, host, base, n, rate=2000).wait(60) == 0
@@ -507,7 +509,7 @@ def test_kill_while_degraded_counts_what_memory_held(tmpfs):
     import sys
     code = f"""
 import asyncio, os, signal
-from hdrlog.collector.sender import Outbox
+from hdrlog.collector.spool import Outbox
 from hdrlog.collector.spool import Spool
 from tests.test_spool_faults import body, fill
 from pathlib import Path

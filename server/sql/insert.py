@@ -10,7 +10,8 @@ What the write user may do:
 
 - ``INSERT INTO hdrlog.<table> [(col, ...)] FORMAT Arrow|ArrowStream|Native``
   and nothing else that writes: one statement, into an existing table of the
-  ``hdrlog`` database whose engine is a MergeTree (no views, no other database,
+  ``hdrlog`` database whose engine is a MergeTree, or ``rollup_in`` (the Null table whose
+  views fill the rollups; no views, no other database,
   no ``SELECT`` / ``VALUES`` / ``INFILE`` / ``SETTINGS`` clause in the text). The
   statement comes the two ways clickhouse-connect sends it: in the ``query`` URL
   parameter with the data as the body, or at the head of the body followed by a
@@ -63,6 +64,9 @@ INSERT_SETTINGS = frozenset({
     "insert_null_as_default", "date_time_input_format", "max_partitions_per_insert_block",
     "cast_string_to_dynamic_use_inference",  # clickhouse-connect sets it (and date_time_input_format) on every request
 })
+# Null tables that take INSERTs all the same: rollup_in stages the server's rollups into their views
+# (server/rollup.py), which another server sends here like any table's rows.
+STAGING_TABLES = frozenset({"rollup_in"})
 _IDENT = r"(?:`[A-Za-z_][A-Za-z0-9_]*`|[A-Za-z_][A-Za-z0-9_]*)"
 _INSERT = re.compile(
     rf"^\s*INSERT\s+INTO\s+(?:TABLE\s+)?(?:(?P<db>{_IDENT})\s*\.\s*)?(?P<table>{_IDENT})\s*"
@@ -127,7 +131,8 @@ class InsertEndpoint:
                 rows = self.store.query_rows(
                     "SELECT name, engine FROM system.tables WHERE database = {d:String}", {"d": schema.DATABASE})
                 self._tables = {str(n): str(e) for n, e in rows
-                                if str(e).endswith("MergeTree") and str(n) != "schema_version"}
+                                if (str(e).endswith("MergeTree") or str(n) in STAGING_TABLES)
+                                and str(n) != "schema_version"}
             return self._tables
 
     def _check(self, statement: str, params: dict[str, str]) -> tuple[str, list[str] | None, str]:

@@ -1,0 +1,228 @@
+"""The per-minute rollups the server computes (server/rollup.py): the same answers as the same
+aggregation over the raw rows, for every key they keep; bounded when a scan makes every key
+distinct (the rest in one other = 1 row per host-minute, totals kept); exactly once across a
+crash between a flush's packets INSERT and its rollup (the journal), and across a SIGKILL with
+resends. Real servers, real chDB, real gRPC."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from bench import synth
+from hdrlog.proto import columns as registry
+from hdrlog.proto import ingest_pb2
+from hdrlog.server import rollup
+from hdrlog.server.convert import convert_batch
+from hdrlog.server.store import Store
+from hdrlog.server.writer import _Entry, _group_token, _journal, _token, concat
+from tests.support import ServerProcess, ServerThread, batch, config
+from tests.test_server_restart import MiniCollector
+
+OK = ingest_pb2.Ack.OK
+START = 1_699_999_980 * 10**9  # a minute boundary
+PORT = "if(src_port = 0 OR dst_port = 0, greatest(src_port, dst_port), least(src_port, dst_port))"
+SERVICE = ("((ip_proto = 6 AND bitAnd(tcp_flags, 0x12) = 0x12) "
+           "OR (ip_proto = 17 AND src_port != 0 AND src_port < dst_port AND src_port < 32768))")
+
+# (rollup query, the same aggregation over the raw rows); every row: key..., measures...
+PAIRS = (
+    "SELECT toString(minute), host, toString(src_ip), toString(dst_ip), ip_proto, sum(packets), sum(bytes), "
+    "sum(syns), sum(synacks), sum(rsts), uniqMerge(dst_ports) FROM hdrlog.pairs_1m WHERE other = 0 "
+    "GROUP BY ALL ORDER BY ALL",
+    "SELECT toString(toStartOfMinute(ts)), host, toString(src_ip), toString(dst_ip), ip_proto, "
+    "sum(toUInt64(sample_rate)), sum(toUInt64(wire_len) * sample_rate), "
+    "sumIf(toUInt64(sample_rate), ip_proto = 6 AND bitAnd(tcp_flags, 0x12) = 0x02), "
+    "sumIf(toUInt64(sample_rate), ip_proto = 6 AND bitAnd(tcp_flags, 0x12) = 0x12), "
+    "sumIf(toUInt64(sample_rate), ip_proto = 6 AND bitAnd(tcp_flags, 0x04) != 0), uniq(dst_port) "
+    "FROM hdrlog.packets WHERE ip_version != 0 GROUP BY ALL ORDER BY ALL")
+QUERIES = {
+    "packets_1m": (
+        "SELECT toString(minute), host, direction, ip_proto, port, sum(packets), sum(bytes), sum(records) "
+        "FROM hdrlog.packets_1m WHERE other = 0 GROUP BY ALL ORDER BY ALL",
+        f"SELECT toString(toStartOfMinute(ts)), host, direction, ip_proto, {PORT} AS p, sum(toUInt64(sample_rate)), "
+        "sum(toUInt64(wire_len) * sample_rate), count() FROM hdrlog.packets GROUP BY ALL ORDER BY ALL"),
+    "pairs_1m": PAIRS,
+    "services_1m": (
+        "SELECT toString(minute), host, toString(ip), ip_proto, port, sum(replies), uniqMerge(clients) "
+        "FROM hdrlog.services_1m WHERE other = 0 GROUP BY ALL ORDER BY ALL",
+        "SELECT toString(toStartOfMinute(ts)), host, toString(src_ip), ip_proto, src_port, "
+        f"sum(toUInt64(sample_rate)), uniq(dst_ip) FROM hdrlog.packets WHERE {SERVICE} GROUP BY ALL ORDER BY ALL"),
+}
+
+
+def assert_rollups_equal_raw(query) -> None:
+    for table, (mine, raw) in QUERIES.items():
+        got, want = [tuple(map(str, r)) for r in query(mine)], [tuple(map(str, r)) for r in query(raw)]
+        assert got, f"{table} is empty"
+        assert got == want, f"{table}: {len(got)} rollup rows vs {len(want)} raw; first differences: " + \
+            str([(a, b) for a, b in zip(got, want) if a != b][:3])
+
+
+def cols_batch(seq: int, cols: dict, rows: int, collector_id: str = "roll") -> ingest_pb2.Batch:
+    b = ingest_pb2.Batch(collector_id=collector_id, host="host-00", seq=seq)
+    b.tables.append(registry.encode_table("packets", cols, rows))
+    return b
+
+
+def split(cols: dict, n: int, parts: int) -> list[dict]:
+    size = n // parts
+    return [{c: v[i * size:(i + 1) * size] for c, v in cols.items()} for i in range(parts)]
+
+
+def test_rollups_equal_the_raw_aggregation_on_a_plausible_mix_and_a_scan(tmp_path):
+    n = 12_000
+    plausible = synth.packets(n, start_ns=START, seconds=150, hosts=1)["host-00"]
+    scan = synth.scan(n, start_ns=START + 150 * 10**9, seconds=150, peers=3000)["host-00"]
+    batches = [cols_batch(i + 1, c, n // 4) for i, c in enumerate(split(plausible, n, 4) + split(scan, n, 4))]
+    srv = ServerThread(config(tmp_path / "store", flush_rows=5000)).start()
+    try:
+        acks = srv.send(batches)
+        assert [a.status for a in acks] == [OK] * len(batches)
+        srv.call(srv.server.writer.caught_up())  # the rollup worker has caught up
+        assert_rollups_equal_raw(srv.query)
+        # the materialized views on packets are gone: their work is the server's now
+        assert srv.query("SELECT count() FROM system.tables WHERE database = 'hdrlog' AND name LIKE '%_1m_mv'") == [(0,)]
+        assert srv.query("SELECT count() FROM hdrlog.pairs_1m WHERE other = 1") == [(0,)]
+        # every flush is journaled with its end
+        assert srv.query("SELECT countIf(state = 0) = countIf(state = 1) FROM hdrlog.rollup_log") == [(1,)]
+    finally:
+        assert srv.stop() == []
+
+
+def test_a_scan_past_rollup_max_keys_keeps_the_top_keys_exact_and_folds_the_rest_counted(tmp_path):
+    n, k = 6000, 50
+    scan = synth.scan(n, start_ns=START, seconds=20, peers=2000)["host-00"]  # one minute, one flush
+    srv = ServerThread(config(tmp_path / "store", flush_rows=100_000, rollup_max_keys=k)).start()
+    try:
+        assert [a.status for a in srv.send([cols_batch(1, scan, n)])] == [OK]
+        srv.call(srv.server.writer.caught_up())
+        kept = {r[:5]: r for r in srv.query(PAIRS[0])}
+        raw = {r[:5]: r for r in srv.query(PAIRS[1])}
+        assert len(kept) == k and len(raw) > 10 * k
+        assert all(raw[key] == row for key, row in kept.items())  # a kept key: exactly the raw answer
+        # they are the k pairs with the most packets
+        assert min(r[5] for r in kept.values()) >= max(r[5] for key, r in raw.items() if key not in kept)
+        other = srv.query("SELECT sum(packets), sum(bytes), sum(syns), sum(rsts), sum(folded_keys), count() "
+                          "FROM hdrlog.pairs_1m WHERE other = 1")
+        tot = srv.query("SELECT sum(packets), sum(bytes), sum(syns), sum(rsts) FROM hdrlog.pairs_1m")
+        raw_tot = srv.query("SELECT count(), sum(toUInt64(wire_len)), countIf(tcp_flags = 2), "
+                            "countIf(bitAnd(tcp_flags, 4) != 0) FROM hdrlog.packets")
+        assert tot == raw_tot  # totals over a minute, other row included, are the raw totals
+        assert other[0][4] == len(raw) - k and other[0][5] == 1
+        svc_keys = srv.query("SELECT count() FROM hdrlog.services_1m WHERE other = 0")
+        assert svc_keys[0][0] <= k
+        # packets_1m: its kept keys exact too, its totals (other row included) the raw totals
+        mine, raw_q = QUERIES["packets_1m"]
+        kept1 = srv.query(mine)
+        raw1 = {r[:5]: r for r in srv.query(raw_q)}
+        assert len(kept1) == k and all(raw1[r[:5]] == r for r in kept1)
+        assert srv.query("SELECT sum(packets), sum(bytes), sum(records) FROM hdrlog.packets_1m") == \
+            srv.query("SELECT count(), sum(toUInt64(wire_len)), count() FROM hdrlog.packets")
+        folded = srv.server.metrics.value("hdrlog_server_rollup_folded_keys_total", table="rollups")
+        assert folded >= len(raw) - k
+    finally:
+        assert srv.stop() == []
+
+
+def _flush_state(store_path, batches, landed: str) -> None:
+    """What a server killed after its flushes' packets INSERTs leaves: the journal's intents and the
+    rows; with ``landed`` "single" also the first flush's rollup, with "group" the rollup of all
+    flushes in one INSERT and its group row; never the journal's ends."""
+    store = Store(f"chdb://{store_path}")
+    store.open()
+    store.migrate()
+    try:
+        tokens, stages = [], []
+        for b in batches:  # one flush per batch
+            t = convert_batch(b, b.host)[0]
+            e = _Entry(b.collector_id, b.seq, [t], {"packets": np.unique(t.days)}, t.rows, 0.0)
+            token = _token("packets", [(e, t)])
+            store.log_rollup(token, 0, _journal([(e, t)]))
+            store.insert("packets", concat([t.data]), token)
+            tokens.append(token)
+            stages.append(rollup.rollup_rows(t.data)[0])
+        if landed == "single":
+            store.insert_rollup(stages[0], f"{tokens[0]}-rollup")
+        elif landed == "group":
+            group = _group_token(tokens)
+            store.log_rollup(group, 2, [], members=tokens)
+            store.insert_rollup(pa.concat_tables(stages), f"{group}-rollup")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("landed", ["none", "single", "group"])
+def test_a_crash_between_the_packets_insert_and_its_rollup_is_rolled_up_once_at_start(tmp_path, landed):
+    path = tmp_path / "store"
+    batches = [batch(s, 300, collector_id="crash") for s in (1, 2, 3)]
+    # in a process of its own: one process opens one chDB path
+    prep = multiprocessing.get_context("spawn").Process(target=_flush_state, args=(path, batches, landed))
+    prep.start()
+    prep.join(120)
+    assert prep.exitcode == 0
+    srv = ServerProcess(f"chdb://{path}", tmp_path)
+    srv.start()
+    try:
+        q = lambda text: [tuple(r.values()) for r in srv.sql(text)]  # noqa: E731
+        assert_rollups_equal_raw(q)  # rolled up at start, and not twice what had landed
+        ends = q("SELECT count() AS n FROM hdrlog.rollup_log WHERE state = 1")
+        assert [tuple(map(int, r)) for r in ends] == [(3,)]
+        collector = MiniCollector(batches)  # resends are duplicates: nothing moves
+        assert collector.run_once(srv.address)
+        assert all(a.duplicate for a in collector.acks)
+        assert_rollups_equal_raw(q)
+    finally:
+        assert srv.stop() == 0, srv.log()[-2000:]
+
+
+def test_rollups_stay_exact_across_a_sigkill_and_resends(tmp_path):
+    store = tmp_path / "store"
+    batches = [batch(s, 1500, collector_id="kill-rollup") for s in range(1, 41)]
+    proc = ServerProcess(f"chdb://{store}", tmp_path, "--flush-rows", "4000", "--flush-interval", "0.05")
+    collector = MiniCollector(batches)
+    try:
+        proc.start()
+        sender = threading.Thread(target=collector.run_once, args=(proc.address, 0.01))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(collector.acks) < 10:
+            time.sleep(0.01)
+        proc.kill()
+        sender.join(30)
+        assert 0 < len(collector.acks) < len(batches), "the kill did not land mid-stream"
+        proc.start()
+        for b in batches[:5]:
+            collector.unacked.setdefault(b.seq, b)
+        assert collector.run_once(proc.address)
+        proc.stop()  # the rollup worker finishes before the process ends
+        proc.start()
+        q = lambda text: [tuple(r.values()) for r in proc.sql(text)]  # noqa: E731
+        assert [tuple(map(int, r)) for r in q("SELECT count() AS n FROM hdrlog.packets")] == [(40 * 1500,)]
+        assert_rollups_equal_raw(q)
+    finally:
+        assert proc.stop() == 0, proc.log()[-2000:]
+
+
+def test_the_rollup_of_the_same_rows_is_the_same_whatever_their_order():
+    """The crash recovery reads a flush's rows back in another order and must get its rollup."""
+    n = 4000
+    cols = synth.scan(n, start_ns=START, seconds=90, peers=500)["host-00"]
+    data = convert_batch(cols_batch(1, cols, n), "host-00")[0].data
+    shuffled = data.take(pa.array(np.random.default_rng(7).permutation(n)))
+    for k in (30, 10**6):
+        a, fa = rollup.rollup_rows(data, k)
+        b, fb = rollup.rollup_rows(shuffled, k)
+        assert fa == fb and (fa > 0) == (k == 30)
+
+        def canon(t: pa.Table) -> list:
+            rows = t.to_pylist()
+            for r in rows:
+                r["ports"], r["clients"] = sorted(r["ports"]), sorted(r["clients"])
+            return sorted(rows, key=repr)
+        assert canon(a) == canon(b)
