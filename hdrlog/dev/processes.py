@@ -124,6 +124,7 @@ class ServerProcess(Process):
                  pki: Path | None = None, command: list[str] | None = None, grpc_port: int | None = None,
                  manager=None):
         self.grpc_port, self.sql_port = grpc_port or free_port(), free_port()
+        self._ports_free_to_move = grpc_port is None  # until the first start succeeds (then the address holds)
         self.store, self.host, self.pki = store, host, pki
         security = ["--insecure"] if pki is None else [
             "--tls-cert", str(pki / "central.crt"), "--tls-key", str(pki / "central.key"),
@@ -145,16 +146,33 @@ class ServerProcess(Process):
         return f"http://{self.host}:{self.sql_port}"
 
     def start(self, timeout: float = 60) -> None:
-        super().start()
+        for attempt in range(3):
+            seen = len(self.log())
+            super().start()
 
-        def ready():
-            if not self.alive():
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            def ready():
+                if not self.alive():
+                    raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                try:
+                    return self.http("/ping") == "Ok.\n"
+                except OSError:
+                    return False
             try:
-                return self.http("/ping") == "Ok.\n"
-            except OSError:
-                return False
-        wait_until(ready, timeout, "the server's SQL endpoint")
+                wait_until(ready, timeout, "the server's SQL endpoint")
+                self._ports_free_to_move = False
+                return
+            except AssertionError:
+                # free_port() races with every other socket on the machine: a port taken between the
+                # pick and the bind gets new ports, once the address was not handed out yet
+                if not (self._ports_free_to_move and "address already in use" in self.log()[seen:] and attempt < 2):
+                    raise
+                self._move_ports(free_port(), free_port())
+
+    def _move_ports(self, grpc_port: int, sql_port: int) -> None:
+        old = (f"{self.host}:{self.grpc_port}", f"{self.host}:{self.sql_port}")
+        self.grpc_port, self.sql_port = grpc_port, sql_port
+        new = (f"{self.host}:{grpc_port}", f"{self.host}:{sql_port}")
+        self.cmd = [new[old.index(a)] if a in old else a for a in self.cmd]
 
     def http(self, path: str, data: bytes | None = None) -> str:
         req = urllib.request.Request(self.sql_url + path, data=data)
