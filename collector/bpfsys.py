@@ -142,3 +142,38 @@ def possible_cpus() -> int:
 def unsupported(err: OSError) -> bool:
     """True when a link_create error means "this kernel has no tcx" (before Linux 6.6)."""
     return err.errno in (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+BPF_F_LOCK = 4  # read or write an element under its bpf_spin_lock
+
+
+def map_batch_read(fd: int, keys, vals, *, delete: bool = False, lock: bool = False, what: str = "map"):
+    """Every entry of the hash map ``fd`` through BPF_MAP_LOOKUP_BATCH (or LOOKUP_AND_DELETE_BATCH with
+    ``delete``) into the scratch arrays ``keys``/``vals``, whose length is the map's capacity; returns
+    copies of what was read. ``lock``: each element is read under its bpf_spin_lock (BPF_F_LOCK)."""
+    from bcc import libbcc
+
+    cap, total, first = len(keys), 0, True
+    token = ctypes.c_uint32(0) if delete else ctypes.c_uint64(0)  # the types libbcc declares for each call
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), BPF_F_LOCK if lock else 0, 0)
+    while total < cap:
+        count = ctypes.c_uint32(cap - total)
+        where = (ctypes.c_void_p(keys.ctypes.data + total * keys.itemsize),
+                 ctypes.c_void_p(vals.ctypes.data + total * vals.itemsize), ctypes.byref(count))
+        batch = (fd, None if first else ctypes.byref(token), ctypes.byref(token), *where)
+        rc = (libbcc.lib.bpf_lookup_and_delete_batch(*batch) if delete
+              else libbcc.lib.bpf_map_lookup_batch(*batch, ctypes.byref(opts)))
+        err = ctypes.get_errno() if rc else 0
+        total += count.value
+        first = False
+        if rc:
+            if err == errno.ENOENT or rc == -errno.ENOENT:
+                break  # the whole map was read
+            raise OSError(err or -rc, f"{what} read: {os.strerror(err or -rc)}")
+        if count.value == 0:
+            break
+    return keys[:total].copy(), vals[:total].copy()

@@ -24,15 +24,14 @@ a connection, also after a collector restart. ``community_id`` is computed once 
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
+from hdrlog.collector import bpfsys
 from hdrlog.collector.communityid import community_id
 from hdrlog.proto.columns import CONNECTIONS
 
@@ -45,7 +44,7 @@ CONN_HIST_FULL = 1 << 2
 CONN_STARTED = 1 << 3
 ZS_INACTIVE, ZS_SYN_SENT, ZS_SYN_ACK_SENT, ZS_PARTIAL, ZS_ESTABLISHED, ZS_CLOSED, ZS_RESET = range(7)
 HDRLOG_CONN_HISTORY = 32
-BPF_F_LOCK = 4
+BPF_F_LOCK = bpfsys.BPF_F_LOCK
 
 CONN_KEY_DTYPE = np.dtype([
     ("ifindex", "<u4"), ("ip_version", "u1"), ("ip_proto", "u1"), ("_pad", "<u2"),
@@ -175,34 +174,7 @@ class ConnDrain:
     # -- kernel map -------------------------------------------------------------------------
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """Every entry (copies), each read under its lock."""
-        from bcc import libbcc
-
-        class _Opts(ctypes.Structure):
-            _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-        opts = _Opts(ctypes.sizeof(_Opts), BPF_F_LOCK, 0)
-        keys, vals = self._keys, self._vals
-        cap = len(keys)
-        total = 0
-        token = ctypes.c_uint64(0)
-        first = True
-        fn = libbcc.lib.bpf_map_lookup_batch
-        while total < cap:
-            count = ctypes.c_uint32(cap - total)
-            rc = fn(self._fd, None if first else ctypes.byref(token), ctypes.byref(token),
-                    ctypes.c_void_p(keys.ctypes.data + total * keys.itemsize),
-                    ctypes.c_void_p(vals.ctypes.data + total * vals.itemsize), ctypes.byref(count),
-                    ctypes.byref(opts))
-            err = ctypes.get_errno() if rc else 0
-            total += count.value
-            first = False
-            if rc:
-                if err == errno.ENOENT or rc == -errno.ENOENT:
-                    break
-                raise OSError(err or -rc, f"connection map read: {os.strerror(err or -rc)}")
-            if count.value == 0:
-                break
-        return keys[:total].copy(), vals[:total].copy()
+        return bpfsys.map_batch_read(self._fd, self._keys, self._vals, lock=True, what="connection map")
 
     def _take(self, key: np.void) -> np.ndarray | None:
         """Delete one entry and return its last value (None when it is gone already)."""

@@ -14,15 +14,12 @@ so the ``flows`` table stays complete when the map is not.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
 import time
 from typing import Mapping
 
 import numpy as np
 
-from hdrlog.collector import communityid
+from hdrlog.collector import bpfsys, communityid
 from hdrlog.proto.columns import FLOWS
 
 FLOW_KEY_DTYPE = np.dtype([
@@ -117,30 +114,9 @@ def empty() -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_flow_map(fd: int, keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Empty the flow map ``fd`` with BPF_MAP_LOOKUP_AND_DELETE_BATCH through the scratch arrays
-    ``keys``/``vals`` (its capacity); returns copies of what it held."""
-    from bcc import libbcc
-
-    cap = len(keys)
-    total = 0
-    token = ctypes.c_uint32(0)
-    first = True
-    while total < cap:
-        count = ctypes.c_uint32(cap - total)
-        rc = libbcc.lib.bpf_lookup_and_delete_batch(
-            fd, None if first else ctypes.byref(token), ctypes.byref(token),
-            ctypes.c_void_p(keys.ctypes.data + total * keys.itemsize),
-            ctypes.c_void_p(vals.ctypes.data + total * vals.itemsize), ctypes.byref(count))
-        err = ctypes.get_errno() if rc else 0
-        total += count.value
-        first = False
-        if rc:
-            if err == errno.ENOENT or rc == -errno.ENOENT:
-                break
-            raise OSError(err or -rc, f"flow map drain: {os.strerror(err or -rc)}")
-        if count.value == 0:
-            break
-    return keys[:total].copy(), vals[:total].copy()
+    """Empty the flow map ``fd`` (lookup-and-delete batches through the scratch arrays ``keys``/``vals``,
+    its capacity); returns copies of what it held."""
+    return bpfsys.map_batch_read(fd, keys, vals, delete=True, what="flow map drain")
 
 
 def from_records(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

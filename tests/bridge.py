@@ -53,7 +53,7 @@ from typing import Callable
 
 import pytest
 
-from hdrlog.dev.lab import LabBase, delete_netns, free_subnet, kill_all, run
+from hdrlog.dev.lab import LabBase, delete_netns, free_subnet, kill_all, run, run_ns
 
 REPO = Path(__file__).resolve().parent.parent
 DIRECTIONS = ("a>b", "b>a")
@@ -454,14 +454,7 @@ class BridgeLab(LabBase):
     def netns(self, side: str) -> str:
         return {"a": self._ns["a"], "b": self._ns["b"], "mid": self._ns["m"]}[side]
 
-    @staticmethod
-    def run_ns(netns: str, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        kw.setdefault("capture_output", True)
-        kw.setdefault("text", True)
-        p = subprocess.run(["ip", "netns", "exec", netns, *cmd], timeout=timeout, **kw)
-        if check and p.returncode != 0:
-            raise RuntimeError(f"in {netns}: {' '.join(cmd)} exited {p.returncode}: {(p.stderr or '').strip()}")
-        return p
+    run_ns = staticmethod(run_ns)  # hdrlog.dev.lab's (a LabError, a RuntimeError, names what failed)
 
     def run(self, side: str, *cmd: str, **kw) -> subprocess.CompletedProcess:
         """Run a command in "a", "b" or "mid" (output captured as text)."""

@@ -51,6 +51,16 @@ def run(*cmd: str, check: bool = True, timeout: float | None = 60, **kw) -> subp
     return p
 
 
+def run_ns(netns: str, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """Run a command inside network namespace ``netns`` (output captured as text unless told otherwise)."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    p = subprocess.run(["ip", "netns", "exec", netns, *cmd], timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise LabError(f"in {netns}: {' '.join(cmd)} exited {p.returncode}: {(p.stderr or '').strip()}")
+    return p
+
+
 def kill_all(procs: list) -> None:
     """SIGKILL every tracked process (its whole process group when it has one) and reap it; empties ``procs``."""
     for p in procs:
@@ -267,14 +277,7 @@ class Lab(LabBase):
 
     # -- running --------------------------------------------------------------
 
-    @staticmethod
-    def run_ns(netns: str, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        kw.setdefault("capture_output", True)
-        kw.setdefault("text", True)
-        p = subprocess.run(["ip", "netns", "exec", netns, *cmd], timeout=timeout, **kw)
-        if check and p.returncode != 0:
-            raise LabError(f"in {netns}: {' '.join(cmd)} exited {p.returncode}: {(p.stderr or '').strip()}")
-        return p
+    run_ns = staticmethod(run_ns)  # the module's, as a method for callers that hold a lab
 
     def run(self, host: Host, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a command inside the host's namespace (output captured as text)."""
