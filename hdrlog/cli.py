@@ -242,6 +242,9 @@ def _require_server_extra(command: str) -> None:
 
 def _server_run(ns: argparse.Namespace) -> int:
     _require_server_extra("hdrlog server run")
+    from hdrlog.server import corelog
+
+    corelog.start(ns.log_level)  # before grpc is imported: it reads its log settings once
     from hdrlog.server.app import serve
     from hdrlog.server.config import ServerConfig
 
