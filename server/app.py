@@ -271,6 +271,7 @@ class Server:
 
 def sql_limits(cfg: ServerConfig) -> Limits:
     return Limits(max_concurrent=cfg.sql_max_concurrent_queries, max_queued=cfg.sql_max_queued_queries,
+                  max_connections=cfg.sql_max_connections,
                   queue_timeout=cfg.sql_queue_timeout, max_memory_usage=cfg.sql_max_memory_usage,
                   max_execution_time=cfg.sql_max_execution_time, max_rows_to_read=cfg.sql_max_rows_to_read,
                   max_result_rows=cfg.sql_max_result_rows, max_result_bytes=cfg.sql_max_result_bytes,

@@ -32,6 +32,7 @@ DEFAULT_STREAMS_PER_HOST = 16
 # SQL endpoint limits (docs/security.md "Limits"): caps a client may lower per query, never raise.
 DEFAULT_SQL_MAX_CONCURRENT = 4
 DEFAULT_SQL_MAX_QUEUED = 16
+DEFAULT_SQL_MAX_CONNECTIONS = 256
 DEFAULT_SQL_QUEUE_TIMEOUT = 10.0
 DEFAULT_SQL_MAX_MEMORY = 1 << 30            # per query, bytes
 DEFAULT_SQL_MAX_EXECUTION_TIME = 60.0       # seconds
@@ -130,6 +131,10 @@ class ServerConfig:
     sql_max_queued_queries: int = doc_field(
         DEFAULT_SQL_MAX_QUEUED, "SQL queries waiting for a worker; beyond this a query is refused at once with "
                                 "HTTP 503 (code 202, TOO_MANY_SIMULTANEOUS_QUERIES)")
+    sql_max_connections: int = doc_field(
+        DEFAULT_SQL_MAX_CONNECTIONS, "TCP connections the SQL endpoint keeps open at once (keep-alive clients "
+                                     "included); a new one beyond is closed at once, so a flood of idle "
+                                     "connections cannot take the descriptors the store needs")
     sql_queue_timeout: float = doc_field(
         DEFAULT_SQL_QUEUE_TIMEOUT, "seconds a SQL query waits in the queue before it is refused (503, code 202)",
         duration=True)
@@ -355,6 +360,7 @@ class ServerConfig:
         if not 1 <= self.max_streams_per_connection <= 1000:
             raise ConfigError("max_streams_per_connection", self.max_streams_per_connection, "expected 1 to 1000")
         for key, low, high in (("sql_max_concurrent_queries", 1, 256), ("sql_max_queued_queries", 0, 100_000),
+                               ("sql_max_connections", 1, 100_000),
                                ("sql_max_memory_usage", 1 << 20, 1 << 50), ("sql_max_rows_to_read", 1, 1 << 62),
                                ("sql_max_result_rows", 1, 1 << 62), ("sql_max_result_bytes", 1024, 1 << 50),
                                ("sql_default_result_bytes", 1024, 1 << 50),

@@ -54,6 +54,8 @@ class ServerMetrics:
                                  registry=r)
         self.sql_queries = Counter(f"{NS}_sql_queries", "SQL endpoint requests, by outcome", ["outcome"],
                                    registry=r)
+        self.sql_connections_refused = Counter(f"{NS}_sql_connections_refused", "SQL endpoint connections "
+                                               "closed at once: sql_max_connections were open", registry=r)
         self.engine_memory_limit = Gauge(f"{NS}_engine_memory_limit_bytes", "The embedded engine's "
                                          "max_server_memory_usage as it runs (its system.server_settings)",
                                          registry=r)

@@ -293,3 +293,34 @@ def test_failed_logins_rate_limited_per_address(start):
     resp = conn.getresponse()
     assert (resp.status, resp.read()) == (200, b"1\n")
     conn.close()
+
+
+def test_idle_connection_flood_is_capped(start):
+    """Idle connections past sql_max_connections are closed at once; the server's descriptors stay
+    bounded, and a query is answered once the flood lets go (before: every one was kept open)."""
+    srv = start("--sql-max-connections", "20")
+    fds_before = len(__import__("os").listdir(f"/proc/{srv.proc.pid}/fd"))
+    flood = []
+    try:
+        for _ in range(200):
+            flood.append(socket.create_connection(("127.0.0.1", srv.sql_port), timeout=10))
+
+        def closed_by_server(sock: socket.socket) -> bool:
+            sock.settimeout(0.5)
+            try:
+                return sock.recv(1) == b""
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+        wait_until(lambda: metric(srv.metrics_port, "hdrlog_server_sql_connections_refused_total") >= 150, 30,
+                   "refused SQL connections counted")
+        closed = sum(closed_by_server(s) for s in flood)
+        assert 170 <= closed <= 190, closed  # 200 less the 20 held (a request's own slot is one of them)
+        fds = len(__import__("os").listdir(f"/proc/{srv.proc.pid}/fd"))
+        assert fds - fds_before <= 40, (fds_before, fds)
+        assert "sql_max_connections" in srv.log()
+    finally:
+        for s in flood:
+            s.close()
+    wait_until(lambda: request(srv, "SELECT 1")[2] == b"1\n", 30, "a query once the flood closed")

@@ -163,6 +163,13 @@ async def _read_body(request: web.Request, cap: int) -> bytes:
             raise BadRequest(413, f"query larger than {cap} bytes")
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection past sql_max_connections: closed as soon as it is made, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
 class _Run:
     """One query between its worker thread and its handler: a bounded queue of encoded chunks."""
 
@@ -203,6 +210,7 @@ class SqlEndpoint:
         self.workers = self.limits.max_concurrent
         self._auth_limiter = AuthFailureLimiter(self.limits.auth_failure_burst, self.limits.auth_failures_per_minute)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.base_events.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
@@ -223,12 +231,37 @@ class SqlEndpoint:
                                      keepalive_timeout=KEEPALIVE_SECONDS, auto_decompress=False, lingering_time=0,
                                      max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        server = site._server  # noqa: SLF001 - the bound port of an ephemeral listen
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        handlers = self._runner.server
+        assert handlers is not None
+        cap, open_connections = self.limits.max_connections, [0]
+        # Counted from the factory call, not from aiohttp's own list: one accept round makes many
+        # protocols before any of them is registered there. Past the cap a new one is closed at once.
+        forget = handlers.connection_lost
+
+        def connection_lost(handler, exc=None) -> None:
+            open_connections[0] -= 1
+            forget(handler, exc)
+        handlers.connection_lost = connection_lost  # type: ignore[method-assign]
+
+        def connection() -> asyncio.BaseProtocol:
+            if open_connections[0] >= cap:
+                self._connection_refused()
+                return _Refuse()
+            open_connections[0] += 1
+            return handlers()
+        self._listener = await asyncio.get_running_loop().create_server(
+            connection, self.host or None, self.port, reuse_address=True)
+        self.port = self._listener.sockets[0].getsockname()[1]
         return self.port
+
+    def _connection_refused(self) -> None:
+        if self.metrics is not None:
+            self.metrics.sql_connections_refused.inc()
+        now = time.monotonic()
+        if now - self._last_limit_log >= 60:
+            self._last_limit_log = now
+            log.warning("sql: %d connections open (sql_max_connections); new ones are closed at once",
+                        self.limits.max_connections)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -237,6 +270,9 @@ class SqlEndpoint:
         if self._running:
             # Running queries are killed, not waited for: a stop never waits on an analyst's query.
             await asyncio.to_thread(self.store.cancel, QUERY_MARKER)
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

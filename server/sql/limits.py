@@ -24,6 +24,7 @@ class Limits:
 
     max_concurrent: int = 4
     max_queued: int = 16
+    max_connections: int = 256
     queue_timeout: float = 10.0
     max_memory_usage: int = 1 << 30
     max_execution_time: float = 60.0
