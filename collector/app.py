@@ -49,6 +49,7 @@ CAPTURE_KEPT = ("flowed", "flow_map_full", "payload", "conn_tracked", "conn_map_
                 "dns_rtt_matched", "dns_queries_evicted", "dns_names_evicted", "dns_hosts_evicted",
                 "conn_names_evicted", "quic_reassembled", "quic_reassembly_evicted")
 CAPTURE_DROP_REASONS += ("dns_names_dropped",)  # passive DNS rows over the per-interval cap
+IFACE_RESCAN_S = 2.0  # seconds between looks for new interfaces matching an --iface glob
 CONN_POLL_S = 1.0  # seconds between reads of the kernel's connection map (auto mode)
 
 
@@ -80,6 +81,7 @@ class Collector:
         self._stats_by_seq: dict[int, dict[str, int]] = {}
         self._stats_at = time.monotonic()
         self._next_filter_check = 0.0
+        self._next_iface_check = time.monotonic() + IFACE_RESCAN_S
         self.metrics = CollectorMetrics(self.counters, self._sending, self.capture.map_fill)
         self._metrics_http: MetricsHttp | None = None
 
@@ -194,6 +196,9 @@ class Collector:
             if self.config.filter_file and now >= self._next_filter_check:
                 self._next_filter_check = now + 1.0
                 await asyncio.get_running_loop().run_in_executor(None, self.reload_filters)
+            if now >= self._next_iface_check:
+                self._next_iface_check = now + IFACE_RESCAN_S
+                await asyncio.get_running_loop().run_in_executor(None, self._follow_interfaces)
             if now - self._stats_at >= STATS_INTERVAL:
                 self._add_stats()
             if self.config.status_interval and now >= next_status:
@@ -201,6 +206,12 @@ class Collector:
                 if status.due(line, now):
                     log.info("collector: %s", line)
                 next_status = now + self.config.status_interval
+
+    def _follow_interfaces(self) -> None:
+        try:
+            self.capture.attach_new_interfaces()
+        except Exception as e:  # noqa: BLE001 - a netlink hiccup must not stop the capture
+            log.warning("capture: looking for new interfaces failed: %s", e)
 
     # -- filters -----------------------------------------------------------------------------
     def _filter_rules(self) -> list[str]:

@@ -40,32 +40,37 @@ PARENTS = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}  # clsact ingress / egre
 GLOB_CHARS = set("*?[")
 
 
+def matching_ifaces(patterns: list[str], links: dict[str, int]) -> dict[str, int]:
+    """Every interface a name or glob of ``patterns`` names now, in pattern order (no errors)."""
+    out: dict[str, int] = {}
+    for pat in patterns:
+        if GLOB_CHARS & set(pat):
+            for n in sorted(n for n in links if fnmatch.fnmatchcase(n, pat)):
+                out.setdefault(n, links[n])
+        elif pat in links:
+            out.setdefault(pat, links[pat])
+    return out
+
+
 def resolve_ifaces(patterns: list[str], links: dict[str, int]) -> list[tuple[str, int]]:
     """Names and globs -> [(name, ifindex)], in pattern order, without duplicates.
 
     A literal name that does not exist is a ValueError naming it. A glob matching nothing is
-    a warning (``--iface eth0 --iface 'veth*'`` on a host without containers yet is normal),
+    a warning (``--iface eth0 --iface 'veth*'`` on a host without containers yet is normal:
+    interfaces that appear later are attached then, see ``Capture.attach_new_interfaces``),
     unless nothing at all matches: that is a ValueError naming every pattern.
     """
-    out: dict[str, int] = {}
-    empty: list[str] = []
     for pat in patterns:
-        if GLOB_CHARS & set(pat):
-            hits = sorted(n for n in links if fnmatch.fnmatchcase(n, pat))
-            if not hits:
-                empty.append(pat)
-            for n in hits:
-                out.setdefault(n, links[n])
-        else:
-            if pat not in links:
-                raise ValueError(f"capture ifaces: interface {pat!r} does not exist")
-            out.setdefault(pat, links[pat])
+        if not GLOB_CHARS & set(pat) and pat not in links:
+            raise ValueError(f"capture ifaces: interface {pat!r} does not exist")
+    out = matching_ifaces(patterns, links)
+    empty = [p for p in patterns if GLOB_CHARS & set(p) and not any(fnmatch.fnmatchcase(n, p) for n in links)]
     have = ", ".join(sorted(links))
     if empty and not out:
         raise ValueError(f"capture ifaces: glob {empty[0]!r} matches no interface (have: {have})")
     for pat in empty:
         log.warning("capture ifaces: glob %r matches no interface now (have: %s); interfaces that appear later "
-                    "are captured after a restart of the collector", pat, have)
+                    "are attached when they do", pat, have)
     return list(out.items())
 
 
@@ -138,6 +143,20 @@ class Attacher:
         self.link_fds[(idx, direction)] = link
         if self._keep_link is not None:
             self._keep_link(idx, direction, link)
+
+    def forget_missing(self, present: set[int], forget_link: Callable | None = None) -> list[str]:
+        """Drop what we hold on interfaces that no longer exist (the kernel detached us with them);
+        returns their names. ``forget_link(ifindex, direction)`` takes a link out of the fd store."""
+        gone = [(name, idx, d) for name, idx, d in self.attached if idx not in present]
+        for name, idx, direction in gone:
+            self.attached.remove((name, idx, direction))
+            fd = self.link_fds.pop((idx, direction), None)
+            if fd is not None:
+                os.close(fd)
+                if forget_link is not None:
+                    forget_link(idx, direction)
+            self._created_clsact.discard(idx)
+        return sorted({name for name, _, _ in gone})
 
     def detach(self) -> None:
         """Close our tcx links (detaching them unless systemd keeps copies) and remove our tc filters."""

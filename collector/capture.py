@@ -32,7 +32,7 @@ from hdrlog.collector import connections as connmod
 from hdrlog.collector import filters as filterlang
 from hdrlog.collector import flows as flowmod
 from hdrlog.collector.appdecode import DEFAULT_DNS_PORTS
-from hdrlog.collector.attach import PARENTS, PROG_NAMES, Attacher, resolve_ifaces
+from hdrlog.collector.attach import GLOB_CHARS, PARENTS, PROG_NAMES, Attacher, matching_ifaces, resolve_ifaces
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,40 @@ class Capture:
         # A collector that exits without stop() must not leave filters behind.
         atexit.register(self.stop)
         log.info("capture attached to %s", ", ".join(f"{n} {d}" for n, d in self.attachments))
+
+    def attach_new_interfaces(self) -> tuple[list[str], list[str]]:
+        """Follow the --iface globs: attach to interfaces that match one and appeared since the last
+        call (a new container's veth), forget the ones that are gone. Returns (attached, gone)."""
+        if not any(GLOB_CHARS & set(p) for p in self.config.ifaces):
+            return [], []
+        from pyroute2 import IPRoute
+
+        attached: list[str] = []
+        with IPRoute() as ipr, self._lock:
+            if self._bpf is None:
+                return [], []
+            links = {l.get_attr("IFLA_IFNAME"): l["index"] for l in ipr.get_links()}
+            keeper = self._keeper
+            gone = self._attacher.forget_missing(set(links.values()),
+                                                 keeper.forget_link if keeper is not None else None)
+            have = {idx for _, idx, _ in self._attacher.attached}
+            for name, idx in matching_ifaces(self.config.ifaces, links).items():
+                if idx in have:
+                    continue
+                self._ifnames[idx] = name
+                try:
+                    self._attacher.attach(ipr, name, idx)
+                except RuntimeError as e:  # gone again already, or not ours to take: try at the next call
+                    log.warning("capture: %s", e)
+                    continue
+                attached.append(name)
+            if (attached or gone) and any(r.what == "iface" for r in self.filter_rules):
+                self._apply_filters()  # iface rules name indexes: new interfaces get theirs
+        if attached:
+            log.info("capture: attached to %s (appeared after start)", ", ".join(attached))
+        if gone:
+            log.info("capture: %s gone (detached with the interface)", ", ".join(gone))
+        return attached, gone
 
     def stop(self) -> None:
         """Detach our filters, remove clsact qdiscs we created, free BPF. Idempotent.

@@ -25,7 +25,8 @@ class CollectorConfig:
     server: list[str] = doc_field([], "gRPC address of an hdrlog server, HOST:PORT; several (repeat the flag, or a "
                                       "comma list) for failover: the collector sticks to one while it is healthy "
                                       "and moves to the next when its stream breaks (docs/scale.md)")
-    iface: list[str] = doc_field([], "interface to watch, a name or a glob such as 'veth*'")
+    iface: list[str] = doc_field([], "interface to watch, a name or a glob such as 'veth*' (a glob is followed: "
+                                     "interfaces that match it later are attached within 2 s)")
     host_id: str = doc_field("", "name this host's records carry (default: the client certificate's name under "
                                  "mTLS, which the server requires; the hostname with --insecure)")
     mode: str = doc_field("auto", "what is logged: packets (a row per packet), flows (in-kernel aggregates "

@@ -217,6 +217,10 @@ class Keeper:
     def keep_link(self, ifindex: int, direction: str, fd: int) -> None:
         fdstore.store(link_name(ifindex, direction), fd)
 
+    def forget_link(self, ifindex: int, direction: str) -> None:
+        """The interface is gone: its link's copy leaves the store (churning veths must not fill it)."""
+        fdstore.remove(link_name(ifindex, direction))
+
     def forget(self) -> None:
         """Take this generation out of the store again (capture fell back to tc filters)."""
         for name in (*MAPS, "state"):

@@ -321,3 +321,29 @@ def test_egress_inband_tags(lab, host, capture):
         want.update(ts=0, ifname="")
         assert {k: (got[k], want[k]) for k in want if got[k] != want[k]} == {}
         assert not r["parse_flags"] & records.PARSE_VLAN_ACCEL, "tag was in the frame"
+
+
+@pytest.mark.parametrize("attach", ["tcx", "tc"])
+def test_interfaces_matching_a_glob_are_followed(lab, attach):
+    """A veth that appears after start (a new container) is captured without a restart; one that
+    goes away is forgotten, and stop leaves nothing on the interfaces that remain."""
+    first = lab.add_host("fa")
+    cap = Capture(CaptureConfig(ifaces=[f"{lab.prefix}{lab.suffix}*"], attach=attach))
+    cap.start()
+    try:
+        assert cap.attach_new_interfaces() == ([], [])
+        late = lab.add_host("fb")
+        attached, gone = cap.attach_new_interfaces()
+        assert (attached, gone) == ([late.peer_ifname], [])
+        assert hdrlog_hooks(late.peer_ifname, "ingress") == [f"{attach} hdrlog_ingress"]
+        lab.run(late, "ping", "-c", "3", "-i", "0.2", "-W", "1", late.peer_addr4, check=False)
+        rows = collect(cap, lambda r: r["ifname"] == late.peer_ifname and r["ip_proto"] == 1, 6)
+        assert {r["direction"] for r in rows} == {records.DIR_INGRESS, records.DIR_EGRESS}
+        assert len(rows) == 6  # 3 echo requests in, 3 replies out: all of them, none before the attach
+        subprocess.run(["ip", "link", "del", late.peer_ifname], check=True)
+        assert cap.attach_new_interfaces() == ([], [late.peer_ifname])
+        assert sorted(cap.attachments) == [(first.peer_ifname, "egress"), (first.peer_ifname, "ingress")]
+    finally:
+        cap.stop()
+    assert hdrlog_hooks(first.peer_ifname, "ingress") == hdrlog_hooks(first.peer_ifname, "egress") == []
+    assert "clsact" not in tc("qdisc", "show", "dev", first.peer_ifname)

@@ -186,3 +186,15 @@ def test_metrics_and_collector_stats_count_what_was_sent(lab, tmp_path, collecto
         assert stats["drop_ringbuf_full"] == 0 and stats["drop_unacked_full"] == 0
     finally:
         server.stop()
+
+
+def test_a_veth_that_appears_later_is_captured_without_a_restart(lab, server, collector_factory):
+    """The README's `--iface 'veth*'` on a host whose containers start after the collector."""
+    first = lab.add_host("a")
+    collector = collector_factory(server, [first.peer_ifname, f"{lab.prefix}{lab.suffix}*"], "late-veth")
+    late = lab.add_host("b")
+    wait_until(lambda: f"attached to {late.peer_ifname}" in collector.log(), 30, "the new veth attached")
+    assert send_udp(lab, late, 40005, 200, rate=400).wait(60) == 0
+    where = f"dst_port = 40005 AND ifname = '{late.peer_ifname}' AND host = 'late-veth'"
+    wait_until(lambda: server.count(where) >= 200, 30, "the new veth's rows")
+    assert collector.alive()
