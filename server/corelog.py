@@ -19,6 +19,7 @@ exited. Python's own ``sys.stderr`` keeps the original stream, so our log lines 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -33,6 +34,8 @@ log = logging.getLogger("hdrlog.server")
 WINDOW = 10.0           # seconds of the overall line budget
 MAX_LINES = 10          # failed-handshake lines per WINDOW, in all
 PER_PEER_GAP = 60.0     # seconds between two lines about the same peer host
+PIPE_BYTES = 1 << 20    # the core's pipe (fs.pipe-max-size allows 1 MiB by default)
+F_SETPIPE_SZ = 1031     # fcntl.F_SETPIPE_SZ, named by Python 3.10+ on Linux only
 
 # ``E1201 14:21:31.215521   20469 handshaker.cc:155] message``
 _CORE_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\] ?(.*)$")
@@ -175,6 +178,13 @@ def start(level: str = "info") -> None:
         os.environ["GRPC_VERBOSITY"] = asked or "ERROR"
         return
     os.close(read_end)
+    # The core must never wait for the translator (a flood of broken handshakes while the child is
+    # starved of CPU would stall gRPC's threads in write()): a roomy pipe, and a full one drops lines.
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # the system's pipe-max-size is lower: the default size still works
+    os.set_blocking(write_end, False)
     original = os.dup(2)
     os.dup2(write_end, 2)
     os.close(write_end)

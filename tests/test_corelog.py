@@ -157,3 +157,27 @@ def test_translator_budget_counts_what_it_holds_back():
     clock[0] = 11.0
     t.flush()
     assert said[-1].startswith("server: 15 more failed TLS handshakes")
+
+
+def test_a_stalled_translator_never_stalls_the_server(tls_server, certs):
+    """The child stopped (SIGSTOP) while broken handshakes write far more than the pipe holds: the
+    server's gRPC threads must not block in write(); handshakes and SQL still answer."""
+    import os
+    import signal
+
+    child = subprocess.run(["pgrep", "-f", "-P", str(tls_server.proc.pid), "hdrlog.server.corelog"],
+                           capture_output=True, text=True).stdout.split()
+    assert len(child) == 1
+    os.kill(int(child[0]), signal.SIGSTOP)
+    try:
+        for i in range(1500):  # ~10 trace lines, ~3 KB each: several MiB against a 1 MiB pipe
+            _plaintext_client(f"127.0.1.{i % 250 + 1}", tls_server.grpc_port)
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        ctx.load_cert_chain(str(certs / "host-a.crt"), str(certs / "host-a.key"))
+        ctx.set_alpn_protocols(["h2"])
+        with ctx.wrap_socket(_connect_from("127.0.0.9", tls_server.grpc_port), server_hostname="127.0.0.1") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+        assert tls_server.http("/ping") == "Ok.\n"
+    finally:
+        os.kill(int(child[0]), signal.SIGCONT)
+    _wait_for(tls_server, r"TLS handshake from 127\.0\.1\.\d+:\d+ failed")
