@@ -74,6 +74,31 @@ BPF_PERCPU_ARRAY(scratch, struct pkt_scratch, 1);
 #define HDRLOG_RB_FLAGS 0
 #endif
 
+/* Send the finished record in s to user space; < 0 when the ring buffer is full.
+ * A record without payload bytes (almost all) goes into a slot reserved at its
+ * constant size, copied in with word moves by the program, then submitted: that
+ * costs ~20 ns less per record than bpf_ringbuf_output of the same 120 bytes
+ * (its in-kernel memcpy; bench/bpf_ab.py, this VM). A record with payload bytes
+ * behind it has a variable size, which a reservation cannot have: it goes out
+ * with bpf_ringbuf_output at its real size. */
+static __always_inline int emit(struct pkt_scratch *s)
+{
+    struct pkt_record *r = &s->rec;
+    if (!r->payload_len) {
+        struct pkt_record *slot = records.ringbuf_reserve(sizeof(struct pkt_record));
+        if (!slot)
+            return -1;
+        __builtin_memcpy(slot, r, sizeof(*r));
+        records.ringbuf_submit(slot, HDRLOG_RB_FLAGS);
+        return 0;
+    }
+    u64 size = sizeof(struct pkt_record) + r->payload_len;
+    barrier_var(size);
+    if (size > sizeof(struct pkt_scratch))
+        size = sizeof(struct pkt_scratch);
+    return records.ringbuf_output(s, size, HDRLOG_RB_FLAGS);
+}
+
 /* ---- payload copy (payload.h) ---- */
 
 /* TLS hellos cut short by the end of their segment, waiting for the next one.
@@ -406,11 +431,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
     r->log_reason = why;
     if (!r->mono_ns)
         r->mono_ns = bpf_ktime_get_ns();
-    u64 size = sizeof(struct pkt_record) + r->payload_len;
-    barrier_var(size);
-    if (size > sizeof(struct pkt_scratch))
-        size = sizeof(struct pkt_scratch);
-    if (records.ringbuf_output(s, size, HDRLOG_RB_FLAGS) < 0) {
+    if (emit(s) < 0) {
         c->n[CNT_RINGBUF_FULL]++;
         return TC_ACT_UNSPEC;
     }
