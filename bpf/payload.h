@@ -51,6 +51,8 @@ struct pkt_scratch {
     struct pkt_record rec;
     u8 payload[HDRLOG_PAYLOAD_BYTES];
     u64 rng;             /* this CPU's sampling generator (modes.h sample_hit), never sent */
+    u64 tick_jiffies;    /* tick_ns() in hdrlog.c: the jiffy of tick_mono_ns, never sent */
+    u64 tick_mono_ns;    /* the precise clock read first in that jiffy on this CPU */
 };
 
 /* One direction of a TCP connection on one interface (key of tls_cont). */
