@@ -152,7 +152,7 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     u32 plen = r->l4_payload_len;
     if (HDRLOG_PAYLOAD_BYTES == 0 || off == 0 || plen == 0)
         return;
-    u8 head[16] = {}; /* app_candidate() reads 8; a TLS hello's length is in bytes 6..8 */
+    u8 head[16] WORD_ALIGNED = {}; /* app_candidate() reads 8; a TLS hello's length is in bytes 6..8 */
     load(skb, skb->len, off, head, sizeof(head));
     int cand = app_candidate(r->ip_proto, r->src_port, r->dst_port, head);
 #if HDRLOG_TLS_CONT
