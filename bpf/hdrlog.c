@@ -131,12 +131,16 @@ static __always_inline u64 tick_ns(struct pkt_scratch *s)
 BPF_TABLE("lru_hash", struct cont_key, u32, tls_cont, HDRLOG_TLS_CONT_ENTRIES);
 
 /* A filter in front of tls_cont: entries put in minus taken out, per hash of
- * the key's ports, address tails and interface (cont_hint()). A TCP packet whose
- * slot is 0 skips the hash lookup (an array lookup instead: measured here, the
- * lookup of every bulk segment would cost ~45 ns while any hello waits). An LRU
- * eviction leaves its slot above 0: that slot then always looks, nothing worse.
- * Key: slot (u32, 0..HDRLOG_TLS_CONT_HINTS-1). Value: u32 count. */
-BPF_ARRAY(tls_cont_hint, u32, HDRLOG_TLS_CONT_HINTS);
+ * the key's ports, address tails and interface (cont_hint()), and in the last
+ * slot all of them. A TCP packet that is no candidate looks no further when the
+ * total is 0 (no hello waits anywhere: one array load, not the hash), nor when
+ * its own slot is 0 (an array lookup instead of the hash lookup: measured here,
+ * the lookup of every bulk segment would cost ~45 ns while any hello waits). An
+ * LRU eviction leaves its slot and the total above 0: they then always look,
+ * nothing worse.
+ * Key: slot (u32, 0..HDRLOG_TLS_CONT_HINTS-1; HDRLOG_TLS_CONT_HINTS = the total).
+ * Value: u32 count. */
+BPF_ARRAY(tls_cont_hint, u32, HDRLOG_TLS_CONT_HINTS + 1);
 
 /* After parse(): copy the payload's first bytes behind the record when it is
  * an app-layer candidate, or when it continues a cut-short TLS hello. The facts
@@ -158,21 +162,28 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
 #if HDRLOG_TLS_CONT
     if (r->ip_proto != IPPROTO_TCP && !cand)
         return;
+    u32 all = HDRLOG_TLS_CONT_HINTS;
+    u32 *total = tls_cont_hint.lookup(&all);
+    if (!total || (!cand && !*total))
+        return; /* no candidate, and no hello waits anywhere */
     u32 slot = cont_hint(r);
     u32 *live = tls_cont_hint.lookup(&slot);
-    struct cont_key k = {};
+    struct cont_key k;
     if (!cand) {
         /* The segment after a cut-short TLS hello: copied too, once, when it
          * starts where the hello's segment ended. */
         if (!live || !*live)
             return;
+        __builtin_memset(&k, 0, sizeof(k));
         cont_key_of(r, &k);
         u32 *next = tls_cont.lookup(&k);
         if (!next)
             return;
         u32 want = *next;
-        if (tls_cont.delete(&k) == 0)
+        if (tls_cont.delete(&k) == 0) {
             __sync_fetch_and_add(live, -1);
+            __sync_fetch_and_add(total, -1);
+        }
         if (want != r->tcp_seq)
             return;
     }
@@ -190,12 +201,14 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     u32 hslen = ((u32)head[6] << 16) | ((u32)head[7] << 8) | head[8];
     if (cand && live && r->ip_proto == IPPROTO_TCP && head[0] == 0x16 && head[1] == 0x03 &&
         (head[5] == 1 || head[5] == 2) && 9 + hslen > plen && r->payload_len == plen) {
+        __builtin_memset(&k, 0, sizeof(k));
         cont_key_of(r, &k);
         u32 next = r->tcp_seq + plen;
         /* Count only a new entry: a retransmitted first segment updates its own. */
-        if (tls_cont.insert(&k, &next) == 0)
+        if (tls_cont.insert(&k, &next) == 0) {
             __sync_fetch_and_add(live, 1);
-        else
+            __sync_fetch_and_add(total, 1);
+        } else
             tls_cont.update(&k, &next);
     }
 #endif

@@ -84,6 +84,10 @@ static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const
         return 0;
     if (h[0] == 0x16 && h[1] == 0x03)
         return 1;
+    /* Every HTTP start below begins with a method character: most other payloads
+     * (bulk data) stop here, before the switch. */
+    if (!method_char(h[0]))
+        return 0;
     u32 w = ((u32)h[0] << 24) | ((u32)h[1] << 16) | ((u32)h[2] << 8) | h[3];
     switch (w) {
     case 0x47455420: /* "GET " */
