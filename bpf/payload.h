@@ -19,10 +19,12 @@
  * Reassembly). Other payloads (bulk data) are not copied, so most records stay
  * at the fixed size.
  *
- * The record is built in a per-CPU scratch buffer (struct pkt_scratch) and sent
- * with bpf_ringbuf_output at its real size (header + copied bytes): a ring-buffer
- * reservation must have a constant size, and reserving the maximum for every
- * packet would multiply ring-buffer traffic. The copy is a bounded loop of
+ * The record is built in a per-CPU scratch buffer (struct pkt_scratch). One
+ * with copied bytes is sent with bpf_ringbuf_output at its real size (header +
+ * copied bytes): a ring-buffer reservation must have a constant size, and
+ * reserving the maximum for every packet would multiply ring-buffer traffic;
+ * one without (nearly all) goes into a reserved slot of the fixed size (hdrlog.c
+ * emit()). The copy is a bounded loop of
  * HDRLOG_PAYLOAD_CHUNK-sized loads at constant offsets, each with a length the
  * verifier sees as 1..HDRLOG_PAYLOAD_CHUNK (one variable-length load of up to
  * the whole buffer was rejected as too complex).
