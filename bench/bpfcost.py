@@ -6,9 +6,11 @@ kernel.bpf_stats_enabled=1 (restored afterwards), in each mode.
 
 Baseline, in the same run: the same source built with -DHDRLOG_NO_DIRECT=1,
 which reads every header with bpf_skb_load_bytes (the parser before direct
-packet access). Rounds alternate between the two builds. Also measured: an
-empty classifier, the floor of this measurement (bpf_stats' own clock reads,
-about 50 ns in this VM), reported in the notes.
+packet access). Rounds alternate between the two builds. Also measured, one
+round before each pair of rounds: an empty classifier, the floor of this
+measurement (bpf_stats' own clock reads, about 47 ns in this VM), reported in
+the notes. bench/bpf_ab.py measures other builds (another git revision,
+elimination builds with -D flags) the same way, side by side.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bench.consumer import ipv4_tcp_frame, load
 
 MODES = {"packets": 0, "flows": 1, "auto": 2}
 VARIANTS = {"direct": [], "helper": ["-DHDRLOG_NO_DIRECT=1"]}
-RUNS, ROUNDS = 100_000, 5
+RUNS, ROUNDS = 100_000, 15  # a round is ~15 ms: 15 rounds keep a loaded machine's bursts out of the median
 
 
 class _Prog:
@@ -58,41 +60,44 @@ class _Prog:
         self.bpf.cleanup()
 
 
-def _floor(frame: bytes) -> float:
+def _empty():
     from bcc import BPF
 
     b = BPF(text=b"int empty(struct __sk_buff *skb) { return -1; }")
-    try:
-        fn = b.load_func(b"empty", BPF.SCHED_CLS)
-        per = []
-        for _ in range(ROUNDS):
-            t0, c0 = prog_stats(fn.fd)
-            test_run(fn.fd, frame, RUNS)
-            t1, c1 = prog_stats(fn.fd)
-            per.append((t1 - t0) / (c1 - c0))
-        return statistics.median(per)
-    finally:
-        b.cleanup()
+    return b, b.load_func(b"empty", BPF.SCHED_CLS)
+
+
+def _floor_round(fd: int, frame: bytes) -> float:
+    t0, c0 = prog_stats(fd)
+    test_run(fd, frame, RUNS)
+    t1, c1 = prog_stats(fd)
+    return (t1 - t0) / (c1 - c0)
 
 
 def run() -> list[dict]:
     frame = ipv4_tcp_frame()
     progs: dict[str, _Prog] = {}
     res: dict[tuple[str, str], list[float]] = {}
+    floors: list[float] = []
+    eb = None
     try:
         for name, extra in VARIANTS.items():
             progs[name] = _Prog(extra)
+        eb, efn = _empty()
         with bpf_stats():
-            floor = _floor(frame)
             for mode in MODES:
                 for p in progs.values():
                     p.set_mode(mode)
                 for _ in range(ROUNDS):
+                    floors.append(_floor_round(efn.fd, frame))  # the floor between the rounds, same conditions
                     for name, p in progs.items():
                         res.setdefault((name, mode), []).append(p.round(frame))
     finally:
         for p in progs.values():
             p.close()
+        if eb is not None:
+            eb.cleanup()
+    floor = statistics.median(floors)
     rows = []
     for mode in MODES:
         ns, base = statistics.median(res[("direct", mode)]), statistics.median(res[("helper", mode)])

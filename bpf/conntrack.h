@@ -18,9 +18,10 @@
  * time to take; UDP and ICMP once their side is active -- is counted by
  * conn_fast() with atomic adds and no lock (a retransmission too, with the lock
  * only for its 'T' letter at the 1st, 10th, 100th...), and stamps last_ns from
- * CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns: no clock read, at most one
- * tick, 1/CONFIG_HZ, behind the precise clock; max() keeps last_ns from going
- * back). So end_ts is exact to the tick when a connection's last packets are
+ * hdrlog.c's tick_ns() (the precise clock read by the first such packet of each
+ * jiffy on this CPU, then reused: at most one tick, 1/CONFIG_HZ, behind the
+ * precise clock, and ~1 ns a packet where bpf_ktime_get_coarse_ns costs 15 ns
+ * here; max() keeps last_ns from going back). So end_ts is exact to the tick when a connection's last packets are
  * counters only; every packet that changes state, history or handshake times
  * is stamped with the precise clock. Every other packet (SYN,
  * FIN, RST, the first payload each way, zero windows, a race on seq_end) takes

@@ -5,7 +5,11 @@
  * In MODE_FLOWS (and in MODE_AUTO for packets without a connection key),
  * flow_account() in hdrlog.c adds the packet to its flow: key (ifindex,
  * direction, IP version, protocol, addresses, ports), value packets, bytes,
- * first/last seen, OR of TCP flags. Two hash maps, `flows0` and `flows1`:
+ * first/last seen, OR of TCP flags. first_ns is the precise clock of the
+ * flow's first packet; last_ns of later ones is hdrlog.c's tick_ns() (the
+ * precise clock read once per jiffy per CPU: at most one tick, 1/CONFIG_HZ,
+ * behind; max() keeps it from going back), so a flow's end_ts is exact to the
+ * tick, as a connection's is (conntrack.h). Two hash maps, `flows0` and `flows1`:
  * cfg.flow_slot says which one is live. Every flow interval user space flips
  * the slot, waits a grace period for programs still using the old map, and
  * drains the old map whole with one batch lookup-and-delete

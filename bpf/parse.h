@@ -50,6 +50,11 @@
 /* Keep the compiler from folding a bound check the verifier needs. */
 #define barrier_var(v) asm volatile("" : "+r"(v))
 
+/* For the stack buffers load() fills: the compiler copies a header with the
+ * smaller of the two alignments, so an Ethernet header (packed) went byte by
+ * byte and an IPv4 header in 16-bit words; 8-aligned buffers get word moves. */
+#define WORD_ALIGNED __attribute__((aligned(8)))
+
 #define IPPROTO_ICMPV6_ 58
 #define NEXTHDR_HOP 0
 #define NEXTHDR_ROUTING 43
@@ -227,7 +232,7 @@ static __always_inline int parse_l2(struct __sk_buff *skb, struct pkt_record *r,
     int have_vlan = st->have_vlan;
     int ok = 0;
 
-    struct ethhdr eth = {};
+    struct ethhdr eth WORD_ALIGNED = {};
     u32 n = load(skb, len, 0, &eth, sizeof(eth));
     __builtin_memcpy(r->eth_dst, eth.h_dest, 6);
     __builtin_memcpy(r->eth_src, eth.h_source, 6);
@@ -241,7 +246,7 @@ static __always_inline int parse_l2(struct __sk_buff *skb, struct pkt_record *r,
     for (int i = 0; i < HDRLOG_MAX_VLAN; i++) {
         if (proto != ETH_P_8021Q && proto != ETH_P_8021AD)
             break;
-        struct vlan_tag tag = {};
+        struct vlan_tag tag WORD_ALIGNED = {};
         if (load(skb, len, off, &tag, sizeof(tag)) < sizeof(tag)) {
             flags |= PARSE_TRUNC_L2;
             r->eth_type = proto;
@@ -280,7 +285,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt_record *
     u32 l3_end = 0;
     int ok = 0;
 
-    struct ipv4_hdr ip = {};
+    struct ipv4_hdr ip WORD_ALIGNED = {};
     u32 n = load(skb, len, off, &ip, sizeof(ip));
     if (n == 0) {
         flags |= PARSE_TRUNC_L3;
@@ -346,7 +351,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt_record *
     u32 l3_end = 0;
     int ok = 0;
 
-    struct ipv6_hdr ip6 = {};
+    struct ipv6_hdr ip6 WORD_ALIGNED = {};
     u32 n = load(skb, len, off, &ip6, sizeof(ip6));
     if (n == 0) {
         flags |= PARSE_TRUNC_L3;
@@ -440,7 +445,7 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt_record *r
 
     u32 payload_off = 0;
     if (l4proto == IPPROTO_TCP) {
-        struct tcp_hdr th = {};
+        struct tcp_hdr th WORD_ALIGNED = {};
         n = load(skb, len, off, &th, sizeof(th));
         if (n < sizeof(th))
             flags |= PARSE_TRUNC_L4;
@@ -461,7 +466,7 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct pkt_record *r
             parse_tcp_options(skb, len, off + sizeof(th), doff - sizeof(th), r, &flags);
         payload_off = off + doff;
     } else if (l4proto == IPPROTO_UDP) {
-        struct udp_hdr uh = {};
+        struct udp_hdr uh WORD_ALIGNED = {};
         n = load(skb, len, off, &uh, sizeof(uh));
         r->src_port = be16(uh.source);
         r->dst_port = be16(uh.dest);

@@ -19,10 +19,12 @@
  * Reassembly). Other payloads (bulk data) are not copied, so most records stay
  * at the fixed size.
  *
- * The record is built in a per-CPU scratch buffer (struct pkt_scratch) and sent
- * with bpf_ringbuf_output at its real size (header + copied bytes): a ring-buffer
- * reservation must have a constant size, and reserving the maximum for every
- * packet would multiply ring-buffer traffic. The copy is a bounded loop of
+ * The record is built in a per-CPU scratch buffer (struct pkt_scratch). One
+ * with copied bytes is sent with bpf_ringbuf_output at its real size (header +
+ * copied bytes): a ring-buffer reservation must have a constant size, and
+ * reserving the maximum for every packet would multiply ring-buffer traffic;
+ * one without (nearly all) goes into a reserved slot of the fixed size (hdrlog.c
+ * emit()). The copy is a bounded loop of
  * HDRLOG_PAYLOAD_CHUNK-sized loads at constant offsets, each with a length the
  * verifier sees as 1..HDRLOG_PAYLOAD_CHUNK (one variable-length load of up to
  * the whole buffer was rejected as too complex).
@@ -51,6 +53,8 @@ struct pkt_scratch {
     struct pkt_record rec;
     u8 payload[HDRLOG_PAYLOAD_BYTES];
     u64 rng;             /* this CPU's sampling generator (modes.h sample_hit), never sent */
+    u64 tick_jiffies;    /* tick_ns() in hdrlog.c: the jiffy of tick_mono_ns, never sent */
+    u64 tick_mono_ns;    /* the precise clock read first in that jiffy on this CPU */
 };
 
 /* One direction of a TCP connection on one interface (key of tls_cont). */
@@ -82,6 +86,10 @@ static __always_inline int app_candidate(u8 l4proto, u16 sport, u16 dport, const
         return 0;
     if (h[0] == 0x16 && h[1] == 0x03)
         return 1;
+    /* Every HTTP start below begins with a method character: most other payloads
+     * (bulk data) stop here, before the switch. */
+    if (!method_char(h[0]))
+        return 0;
     u32 w = ((u32)h[0] << 24) | ((u32)h[1] << 16) | ((u32)h[2] << 8) | h[3];
     switch (w) {
     case 0x47455420: /* "GET " */

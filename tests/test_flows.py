@@ -241,6 +241,27 @@ def test_a_full_flow_map_falls_back_and_is_counted(lab, host, tmp_path):
     assert flows == {(4, 17, 46000 + i, 7001): (1, len(frames[i])) for i in range(200)}
 
 
+def test_a_flows_end_ts_follows_its_later_packets(lab, host, tmp_path):
+    """Later packets of a flow only move counters and stamp last-seen from tick_ns() (bpf/hdrlog.c:
+    the precise clock read once per jiffy per CPU): end_ts still follows them, to the tick."""
+    frame = udp(host, 48000, 7003, size=10)
+    cap = started(host, mode="flows")
+    try:
+        send_frames(lab, host, [frame], tmp_path)
+        time.sleep(0.3)
+        send_frames(lab, host, [frame] * 3, tmp_path)
+        before_drain = time.time_ns()
+        cols = cap.drain_flows()
+    finally:
+        cap.stop()
+    mine = [i for i in range(len(cols["packets"])) if int(cols["src_port"][i]) == 48000]
+    assert sum(int(cols["packets"][i]) for i in mine) == 4
+    start = min(int(cols["start_ts"][i]) for i in mine)
+    end = max(int(cols["end_ts"][i]) for i in mine)
+    assert end - start >= 290_000_000  # >= 0.3 s apart, less at most one tick (10 ms at HZ=100)
+    assert end <= before_drain + 50_000_000  # never ahead of the clock (allowing for the wall/mono offset)
+
+
 def test_a_full_ring_buffer_is_counted_loss(lab, host, tmp_path):
     frames = [udp(host, 47000, 7002, size=100) for _ in range(400)]
     cap = started(host, mode="packets", ringbuf_bytes=4096)
