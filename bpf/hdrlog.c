@@ -227,13 +227,18 @@ BPF_ARRAY_OF_MAPS(flow_maps, "flows0", 2);
 /* Add the packet to its flow in the live map. Returns 0 and sets *first when
  * it is among the first `first_n` packets of a flow that is new, or -1 when
  * the map is full (the caller falls back to the ring buffer). */
-static __always_inline int flow_account(const struct pkt_record *r, u32 slot, u32 first_n, int *first)
+static __always_inline int flow_account(const struct pkt_record *r, const struct tunnel_ext *t, u32 slot, u32 first_n,
+                                        int *first)
 {
     struct flow_key k = {};
     k.ifindex = r->ifindex;
     k.direction = r->direction;
     k.ip_version = r->ip_version;
     k.ip_proto = r->ip_proto;
+    if ((r->parse_flags & PARSE_TUNNEL) && (t->tunnel_flags & TUN_DECAP)) { /* the inner flow (tunnel.h) */
+        k.tunnel_type = t->tunnel_type;
+        k.tunnel_id = t->tunnel_id;
+    }
     __builtin_memcpy(k.src_ip, r->src_ip, 16);
     __builtin_memcpy(k.dst_ip, r->dst_ip, 16);
     k.src_port = r->src_port;
@@ -294,12 +299,13 @@ BPF_PERCPU_ARRAY(conn_blank, struct conn_blank, 1);
 /* Count the record, `segs` frames (a GSO skb is many), into its connection: CONN_TRACKED
  * (sets *first when it is among the first `first_n` packets of the connection),
  * CONN_UNTRACKED or CONN_FULL. */
-static __always_inline int conn_track(struct pkt_record *r, u32 segs, u32 first_n, int *first)
+static __always_inline int conn_track(struct pkt_record *r, const struct tunnel_ext *t, u32 segs, u32 first_n,
+                                      int *first)
 {
     asm volatile("" ::: "memory"); /* read the record afresh: one verifier state for every parse path */
     struct conn_key k = {};
     int side = 0;
-    if (!conn_key_of(r, &k, &side))
+    if (!conn_key_of(r, t, &k, &side))
         return CONN_UNTRACKED;
     u32 zero = 0;
     void *cm = conn_maps.lookup(&zero);
@@ -326,7 +332,7 @@ static __always_inline int conn_track(struct pkt_record *r, u32 segs, u32 first_
     } else {
         r->mono_ns = bpf_ktime_get_ns(); /* state, history or handshake times change: the precise clock */
         bpf_spin_lock(&v->lock);
-        before = conn_update(v, r, side, segs);
+        before = conn_update(v, r, t, side, segs);
         bpf_spin_unlock(&v->lock);
     }
     *first = before < first_n;
@@ -346,7 +352,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         return TC_ACT_UNSPEC;
     struct pkt_record *r = &s->rec;
     __builtin_memset(r, 0, sizeof(*r));
-    parse(skb, r, dir);
+    parse(skb, r, &s->tun, dir);
     if (!filter_pass(r, cf)) {
         c->n[CNT_FILTERED]++;
         return TC_ACT_UNSPEC;
@@ -361,7 +367,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
     int first = 0;
     if (mode != MODE_PACKETS) {
         u32 segs = skb->gso_segs ? skb->gso_segs : 1;
-        int ct = mode == MODE_AUTO ? conn_track(r, segs, cf->first_packets, &first) : CONN_UNTRACKED;
+        int ct = mode == MODE_AUTO ? conn_track(r, &s->tun.ext, segs, cf->first_packets, &first) : CONN_UNTRACKED;
         if (ct == CONN_TRACKED) {
             c->n[CNT_CONN_TRACKED]++;
         } else if (ct == CONN_FULL) {
@@ -370,7 +376,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         } else {
             if (!r->mono_ns)
                 r->mono_ns = bpf_ktime_get_ns();
-            if (flow_account(r, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
+            if (flow_account(r, &s->tun.ext, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
                 c->n[CNT_FLOW_MAP_FULL]++;
                 why = LOG_FLOW_FALLBACK;
             } else {
@@ -407,6 +413,10 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
     if (!r->mono_ns)
         r->mono_ns = bpf_ktime_get_ns();
     u64 size = sizeof(struct pkt_record) + r->payload_len;
+#if HDRLOG_TUNNELS
+    if (r->parse_flags & PARSE_TUNNEL)
+        size = tunnel_append(s); /* the extension behind the payload bytes (tunnel.h) */
+#endif
     barrier_var(size);
     if (size > sizeof(struct pkt_scratch))
         size = sizeof(struct pkt_scratch);
