@@ -68,8 +68,10 @@ struct counters {
 };
 
 /* One record per packet: a fixed 120-byte header, then payload_len bytes of the
- * L4 payload (0 for most packets). Ring-buffer entries are therefore of variable
- * size; user space reads the fixed part in bulk and the payload tail apart.
+ * L4 payload (0 for most packets), then, with PARSE_TUNNEL only, a struct
+ * tunnel_ext (40 bytes; bpf/tunnel.h). Ring-buffer entries are therefore of variable
+ * size; user space reads the fixed part in bulk and the tail (payload, extension) apart.
+ * For a decapsulated packet (TUN_DECAP) the L3/L4 fields are the inner packet's.
  * App-layer fields (DNS, HTTP, TLS) are decoded from the tail in user space. */
 struct pkt_record {
     __u64 mono_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -5,8 +5,10 @@ turns a run of those into the ``packets`` columns of the registry
 (``hdrlog.proto.columns``) with one numpy pass per column, no Python object per
 record except the interface-name strings. Records that carry payload bytes
 (app-layer candidates) come with them apart, as ``(index, bytes)`` pairs, and
-``appdecode`` fills the DNS / HTTP / TLS columns from those. Change this file
-and ``bpf/types.h`` together.
+``appdecode`` fills the DNS / HTTP / TLS columns from those. A record with
+PARSE_TUNNEL has the 40-byte tunnel extension (``TUNNEL_EXT_DTYPE``) after its
+payload bytes: ``split_tunnels`` takes it off, and its fields become the tunnel_*
+and outer_* columns. Change this file and ``bpf/types.h`` together.
 """
 
 from __future__ import annotations
