@@ -11,7 +11,9 @@
  *           24-bit VNI, protocol 0x6558 (Ethernet), 0x0800 or 0x86DD;
  *   GRE     (RFC 2784, 2890): flags C, K, S (checksum, key, sequence: 4 bytes
  *           each when present), version 0, no routing; protocol 0x6558 (TEB),
- *           0x0800 or 0x86DD; the key is the tunnel id;
+ *           0x0800, 0x86DD or 0x883E (Cisco WCCP redirection: IPv4, after a
+ *           4-byte redirect header in WCCPv2, as tshark reads it); the key is the
+ *           tunnel id;
  *   IP-in-IP (protocol 4 / 41, IPv4 or IPv6 outer): the inner IP header next.
  * An inner Ethernet frame is walked through up to HDRLOG_MAX_INNER_VLAN VLAN
  * tags (the first one's id is kept as tunnel_vlan_id). When the tunnel header
@@ -57,6 +59,7 @@
 #define IPPROTO_IPV6_ 41
 #define IPPROTO_GRE_ 47
 #define ETH_P_TEB_ 0x6558
+#define ETH_P_WCCP_ 0x883E
 
 /* The tunnel step's work area in the per-CPU scratch (payload.h): the extension
  * sent, and what the step hands over through map memory -- read back after a
@@ -163,6 +166,17 @@ static __always_inline int tunnel_step(struct __sk_buff *skb, struct pkt_record 
         }
         inner = ((u16)h[2] << 8) | h[3];
         off += hl;
+        if (inner == ETH_P_WCCP_) {
+            /* Cisco WCCP redirection: IPv4 at once (v1), or after a 4-byte redirect header (v2). */
+            u8 b = 0;
+            if (load(skb, len, off, &b, 1) < 1) {
+                tflags |= TUN_CUT;
+                goto keep;
+            }
+            if ((b >> 4) != 4)
+                off += 4;
+            inner = ETH_P_IP;
+        }
     } else {
         type = TUNNEL_IPIP;
         off = w->off;

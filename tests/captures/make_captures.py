@@ -79,7 +79,8 @@ TUNNEL_CASES = [
     ("geneve-options-ip", 2, 78, True), ("gre-csum-key-seq-ipv6", 3, 0x0A0B0C0D, True),
     ("vxlan-vlan-inner", 1, 4244, True), ("gre-teb-key-udp", 3, 11, True), ("ipv6-in-ipv4", 4, 0, True),
     ("ipv4-in-ipv6", 4, 0, True), ("vxlan-http", 1, 4245, True), ("vxlan-8472", 1, 8472, True),
-    ("vxlan-nested", 1, 4246, True), ("vxlan-bad-flags", 1, 0, False), ("vxlan-cut", 1, 0, False),
+    ("vxlan-nested", 1, 4246, True), ("gre-wccp2", 3, 0, True), ("vxlan-bad-flags", 1, 0, False),
+    ("vxlan-cut", 1, 0, False),
     ("vxlan-arp", 1, 4247, False), ("gre-pptp-v1", 3, 0, False), ("gre-inner-cut", 3, 12, False),
 ]
 
@@ -128,6 +129,7 @@ def tunnels() -> list[bytes]:
         outer() / UDP(sport=50014, dport=8472) / VXLAN(vni=8472) / ieth / inner(14),
         outer() / UDP(sport=50015, dport=4789) / VXLAN(vni=4246) / ieth /
         IP(src="198.18.251.15", dst="198.18.251.16") / UDP(sport=50115, dport=4789) / VXLAN(vni=9999) / ieth / inner(15),
+        outer() / GRE(proto=0x883E) / Raw(bytes.fromhex("02000000")) / inner(21),  # WCCPv2 redirect header
         outer() / UDP(sport=50016, dport=4789) / VXLAN(flags=0x00, vni=0) / ieth / inner(16),
         outer() / UDP(sport=50017, dport=4789) / Raw(b"\x08\x00\x00\x00"),
         outer() / UDP(sport=50018, dport=4789) / VXLAN(vni=4247) / ieth /
