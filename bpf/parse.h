@@ -81,13 +81,8 @@ static __always_inline u32 load(struct __sk_buff *skb, u32 len, u32 off, void *b
         return 0;
 #if !HDRLOG_NO_DIRECT
     if (o <= HDRLOG_DIRECT_MAX_OFF) {
-        /* A fresh copy of the context pointer: else the compiler may keep
-         * &skb->data_end in a register across inlined calls, a modified ctx
-         * pointer the verifier refuses to dereference. */
-        struct __sk_buff *ctx = skb;
-        barrier_var(ctx);
-        void *data = (void *)(long)ctx->data;
-        void *data_end = (void *)(long)ctx->data_end;
+        void *data = (void *)(long)skb->data;
+        void *data_end = (void *)(long)skb->data_end;
         if (data + o + want <= data_end) {
             /* x86 loads unaligned words at full speed and the verifier allows it
              * there (no strict alignment): word-sized loads, not byte by byte. */

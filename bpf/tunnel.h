@@ -248,6 +248,10 @@ keep:
  * map memory (see struct tunnel_work). Sets the record's parse_flags. */
 static __always_inline void parse_tunnel(struct __sk_buff *skb, struct pkt_record *r, struct tunnel_work *w)
 {
+    /* A context pointer the compiler knows nothing about: else it shares
+     * &skb->data_end between the outer and the inner parse, spilled, and the
+     * verifier refuses a load through a modified context pointer. */
+    barrier_var(skb);
     asm volatile("" ::: "memory");
     if (!tunnel_step(skb, r, w)) {
         r->parse_flags = w->flags;
