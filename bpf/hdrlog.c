@@ -12,7 +12,8 @@
  *  1. counts it (CNT_SEEN in the per-CPU `counters`) and parses its headers
  *     (parse.h: L2 -> IPv4/IPv6 -> L4, and one level of tunnel, tunnel.h: the
  *     inner L3 -> L4) into a struct pkt_record (types.h) built in the per-CPU
- *     `scratch` buffer (a tunnel's outer endpoints, type and id beside it); the clock (bpf_ktime_get_ns, a
+ *     `scratch` buffer (a tunnel's outer endpoints, type and id beside it);
+ *     the clock (bpf_ktime_get_ns, a
  *     third of a packet's cost here) is read for every packet that passes the
  *     filters in MODE_PACKETS and MODE_FLOWS, and in MODE_AUTO only for those
  *     that need it (a connection's state or history changes, a flow, a record);
@@ -32,8 +33,8 @@
  *     1:N sample of the rest in MODE_AUTO -- the cheapest tests first, the draw
  *     (a per-CPU generator, no helper call) only for packets not notable;
  *  6. outputs the record with bpf_ringbuf_output at its real size (header +
- *     copied payload + the tunnel extension when PARSE_TUNNEL) into `records`; a full ring buffer drops it and counts
- *     CNT_RINGBUF_FULL. User space (collector/) reads the ring buffer in bulk,
+ *     copied payload + the tunnel extension when PARSE_TUNNEL) into `records`;
+ *     a full ring buffer drops it and counts CNT_RINGBUF_FULL. User space (collector/) reads the ring buffer in bulk,
  *     converts mono_ns (CLOCK_MONOTONIC) to UTC and ifindex to a name, and
  *     drains the flow and connection maps.
  *
