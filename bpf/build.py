@@ -15,7 +15,7 @@ from types import SimpleNamespace
 SOURCE_DIR = Path(__file__).resolve().parent
 BPF_SOURCE = SOURCE_DIR / "hdrlog.c"
 # The headers hdrlog.c includes, in include order (one per feature; types.h mirrored in Python).
-HEADERS = ("types.h", "parse.h", "payload.h", "modes.h", "filter.h", "flows.h", "conntrack.h")
+HEADERS = ("types.h", "parse.h", "tunnel.h", "payload.h", "modes.h", "filter.h", "flows.h", "conntrack.h")
 
 # Payload copy (types.h HDRLOG_PAYLOAD_*): a TLS ClientHello's SNI can sit 1,100-1,400 bytes in
 # (post-quantum key shares, shuffled extensions), DNS names up to ~270; 2048 holds a whole full-sized

@@ -114,12 +114,14 @@ struct conn_key {
     __u32 ifindex;
     __u8  ip_version;
     __u8  ip_proto;
-    __u16 _pad;
+    __u8  tunnel_type;   /* TUNNEL_* of a decapsulated packet (the ends are the inner flow's), else 0 */
+    __u8  _pad;
     __u8  ip0[16];       /* side 0: the smaller (address, port) end; as pkt_record's addresses */
     __u8  ip1[16];
     __u16 port0;         /* ICMP: type / counterpart type or code */
     __u16 port1;
-};                       /* 44 bytes */
+    __u32 tunnel_id;     /* its VNI / GRE key: tenants of an overlay reuse addresses */
+};                       /* 48 bytes */
 
 /* One direction's share of a connection (what one side sent). */
 struct conn_side {
@@ -157,7 +159,8 @@ struct conn_value {
     __u8  hist_len;      /* letters in hist (may exceed HDRLOG_CONN_HISTORY: see flags) */
     __u8  _pad[7];
     __u8  hist[HDRLOG_CONN_HISTORY]; /* 'S' 'H' 'A' 'D' 'F' 'R' 'I' 'Q' 'T' 'W', | 0x80 = side 1 */
-};                       /* 240 bytes */
+    __u8  outer_ip[2][16]; /* tunnelled connections: each side's outer (tunnel endpoint) address, from the first packet */
+};                       /* 272 bytes */
 
 /* The same size without the lock: per-CPU maps may not hold a bpf_spin_lock. */
 struct conn_blank {
@@ -193,7 +196,8 @@ static __always_inline int icmp_ports(u8 v, u8 type, u8 code, u16 *sport, u16 *d
 
 /* The canonical key of the record's connection and which side sent it.
  * Returns 0 when the packet has nothing to key on. */
-static __always_inline int conn_key_of(const struct pkt_record *r, struct conn_key *k, int *side)
+static __always_inline int conn_key_of(const struct pkt_record *r, const struct tunnel_ext *t, struct conn_key *k,
+                                       int *side)
 {
     if (!r->ip_version)
         return 0;
@@ -213,6 +217,10 @@ static __always_inline int conn_key_of(const struct pkt_record *r, struct conn_k
     k->ifindex = r->ifindex;
     k->ip_version = r->ip_version;
     k->ip_proto = p;
+    if ((r->parse_flags & PARSE_TUNNEL) && (t->tunnel_flags & TUN_DECAP)) {
+        k->tunnel_type = t->tunnel_type;
+        k->tunnel_id = t->tunnel_id;
+    }
     if (swap) {
         __builtin_memcpy(k->ip0, r->dst_ip, 16);
         __builtin_memcpy(k->ip1, r->src_ip, 16);
@@ -421,7 +429,8 @@ static __always_inline u64 wire_ip_bytes(const struct pkt_record *r, u32 segs)
 /* Count one skb, `segs` frames (skb->gso_segs, 1 when 0), into its connection
  * (called with v->lock held: no helper calls in here; r->mono_ns is the precise
  * clock). Returns the connection's packet count before this one. */
-static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_record *r, int side, u32 segs)
+static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_record *r, const struct tunnel_ext *t,
+                                       int side, u32 segs)
 {
     side &= 1;
     struct conn_side *me = &v->side[side];
@@ -434,6 +443,11 @@ static __always_inline u64 conn_update(struct conn_value *v, const struct pkt_re
         int flip = tcp && (fl & (TH_SYN | TH_ACK | TH_FIN | TH_RST)) == (TH_SYN | TH_ACK);
         v->flags = CONN_STARTED | ((side ^ flip) ? CONN_ORIG_1 : 0) | (flip ? CONN_FLIPPED : 0);
         v->first_ns = r->mono_ns;
+        if ((r->parse_flags & PARSE_TUNNEL) && (t->tunnel_flags & TUN_DECAP)) {
+            /* The tunnel endpoints, by side: the sender's outer source is its side's. */
+            __builtin_memcpy(v->outer_ip[side], t->outer_src_ip, 16);
+            __builtin_memcpy(v->outer_ip[side ^ 1], t->outer_dst_ip, 16);
+        }
     }
     if (r->mono_ns > v->last_ns)
         v->last_ns = r->mono_ns;

@@ -4,7 +4,8 @@
  * -----
  * In MODE_FLOWS (and in MODE_AUTO for packets without a connection key),
  * flow_account() in hdrlog.c adds the packet to its flow: key (ifindex,
- * direction, IP version, protocol, addresses, ports), value packets, bytes,
+ * direction, IP version, protocol, addresses, ports; for a decapsulated packet,
+ * tunnel.h, the inner ones plus the tunnel type and id), value packets, bytes,
  * first/last seen, OR of TCP flags. first_ns is the precise clock of the
  * flow's first packet; last_ns of later ones is hdrlog.c's tick_ns() (the
  * precise clock read once per jiffy per CPU: at most one tick, 1/CONFIG_HZ,
@@ -38,12 +39,13 @@ struct flow_key {
     __u8  direction;
     __u8  ip_version;
     __u8  ip_proto;
-    __u8  _pad;
+    __u8  tunnel_type;   /* TUNNEL_* of a decapsulated packet (the key is the inner flow's), else 0 */
     __u8  src_ip[16];    /* as in pkt_record */
     __u8  dst_ip[16];
     __u16 src_port;
     __u16 dst_port;
-};                       /* 44 bytes */
+    __u32 tunnel_id;     /* its VNI / GRE key: tenants reuse addresses */
+};                       /* 48 bytes */
 
 struct flow_value {
     __u64 packets;

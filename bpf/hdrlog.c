@@ -10,14 +10,15 @@
  * handle(), which for each packet, in this order:
  *
  *  1. counts it (CNT_SEEN in the per-CPU `counters`) and parses its headers
- *     (parse.h: L2 -> IPv4/IPv6 -> L4) into a struct pkt_record (types.h)
- *     built in the per-CPU `scratch` buffer; the precise clock (bpf_ktime_get_ns,
- *     ~31 ns here, a fifth to a third of a packet's cost) is read for every
- *     packet that passes the filters in MODE_PACKETS, and in the other modes only
- *     for those that need it (a record, a new flow, a connection whose state or
- *     history changes); packets that only move a flow's or a connection's
- *     counters stamp its last-seen time from tick_ns() (the precise clock read
- *     once per jiffy per CPU);
+ *     (parse.h: L2 -> IPv4/IPv6 -> L4, and one level of tunnel, tunnel.h: the
+ *     inner L3 -> L4) into a struct pkt_record (types.h) built in the per-CPU
+ *     `scratch` buffer (a tunnel's outer endpoints, type and id beside it);
+ *     the precise clock (bpf_ktime_get_ns, ~31 ns here, a fifth to a third of
+ *     a packet's cost) is read for every packet that passes the filters in
+ *     MODE_PACKETS, and in the other modes only for those that need it (a
+ *     record, a new flow, a connection whose state or history changes);
+ *     packets that only move a flow's or a connection's counters stamp its
+ *     last-seen time from tick_ns() (the precise clock read once per jiffy per CPU);
  *  2. applies the in-kernel filters (filter.h, filter_pass() below): a rejected
  *     packet counts as CNT_FILTERED and costs nothing further;
  *  3. in MODE_AUTO counts it into its bidirectional connection (conntrack.h,
@@ -34,9 +35,10 @@
  *     1:N sample of the rest in MODE_AUTO -- the cheapest tests first, the draw
  *     (a per-CPU generator, no helper call) only for packets not notable;
  *  6. sends the record into `records` (emit()): a fixed-size one into a
- *     reserved slot (copy + bpf_ringbuf_submit), one with payload bytes with
- *     bpf_ringbuf_output at its real size (header + copied payload); a full
- *     ring buffer drops it and counts CNT_RINGBUF_FULL. User space (collector/) reads the ring buffer in bulk,
+ *     reserved slot (copy + bpf_ringbuf_submit), one with payload bytes or a
+ *     tunnel extension with bpf_ringbuf_output at its real size (header +
+ *     copied payload + the extension when PARSE_TUNNEL); a full ring buffer
+ *     drops it and counts CNT_RINGBUF_FULL. User space (collector/) reads the ring buffer in bulk,
  *     converts mono_ns (CLOCK_MONOTONIC) to UTC and ifindex to a name, and
  *     drains the flow and connection maps.
  *
@@ -84,11 +86,12 @@ BPF_PERCPU_ARRAY(scratch, struct pkt_scratch, 1);
  * costs ~20 ns less per record than bpf_ringbuf_output of the same 120 bytes
  * (its in-kernel memcpy; bench/bpf_ab.py, this VM). A record with payload bytes
  * behind it has a variable size, which a reservation cannot have: it goes out
- * with bpf_ringbuf_output at its real size. */
+ * with bpf_ringbuf_output at its real size, as does one with a tunnel
+ * extension (tunnel.h). */
 static __always_inline int emit(struct pkt_scratch *s)
 {
     struct pkt_record *r = &s->rec;
-    if (!r->payload_len) {
+    if (!r->payload_len && !(r->parse_flags & PARSE_TUNNEL)) {
         struct pkt_record *slot = records.ringbuf_reserve(sizeof(struct pkt_record));
         if (!slot)
             return -1;
@@ -97,6 +100,10 @@ static __always_inline int emit(struct pkt_scratch *s)
         return 0;
     }
     u64 size = sizeof(struct pkt_record) + r->payload_len;
+#if HDRLOG_TUNNELS
+    if (r->parse_flags & PARSE_TUNNEL)
+        size = tunnel_append(s); /* the extension behind the payload bytes (tunnel.h) */
+#endif
     barrier_var(size);
     if (size > sizeof(struct pkt_scratch))
         size = sizeof(struct pkt_scratch);
@@ -292,11 +299,16 @@ BPF_ARRAY_OF_MAPS(flow_maps, "flows0", 2);
 static __always_inline int flow_account(struct pkt_scratch *s, u32 slot, u32 first_n, int *first)
 {
     struct pkt_record *r = &s->rec;
+    const struct tunnel_ext *t = &s->tun.ext; /* valid when PARSE_TUNNEL (tunnel.h) */
     struct flow_key k = {};
     k.ifindex = r->ifindex;
     k.direction = r->direction;
     k.ip_version = r->ip_version;
     k.ip_proto = r->ip_proto;
+    if ((r->parse_flags & PARSE_TUNNEL) && (t->tunnel_flags & TUN_DECAP)) { /* the inner flow (tunnel.h) */
+        k.tunnel_type = t->tunnel_type;
+        k.tunnel_id = t->tunnel_id;
+    }
     __builtin_memcpy(k.src_ip, r->src_ip, 16);
     __builtin_memcpy(k.dst_ip, r->dst_ip, 16);
     k.src_port = r->src_port;
@@ -366,10 +378,11 @@ BPF_PERCPU_ARRAY(conn_blank, struct conn_blank, 1);
 static __always_inline int conn_track(struct pkt_scratch *s, u32 segs, u32 first_n, int *first)
 {
     struct pkt_record *r = &s->rec;
+    const struct tunnel_ext *t = &s->tun.ext; /* valid when PARSE_TUNNEL (tunnel.h) */
     asm volatile("" ::: "memory"); /* read the record afresh: one verifier state for every parse path */
     struct conn_key k = {};
     int side = 0;
-    if (!conn_key_of(r, &k, &side))
+    if (!conn_key_of(r, t, &k, &side))
         return CONN_UNTRACKED;
     u32 zero = 0;
     void *cm = conn_maps.lookup(&zero);
@@ -396,7 +409,7 @@ static __always_inline int conn_track(struct pkt_scratch *s, u32 segs, u32 first
     } else {
         r->mono_ns = bpf_ktime_get_ns(); /* state, history or handshake times change: the precise clock */
         bpf_spin_lock(&v->lock);
-        before = conn_update(v, r, side, segs);
+        before = conn_update(v, r, t, side, segs);
         bpf_spin_unlock(&v->lock);
     }
     *first = before < first_n;
@@ -416,7 +429,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
         return TC_ACT_UNSPEC;
     struct pkt_record *r = &s->rec;
     __builtin_memset(r, 0, sizeof(*r));
-    parse(skb, r, dir);
+    parse(skb, r, &s->tun, dir);
     if (!filter_pass(r, cf)) {
         c->n[CNT_FILTERED]++;
         return TC_ACT_UNSPEC;

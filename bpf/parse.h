@@ -501,9 +501,33 @@ out:
     st->flags = flags;
 }
 
+/* L3 -> L4 at st->off (st->proto the EtherType): the outer packet, and again the
+ * inner one of a tunnel (tunnel.h). Returns 0 when the IP header stopped the walk. */
+static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt_record *r, struct parse_state *st)
+{
+    if (st->proto == ETH_P_IP) {
+        if (!parse_ipv4(skb, r, st))
+            return 0;
+    } else if (st->proto == ETH_P_IPV6) {
+        if (!parse_ipv6(skb, r, st))
+            return 0;
+    } else {
+        return 0; /* ARP and other non-IP: L2 fields only */
+    }
+    /* IP and L4 lengths as the headers say (conntrack.h counts them). */
+    r->ip_len = st->l3_end - st->l3_start > 0xffff ? 0xffff : st->l3_end - st->l3_start;
+    r->l4_len = st->l3_end <= st->off ? 0 : st->l3_end - st->off > 0xffff ? 0xffff : st->l3_end - st->off;
+    parse_l4(skb, r, st);
+    return 1;
+}
+
+#include "tunnel.h"
+
 /* Parse the packet into the record: metadata, then L2 -> L3 -> L4, each step
- * stopping the walk where a header is cut short or bogus (a PARSE_* bit says why). */
-static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u8 dir)
+ * stopping the walk where a header is cut short or bogus (a PARSE_* bit says why);
+ * then one level of tunnel (tunnel.h): a tunnel candidate's header into `t`, and
+ * the inner packet's L3 -> L4 into the record. */
+static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, struct tunnel_work *t, u8 dir)
 {
     struct parse_state st = {};
     u32 len = skb->len;
@@ -526,19 +550,21 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_record *r, u
     if (!parse_l2(skb, r, &st))
         goto out;
     st.l3_start = st.off;
-    if (st.proto == ETH_P_IP) {
-        if (!parse_ipv4(skb, r, &st))
-            goto out;
-    } else if (st.proto == ETH_P_IPV6) {
-        if (!parse_ipv6(skb, r, &st))
-            goto out;
-    } else {
-        goto out; /* ARP and other non-IP: L2 fields only */
+    if (!parse_ip(skb, r, &st))
+        goto out;
+#if HDRLOG_TUNNELS
+    /* Not a test of st.flags: it holds constants the verifier knows on each
+     * path, and a branch on it would keep every path's state apart. A cut
+     * outer header shows in the tunnel step (no payload offset: TUN_CUT). */
+    if (tunnel_candidate(r, st.l4proto)) {
+        t->off = st.off;
+        t->l4proto = st.l4proto;
+        t->flags = st.flags;
+        r->vlan_id = st.vlan_id;
+        parse_tunnel(skb, r, t);
+        return;
     }
-    /* IP and L4 lengths as the headers say (conntrack.h counts them). */
-    r->ip_len = st.l3_end - st.l3_start > 0xffff ? 0xffff : st.l3_end - st.l3_start;
-    r->l4_len = st.l3_end <= st.off ? 0 : st.l3_end - st.off > 0xffff ? 0xffff : st.l3_end - st.off;
-    parse_l4(skb, r, &st);
+#endif
 out:
     r->vlan_id = st.vlan_id;
     r->parse_flags = st.flags;

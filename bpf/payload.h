@@ -52,10 +52,23 @@
 struct pkt_scratch {
     struct pkt_record rec;
     u8 payload[HDRLOG_PAYLOAD_BYTES];
+    u8 tail[sizeof(struct tunnel_ext)]; /* room for the tunnel extension after a full payload */
+    struct tunnel_work tun; /* tun.ext built by parse() (tunnel.h) when PARSE_TUNNEL, moved behind the payload at output */
     u64 rng;             /* this CPU's sampling generator (modes.h sample_hit), never sent */
     u64 tick_jiffies;    /* tick_ns() in hdrlog.c: the jiffy of tick_mono_ns, never sent */
     u64 tick_mono_ns;    /* the precise clock read first in that jiffy on this CPU */
 };
+
+/* Move the tunnel extension behind the copied payload bytes (records with
+ * PARSE_TUNNEL); returns the record's size to output. */
+static __always_inline u64 tunnel_append(struct pkt_scratch *s)
+{
+    u32 pl = s->rec.payload_len;
+    if (pl > HDRLOG_PAYLOAD_BYTES)
+        pl = HDRLOG_PAYLOAD_BYTES;
+    __builtin_memcpy(&s->payload[pl], &s->tun.ext, sizeof(struct tunnel_ext));
+    return sizeof(struct pkt_record) + pl + sizeof(struct tunnel_ext);
+}
 
 /* One direction of a TCP connection on one interface (key of tls_cont). */
 struct cont_key {

@@ -46,6 +46,7 @@
 #define PARSE_BAD_IP_VERSION  (1 << 11) /* version nibble disagrees with the EtherType */
 #define PARSE_GSO             (1 << 12) /* GSO/GRO super-packet: wire_len covers several frames */
 #define PARSE_PAYLOAD_CUT     (1 << 13) /* payload copy shorter than the candidate payload (cap or load error) */
+#define PARSE_TUNNEL          (1 << 14) /* a tunnel header was found: a struct tunnel_ext follows (tunnel.h) */
 
 /* Counter indexes of the per-CPU `counters` map. */
 #define CNT_SEEN         0 /* packets the program ran on */
@@ -67,8 +68,10 @@ struct counters {
 };
 
 /* One record per packet: a fixed 120-byte header, then payload_len bytes of the
- * L4 payload (0 for most packets). Ring-buffer entries are therefore of variable
- * size; user space reads the fixed part in bulk and the payload tail apart.
+ * L4 payload (0 for most packets), then, with PARSE_TUNNEL only, a struct
+ * tunnel_ext (40 bytes; bpf/tunnel.h). Ring-buffer entries are therefore of variable
+ * size; user space reads the fixed part in bulk and the tail (payload, extension) apart.
+ * For a decapsulated packet (TUN_DECAP) the L3/L4 fields are the inner packet's.
  * App-layer fields (DNS, HTTP, TLS) are decoded from the tail in user space. */
 struct pkt_record {
     __u64 mono_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -111,5 +114,29 @@ struct pkt_record {
     __u16 l4_len;         /* bytes from the L4 header to the IP end, as the header says */
     __u16 vlan_inner_id;  /* innermost VLAN id when there are two or more tags, else 0 */
 };
+
+/* tunnel_ext.tunnel_type (bpf/tunnel.h). */
+#define TUNNEL_VXLAN  1
+#define TUNNEL_GENEVE 2
+#define TUNNEL_GRE    3
+#define TUNNEL_IPIP   4 /* IPv4 or IPv6 in IPv4 or IPv6 (protocols 4 and 41) */
+
+/* tunnel_ext.tunnel_flags bits. */
+#define TUN_DECAP  (1 << 0) /* the record's L3/L4 fields are the inner packet's */
+#define TUN_CUT    (1 << 1) /* the tunnel header or the inner headers before IP were cut short */
+#define TUN_BAD    (1 << 2) /* malformed: VXLAN I flag clear, Geneve version, inner IP version */
+#define TUN_OTHER  (1 << 3) /* carries something not decoded: non-IP inner frame, GRE routing/v1, ... */
+#define TUN_NESTED (1 << 4) /* the inner packet is a tunnel candidate itself: not opened (one level) */
+
+/* The tunnel extension: 40 bytes after the record's payload bytes, on records with
+ * PARSE_TUNNEL only (so a record is 120 + payload_len + 40 bytes then). */
+struct tunnel_ext {
+    __u8  tunnel_type;     /* TUNNEL_* */
+    __u8  tunnel_flags;    /* TUN_* */
+    __u16 tunnel_vlan_id;  /* VLAN id of the encapsulated Ethernet frame (its first tag), 0 = none */
+    __u32 tunnel_id;       /* VXLAN / Geneve VNI, GRE key; 0 = none */
+    __u8  outer_src_ip[16]; /* the outer IP header's addresses, as pkt_record's */
+    __u8  outer_dst_ip[16];
+};                         /* 40 bytes */
 
 #endif /* HDRLOG_TYPES_H */

@@ -19,6 +19,10 @@ states the kernel keeps with Zeek's transitions; ``history`` is the kernel's let
 for the originator, '^' first when the roles were flipped (a SYN+ACK came first). ``uid`` is
 'C' + base62 of a hash of host, interface, the key and the start time: the same on every row of
 a connection, also after a collector restart. ``community_id`` is computed once per connection.
+
+A tunnelled connection (bpf/tunnel.h) is the inner flow's: its key holds the tunnel type and id
+(VNI / GRE key), so two tenants' connections with the same inner addresses stay apart, and the
+value keeps each side's outer (tunnel endpoint) address from the connection's first packet.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ HDRLOG_CONN_HISTORY = 32
 BPF_F_LOCK = bpfsys.BPF_F_LOCK
 
 CONN_KEY_DTYPE = np.dtype([
-    ("ifindex", "<u4"), ("ip_version", "u1"), ("ip_proto", "u1"), ("_pad", "<u2"),
-    ("ip0", "V16"), ("ip1", "V16"), ("port0", "<u2"), ("port1", "<u2"),
+    ("ifindex", "<u4"), ("ip_version", "u1"), ("ip_proto", "u1"), ("tunnel_type", "u1"), ("_pad", "u1"),
+    ("ip0", "V16"), ("ip1", "V16"), ("port0", "<u2"), ("port1", "<u2"), ("tunnel_id", "<u4"),
 ])
 CONN_SIDE_DTYPE = np.dtype([
     ("pkts", "<u8"), ("ip_bytes", "<u8"), ("bytes", "<u8"), ("ts_syn", "<u8"), ("ts_synack", "<u8"),
@@ -59,8 +63,9 @@ CONN_SIDE_DTYPE = np.dtype([
 CONN_VALUE_DTYPE = np.dtype([
     ("lock", "<u4"), ("flags", "<u4"), ("first_ns", "<u8"), ("last_ns", "<u8"),
     ("side", CONN_SIDE_DTYPE, (2,)), ("hist_len", "u1"), ("_pad", "V7"), ("hist", "u1", (HDRLOG_CONN_HISTORY,)),
+    ("outer_ip", "V16", (2,)),
 ])
-assert CONN_KEY_DTYPE.itemsize == 44 and CONN_SIDE_DTYPE.itemsize == 88 and CONN_VALUE_DTYPE.itemsize == 240
+assert CONN_KEY_DTYPE.itemsize == 48 and CONN_SIDE_DTYPE.itemsize == 88 and CONN_VALUE_DTYPE.itemsize == 272
 
 # Zeek's defaults: tcp_inactivity_timeout 5 min, udp/icmp_inactivity_timeout 1 min,
 # tcp_connection_linger 5 s.
@@ -293,6 +298,11 @@ class ConnDrain:
             cols["resp_retrans"].append(int(r["retrans"]))
             cols["zero_windows"].append(int(o["zero_win"]) + int(r["zero_win"]))
             cols["community_id"].append(ids[1])
+            # Tunnels (bpf/tunnel.h): type and id from the key, each side's outer address from the first packet.
+            cols["tunnel_type"].append(int(key["tunnel_type"]))
+            cols["tunnel_id"].append(int(key["tunnel_id"]))
+            cols["outer_orig_ip"].append(val["outer_ip"][orig].tobytes())
+            cols["outer_resp_ip"].append(val["outer_ip"][resp].tobytes())
             if final:
                 self.final_rows += 1
             else:

@@ -23,14 +23,14 @@ from hdrlog.collector import bpfsys, communityid
 from hdrlog.proto.columns import FLOWS
 
 FLOW_KEY_DTYPE = np.dtype([
-    ("ifindex", "<u4"), ("direction", "u1"), ("ip_version", "u1"), ("ip_proto", "u1"), ("_pad", "u1"),
-    ("src_ip", "V16"), ("dst_ip", "V16"), ("src_port", "<u2"), ("dst_port", "<u2"),
+    ("ifindex", "<u4"), ("direction", "u1"), ("ip_version", "u1"), ("ip_proto", "u1"), ("tunnel_type", "u1"),
+    ("src_ip", "V16"), ("dst_ip", "V16"), ("src_port", "<u2"), ("dst_port", "<u2"), ("tunnel_id", "<u4"),
 ])
 FLOW_VALUE_DTYPE = np.dtype([
     ("packets", "<u8"), ("bytes", "<u8"), ("first_ns", "<u8"), ("last_ns", "<u8"),
     ("tcp_flags", "<u4"), ("flags", "<u4"),
 ])
-assert FLOW_KEY_DTYPE.itemsize == 44 and FLOW_VALUE_DTYPE.itemsize == 40  # struct flow_key / flow_value
+assert FLOW_KEY_DTYPE.itemsize == 48 and FLOW_VALUE_DTYPE.itemsize == 40  # struct flow_key / flow_value
 FLOW_CONTINUED = 1 << 0  # flow_value.flags: the flow had an entry in the other map (bpf/flows.h)
 
 DEFAULT_GRACE = 0.01
@@ -120,7 +120,9 @@ def read_flow_map(fd: int, keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarr
 
 
 def from_records(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flow (keys, values) aggregated from packet records (``records.RECORD_DTYPE``)."""
+    """Flow (keys, values) aggregated from packet records (``records.RECORD_DTYPE``). The records'
+    tunnel extensions are not read here: a decapsulated packet that found the flow map full is
+    counted into its inner flow without the tunnel type and id (a full map is rare and counted)."""
     n = len(rec)
     if not n:
         return empty()

@@ -49,7 +49,8 @@ STATE_BYTES = 4096
 # a successor decodes a predecessor's records only when this matches.
 LAYOUT_ID = zlib.crc32(repr((records.RECORD_DTYPE.descr, flows.FLOW_KEY_DTYPE.descr,
                              flows.FLOW_VALUE_DTYPE.descr, records.COUNTER_NAMES,
-                             connections.CONN_KEY_DTYPE.descr, connections.CONN_VALUE_DTYPE.descr)).encode())
+                             connections.CONN_KEY_DTYPE.descr, connections.CONN_VALUE_DTYPE.descr,
+                             records.TUNNEL_EXT_DTYPE.descr)).encode())
 
 _LINK = re.compile(r"^hdrlog\.link\.(\d+)\.(ingress|egress)$")
 _GEN = re.compile(r"^hdrlog\.(\d+)\.(records|counters|flows0|flows1|conns|state)$")

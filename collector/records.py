@@ -5,8 +5,10 @@ turns a run of those into the ``packets`` columns of the registry
 (``hdrlog.proto.columns``) with one numpy pass per column, no Python object per
 record except the interface-name strings. Records that carry payload bytes
 (app-layer candidates) come with them apart, as ``(index, bytes)`` pairs, and
-``appdecode`` fills the DNS / HTTP / TLS columns from those. Change this file
-and ``bpf/types.h`` together.
+``appdecode`` fills the DNS / HTTP / TLS columns from those. A record with
+PARSE_TUNNEL has the 40-byte tunnel extension (``TUNNEL_EXT_DTYPE``) after its
+payload bytes: ``split_tunnels`` takes it off, and its fields become the tunnel_*
+and outer_* columns. Change this file and ``bpf/types.h`` together.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ PARSE_TCP_WSCALE = 1 << 10  # window-scale option present (tcp_wscale 0 is real)
 PARSE_BAD_IP_VERSION = 1 << 11  # version nibble disagrees with the EtherType
 PARSE_GSO = 1 << 12  # GSO/GRO super-packet: wire_len covers several frames
 PARSE_PAYLOAD_CUT = 1 << 13  # payload copy shorter than the candidate payload (cap or load error)
+PARSE_TUNNEL = 1 << 14  # a tunnel header was found: a tunnel extension follows the payload bytes (bpf/tunnel.h)
 
 PARSE_FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("PARSE_") and isinstance(v, int)}
 PARSE_TRUNC_ANY = PARSE_TRUNC_L2 | PARSE_TRUNC_L3 | PARSE_TRUNC_L4
@@ -102,6 +105,48 @@ RECORD_DTYPE = np.dtype(
 )
 RECORD_SIZE = RECORD_DTYPE.itemsize
 assert RECORD_SIZE == 120, RECORD_SIZE  # sizeof(struct pkt_record); payload bytes follow it
+
+# The tunnel extension (bpf/types.h struct tunnel_ext): 40 bytes after the payload bytes of a record
+# with PARSE_TUNNEL. tunnel_type (TUNNEL_*) travels as its number; the server stores the name.
+TUNNEL_EXT_DTYPE = np.dtype([
+    ("tunnel_type", "u1"), ("tunnel_flags", "u1"), ("tunnel_vlan_id", "<u2"), ("tunnel_id", "<u4"),
+    ("outer_src_ip", "V16"), ("outer_dst_ip", "V16"),
+])
+TUNNEL_EXT_SIZE = TUNNEL_EXT_DTYPE.itemsize
+assert TUNNEL_EXT_SIZE == 40, TUNNEL_EXT_SIZE
+TUNNEL_VXLAN, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_IPIP = 1, 2, 3, 4
+TUNNEL_NAMES = ("", "vxlan", "geneve", "gre", "ipip")  # by TUNNEL_* (proto/columns.py TUNNEL_TYPES)
+TUN_DECAP = 1 << 0  # the record's L3/L4 fields are the inner packet's
+TUN_CUT = 1 << 1  # the tunnel header or the inner headers before IP were cut short
+TUN_BAD = 1 << 2  # malformed tunnel header or inner IP version
+TUN_OTHER = 1 << 3  # carries something not decoded (non-IP inner frame, GRE routing / version 1, ...)
+TUN_NESTED = 1 << 4  # the inner packet is a tunnel candidate itself: not opened (one level)
+_TUNNEL_COLUMNS = TUNNEL_EXT_DTYPE.names
+
+
+def split_tunnels(rec: np.ndarray, payloads: Sequence[tuple[int, bytes]]):
+    """Take the tunnel extensions off the tails of the records with PARSE_TUNNEL: (payloads without
+    them, the extensions as a TUNNEL_EXT_DTYPE array of len(rec), zeros where none; or None when no
+    record has one)."""
+    if not payloads:
+        return payloads, None
+    flags = rec["parse_flags"]
+    if not (flags & PARSE_TUNNEL).any():
+        return payloads, None
+    ext = np.zeros(len(rec), TUNNEL_EXT_DTYPE)
+    plen = rec["payload_len"]
+    out: list[tuple[int, bytes]] = []
+    for i, tail in payloads:
+        if flags[i] & PARSE_TUNNEL:
+            n = int(plen[i])
+            e = tail[n:n + TUNNEL_EXT_SIZE]
+            if len(e) == TUNNEL_EXT_SIZE:
+                ext[i] = np.frombuffer(e, TUNNEL_EXT_DTYPE)[0]
+            tail = tail[:n]
+            if not tail:
+                continue
+        out.append((i, tail))
+    return out, ext
 
 # Registry columns copied as they are from the record (same name, cast to the registry dtype).
 _DIRECT = tuple(
@@ -190,6 +235,7 @@ def decode(
     connection; default: the process's cache).
     """
     rec = as_records(raw, count)
+    payloads, tunnels = split_tunnels(rec, payloads)
     out: dict[str, object] = {}
     for spec in PACKETS:
         name = spec.name
@@ -206,6 +252,8 @@ def decode(
             out[name] = mac_to_u64(rec[name]).astype(spec.dtype)
         elif name in _DIRECT:
             out[name] = np.ascontiguousarray(rec[name]).astype(spec.dtype, copy=False)
+        elif name in _TUNNEL_COLUMNS and tunnels is not None:
+            out[name] = np.ascontiguousarray(tunnels[name]).astype(spec.dtype, copy=False)
         elif spec.is_string:
             out[name] = [""] * count
         else:

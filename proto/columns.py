@@ -106,7 +106,18 @@ PACKETS = _cols(
     ("quic_version", "<u4", "QUIC long header's version (0x00000001 = v1), 0 = not QUIC"),
     ("community_id", STRING, "Community ID v1, seed 0, of the packet's connection (TCP, UDP, ICMP, ICMPv6, SCTP; "
                              "'' for others and for fragments and headers cut short)"),
+    # Issue 14 item 5, tunnels (bpf/tunnel.h): with TUN_DECAP the L3/L4 columns are the inner packet's.
+    ("tunnel_type", "u1", "encapsulation found: 0 none, 1 vxlan, 2 geneve, 3 gre, 4 ipip (the server stores the name)"),
+    ("tunnel_id", "<u4", "VXLAN / Geneve VNI or GRE key, 0 = none"),
+    ("tunnel_flags", "u1", "tunnel notes, bits in bpf/types.h TUN_*: 1 decapsulated, 2 cut, 4 malformed, 8 other "
+                           "payload, 16 nested tunnel not opened"),
+    ("tunnel_vlan_id", "<u2", "VLAN id of the encapsulated Ethernet frame (its first tag), 0 = none"),
+    ("outer_src_ip", "V16", "outer (tunnel) IP source, IPv6 / IPv4-mapped; :: when not tunnelled"),
+    ("outer_dst_ip", "V16", "outer (tunnel) IP destination"),
 )
+
+# tunnel_type numbers on the wire (bpf/types.h TUNNEL_*) and the names the tables store.
+TUNNEL_TYPES = ("", "vxlan", "geneve", "gre", "ipip")
 
 FLOWS = _cols(
     ("start_ts", "<i8", "first packet, UTC nanoseconds"),
@@ -125,6 +136,8 @@ FLOWS = _cols(
     ("sample_rate", "<u4", "1 = every packet counted"),
     ("community_id", STRING, "Community ID v1, seed 0 (TCP, UDP, SCTP; '' for ICMP flows, whose key has no type, "
                              "and port-0 fragment flows)"),
+    ("tunnel_type", "u1", "encapsulation of a decapsulated flow (the tuple is the inner one): as packets.tunnel_type"),
+    ("tunnel_id", "<u4", "its VNI / GRE key (part of the flow key)"),
 )
 
 # One row per bidirectional connection per host interface, Zeek's conn.log semantics
@@ -160,6 +173,11 @@ CONNECTIONS = _cols(
     ("tls_alpn", STRING, "its ALPN protocols, comma-separated"),
     ("ja4", STRING, "its JA4 fingerprint"),
     ("http_host", STRING, "first HTTP Host header"),
+    # Issue 14 item 5, tunnels: the connection is the inner flow's; type and id are part of its key.
+    ("tunnel_type", "u1", "encapsulation of a tunnelled connection: as packets.tunnel_type"),
+    ("tunnel_id", "<u4", "its VNI / GRE key (part of the connection key: tenants reuse addresses)"),
+    ("outer_orig_ip", "V16", "outer (tunnel endpoint) address on the originator's side, from the first packet"),
+    ("outer_resp_ip", "V16", "outer address on the responder's side, from the first packet"),
 )
 
 # Passive DNS (collector/names.py): one row per interface, client, name and address per

@@ -5,7 +5,8 @@ copy); string columns are Arrow StringArrays over the sent values/offsets,
 checked for UTF-8 by Arrow; ``V16`` addresses become FixedSizeBinary(16), which
 ClickHouse reads into ``IPv6``; ``*_ts`` int64 nanoseconds become
 timestamp('ns', 'UTC') for ``DateTime64(9, 'UTC')``; ``direction`` 1/2 becomes a
-dictionary array over ('', 'ingress', 'egress') for ``LowCardinality(String)``.
+dictionary array over ('', 'ingress', 'egress') for ``LowCardinality(String)``, ``tunnel_type`` 0..4 one
+over ('', 'vxlan', 'geneve', 'gre', 'ipip').
 The server-side columns ``host``, ``collector_id`` (one-entry dictionaries, int32 indices) and
 ``batch_seq`` are added here.
 
@@ -36,6 +37,7 @@ DEFAULT_INFLATE_LIMIT = 64 << 20
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,254}$")
 _DIRECTIONS = pa.array(["", registry.DIRECTIONS[1], registry.DIRECTIONS[2]])
+_TUNNEL_TYPES = pa.array(list(registry.TUNNEL_TYPES))
 _TIME_COLUMNS = {"ts", "start_ts", "end_ts", "first_seen", "last_seen"}  # DateTime64(9) from UTC ns
 
 
@@ -113,6 +115,15 @@ def convert_table(msg: ingest_pb2.Table, host: str, collector_id: str, seq: int,
                                             "(allowed: 1 = ingress, 2 = egress, 0 = unknown)")
             arrays[spec.name] = pa.DictionaryArray.from_arrays(pa.Array.from_buffers(
                 pa.uint8(), rows, [None, pa.py_buffer(d)]), _DIRECTIONS)
+        elif spec.name == "tunnel_type":
+            d = np.asarray(value)
+            top = len(registry.TUNNEL_TYPES) - 1
+            if rows and int(d.max()) > top:
+                bad = int(np.argmax(d > top))
+                raise BatchError("columns", f"{where} has value {int(d[bad])} at row {bad} (allowed: 0 .. {top}, "
+                                            f"{', '.join(f'{i} = {n or chr(39) * 2}' for i, n in enumerate(registry.TUNNEL_TYPES))})")
+            arrays[spec.name] = pa.DictionaryArray.from_arrays(pa.Array.from_buffers(
+                pa.uint8(), rows, [None, pa.py_buffer(d)]), _TUNNEL_TYPES)
         elif spec.dtype == "V16":
             raw = np.asarray(value).view(np.uint8)
             arrays[spec.name] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), rows, [None, pa.py_buffer(raw)])

@@ -549,6 +549,30 @@ MIGRATIONS += [
     ]),
 ]
 
+# -- issue 14 item 5: tunnels ---------------------------------------------------------------
+# A decapsulated packet's L3/L4 columns are the inner packet's; these say which tunnel it came in
+# and its outer endpoints. Connections and flows are the inner flow's, keyed with the tunnel type
+# and id (tenants of an overlay reuse addresses). tunnel_type travels as a number and is stored
+# by name ('' when not tunnelled), like direction.
+_TUNNEL_TYPE = "LowCardinality(String)"
+MIGRATIONS += [
+    (12, "tunnels: packets tunnel_type, tunnel_id, tunnel_flags, tunnel_vlan_id, outer_src_ip, outer_dst_ip; "
+         "connections tunnel_type, tunnel_id, outer_orig_ip, outer_resp_ip; flows tunnel_type, tunnel_id", [
+        f"ALTER TABLE {DATABASE}.packets ADD COLUMN IF NOT EXISTS tunnel_type {_TUNNEL_TYPE}, "
+        "ADD COLUMN IF NOT EXISTS tunnel_id UInt32 CODEC(T64, ZSTD(1)), "
+        "ADD COLUMN IF NOT EXISTS tunnel_flags UInt8 CODEC(T64, ZSTD(1)), "
+        "ADD COLUMN IF NOT EXISTS tunnel_vlan_id UInt16 CODEC(T64, ZSTD(1)), "
+        "ADD COLUMN IF NOT EXISTS outer_src_ip IPv6 CODEC(ZSTD(1)), "
+        "ADD COLUMN IF NOT EXISTS outer_dst_ip IPv6 CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.connections ADD COLUMN IF NOT EXISTS tunnel_type {_TUNNEL_TYPE}, "
+        "ADD COLUMN IF NOT EXISTS tunnel_id UInt32 CODEC(T64, ZSTD(1)), "
+        "ADD COLUMN IF NOT EXISTS outer_orig_ip IPv6 CODEC(ZSTD(1)), "
+        "ADD COLUMN IF NOT EXISTS outer_resp_ip IPv6 CODEC(ZSTD(1))",
+        f"ALTER TABLE {DATABASE}.flows ADD COLUMN IF NOT EXISTS tunnel_type {_TUNNEL_TYPE}, "
+        "ADD COLUMN IF NOT EXISTS tunnel_id UInt32 CODEC(T64, ZSTD(1))",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.
@@ -603,7 +627,7 @@ def column_type(table: str, name: str, dtype: str) -> str:
     """The SQL type of a registry column (the same rules as the DDL above)."""
     if name in ("ts", "start_ts", "end_ts", "first_seen", "last_seen"):
         return "DateTime64(9, 'UTC')"
-    if name == "direction":
+    if name in ("direction", "tunnel_type"):
         return "LowCardinality(String)"
     return _DTYPE_SQL[dtype]
 

@@ -64,8 +64,7 @@ def v16(addr: str) -> bytes:
 
 def expected(frame: bytes) -> dict:
     """Registry columns for one frame, from scapy's dissection (outermost headers only)."""
-    e = {c.name: ("" if c.is_string else 0) for c in PACKETS}
-    e["src_ip"] = e["dst_ip"] = b"\0" * 16
+    e = {c.name: ("" if c.is_string else b"\0" * 16 if c.dtype == "V16" else 0) for c in PACKETS}
     p = Ether(frame)
     e.update(wire_len=len(frame), eth_src=mac_int(p.src), eth_dst=mac_int(p.dst), sample_rate=1, direction=1)
     etype, layer = p.type, p.payload

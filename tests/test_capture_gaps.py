@@ -57,7 +57,7 @@ def replay(lab, tmp_path, frames: list[bytes], **cfg) -> tuple[list[dict], dict]
             for i in range(len(cols["ts"])):
                 if cols["direction"][i] == 1 and cols["eth_src"][i] == mac_int(FAKE_SRC):
                     rows.append({k: (v[i] if isinstance(v, list) else int(v[i])) for k, v in cols.items()
-                                 if k not in ("src_ip", "dst_ip")})
+                                 if k not in ("src_ip", "dst_ip", "outer_src_ip", "outer_dst_ip")})
         return rows, cap.counters()
     finally:
         cap.stop()

@@ -52,6 +52,29 @@ def test_decode_gives_registry_columns():
     assert cols["dns_qname"] == [""] * 4 and cols["http_status"].tolist() == [0] * 4
 
 
+def test_tunnel_extension_after_the_payload_bytes():
+    """A record with PARSE_TUNNEL carries 40 bytes after its payload: columns from them, the payload without."""
+    from hdrlog.proto.columns import TUNNEL_TYPES
+
+    assert records.TUNNEL_NAMES == TUNNEL_TYPES
+    rec = make(3)
+    rec["parse_flags"] = [records.PARSE_TUNNEL, 0, records.PARSE_TUNNEL]
+    rec["payload_len"] = [0, 0, 5]
+    ext = np.zeros(2, records.TUNNEL_EXT_DTYPE)
+    ext["tunnel_type"], ext["tunnel_id"], ext["tunnel_flags"] = [1, 3], [4242, 9], [records.TUN_DECAP] * 2
+    ext["outer_src_ip"] = [bytes(10) + b"\xff\xff" + bytes([198, 18, 250, 2])] * 2
+    ext[1]["tunnel_vlan_id"] = 333
+    payloads = [(0, ext[0].tobytes()), (2, b"hello" + ext[1].tobytes())]
+    rest, got = records.split_tunnels(rec, payloads)
+    assert rest == [(2, b"hello")]
+    assert got["tunnel_id"].tolist() == [4242, 0, 9] and got["tunnel_vlan_id"].tolist() == [0, 0, 333]
+    cols = records.decode(rec.tobytes(), 3, {}, 0, payloads=payloads)
+    assert cols["tunnel_type"].tolist() == [1, 0, 3] and cols["tunnel_flags"].tolist() == [1, 0, 1]
+    assert cols["outer_src_ip"][2].tobytes()[-4:] == bytes([198, 18, 250, 2]) and not any(cols["outer_dst_ip"][0].tobytes())
+    plain = records.decode(make(2).tobytes(), 2, {}, 0)
+    assert plain["tunnel_type"].tolist() == [0, 0] and not any(plain["outer_src_ip"][0].tobytes())
+
+
 def test_parse_flag_names_are_unique_bits():
     bits = [v for v in records.PARSE_FLAG_NAMES]
     assert all(b and b & (b - 1) == 0 for b in bits) and len(bits) == len(set(bits))
@@ -102,6 +125,13 @@ def test_constants_mirror_the_bpf_headers():
     assert sizes["conn_side"] == cm.CONN_SIDE_DTYPE.itemsize
     assert sizes["conn_value"] == cm.CONN_VALUE_DTYPE.itemsize
     assert sizes["flow_key"] == flows.FLOW_KEY_DTYPE.itemsize and sizes["flow_value"] == flows.FLOW_VALUE_DTYPE.itemsize
+    # types.h / tunnel.h: the tunnel extension, its types and flags
+    assert sizes["tunnel_ext"] == records.TUNNEL_EXT_SIZE
+    ttypes = family("TUNNEL_", plain)
+    assert ttypes == {name: getattr(records, name) for name in ttypes} and len(ttypes) == 4
+    assert all(records.TUNNEL_NAMES[v] == k[7:].lower() for k, v in ttypes.items())
+    tun = family("TUN_", shifts)
+    assert len(tun) == 5 and tun == {name: getattr(records, name) for name in tun}
     # payload.h / build.py: the copy's chunk and cap
     assert re.search(r"#define HDRLOG_PAYLOAD_CHUNK (\d+)", text)[1] == str(build.PAYLOAD_CHUNK)
     assert re.search(r"#define HDRLOG_PAYLOAD_BYTES (\d+)", text)[1] == str(build.PAYLOAD_BYTES)

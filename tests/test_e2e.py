@@ -122,7 +122,7 @@ def test_collector_sigterm_flushes_detaches_and_exits_zero(lab, server, collecto
 def test_scripted_frames_become_rows_with_every_column_as_sent(lab, server, collector_factory, tmp_path):
     """The acceptance frames: one row per frame per direction, every contract column equal to what was sent."""
     from hdrlog.collector import records
-    from hdrlog.proto.columns import PACKETS
+    from hdrlog.proto.columns import PACKETS, TUNNEL_TYPES
     from tests.frames import FAKE_SRC, IGNORED_FLAGS, community_id, expected, mac_int, scripted_frames, send_frames
 
     host = lab.add_host("a")
@@ -143,8 +143,9 @@ def test_scripted_frames_become_rows_with_every_column_as_sent(lab, server, coll
         want.update(extra)
         want["community_id"] = community_id(want)  # after extra: its parse_flags say what was cut
         assert got["ifname"] == host.peer_ifname, name
-        want.update(ts=0, ifname="", direction="ingress", src_ip=want["src_ip"].hex(), dst_ip=want["dst_ip"].hex(),
-                    parse_flags=want["parse_flags"] & ~IGNORED_FLAGS)
+        want.update(ts=0, ifname="", direction="ingress", parse_flags=want["parse_flags"] & ~IGNORED_FLAGS,
+                    tunnel_type=TUNNEL_TYPES[want["tunnel_type"]],
+                    **{c.name: want[c.name].hex() for c in PACKETS if c.dtype == "V16"})
         got = dict(got, ts=0, ifname="", parse_flags=got["parse_flags"] & ~records.PARSE_VLAN_ACCEL)
         got = {k: (int(v) if isinstance(want[k], int) and not isinstance(v, int) else v) for k, v in got.items()}
         diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}

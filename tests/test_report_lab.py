@@ -142,6 +142,8 @@ def _copy_to_previous_days(server: ServerProcess, lo_ns: int, hi_ns: int, days: 
                     cols["ts"] = np.array([int(v) - k * DAY_NS for v in vals], dtype="<i8")
                 elif c.name == "direction":
                     cols[c.name] = np.array([1 if v == "ingress" else 2 for v in vals], dtype="u1")
+                elif c.name == "tunnel_type":
+                    cols[c.name] = np.array([registry.TUNNEL_TYPES.index(v) for v in vals], dtype="u1")
                 elif c.dtype == "V16":
                     cols[c.name] = np.array([bytes.fromhex(v) for v in vals], dtype="V16")
                 elif c.is_string:

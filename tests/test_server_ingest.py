@@ -39,7 +39,8 @@ def test_every_packets_column_is_stored_as_sent(server):
 
     names = [c.name for c in registry.PACKETS]
     select = ", ".join(
-        "toUnixTimestamp64Nano(ts)" if c == "ts" else f"toString({c})" if c in ("src_ip", "dst_ip") else c
+        "toUnixTimestamp64Nano(ts)" if c == "ts" else f"toString({c})" if c in ("src_ip", "dst_ip", "outer_src_ip",
+                                                                               "outer_dst_ip") else c
         for c in names)
     rows = server.query(f"SELECT {select}, host, collector_id, batch_seq FROM hdrlog.packets "
                         "ORDER BY batch_seq, toUnixTimestamp64Nano(ts)")
@@ -52,7 +53,9 @@ def test_every_packets_column_is_stored_as_sent(server):
             want = sent[spec.name]
             if spec.name == "direction":
                 want = [registry.DIRECTIONS[int(v)] for v in want]
-            elif spec.name in ("src_ip", "dst_ip"):
+            elif spec.name == "tunnel_type":
+                want = [registry.TUNNEL_TYPES[int(v)] for v in want]
+            elif spec.name in ("src_ip", "dst_ip", "outer_src_ip", "outer_dst_ip"):
                 want = [_ip_text(bytes(v)) for v in want]
             elif not spec.is_string:
                 want = [int(v) for v in want]
@@ -159,6 +162,9 @@ def _bad_batches():
     direction = packets_table(3)
     col = next(c for c in direction.columns if c.name == "direction")
     col.values = bytes([1, 7, 2])
+    tunnel = packets_table(3)
+    col = next(c for c in tunnel.columns if c.name == "tunnel_type")
+    col.values = bytes([0, 1, 9])
     return [
         (batch(1, tables=[unequal]), "packets.sample_rate"),
         (batch(2, tables=[unknown]), "unknown table 'nope'"),
@@ -168,6 +174,7 @@ def _bad_batches():
         (batch(6, host="bad host\n"), "host 'bad host\\n' is not allowed"),
         (batch(7, tables=[direction]), "packets.direction has value 7"),
         (batch(8, tables=[packets_table(2), packets_table(2)]), "appears twice"),
+        (batch(9, tables=[tunnel]), "packets.tunnel_type has value 9 at row 2"),
     ]
 
 
@@ -323,3 +330,16 @@ def test_a_batch_clickhouse_refuses_is_rejected_and_the_rest_of_its_flush_is_sto
         assert srv.server.metrics.value("hdrlog_server_batches_rejected_total", reason="insert") == 1
     finally:
         srv.stop()
+
+
+def test_a_collector_without_the_tunnel_columns_is_stored_with_their_defaults(server):
+    """A collector from before tunnels (issue 14 item 5) sends no tunnel_* / outer_* columns: accepted, '' / 0 / ::."""
+    old = packets_table(4, seed=3)
+    keep = [c for c in old.columns if not c.name.startswith(("tunnel_", "outer_"))]
+    del old.columns[:]
+    old.columns.extend(keep)
+    acks = server.send([batch(1, tables=[old], collector_id="old")])
+    assert [(a.status, a.rows) for a in acks] == [(OK, 4)]
+    rows = server.query("SELECT tunnel_type, tunnel_id, tunnel_flags, toString(outer_src_ip), toString(outer_dst_ip) "
+                        "FROM hdrlog.packets WHERE collector_id = 'old'")
+    assert rows == [("", 0, 0, "::", "::")] * 4

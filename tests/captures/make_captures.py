@@ -71,23 +71,76 @@ def dns_long() -> list[bytes]:
             bytes(udp(53004) / Raw(gf.dns_dotted_name_query()))]
 
 
+# Frames of tunnels-vxlan-geneve-gre-ipip.pcap, in order, and what the classifier makes of them
+# (tests/test_capture_tunnels.py): (name, tunnel_type, tunnel_id, decapsulated?).
+TUNNEL_CASES = [
+    ("vxlan-syn", 1, 4242, True), ("vxlan-dns", 1, 4242, True), ("geneve-teb-syn", 2, 77, True),
+    ("gre-key-ip", 3, 9, True), ("ipip", 4, 0, True), ("vxlan-ipv6-outer", 1, 4243, True),
+    ("geneve-options-ip", 2, 78, True), ("gre-csum-key-seq-ipv6", 3, 0x0A0B0C0D, True),
+    ("vxlan-vlan-inner", 1, 4244, True), ("gre-teb-key-udp", 3, 11, True), ("ipv6-in-ipv4", 4, 0, True),
+    ("ipv4-in-ipv6", 4, 0, True), ("vxlan-http", 1, 4245, True), ("vxlan-8472", 1, 8472, True),
+    ("vxlan-nested", 1, 4246, True), ("gre-wccp2", 3, 0, True), ("vxlan-bad-flags", 1, 0, False),
+    ("vxlan-cut", 1, 0, False),
+    ("vxlan-arp", 1, 4247, False), ("gre-pptp-v1", 3, 0, False), ("gre-inner-cut", 3, 12, False),
+]
+
+
 def tunnels() -> list[bytes]:
-    """Overlay traffic: VXLAN (VNI 4242), Geneve (VNI 77), GRE (key 9) and IP-in-IP, each around
-    an inner TCP SYN 10.x -> 198.18.251.x:443 (inner addresses of an overlay) and a DNS query."""
-    from scapy.contrib.geneve import GENEVE
+    """Overlay traffic (TUNNEL_CASES): VXLAN (VNI 4242 over IPv4, 4243 over IPv6), Geneve (VNI 77 with
+    Ethernet, 78 with options and IPv4 directly), GRE (key 9; checksum + key + sequence around IPv6;
+    TEB with a key), IP-in-IP both ways, a VLAN-tagged inner frame, HTTP and DNS inside (app decoding
+    of the inner payload), Linux's VXLAN port 8472, a tunnel inside a tunnel, and the ones whose outer
+    packet is kept: VXLAN without the I flag, a VXLAN header cut short, ARP inside VXLAN, PPTP's GRE
+    version 1, an inner IPv4 header cut short. Inner addresses 198.18.251.0/24, 2001:db8:fb::/64."""
+    from scapy.contrib.geneve import GENEVE, GeneveOptions
+    from scapy.layers.l2 import ARP
 
     inner = lambda n: (IP(src=f"198.18.251.{n}", dst="198.18.251.100") /  # noqa: E731
                        TCP(sport=41000 + n, dport=443, flags="S", seq=1000 + n))
+    inner6 = lambda n: (IPv6(src=f"2001:db8:fb::{n}", dst="2001:db8:fb::100") /  # noqa: E731
+                        TCP(sport=41000 + n, dport=443, flags="S", seq=1000 + n))
     dns = lambda n: (IP(src=f"198.18.251.{n}", dst="198.18.251.53") / UDP(sport=42000 + n, dport=53) /  # noqa: E731
                      DNS(id=n, rd=1, qd=DNSQR(qname=f"overlay{n}.example")))
     ieth = Ether(src="02:48:44:00:01:01", dst="02:48:44:00:01:02")
     outer = lambda: _eth() / IP(src=A4, dst=B4)  # noqa: E731
-    return [bytes(outer() / UDP(sport=50001, dport=4789) / VXLAN(vni=4242) / ieth / inner(1)),
-            bytes(outer() / UDP(sport=50002, dport=4789) / VXLAN(vni=4242) / ieth / dns(2)),
-            bytes(outer() / UDP(sport=50003, dport=6081) / GENEVE(vni=77, proto=0x6558) / ieth / inner(3)),
-            bytes(outer() / GRE(key_present=1, key=9, proto=0x0800) / inner(4)),
-            bytes(outer() / inner(5)),  # IP-in-IP (protocol 4)
-            bytes(_eth() / IPv6(src=A6, dst=B6) / UDP(sport=50006, dport=4789) / VXLAN(vni=4243) / ieth / inner(6))]
+    outer6 = lambda: _eth() / IPv6(src=A6, dst=B6)  # noqa: E731
+    http = (IP(src="198.18.251.13", dst="198.18.251.80") / TCP(sport=41013, dport=80, flags="PA", seq=7, ack=1)
+            / Raw(b"GET /inner HTTP/1.1\r\nHost: overlay.example.org\r\nUser-Agent: vx/1\r\n\r\n"))
+    nested = outer() / UDP(sport=50015, dport=4789) / VXLAN(vni=9999) / ieth / inner(15)
+    pptp = bytes.fromhex("3001880b") + struct.pack("!HHI", 8, 0x1234, 1) + b"\xff\x03\x00\x21" + b"p" * 4
+    cut_ip = bytes(inner(20))[:12]
+    frames = [
+        outer() / UDP(sport=50001, dport=4789) / VXLAN(vni=4242) / ieth / inner(1),
+        outer() / UDP(sport=50002, dport=4789) / VXLAN(vni=4242) / ieth / dns(2),
+        outer() / UDP(sport=50003, dport=6081) / GENEVE(vni=77, proto=0x6558) / ieth / inner(3),
+        outer() / GRE(key_present=1, key=9, proto=0x0800) / inner(4),
+        outer() / inner(5),  # IP-in-IP (protocol 4)
+        outer6() / UDP(sport=50006, dport=4789) / VXLAN(vni=4243) / ieth / inner(6),
+        outer() / UDP(sport=50007, dport=6081) / GENEVE(vni=78, proto=0x0800, options=[
+            GeneveOptions(classid=0x0102, type=0x80, data=b"\x00\x11\x22\x33\x44\x55\x66\x77")]) / inner(7),
+        outer() / GRE(chksum_present=1, key_present=1, seqnum_present=1, key=0x0A0B0C0D, seqence_number=5,
+                      proto=0x86DD) / inner6(8),
+        outer() / UDP(sport=50009, dport=4789) / VXLAN(vni=4244) / ieth / Dot1Q(vlan=333) / inner(9),
+        outer() / GRE(key_present=1, key=11, proto=0x6558) / ieth /
+        (IP(src="198.18.251.10", dst="198.18.251.53") / UDP(sport=42010, dport=5000) / Raw(b"u" * 8)),
+        outer() / inner6(11),  # IPv6 in IPv4 (protocol 41)
+        outer6() / inner(12),  # IPv4 in IPv6 (next header 4)
+        outer() / UDP(sport=50013, dport=4789) / VXLAN(vni=4245) / ieth / http,
+        outer() / UDP(sport=50014, dport=8472) / VXLAN(vni=8472) / ieth / inner(14),
+        outer() / UDP(sport=50015, dport=4789) / VXLAN(vni=4246) / ieth /
+        IP(src="198.18.251.15", dst="198.18.251.16") / UDP(sport=50115, dport=4789) / VXLAN(vni=9999) / ieth / inner(15),
+        outer() / GRE(proto=0x883E) / Raw(bytes.fromhex("02000000")) / inner(21),  # WCCPv2 redirect header
+        outer() / UDP(sport=50016, dport=4789) / VXLAN(flags=0x00, vni=0) / ieth / inner(16),
+        outer() / UDP(sport=50017, dport=4789) / Raw(b"\x08\x00\x00\x00"),
+        outer() / UDP(sport=50018, dport=4789) / VXLAN(vni=4247) / ieth /
+        ARP(psrc="198.18.251.18", pdst="198.18.251.1", hwsrc="02:48:44:00:01:01"),
+        outer() / Raw(pptp),
+        outer() / GRE(key_present=1, key=12, proto=0x0800) / Raw(cut_ip),
+    ]
+    frames[-2][IP].proto = 47
+    del nested
+    assert len(frames) == len(TUNNEL_CASES)
+    return [bytes(f) for f in frames]
 
 
 def quic_initial() -> list[bytes]:

@@ -6,8 +6,13 @@ own, as the classifier sees it. ``expected(frame)`` derives, for each compared
 column, tshark's value *only where that header sits where our parser looks*,
 decided from ``frame.protocols``: L3 directly after Ethernet and at most
 ``MAX_VLAN`` VLAN tags, L4 directly after IPv4 or after IPv6 and its extension
-headers, DNS/HTTP/TLS directly on TCP/UDP. Inner headers of tunnels, ICMP errors
-and the like are never compared with our outer ones; a field tshark did not
+headers, DNS/HTTP/TLS directly on TCP/UDP. One level of tunnel is opened as
+bpf/tunnel.h opens it (VXLAN to UDP port 4789, Geneve to 6081, GRE, IP-in-IP, an
+inner Ethernet frame with at most MAX_INNER_VLAN tags): there L3 and up are
+compared with tshark's inner layers (each field's occurrence counted among the
+layers of its kind before the inner IP header) and L2 with the outer frame's, as
+the classifier logs them; the tunnel id and outer addresses are compared too.
+ICMP errors and the like are never compared with our outer headers; a field tshark did not
 produce is not compared either. Each compared field counts as agreeing or not.
 """
 
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 
 MAX_VLAN = 2  # bpf/hdrlog.c HDRLOG_MAX_VLAN
 MAX_EXTHDR = 8  # bpf/hdrlog.c HDRLOG_MAX_EXTHDR
+MAX_INNER_VLAN = 2  # bpf/tunnel.h HDRLOG_MAX_INNER_VLAN
+VXLAN_PORTS, GENEVE_PORTS = (4789, 8472), (6081,)  # bpf/tunnel.h (tshark dissects 4789 only)
 MTU = 65535
 SEP, AGG = "\x1e", "\x1f"
 
@@ -39,6 +46,7 @@ FIELDS = [
     "udp.srcport", "udp.dstport", "icmp.type", "icmp.code", "icmpv6.type", "icmpv6.code",
     "dns.qry.name", "dns.qry.type", "dns.flags.rcode",
     "http.host", "http.request.method", "http.response.code", "tls.handshake.extensions_server_name",
+    "vxlan.vni", "vxlan.flags", "geneve.vni", "gre.key", "gre.flags_and_version",
 ]
 
 # Columns compared, in table order.
@@ -46,8 +54,9 @@ COMPARED = [
     "eth_src", "eth_dst", "vlan_id", "ip_version", "src_ip", "dst_ip", "ip_proto", "ttl", "dscp", "ecn", "ip_id",
     "frag_offset", "more_fragments", "dont_fragment", "src_port", "dst_port", "tcp_flags", "tcp_seq", "tcp_ack",
     "tcp_window", "tcp_mss", "tcp_wscale", "icmp_type", "icmp_code", "dns_qname", "dns_qtype", "dns_rcode",
-    "http_host", "http_method", "http_status", "tls_sni",
+    "http_host", "http_method", "http_status", "tls_sni", "tunnel_type", "tunnel_id", "outer_src_ip", "outer_dst_ip",
 ]
+TUNNEL_LAYERS = {"vxlan": 1, "geneve": 2, "gre": 3}  # bpf/types.h TUNNEL_*; IP-in-IP is 4
 
 EXT_LAYERS = {"ipv6.hopopts", "ipv6.routing", "ipv6.fraghdr", "ipv6.dstopts", "ah"}
 EXT_FIELD = {0: "ipv6.hopopts.nxt", 43: "ipv6.routing.nxt", 44: "ipv6.fraghdr.nxt", 60: "ipv6.dstopts.nxt",
@@ -57,7 +66,7 @@ DNS_LAYERS = {"dns", "mdns", "llmnr"}
 
 def tshark_frames(pcap: str) -> list[dict[str, list[str]]]:
     cmd = ["tshark", "-r", pcap, "-n", "-T", "fields", "-E", f"separator={SEP}", "-E", f"aggregator={AGG}",
-           "-E", "occurrence=a", "-E", "quote=n"]
+           "-E", "occurrence=a", "-E", "quote=n", "-d", "udp.port==8472,vxlan"]  # Linux's VXLAN port, as ours
     for p in PREFS:
         cmd += ["-o", p]
     for f in FIELDS:
@@ -108,11 +117,101 @@ def _ip16(text: str) -> bytes:
     return (b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
 
 
+def _field_layer(f: str, kinds: set[str]) -> str:
+    """The frame.protocols layer a field belongs to: its longest dotted prefix that is a layer name."""
+    parts = f.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        p = ".".join(parts[:k])
+        if p in kinds:
+            return p
+    return parts[0]
+
+
+def decapsulated(t: dict) -> tuple[dict, dict] | None:
+    """For a frame bpf/tunnel.h opens: (t as if the inner IP packet sat right after the outer L2 --
+    protocol path spliced, every L3-and-up field's outer occurrences dropped --, the tunnel columns
+    tshark gives); else None."""
+    layers = (t["frame.protocols"] or [""])[0].split(":")
+    i = 1
+    while i < len(layers) and layers[i] in ("ethertype", "vlan", "ieee8021ad"):
+        i += 1
+    if len(layers) < 2 or layers[0] != "eth" or i >= len(layers) or layers[i] not in ("ip", "ipv6"):
+        return None
+    l2_end, j = i, i + 1
+    while j < len(layers) and layers[j] in EXT_LAYERS:
+        j += 1
+    if j >= len(layers):
+        return None
+    nxt = layers[j]
+    cols: dict[str, object] = {}
+    kind = layers[i]
+    if first_num(t, f"{kind}.ttl" if kind == "ip" else "ipv6.hlim") is None:
+        return None
+    cols["outer_src_ip"] = _ip16(t[f"{kind}.src"][0]) if t[f"{kind}.src"] else None
+    cols["outer_dst_ip"] = _ip16(t[f"{kind}.dst"][0]) if t[f"{kind}.dst"] else None
+    if kind == "ip" and (first_num(t, "ip.frag_offset") or 0):
+        return None
+    if nxt in ("ip", "ipv6"):
+        cols["tunnel_type"], cols["tunnel_id"], inner_at = 4, 0, j
+    else:
+        if nxt == "udp":
+            port = first_num(t, "udp.dstport")
+            if j + 1 >= len(layers):
+                return None
+            tl = layers[j + 1]
+            if not ((tl == "vxlan" and port in VXLAN_PORTS) or (tl == "geneve" and port in GENEVE_PORTS)):
+                return None
+            at = j + 1
+            if tl == "vxlan" and not (first_num(t, "vxlan.flags") or 0) & 0x0800:
+                return None  # the I flag clear: the classifier keeps the outer packet
+        elif nxt == "gre":
+            tl, at = "gre", j
+            if (first_num(t, "gre.flags_and_version") or 0) & 0x4007:
+                return None  # routing or version 1 (PPTP): not opened
+        else:
+            return None
+        k = at + 1
+        if k < len(layers) and layers[k] == "eth":
+            k += 1
+            tags = 0
+            while k < len(layers) and layers[k] in ("ethertype", "vlan", "ieee8021ad"):
+                tags += layers[k] != "ethertype"
+                k += 1
+            if tags > MAX_INNER_VLAN:
+                return None
+        if k >= len(layers) or layers[k] not in ("ip", "ipv6"):
+            return None
+        inner_at = k
+        cols["tunnel_type"] = TUNNEL_LAYERS[tl]
+        ids = t.get({"vxlan": "vxlan.vni", "geneve": "geneve.vni", "gre": "gre.key"}[tl]) or []
+        cols["tunnel_id"] = num(ids[0]) if ids else 0
+    # The inner IP header must be whole for the classifier to open the tunnel.
+    ik = layers[inner_at]
+    k_ip = layers[:inner_at].count(ik)
+    if len(t.get(f"{ik}.src") or []) <= k_ip or len(t.get(f"{ik}.dst") or []) <= k_ip:
+        return None
+    before = layers[:inner_at]
+    kinds = set(layers)
+    out = dict(t)
+    for f, vals in t.items():
+        if f in ("frame.number", "frame.cap_len", "frame.protocols") or f.startswith(("eth.", "vlan.", "ieee8021ad.")):
+            continue
+        n = before.count(_field_layer(f, kinds))
+        if n:
+            out[f] = vals[n:]
+    out["frame.protocols"] = [":".join(layers[:l2_end] + layers[inner_at:])]
+    return out, cols
+
+
 def expected(t: dict) -> Expect:
     """The columns tshark lets us check for one frame (see the module doc)."""
     e = Expect(path=(t["frame.protocols"] or [""])[0])
     v = e.values
-    layers = e.path.split(":")
+    tun = decapsulated(t)
+    if tun is not None:
+        t, tcols = tun
+        v.update({k: x for k, x in tcols.items() if x is not None})
+    layers = t["frame.protocols"][0].split(":")
     if layers[:2] == ["eth", "eth"]:
         # Cisco ISL: the outer header is ISL's (isl.*), tshark's eth.* is the encapsulated frame's.
         e.note = "ISL encapsulation: tshark's eth.* are the inner frame's"

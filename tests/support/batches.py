@@ -54,6 +54,13 @@ def packet_columns(n: int, seed: int = 0) -> dict[str, object]:
     cols["http_path"] = [f"/p/{i}?q=é" if i % 13 == 0 else "" for i in range(n)]
     cols["tls_sni"] = ["sni.example" if i % 3 == 0 else "" for i in range(n)]
     cols["parse_flags"] = (np.arange(n) % 4).astype("<u2")
+    # tunnels: every type, a VNI, the outer endpoints (IPv4-mapped and IPv6)
+    cols["tunnel_type"] = (np.arange(n) % len(registry.TUNNEL_TYPES)).astype("u1")
+    cols["tunnel_id"] = np.where(cols["tunnel_type"] > 0, np.arange(n) * 7 % (1 << 24), 0).astype("<u4")
+    cols["tunnel_flags"] = np.where(cols["tunnel_type"] > 0, 1, 0).astype("u1")
+    cols["outer_src_ip"] = np.frombuffer(b"".join(ip16("198.18.9.1") if i % 5 else bytes(16) for i in range(n)), dtype="V16")
+    cols["outer_dst_ip"] = np.frombuffer(b"".join(ip16("2001:db8:9::2") if i % 5 else bytes(16) for i in range(n)),
+                                         dtype="V16")
     return cols
 
 

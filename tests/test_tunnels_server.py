@@ -1,0 +1,60 @@
+"""Tunnels end to end: the real collector (auto mode, eBPF on a lab veth) -> gRPC -> the real server -> chDB.
+
+VXLAN frames of two tenants' inner TCP connections with the same addresses and ports (VNI 100 and
+200) are sent into the monitored veth; the packets table must hold the inner tuple with
+tunnel_type 'vxlan', the VNI and the outer endpoints, and the connections table one final row per
+VNI, of the inner flow, with each side's outer endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.frames import send_frames
+from tests.support import CollectorProcess, ServerProcess, wait_until
+from tests.test_capture_tunnels import A1, A2, handshake
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
+
+
+@pytest.fixture
+def procs():
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def test_tunnel_columns_arrive_in_packets_and_connections(lab, tmp_path, procs):
+    server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)
+    procs.append(server)
+    server.start()
+    h = lab.add_host("tuns")
+    collector = CollectorProcess(server.address, [h.peer_ifname], "tun-host", tmp_path, "--mode", "auto",
+                                 "--conn-linger", "0.2", "--conn-interim", "1")
+    procs.append(collector)
+    collector.start()
+    send_frames(lab, h, handshake(100, b"x" * 10) + handshake(200, b"y" * 20), tmp_path)
+    where = "host = 'tun-host' AND tunnel_type = 'vxlan'"
+    wait_until(lambda: int(server.sql(f"SELECT countIf(final = 1) AS n FROM hdrlog.connections WHERE {where}")[0]["n"])
+               >= 2, 60, "the two tunnelled connections' final rows")
+    conns = server.sql("SELECT tunnel_type, tunnel_id, toString(outer_orig_ip) AS oo, toString(outer_resp_ip) AS orr, "
+                       "toString(orig_ip) AS o, orig_port, toString(resp_ip) AS r, resp_port, orig_bytes, conn_state "
+                       f"FROM hdrlog.connections WHERE {where} AND final = 1 ORDER BY tunnel_id")
+    assert [(c["tunnel_type"], int(c["tunnel_id"]), c["oo"], c["orr"], c["o"], int(c["orig_port"]), c["r"],
+             int(c["resp_port"]), int(c["orig_bytes"]), c["conn_state"]) for c in conns] == [
+        ("vxlan", vni, f"::ffff:{A1}", f"::ffff:{A2}", "::ffff:198.18.251.1", 40000, "::ffff:198.18.251.2", 443, n, "SF")
+        for vni, n in ((100, 10), (200, 20))]
+    pk = server.sql("SELECT tunnel_id, toString(src_ip) AS s, toString(outer_src_ip) AS os, "
+                    "toString(outer_dst_ip) AS od, tunnel_flags, community_id "
+                    f"FROM hdrlog.packets WHERE {where} AND tcp_flags = 2 ORDER BY tunnel_id")
+    assert [(int(p["tunnel_id"]), p["s"], p["os"], p["od"], int(p["tunnel_flags"])) for p in pk] == [
+        (vni, "::ffff:198.18.251.1", f"::ffff:{A1}", f"::ffff:{A2}", 1) for vni in (100, 200)]
+    # the packet joins its connection on the community id and the tunnel id
+    joined = server.sql("SELECT count() AS n FROM hdrlog.packets p JOIN hdrlog.connections c "
+                        "ON p.community_id = c.community_id AND p.tunnel_id = c.tunnel_id "
+                        f"WHERE p.host = 'tun-host' AND p.tcp_flags = 2 AND c.final = 1 AND c.tunnel_type = 'vxlan'")
+    assert int(joined[0]["n"]) == 2
+    assert collector.stop() == 0
