@@ -4,9 +4,11 @@
  * -----
  * In MODE_FLOWS (and in MODE_AUTO for packets without a connection key),
  * flow_account() in hdrlog.c adds the packet to its flow: key (ifindex,
- * direction, IP version, protocol, addresses, ports; for a decapsulated packet,
+ * direction, IP version, protocol, addresses, ports (ICMP/ICMPv6: type and
+ * code, as Zeek's conn.log has them); for a decapsulated packet,
  * tunnel.h, the inner ones plus the tunnel type and id), value packets, bytes,
- * first/last seen, OR of TCP flags. first_ns is the precise clock of the
+ * first/last seen, OR of TCP flags. A GSO/GRO skb counts as the skb->gso_segs
+ * frames it stands for (packets, and bytes with each frame's own headers). first_ns is the precise clock of the
  * flow's first packet; last_ns of later ones is hdrlog.c's tick_ns() (the
  * precise clock read once per jiffy per CPU: at most one tick, 1/CONFIG_HZ,
  * behind; max() keeps it from going back), so a flow's end_ts is exact to the
@@ -49,11 +51,24 @@ struct flow_key {
 
 struct flow_value {
     __u64 packets;
-    __u64 bytes;         /* wire_len summed */
+    __u64 bytes;         /* frame bytes (wire_len; a GSO skb with every frame's headers) */
     __u64 first_ns;      /* CLOCK_MONOTONIC */
     __u64 last_ns;
     __u32 tcp_flags;     /* OR of pkt_record.tcp_flags */
     __u32 flags;         /* FLOW_* */
 };                       /* 40 bytes */
+
+/* The frame bytes of a record's `segs` frames on the wire. A GSO skb (TCP
+ * builds them on egress before TC; GRO merges them on ingress) is `segs`
+ * frames: its wire_len covers all the payload and one set of headers, and
+ * every further frame carries its own L2-L4 headers (l4_payload_off bytes). */
+static __always_inline u64 wire_frame_bytes(const struct pkt_record *r, u32 segs)
+{
+    u64 b = r->wire_len;
+    u32 hdrs = r->l4_payload_off;
+    if (segs > 1 && hdrs)
+        b += (u64)(segs - 1) * hdrs;
+    return b;
+}
 
 #endif /* HDRLOG_FLOWS_H */

@@ -296,7 +296,7 @@ BPF_ARRAY_OF_MAPS(flow_maps, "flows0", 2);
 /* Add the packet to its flow in the live map. Returns 0 and sets *first when
  * it is among the first `first_n` packets of a flow that is new, or -1 when
  * the map is full (the caller falls back to the ring buffer). */
-static __always_inline int flow_account(struct pkt_scratch *s, u32 slot, u32 first_n, int *first)
+static __always_inline int flow_account(struct pkt_scratch *s, u32 segs, u32 slot, u32 first_n, int *first)
 {
     struct pkt_record *r = &s->rec;
     const struct tunnel_ext *t = &s->tun.ext; /* valid when PARSE_TUNNEL (tunnel.h) */
@@ -313,6 +313,11 @@ static __always_inline int flow_account(struct pkt_scratch *s, u32 slot, u32 fir
     __builtin_memcpy(k.dst_ip, r->dst_ip, 16);
     k.src_port = r->src_port;
     k.dst_port = r->dst_port;
+    if (r->ip_proto == IPPROTO_ICMP || r->ip_proto == IPPROTO_ICMPV6_) {
+        k.src_port = r->icmp_type; /* as Zeek's conn.log: type and code in the ports, so */
+        k.dst_port = r->icmp_code; /* echo, reply and each error are flows of their own */
+    }
+    u64 bytes = wire_frame_bytes(r, segs);
 
     void *live = flow_maps.lookup(&slot);
     if (!live)
@@ -323,8 +328,8 @@ static __always_inline int flow_account(struct pkt_scratch *s, u32 slot, u32 fir
         if (!r->mono_ns)
             r->mono_ns = bpf_ktime_get_ns(); /* a new flow starts at the precise clock */
         struct flow_value nv = {};
-        nv.packets = 1;
-        nv.bytes = r->wire_len;
+        nv.packets = segs;
+        nv.bytes = bytes;
         nv.first_ns = r->mono_ns;
         nv.last_ns = r->mono_ns;
         nv.tcp_flags = r->tcp_flags;
@@ -347,8 +352,8 @@ static __always_inline int flow_account(struct pkt_scratch *s, u32 slot, u32 fir
     } else {
         now = r->mono_ns ? r->mono_ns : tick_ns(s); /* counters and last-seen only */
     }
-    u64 before = __sync_fetch_and_add(&v->packets, 1);
-    __sync_fetch_and_add(&v->bytes, r->wire_len);
+    u64 before = __sync_fetch_and_add(&v->packets, segs);
+    __sync_fetch_and_add(&v->bytes, bytes);
     if (now > v->last_ns)
         v->last_ns = now;
     u32 tf = r->tcp_flags;
@@ -452,7 +457,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir)
             c->n[CNT_CONN_MAP_FULL]++;
             why = LOG_CONN_FALLBACK;
         } else {
-            if (flow_account(s, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
+            if (flow_account(s, segs, cf->flow_slot, mode == MODE_AUTO ? cf->first_packets : 0, &first) < 0) {
                 c->n[CNT_FLOW_MAP_FULL]++;
                 why = LOG_FLOW_FALLBACK;
             } else {

@@ -56,10 +56,10 @@ def flow_columns(keys: np.ndarray, vals: np.ndarray, ifnames: Mapping[int, str],
             continue
         elif name == "sample_rate":
             col = np.full(n, sample_rate)
-        elif name == "community_id":  # no ICMP type in the key; port 0 both ways: fragments
+        elif name == "community_id":  # ICMP: type and code in the ports; port 0 both ways: fragments
             proto = keys["ip_proto"]
-            ok = (keys["ip_version"] != 0) & np.isin(proto, (6, 17, 132)) & (
-                (keys["src_port"] != 0) | (keys["dst_port"] != 0) | (proto == 132))
+            ok = (keys["ip_version"] != 0) & (np.isin(proto, (1, 58, 132)) | (
+                np.isin(proto, (6, 17)) & ((keys["src_port"] != 0) | (keys["dst_port"] != 0))))
             out[name] = (cids or communityid.CACHE).of_rows(proto, keys["src_ip"], keys["dst_ip"],
                                                              keys["src_port"], keys["dst_port"], ok)
             continue
@@ -129,6 +129,9 @@ def from_records(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = np.zeros(n, FLOW_KEY_DTYPE)
     for f in _KEY_FIELDS:
         keys[f] = rec[f]
+    icmp = np.isin(rec["ip_proto"], (1, 58))  # type and code in the ports, as the kernel keys them
+    keys["src_port"][icmp] = rec["icmp_type"][icmp]
+    keys["dst_port"][icmp] = rec["icmp_code"][icmp]
     uniq, inverse = np.unique(keys.view(np.dtype((np.void, FLOW_KEY_DTYPE.itemsize))), return_inverse=True)
     inverse = inverse.ravel()
     m = len(uniq)
