@@ -355,7 +355,7 @@ class Writer:
             return fut
         for tr in kept:
             self.metrics.rows_received.labels(tr.name).inc(tr.rows)
-        entry = _Entry(collector_id, seq, kept, {t.name: np.unique(t.days) for t in kept},
+        entry = _Entry(collector_id, seq, kept, {t.name: _unique_days(t.days) for t in kept},
                        sum(t.rows for t in kept), time.monotonic(), [fut])
         self._queue.append(entry)
         self._index[entry.key] = entry
@@ -407,7 +407,7 @@ class Writer:
                 self.metrics.duplicate()
                 self._forget(e, Outcome(OK, rows=0, duplicate=True))
                 continue
-            e.tables, e.days = kept, {t.name: np.unique(t.days) for t in kept}
+            e.tables, e.days = kept, {t.name: _unique_days(t.days) for t in kept}
             e.rows = sum(t.rows for t in kept)
             left.append(e)
         return left
@@ -771,6 +771,14 @@ class Writer:
     def _forget(self, entry: _Entry, outcome: Outcome) -> None:
         self._index.pop(entry.key, None)
         _resolve(entry.waiters, outcome)
+
+
+def _unique_days(days: np.ndarray) -> np.ndarray:
+    """``np.unique(days)``; a batch's rows are nearly always of one day, which two reductions tell
+    without the sort (np.unique was 4% of the server's time)."""
+    if days.size and days.min() == days.max():
+        return days[:1].copy()
+    return np.unique(days)
 
 
 def concat(tables: list[pa.Table]) -> pa.Table:
