@@ -549,6 +549,22 @@ MIGRATIONS += [
     ]),
 ]
 
+# -- issue 16: the rollup journal per rollup INSERT ------------------------------------------
+# A server that owns its store journals a rollup when it stores it (one intent per rollup INSERT, after
+# the flushes' packets), and a start rolls up the stored batches that no intent names (writer.py,
+# "Rollups"). Batches stored before that (by materialized views before migration 11, or journaled per
+# flush since) are rolled up already: they are named here once, as finished entries (an intent and
+# its end per collector and day), so no start takes them for unjournaled ones.
+MIGRATIONS += [
+    (13, "rollup journal per rollup INSERT: the batches stored until now named as rolled up", [
+        f"INSERT INTO {DATABASE}.rollup_log (token, state, collector_ids, seqs, days, members) "
+        "SELECT concat('hdrlog-m13-', hex(cityHash64(collector_id, day))), state, "
+        "arrayMap(x -> collector_id, s), s, arrayMap(x -> day, s), [] "
+        "FROM (SELECT collector_id, toUInt32(toDate(ts)) AS day, arraySort(groupUniqArray(batch_seq)) AS s "
+        f"FROM {DATABASE}.packets GROUP BY collector_id, day) ARRAY JOIN [0, 1] AS state",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.

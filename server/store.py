@@ -478,6 +478,24 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to read packets back for the rollups: {short_message(exc)}") from None
 
+    def unjournaled_packets(self) -> list[tuple[str, int, int]]:
+        """The (collector_id, seq, day)s with packets rows stored that no rollup journal intent names
+        (state 0): stored batches whose rollup was never journaled (writer.py, "Rollups"). One scan of
+        packets' (collector_id, batch_seq, ts) and of the journal, as roaring bitmaps per
+        (collector_id, day); only the differences come back."""
+        try:
+            rows = self._client.query(
+                "SELECT p.c, p.d, bitmapToArray(bitmapAndnot(p.b, j.b)) FROM "
+                "(SELECT collector_id AS c, toUInt32(toDate(ts)) AS d, groupBitmapState(batch_seq) AS b "
+                f"FROM {schema.DATABASE}.packets GROUP BY c, d) AS p "
+                "LEFT JOIN (SELECT c, d, groupBitmapState(s) AS b "
+                f"FROM {schema.DATABASE}.rollup_log ARRAY JOIN collector_ids AS c, seqs AS s, days AS d "
+                "WHERE state = 0 GROUP BY c, d) AS j ON p.c = j.c AND p.d = j.d "
+                "WHERE bitmapAndnotCardinality(p.b, j.b) > 0 ORDER BY p.c, p.d").result_rows
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
+        return [(str(c), int(q), int(d)) for c, d, seqs in rows for q in seqs]
+
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.
 
