@@ -332,13 +332,15 @@ class Store:
             settings.update(min_insert_block_size_rows=0, min_insert_block_size_bytes=0)
         if self.layout is not None:  # into a Distributed table: return once the shard has stored the rows
             settings["distributed_foreground_insert"] = 1
-        # One Arrow record batch: with no squashing every record batch is a block of its own, so a
-        # table of N chunks became N parts per table it reaches (a rollup INSERT of 8 flushes'
-        # chunks made 24 parts across the three rollup tables, ~5x its cost).
-        if any(col.num_chunks > 1 for col in data.columns):
+        local = self.embedded and _local_conn(client) is not None
+        # One Arrow record batch for insert_arrow: with no squashing every record batch is a block of
+        # its own, so a table of N chunks became N parts per table it reaches (a rollup INSERT of 8
+        # flushes' chunks made 24 parts across the three rollup tables, ~5x its cost). The local path
+        # squashes the chunks itself (its settings above), without this copy.
+        if not local and any(col.num_chunks > 1 for col in data.columns):
             data = data.combine_chunks()
         try:
-            if self.embedded and _local_conn(client) is not None:
+            if local:
                 _insert_local(client, f"{schema.DATABASE}.{table}", data, settings)
             else:
                 client.insert_arrow(f"{schema.DATABASE}.{table}", data, settings=settings)

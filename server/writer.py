@@ -174,7 +174,7 @@ STOP_ATTEMPTS = 3        # attempts per flush once stopping, before answering RE
 ROLLUP_INTENT, ROLLUP_INSERT, ROLLUP_END = "packets:intent", "packets:rollup", "packets:end"
 ROLLUP_GROUP = "rollup:group"
 ROLLUP_QUEUE = 64        # flushes whose rollup may wait for the rollup worker before a flush waits
-ROLLUP_EVERY = 1.0       # seconds the rollup worker gathers flushes into one rollup INSERT
+ROLLUP_EVERY = 5.0       # seconds the rollup worker gathers flushes into one rollup INSERT (the rollups' delay)
 ROLLUP_GROUP_MAX = 64    # flushes in one rollup INSERT at most
 ROLLUP_GROUP_ROWS = 262_144  # rollup rows (partial aggregates) in one rollup INSERT at most (memory)
 ROLLUP_RECOVER_BATCHES = 256  # unjournaled batches rolled up together by a recovery
@@ -517,8 +517,12 @@ class Writer:
         for table, parts in by_table.items():
             if table in done and (table != "packets" or ROLLUP_END in done):
                 continue
-            # In a thread: the event loop keeps reading and converting the next batches meanwhile.
-            data = await asyncio.to_thread(concat, [tr.data for _, tr in parts])
+            if self.store.embedded:
+                # Chunks as they are (no copy): the embedded INSERT squashes them into one block itself.
+                data = pa.concat_tables([tr.data for _, tr in parts])
+            else:
+                # In a thread: the event loop keeps reading and converting the next batches meanwhile.
+                data = await asyncio.to_thread(concat, [tr.data for _, tr in parts])
             token = _token(table, parts)
             if table == "packets":
                 await self._insert_packets(data, token, parts, done)
