@@ -333,11 +333,13 @@ class Store:
         if self.layout is not None:  # into a Distributed table: return once the shard has stored the rows
             settings["distributed_foreground_insert"] = 1
         local = self.embedded and _local_conn(client) is not None
-        # One Arrow record batch for insert_arrow: with no squashing every record batch is a block of
+        # One Arrow record batch, whichever path: with no squashing every record batch is a block of
         # its own, so a table of N chunks became N parts per table it reaches (a rollup INSERT of 8
-        # flushes' chunks made 24 parts across the three rollup tables, ~5x its cost). The local path
-        # squashes the chunks itself (its settings above), without this copy.
-        if not local and any(col.num_chunks > 1 for col in data.columns):
+        # flushes' chunks made 24 parts across the three rollup tables, ~5x its cost). And the
+        # deduplication token of a block squashed from several chunks is not that of the same rows
+        # in one chunk (measured: the rollup views' targets then stored a repeat twice), while the
+        # same rows come back chunked differently (a recovery, another server, the other path).
+        if any(col.num_chunks > 1 for col in data.columns):
             data = data.combine_chunks()
         try:
             if local:

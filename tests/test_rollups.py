@@ -278,3 +278,36 @@ def test_the_rollup_of_the_same_rows_is_the_same_whatever_their_order():
                 r["ports"], r["clients"] = sorted(r["ports"]), sorted(r["clients"])
             return sorted(rows, key=repr)
         assert canon(a) == canon(b)
+
+
+def _repeat_rollup_state(store_path) -> list:
+    store = Store(f"chdb://{store_path}")
+    store.open()
+    store.migrate()
+    try:
+        n = 3000
+        cols = synth.scan(n, start_ns=START, seconds=30, peers=300)["host-00"]
+        rows = rollup.rollup_rows(convert_batch(cols_batch(1, cols, n), "host-00")[0].data)[0]
+        client = store._client  # noqa: SLF001
+        sums = "SELECT sum(records) FROM hdrlog.packets_1m UNION ALL SELECT sum(packets) FROM hdrlog.pairs_1m"
+        out = []
+        store.insert_rollup(rows, "tok-1-rollup")  # the server's path (embedded: chDB's Python())
+        out.append(sorted(r[0] for r in client.query(sums).result_rows))
+        # the same rows again under the same token: other chunks (a recovery), then the other path
+        store.insert_rollup(pa.concat_tables([rows.slice(0, 7), rows.slice(7)]), "tok-1-rollup")
+        store.insert_rollup(rows.combine_chunks(), "tok-1-rollup")
+        client.insert_arrow("hdrlog.rollup_in", rows.combine_chunks(), settings={
+            "insert_deduplication_token": "tok-1-rollup", "insert_deduplicate": 1, "async_insert": 0})
+        out.append(sorted(r[0] for r in client.query(sums).result_rows))
+        return out
+    finally:
+        store.close()
+
+
+def test_a_repeated_rollup_insert_is_dropped_whatever_its_chunks_and_insert_path(tmp_path):
+    """The token of a block squashed from several Arrow chunks is not that of the same rows in one chunk,
+    so the store inserts one chunk, whichever path: a recovered rollup (other chunks) or another server's
+    (insert_arrow over HTTP) is then dropped as the repeat it is."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # one process opens one chDB path
+        first, after = pool.apply(_repeat_rollup_state, (tmp_path / "store",))
+    assert first == after and first[0] == 3000
