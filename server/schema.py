@@ -607,7 +607,7 @@ def apply_ttl(command: Callable[[str], object], days: dict[str, int]) -> list[st
     return changed
 
 
-LATEST_VERSION = MIGRATIONS[-1][0]
+LATEST_VERSION = max(v for v, _, _ in MIGRATIONS)  # not the last one: another branch adds 12
 
 
 # ClickHouse type for a registry wire dtype, for columns added to the registry after a migration.
@@ -641,7 +641,7 @@ def migrate(command: Callable[[str], object]) -> list[int]:
         command(SCHEMA_VERSION_DDL)
         done = applied_versions(command)
     applied: list[int] = []
-    for version, description, statements in MIGRATIONS:
+    for version, description, statements in sorted(MIGRATIONS, key=lambda m: m[0]):
         if version in done:
             continue
         for ddl in statements:
