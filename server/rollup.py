@@ -128,14 +128,16 @@ def _bound(keyed: pa.Table, key: list[str], max_keys: int, sums: list[str]) -> t
         col = keyed.column(k)
         tie += list(_halves(col)) if col.type == pa.binary(16) else [_codes(col)]
     order = np.lexsort([*reversed(tie), np.iinfo(np.uint64).max - packets, minute, host])
-    ranked = keyed.take(pa.array(order))
     g = hm[order]
     new_group = np.ones(len(g), dtype=bool)
     new_group[1:] = g[1:] != g[:-1]
     starts = np.flatnonzero(new_group)
     pos = np.arange(len(g)) - np.repeat(starts, np.diff(np.append(starts, len(g))))
-    kept = ranked.filter(pa.array(pos < max_keys))
-    folded = ranked.filter(pa.array(pos >= max_keys))
+    # Back to the rows' own order as a mask (no take of the whole table: 3% of a scan's time).
+    keep = np.empty(len(g), dtype=bool)
+    keep[order] = pos < max_keys
+    kept = keyed.filter(pa.array(keep))
+    folded = keyed.filter(pa.array(~keep))
     other = _group(folded.select(["host", "minute"] + sums).append_column(
         "folded_keys", pa.array(np.ones(folded.num_rows, np.uint64))), ["host", "minute"], sums + ["folded_keys"])
     n = other.num_rows

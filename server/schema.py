@@ -573,6 +573,22 @@ MIGRATIONS += [
     ]),
 ]
 
+# -- issue 16: the rollup journal per rollup INSERT ------------------------------------------
+# A server that owns its store journals a rollup when it stores it (one intent per rollup INSERT, after
+# the flushes' packets), and a start rolls up the stored batches that no intent names (writer.py,
+# "Rollups"). Batches stored before that (by materialized views before migration 11, or journaled per
+# flush since) are rolled up already: they are named here once, as finished entries (an intent and
+# its end per collector and day), so no start takes them for unjournaled ones.
+MIGRATIONS += [
+    (13, "rollup journal per rollup INSERT: the batches stored until now named as rolled up", [
+        f"INSERT INTO {DATABASE}.rollup_log (token, state, collector_ids, seqs, days, members) "
+        "SELECT concat('hdrlog-m13-', hex(cityHash64(collector_id, day))), state, "
+        "arrayMap(x -> collector_id, s), s, arrayMap(x -> day, s), [] "
+        "FROM (SELECT collector_id, toUInt32(toDate(ts)) AS day, arraySort(groupUniqArray(batch_seq)) AS s "
+        f"FROM {DATABASE}.packets GROUP BY collector_id, day) ARRAY JOIN [0, 1] AS state",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.
@@ -615,7 +631,7 @@ def apply_ttl(command: Callable[[str], object], days: dict[str, int]) -> list[st
     return changed
 
 
-LATEST_VERSION = MIGRATIONS[-1][0]
+LATEST_VERSION = max(v for v, _, _ in MIGRATIONS)  # not the last one: another branch adds 12
 
 
 # ClickHouse type for a registry wire dtype, for columns added to the registry after a migration.
@@ -649,7 +665,7 @@ def migrate(command: Callable[[str], object]) -> list[int]:
         command(SCHEMA_VERSION_DDL)
         done = applied_versions(command)
     applied: list[int] = []
-    for version, description, statements in MIGRATIONS:
+    for version, description, statements in sorted(MIGRATIONS, key=lambda m: m[0]):
         if version in done:
             continue
         for ddl in statements:

@@ -3,7 +3,8 @@
     python tests/faulty_hdrlog.py FLAG_FILE server run ...
 
 The fault is injected below the store, where clickhouse-connect raises: the client's
-``insert_arrow`` raises ``OperationalError`` (what an unreachable ClickHouse gives), so the
+``insert_arrow``, and the embedded store's own INSERT path (``store._insert_local``), raise
+``OperationalError`` (what an unreachable ClickHouse gives), so the
 server's own classification, retries, RETRY acks and backpressure run as in production.
 Production code has no hook for this.
 """
@@ -35,6 +36,14 @@ def main() -> int:
 
         self._client.insert_arrow = insert_arrow
 
+    real_local = store._insert_local
+
+    def insert_local(*args, **kwargs):  # the embedded store's INSERTs (chDB's Python() table function)
+        if os.path.exists(flag):
+            raise OperationalError("injected fault: ClickHouse is not answering (tests/faulty_hdrlog.py)")
+        return real_local(*args, **kwargs)
+
+    store._insert_local = insert_local
     store.Store.open = open_with_fault
     from hdrlog.cli import main as hdrlog_main
 

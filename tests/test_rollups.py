@@ -181,6 +181,58 @@ def test_a_crash_between_the_packets_insert_and_its_rollup_is_rolled_up_once_at_
         assert srv.stop() == 0, srv.log()[-2000:]
 
 
+def _unjournaled_state(store_path, batches, before_migration_13: bool) -> None:
+    """Packets stored with no journal entry at all: what a server killed after its flushes' packets
+    INSERTs and before its rollup worker journaled their group leaves. With ``before_migration_13``
+    their rollups are stored too and the store is put back before migration 13 (a store of an older
+    server: rolled up by it, never journaled per rollup INSERT)."""
+    store = Store(f"chdb://{store_path}")
+    store.open()
+    store.migrate()
+    try:
+        for b in batches:
+            t = convert_batch(b, b.host)[0]
+            e = _Entry(b.collector_id, b.seq, [t], {"packets": np.unique(t.days)}, t.rows, 0.0)
+            token = _token("packets", [(e, t)])
+            store.insert("packets", concat([t.data]), token)
+            if before_migration_13:
+                store.insert_rollup(rollup.rollup_rows(t.data)[0], f"{token}-rollup")
+        if before_migration_13:
+            store._client.command("TRUNCATE TABLE hdrlog.rollup_log")  # noqa: SLF001
+            store._client.command("ALTER TABLE hdrlog.schema_version DELETE WHERE version = 13 "  # noqa: SLF001
+                                  "SETTINGS mutations_sync = 1")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("before_migration_13", [False, True])
+def test_stored_packets_without_a_journal_entry_are_rolled_up_once_at_start(tmp_path, before_migration_13):
+    """The journal is written per rollup INSERT (not before each flush's packets): a start rolls up the
+    stored batches no intent names, and only those (an older store's are named by migration 13)."""
+    path = tmp_path / "store"
+    batches = [batch(s, 300, collector_id="unjournaled") for s in (1, 2, 3, 5)]
+    prep = multiprocessing.get_context("spawn").Process(target=_unjournaled_state,
+                                                        args=(path, batches, before_migration_13))
+    prep.start()
+    prep.join(120)
+    assert prep.exitcode == 0
+    srv = ServerProcess(f"chdb://{path}", tmp_path)
+    srv.start()
+    try:
+        q = lambda text: [tuple(r.values()) for r in srv.sql(text)]  # noqa: E731
+        assert_rollups_equal_raw(q)  # rolled up at start (or kept), never twice
+        opened = q("SELECT countIf(state = 0) = countIf(state = 1) AS ok FROM hdrlog.rollup_log")
+        assert [tuple(map(int, r)) for r in opened] == [(1,)]
+        collector = MiniCollector(batches + [batch(4, 300, collector_id="unjournaled")])
+        assert collector.run_once(srv.address)  # the resends are duplicates, seq 4 is new
+        assert sorted(a.duplicate for a in collector.acks) == [False, True, True, True, True]
+        srv.stop()  # the rollup worker finishes before the process ends
+        srv.start()  # nothing is left to roll up again
+        assert_rollups_equal_raw(q)
+    finally:
+        assert srv.stop() == 0, srv.log()[-2000:]
+
+
 def test_rollups_stay_exact_across_a_sigkill_and_resends(tmp_path):
     store = tmp_path / "store"
     batches = [batch(s, 1500, collector_id="kill-rollup") for s in range(1, 41)]
@@ -226,3 +278,36 @@ def test_the_rollup_of_the_same_rows_is_the_same_whatever_their_order():
                 r["ports"], r["clients"] = sorted(r["ports"]), sorted(r["clients"])
             return sorted(rows, key=repr)
         assert canon(a) == canon(b)
+
+
+def _repeat_rollup_state(store_path) -> list:
+    store = Store(f"chdb://{store_path}")
+    store.open()
+    store.migrate()
+    try:
+        n = 3000
+        cols = synth.scan(n, start_ns=START, seconds=30, peers=300)["host-00"]
+        rows = rollup.rollup_rows(convert_batch(cols_batch(1, cols, n), "host-00")[0].data)[0]
+        client = store._client  # noqa: SLF001
+        sums = "SELECT sum(records) FROM hdrlog.packets_1m UNION ALL SELECT sum(packets) FROM hdrlog.pairs_1m"
+        out = []
+        store.insert_rollup(rows, "tok-1-rollup")  # the server's path (embedded: chDB's Python())
+        out.append(sorted(r[0] for r in client.query(sums).result_rows))
+        # the same rows again under the same token: other chunks (a recovery), then the other path
+        store.insert_rollup(pa.concat_tables([rows.slice(0, 7), rows.slice(7)]), "tok-1-rollup")
+        store.insert_rollup(rows.combine_chunks(), "tok-1-rollup")
+        client.insert_arrow("hdrlog.rollup_in", rows.combine_chunks(), settings={
+            "insert_deduplication_token": "tok-1-rollup", "insert_deduplicate": 1, "async_insert": 0})
+        out.append(sorted(r[0] for r in client.query(sums).result_rows))
+        return out
+    finally:
+        store.close()
+
+
+def test_a_repeated_rollup_insert_is_dropped_whatever_its_chunks_and_insert_path(tmp_path):
+    """The token of a block squashed from several Arrow chunks is not that of the same rows in one chunk,
+    so the store inserts one chunk, whichever path: a recovered rollup (other chunks) or another server's
+    (insert_arrow over HTTP) is then dropped as the repeat it is."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # one process opens one chDB path
+        first, after = pool.apply(_repeat_rollup_state, (tmp_path / "store",))
+    assert first == after and first[0] == 3000

@@ -279,6 +279,11 @@ def test_cluster_ddl_parses_in_the_engine_and_has_the_replicated_distributed_sha
         for stmt in layout.statements(sql):
             # The engine's own parser accepts each statement (formatQuery raises SYNTAX_ERROR otherwise).
             text = client.query("SELECT formatQuery({q:String})", parameters={"q": stmt}).result_rows[0][0]
+            if text.startswith("INSERT INTO"):
+                # Data, not DDL (migration 13 names the stored batches in rollup_log): run once, through
+                # the Distributed tables, never ON CLUSTER (each node would add the rows again).
+                assert "_local" not in text and "ON CLUSTER" not in text, stmt
+                continue
             assert "ON CLUSTER fleet" in text, stmt
             made.append(text)
     creates = [t for t in made if t.startswith("CREATE TABLE")]
