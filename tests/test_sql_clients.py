@@ -260,3 +260,26 @@ def test_curl_expect_100_continue_does_not_wait(srv, tmp_path):
     # Wrong credentials: refused on the head, no 100 Continue, the body never sent.
     took, out, err = timed("-u", "tester:wrong")
     assert "403" in err and "100 Continue" not in err
+
+
+def test_large_parameters_as_form_fields(srv, tmp_path):
+    """Past ~4 KB of bind parameters clickhouse-connect sends the query and its param_ values as
+    multipart/form-data fields, as ClickHouse reads them (before: the form body ran as SQL text and
+    came back as a syntax error); curl -F does the same. A file part (external data) is refused."""
+    tokens = [f"it's-{i:032x}" for i in range(2000)]  # ~90 KB of parameter
+    client = connect_client(srv)
+    try:
+        rows = client.query("SELECT length({t:Array(String)}) AS n, {t:Array(String)}[2000] AS last, {s:String} AS s",
+                            parameters={"t": tokens, "s": "tab\there"}).result_rows
+    finally:
+        client.close()
+    assert rows == [(2000, tokens[-1], "tab\there")]
+    url = f"http://{srv.SQL_USER}:{srv.SQL_PASSWORD}@127.0.0.1:{srv.sql_port}/"
+    out = subprocess.run(["curl", "-sS", "-F", "query=SELECT {x:UInt8} + 1", "-F", "param_x=41", url],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout == "42\n", out.stderr
+    data = tmp_path / "t.tsv"
+    data.write_text("1\n")
+    out = subprocess.run(["curl", "-sS", "-F", "query=SELECT * FROM t", "-F", f"t=@{data}", url],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.startswith("Code: 1.") and "external data" in out.stdout, out.stdout

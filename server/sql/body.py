@@ -76,3 +76,32 @@ def decompress(body: bytes, encoding: str, cap: int = MAX_BODY_BYTES) -> bytes:
     except Exception as exc:  # noqa: BLE001
         raise BadRequest(400, f"cannot decode {encoding} body: {exc}") from None
     raise BadRequest(400, f"unsupported Content-Encoding {encoding!r}: send gzip, deflate, br, zstd or lz4")
+
+
+MAX_FORM_FIELDS = 10_000
+
+
+def form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """The fields of a ``multipart/form-data`` body, as ClickHouse's HTTP interface reads them: ``query``
+    and ``param_NAME`` (clickhouse-connect sends its bind parameters this way once they pass ~4 KB).
+    A file part is external data (a temporary table sent with the query), which is not supported here."""
+    from email import policy
+    from email.parser import BytesParser
+
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    msg = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise BadRequest(400, "multipart/form-data body without parts (is its boundary right?)")
+    out: dict[str, str] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise BadRequest(400, "a multipart/form-data part without a name")
+        if part.get_filename() is not None or name.endswith(("_structure", "_types", "_format")):
+            raise BadRequest(400, f"external data (form part {name!r}) is not supported: put the values in "
+                                  "the query or in param_ values")
+        payload = part.get_payload(decode=True) or b""
+        out[str(name)] = payload.decode(part.get_content_charset() or "utf-8", "replace")
+        if len(out) > MAX_FORM_FIELDS:
+            raise BadRequest(400, f"more than {MAX_FORM_FIELDS} form fields")
+    return out

@@ -4,7 +4,8 @@ aiohttp does HTTP (keep-alive, ``Expect: 100-continue``, chunked bodies and answ
 request head); this module keeps ClickHouse's semantics:
 
 - ``GET /?query=...``, ``POST /`` with the query in the body, or a ``?query=`` prefix followed by the
-  body; ``GET /`` and ``/ping`` answer ``Ok.``;
+  body, or ``multipart/form-data`` fields ``query`` and ``param_NAME`` (body.form_fields); ``GET /``
+  and ``/ping`` answer ``Ok.``;
 - ``default_format`` (or ``X-ClickHouse-Format``) and a ``FORMAT`` clause; ``database`` (or
   ``X-ClickHouse-Database``); URL parameters that name allowlisted settings are applied, unknown ones
   ignored; ``param_NAME`` values reach the engine as ClickHouse's HTTP interface passes them (each in its
@@ -58,7 +59,7 @@ from aiohttp import web
 
 from hdrlog.server.metrics import ServerMetrics
 from hdrlog.server.sql import encode, guard
-from hdrlog.server.sql.body import MAX_BODY_BYTES, BadRequest, decompress
+from hdrlog.server.sql.body import MAX_BODY_BYTES, BadRequest, decompress, form_fields
 from hdrlog.server.sql.errors import SqlError, tidy
 from hdrlog.server.sql.insert import INSERT_SETTINGS, InsertEndpoint
 from hdrlog.server import native
@@ -404,6 +405,14 @@ class SqlEndpoint:
     async def _respond(self, request: web.Request, raw_body: bytes, readonly: int = 1) -> web.StreamResponse:
         """A read: guard, worker, streamed answer. ``readonly = 2`` for the write user's reads (insert.py)."""
         params = dict(request.query)
+        content_type = request.headers.get("Content-Type", "")
+        if raw_body and content_type.lower().startswith("multipart/form-data"):
+            # the query and its param_ values as form fields (clickhouse-connect past ~4 KB of parameters)
+            try:
+                params.update(await asyncio.to_thread(form_fields, content_type, raw_body))
+            except BadRequest as exc:
+                return _error(SqlError(1, str(exc)), exc.status)
+            raw_body = b""
         body = raw_body.decode("utf-8", "replace")
         query = params.get("query", "")
         query = query + "\n" + body if query and body else query or body
