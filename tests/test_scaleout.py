@@ -117,13 +117,15 @@ def test_two_servers_one_collector_switching_under_sigkill_every_packet_exactly_
         # ... the first comes back on its port, then the second dies: the collector moves back.
         restarted = remote_server(tmp_path, "s1", w, grpc_port=s1.grpc_port)
         await asyncio.to_thread(fleet, restarted)
-        await acked_at_least(n_batches // 2, "killing s2")
-        assert sender.target == s2.address
-        await asyncio.to_thread(s2.kill)
-        events.append(f"killed s2 at {sender.counters.batches_acked} acked")
+        await acked_at_least(n_batches // 2, "the second kill")
+        # Normally on s2 now; a stream that hiccuped under this machine's load may have sent it back to
+        # the restarted s1 already. Either way the server it is on dies, and it must move to the other.
+        on = s2 if sender.target == s2.address else restarted
+        await asyncio.to_thread(on.kill)
+        events.append(f"killed {on.address} (the collector's server) at {sender.counters.batches_acked} acked")
         await producer
         assert await sender.wait_drained(300), f"unacked: {len(outbox)} ({events})"
-        assert sender.target == s1.address
+        assert sender.target == (s1.address if on is s2 else s2.address)
         await sender.stop()
         return sender
 
