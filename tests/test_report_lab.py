@@ -212,6 +212,10 @@ def scenario(tmp_path_factory):
             # 2. the same traffic on the previous 7 days
             copied = _copy_to_previous_days(server, t0 - 10**9, time.time_ns())
             wait_until(lambda: server.count("collector_id LIKE 'baseline-copy-%'") >= 7 * copied, 60, "baseline copies")
+            # the rollups follow the packets by up to a few seconds (docs/sql.md): the detectors read them
+            old_rows = "SELECT toInt64({}) AS n FROM hdrlog.{} WHERE {} < now() - INTERVAL 1 DAY"
+            wait_until(lambda: server.sql(old_rows.format("sum(records)", "packets_1m", "minute"))
+                       == server.sql(old_rows.format("count()", "packets", "ts")), 60, "the baseline days rolled up")
             # 3. baseline only
             since = (time.time_ns() - t0) / 1e9 + 2
             baseline = _report(server, since, tmp / "baseline.json")
