@@ -22,3 +22,12 @@ def server(tmp_path):
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def procs():
+    """Append every server and collector a test starts; all are stopped after it (also on failure)."""
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()

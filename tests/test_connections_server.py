@@ -94,13 +94,6 @@ def _listen(addr: str, stop: threading.Event) -> threading.Thread:
     return t
 
 
-@pytest.fixture
-def procs():
-    started: list = []
-    yield started
-    for p in reversed(started):
-        p.stop()
-
 
 def test_server_sigkill_each_connection_one_final_row_and_exact_totals(lab, tmp_path, procs):
     server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)

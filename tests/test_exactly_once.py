@@ -33,14 +33,6 @@ OK, REJECTED, RETRY = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED, ingest_pb2.Ack
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-@pytest.fixture
-def procs():
-    """Every server a test starts, stopped at the end (also on failure)."""
-    started: list[ServerProcess] = []
-    yield started
-    for p in reversed(started):
-        p.stop()
-
 
 # -- fleet size -------------------------------------------------------------------------------
 

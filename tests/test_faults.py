@@ -56,14 +56,6 @@ def only(base: int, last: int | None = None) -> list[str]:
     return ["--filter", "include dir ingress", "--filter", f"include dport {ports}"]
 
 
-@pytest.fixture
-def procs():
-    """Every server and collector a test starts, stopped at the end (also on failure)."""
-    started: list = []
-    yield started
-    for p in reversed(started):
-        p.stop()
-
 
 def start(procs: list, p):
     procs.append(p)

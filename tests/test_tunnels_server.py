@@ -19,13 +19,6 @@ from tests.test_capture_tunnels import A1, A2, handshake
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
 
 
-@pytest.fixture
-def procs():
-    started: list = []
-    yield started
-    for p in reversed(started):
-        p.stop()
-
 
 def test_tunnel_columns_arrive_in_packets_and_connections(lab, tmp_path, procs):
     server = ServerProcess(f"chdb://{tmp_path}/store", tmp_path)
