@@ -35,16 +35,19 @@ demo: install
 	$(PY) -m hdrlog.dev.demo
 
 test: install
+	@bash scripts/check-clean.sh --before $(VENV)/.clean-before
 	$(VENV)/bin/pytest -q
-	@bash scripts/check-clean.sh
+	@bash scripts/check-clean.sh --since $(VENV)/.clean-before
 
 e2e: install
+	@bash scripts/check-clean.sh --before $(VENV)/.clean-before
 	$(VENV)/bin/pytest -q tests/e2e
-	@bash scripts/check-clean.sh
+	@bash scripts/check-clean.sh --since $(VENV)/.clean-before
 
 corpus: install
+	@bash scripts/check-clean.sh --before $(VENV)/.clean-before
 	HDRLOG_CORPUS=full $(VENV)/bin/pytest -q -s tests/corpus/test_corpus.py
-	@bash scripts/check-clean.sh
+	@bash scripts/check-clean.sh --since $(VENV)/.clean-before
 
 bench: install
 	$(PY) -m bench.run BENCHMARKS.md
