@@ -27,6 +27,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 log = logging.getLogger("hdrlog.server")
@@ -35,10 +36,21 @@ WINDOW = 10.0           # seconds of the overall line budget
 MAX_LINES = 10          # failed-handshake lines per WINDOW, in all
 PER_PEER_GAP = 60.0     # seconds between two lines about the same peer host
 PIPE_BYTES = 1 << 20    # the core's pipe (fs.pipe-max-size allows 1 MiB by default)
+MAX_LINE = 16 * 1024    # bytes of one line kept; the rest of a longer one is dropped and counted
+RECORD_WAIT = 5.0       # seconds a failed handshake's record waits for its peer line (a starved reader)
+MAX_RESTARTS = 3        # translator children started again within RESTART_WINDOW before giving up
+RESTART_WINDOW = 60.0
 F_SETPIPE_SZ = 1031     # fcntl.F_SETPIPE_SZ, named by Python 3.10+ on Linux only
 
 # ``E1201 14:21:31.215521   20469 handshaker.cc:155] message``
 _CORE_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\] ?(.*)$")
+# A record's start inside a line: a write into the full pipe kept only a record's head, and the next
+# record's first line was glued to it.
+_CORE_START = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\]")
+# The shape of a record's continuation lines (a status' source trace, the handshaker's args): with no
+# record open (its head was lost or decided already) they are the core's, not a line to pass through.
+_CONTINUATION = re.compile(r"^(=== Source Location Trace|src/core/|third_party/| shutdown=|\s*$)")
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _FAILED_STEP = re.compile(r"CallNextHandshakerLocked: error=(?P<error>.*?)(?:\n=== Source Location Trace|"
                           r" shutdown=)", re.S)
 _PEER = re.compile(r"endpoint_peer_address=(?:ipv4:|ipv6:)?(?P<peer>[^,}\s]+)")
@@ -92,7 +104,10 @@ class Translator:
 
     def __init__(self, emit=None, now=time.monotonic, threshold: str = "W"):
         self._threshold = "IWEF"[max(0, "IWEF".find(threshold)):]  # the core's levels passed through
-        self._emit = emit or (lambda level, msg: log.log(level, "%s", msg))
+        emit = emit or (lambda level, msg: log.log(level, "%s", msg))
+        # Control characters (a terminal's escapes, a carriage return that hides a line) never reach the log.
+        self._emit = lambda level, msg: emit(level, _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", msg))
+        self._record_since = 0.0
         self._now = now
         self._record: list[str] = []
         self._level = ""
@@ -104,18 +119,29 @@ class Translator:
         line = line.rstrip("\n")
         core = _CORE_LINE.match(line)
         if core is None:
+            glued = _CORE_START.search(line, 1)
+            if glued is not None:  # the rest of a record cut short, then the next record: the cut one is lost
+                self._record, self._level = [], ""
+                self.feed(line[glued.start():])
+                return
             if self._record:   # a continuation of the record before (a status' source trace, its args)
                 self._record.append(line)
-            elif line:
+            elif line and not _CONTINUATION.match(line):
                 self._emit(logging.WARNING, line)  # not the core's: pass it through unchanged
             return
-        self.flush()
+        self.flush(force=True)
         self._level, self._record = core.group(1), [core.group(2)]
+        self._record_since = self._now()
 
-    def flush(self) -> None:
-        """Decide about the record read so far (the next record's start, or a quiet moment, ends it)."""
+    def flush(self, force: bool = False) -> None:
+        """Decide about the record read so far (the next record's start, or a quiet moment, ends it;
+        a failed handshake's record waits up to RECORD_WAIT seconds for the line that names its peer)."""
         self.tick()
         if not self._record:
+            return
+        if not force and "CallNextHandshakerLocked: error=" in self._record[0] \
+                and not any(" shutdown=" in part for part in self._record) \
+                and self._now() - self._record_since < RECORD_WAIT:
             return
         record, level = "\n".join(self._record), self._level
         self._record, self._level = [], ""
@@ -169,25 +195,14 @@ def start(level: str = "info") -> None:
     traces = [t for t in os.environ.get("GRPC_TRACE", "").split(",") if t]
     if "handshaker" not in traces:
         os.environ["GRPC_TRACE"] = ",".join([*traces, "handshaker"])
+    original = os.dup(2)
     try:
-        read_end, write_end = os.pipe()
-        child = subprocess.Popen([sys.executable, "-m", "hdrlog.server.corelog", level, threshold], stdin=read_end,
-                                 stdout=subprocess.DEVNULL, close_fds=True)
+        child = _spawn(level, threshold)
     except OSError as exc:
+        os.close(original)
         log.warning("server: gRPC's own log lines stay in their raw format (cannot start the translator: %s)", exc)
         os.environ["GRPC_VERBOSITY"] = asked or "ERROR"
         return
-    os.close(read_end)
-    # The core must never wait for the translator (a flood of broken handshakes while the child is
-    # starved of CPU would stall gRPC's threads in write()): a roomy pipe, and a full one drops lines.
-    try:
-        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
-    except OSError:
-        pass  # the system's pipe-max-size is lower: the default size still works
-    os.set_blocking(write_end, False)
-    original = os.dup(2)
-    os.dup2(write_end, 2)
-    os.close(write_end)
     os.environ["HDRLOG_CORELOG_ACTIVE"] = str(child.pid)
     # Our own lines keep the original stream (the journal's, the terminal).
     old = sys.stderr
@@ -195,7 +210,59 @@ def start(level: str = "info") -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is old:
             handler.setStream(sys.stderr)
-    # The child is not waited for: it ends at end of file, after this process.
+    # The child is not waited for at the end: it ends at end of file, after this process. A child that
+    # dies before (killed, out of memory) is replaced, and said so; one dying over and over is not.
+    threading.Thread(target=_watch, args=(child, level, threshold), name="hdrlog-corelog", daemon=True).start()
+
+
+def _spawn(level: str, threshold: str) -> subprocess.Popen:
+    """A translator child reading a new pipe that fd 2 now points at."""
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "hdrlog.server.corelog", level, threshold], stdin=read_end,
+                                 stdout=subprocess.DEVNULL, stderr=sys.stderr, close_fds=True)
+    except OSError:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    # The core must never wait for the translator (a flood of broken handshakes while the child is
+    # starved of CPU would stall gRPC's threads in write()): a roomy pipe, and a full one drops lines.
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # the system's pipe-max-size is lower: the default size still works
+    os.set_blocking(write_end, False)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    return child
+
+
+def _watch(child: subprocess.Popen, level: str, threshold: str) -> None:
+    starts: list[float] = []
+    while True:
+        code = child.wait()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        now = time.monotonic()
+        starts = [t for t in starts if now - t < RESTART_WINDOW]
+        if len(starts) >= MAX_RESTARTS:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            log.error("server: the gRPC log translator exited (%s), %d times in %.0f s; not restarting it: gRPC's "
+                      "own log lines and failed TLS handshakes are not logged until the server restarts",
+                      how, len(starts) + 1, RESTART_WINDOW)
+            return
+        try:
+            child = _spawn(level, threshold)
+        except OSError as exc:
+            log.error("server: the gRPC log translator exited (%s) and cannot be started again (%s): gRPC's own "
+                      "log lines and failed TLS handshakes are not logged until the server restarts", how, exc)
+            return
+        starts.append(now)
+        os.environ["HDRLOG_CORELOG_ACTIVE"] = str(child.pid)
+        log.warning("server: the gRPC log translator exited (%s); started it again (pid %d); lines the core "
+                    "wrote meanwhile are lost", how, child.pid)
 
 
 def _main(argv: list[str]) -> int:
@@ -206,7 +273,7 @@ def _main(argv: list[str]) -> int:
     logs.configure(argv[0] if argv else "info")
     translator = Translator(threshold=argv[1] if len(argv) > 1 else "W")
     stream = os.fdopen(0, "rb", buffering=0)
-    pending = b""
+    lines = Lines()
     while True:
         ready, _, _ = select.select([stream], [], [], 1.0)
         if not ready:
@@ -215,14 +282,47 @@ def _main(argv: list[str]) -> int:
         chunk = stream.read(65536)
         if not chunk:
             break
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            translator.feed(line.decode("utf-8", "replace"))
-    if pending:
-        translator.feed(pending.decode("utf-8", "replace"))
-    translator.flush()
+        for line in lines.split(chunk):
+            translator.feed(line)
+    for line in lines.end():
+        translator.feed(line)
+    translator.flush(force=True)
     return 0
+
+
+class Lines:
+    """Bytes read into lines of at most MAX_LINE bytes: a longer line keeps its start and says how
+    much was cut, so a writer that never ends a line cannot make the reader hold it all."""
+
+    def __init__(self):
+        self._pending = self._head = b""
+        self._cut = 0  # bytes of the current line dropped so far
+
+    def split(self, chunk: bytes) -> list[str]:
+        parts = (self._pending + chunk).split(b"\n")
+        self._pending = parts.pop()
+        out = [self._text(part) for part in parts]
+        if len(self._pending) > MAX_LINE:
+            if not self._cut:
+                self._cut = len(self._pending) - MAX_LINE
+                self._head = self._pending[:MAX_LINE]
+            else:
+                self._cut += len(self._pending)
+            self._pending = b""
+        return out
+
+    def end(self) -> list[str]:
+        rest, self._pending = self._pending, b""
+        return [self._text(rest)] if rest or self._cut else []
+
+    def _text(self, part: bytes) -> str:
+        if self._cut:
+            part, cut, self._cut = self._head, self._cut + len(part), 0
+            return part.decode("utf-8", "replace") + f" [... {cut} more bytes of this line not logged]"
+        if len(part) > MAX_LINE:
+            return part[:MAX_LINE].decode("utf-8", "replace") + f" [... {len(part) - MAX_LINE} more bytes of " \
+                                                                 "this line not logged]"
+        return part.decode("utf-8", "replace")
 
 
 if __name__ == "__main__":
