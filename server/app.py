@@ -138,6 +138,9 @@ class Server:
             # open-file limit (the rest is kept for the store, SQL and metrics) and a handshake deadline.
             ("grpc.max_allowed_incoming_connections", self.max_connections),
             ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout * 1000)),
+            # ... and connections that finish the handshake but never open a stream (they answer pings).
+            *([("grpc.max_connection_idle_ms", int(cfg.connection_idle_timeout * 1000))]
+              if cfg.connection_idle_timeout else []),
         ]
         self._grpc = grpc.aio.server(options=options)
         self.ingest = IngestServicer(self.writer, self.metrics, insecure=cfg.insecure, max_streams=cfg.max_streams,
@@ -272,6 +275,8 @@ class Server:
 def sql_limits(cfg: ServerConfig) -> Limits:
     return Limits(max_concurrent=cfg.sql_max_concurrent_queries, max_queued=cfg.sql_max_queued_queries,
                   max_connections=cfg.sql_max_connections,
+                  max_connections_per_address=cfg.sql_max_connections_per_address,
+                  request_timeout=cfg.sql_request_timeout,
                   queue_timeout=cfg.sql_queue_timeout, max_memory_usage=cfg.sql_max_memory_usage,
                   max_execution_time=cfg.sql_max_execution_time, max_rows_to_read=cfg.sql_max_rows_to_read,
                   max_result_rows=cfg.sql_max_result_rows, max_result_bytes=cfg.sql_max_result_bytes,

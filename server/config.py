@@ -33,6 +33,8 @@ DEFAULT_STREAMS_PER_HOST = 16
 DEFAULT_SQL_MAX_CONCURRENT = 4
 DEFAULT_SQL_MAX_QUEUED = 16
 DEFAULT_SQL_MAX_CONNECTIONS = 256
+DEFAULT_SQL_CONNECTIONS_PER_ADDRESS = 64
+DEFAULT_SQL_REQUEST_TIMEOUT = 30.0
 DEFAULT_SQL_QUEUE_TIMEOUT = 10.0
 DEFAULT_SQL_MAX_MEMORY = 1 << 30            # per query, bytes
 DEFAULT_SQL_MAX_EXECUTION_TIME = 60.0       # seconds
@@ -44,6 +46,7 @@ DEFAULT_SQL_AUTH_BURST = 10
 DEFAULT_SQL_AUTH_PER_MINUTE = 6.0
 DEFAULT_SERVER_MEMORY_FRACTION = 0.6        # of the lower of RAM and the cgroup's memory limit
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_CONNECTION_IDLE_TIMEOUT = 120.0
 DEFAULT_FD_RESERVE = 1024
 
 
@@ -135,6 +138,15 @@ class ServerConfig:
         DEFAULT_SQL_MAX_CONNECTIONS, "TCP connections the SQL endpoint keeps open at once (keep-alive clients "
                                      "included); a new one beyond is closed at once, so a flood of idle "
                                      "connections cannot take the descriptors the store needs")
+    sql_max_connections_per_address: int = doc_field(
+        DEFAULT_SQL_CONNECTIONS_PER_ADDRESS, "TCP connections one client address (an IPv6 /64) may keep open to the "
+                                             "SQL endpoint; a new one beyond is closed at once, so one client cannot "
+                                             "take every sql_max_connections slot")
+    sql_request_timeout: float = doc_field(
+        DEFAULT_SQL_REQUEST_TIMEOUT, "seconds a SQL client has to send a request's head (from its connection or "
+                                     "its previous answer: an idle keep-alive connection is closed after it too) "
+                                     "and again to send its body (plus 1 s per MiB sent); a slower one is closed "
+                                     "(slowloris)", duration=True)
     sql_queue_timeout: float = doc_field(
         DEFAULT_SQL_QUEUE_TIMEOUT, "seconds a SQL query waits in the queue before it is refused (503, code 202)",
         duration=True)
@@ -170,6 +182,11 @@ class ServerConfig:
     handshake_timeout: float = doc_field(
         DEFAULT_HANDSHAKE_TIMEOUT, "seconds a new gRPC connection has to complete its TLS handshake before it is "
                                    "closed (connections that never speak cannot hold slots)", duration=True)
+    connection_idle_timeout: float = doc_field(
+        DEFAULT_CONNECTION_IDLE_TIMEOUT, "seconds a gRPC connection may stay open with no stream (a collector always "
+                                         "has one; its gRPC reconnects by itself) before it is closed, so "
+                                         "connections that handshake and never stream cannot hold slots; 0 = never",
+        duration=True)
     fd_reserve: int = doc_field(
         DEFAULT_FD_RESERVE, "file descriptors kept out of gRPC's reach for the store, the SQL endpoint and metrics "
                             "(at most half the open-file limit, which the server raises to its hard limit at start)")
@@ -360,7 +377,7 @@ class ServerConfig:
         if not 1 <= self.max_streams_per_connection <= 1000:
             raise ConfigError("max_streams_per_connection", self.max_streams_per_connection, "expected 1 to 1000")
         for key, low, high in (("sql_max_concurrent_queries", 1, 256), ("sql_max_queued_queries", 0, 100_000),
-                               ("sql_max_connections", 1, 100_000),
+                               ("sql_max_connections", 1, 100_000), ("sql_max_connections_per_address", 1, 100_000),
                                ("sql_max_memory_usage", 1 << 20, 1 << 50), ("sql_max_rows_to_read", 1, 1 << 62),
                                ("sql_max_result_rows", 1, 1 << 62), ("sql_max_result_bytes", 1024, 1 << 50),
                                ("sql_default_result_bytes", 1024, 1 << 50),
@@ -368,6 +385,7 @@ class ServerConfig:
             if not low <= getattr(self, key) <= high:
                 raise ConfigError(key, getattr(self, key), f"expected an integer from {low} to {high}")
         for key, low, high in (("sql_queue_timeout", 0, 3600), ("sql_max_execution_time", 0.001, 86_400),
+                               ("sql_request_timeout", 0.1, 3600),
                                ("sql_auth_failures_per_minute", 0.001, 1_000_000)):
             if not low <= getattr(self, key) <= high:
                 raise ConfigError(key, getattr(self, key), f"expected a number from {low} to {high}")
@@ -376,6 +394,9 @@ class ServerConfig:
                               "expected 0 (automatic) or bytes >= 268435456 (256 MiB)")
         if not 0 <= self.max_connections <= 1_000_000:
             raise ConfigError("max_connections", self.max_connections, "expected 0 (automatic) to 1000000")
+        if not 0 <= self.connection_idle_timeout <= 86_400:
+            raise ConfigError("connection_idle_timeout", self.connection_idle_timeout,
+                              "expected seconds, 0 (never) to 86400")
         if not 0 < self.handshake_timeout <= 300:
             raise ConfigError("handshake_timeout", self.handshake_timeout, "expected seconds, > 0 and <= 300")
         if not 16 <= self.fd_reserve <= 1_000_000:

@@ -149,14 +149,25 @@ def _has_body(request: web.Request) -> bool:
     return request.body_exists
 
 
-async def _read_body(request: web.Request, cap: int) -> bytes:
-    """The body as sent (still encoded), at most ``cap`` bytes (BadRequest 413 beyond, before reading more)."""
+async def _read_body(request: web.Request, cap: int, timeout: float = 30.0) -> bytes:
+    """The body as sent (still encoded), at most ``cap`` bytes (BadRequest 413 beyond, before reading more),
+    within ``timeout`` seconds plus one per MiB read (BadRequest 408 after: a body trickled a byte at a time
+    cannot hold its connection)."""
     length = request.content_length
     if length is not None and length > cap:
         raise BadRequest(413, f"query larger than {cap} bytes")
     out = bytearray()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     while True:
-        chunk = await request.content.readany()
+        left = start + timeout + len(out) / (1 << 20) - loop.time()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(request.content.readany(), left)
+        except asyncio.TimeoutError:
+            raise BadRequest(408, f"the request's body did not arrive within {timeout:g} s (+1 s per MiB; "
+                                  f"sql_request_timeout): {len(out)} bytes read") from None
         if not chunk:
             return bytes(out)
         out += chunk
@@ -164,11 +175,20 @@ async def _read_body(request: web.Request, cap: int) -> bytes:
             raise BadRequest(413, f"query larger than {cap} bytes")
 
 
-class _Refuse(asyncio.Protocol):
-    """A connection past sql_max_connections: closed as soon as it is made, nothing read."""
+class _Gate(asyncio.Protocol):
+    """A new connection, admitted or refused on its peer's address as soon as it is made: refused ones
+    are closed at once, nothing read; an admitted one is handed to aiohttp's handler."""
+
+    def __init__(self, admit):
+        self._admit = admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]
+        handler = self._admit(transport)
+        if handler is None:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
 
 
 class _Run:
@@ -228,41 +248,57 @@ class SqlEndpoint:
         app.router.add_route("*", "/{tail:.*}", self._handle, expect_handler=self._expect)
         # auto_decompress off: bodies are decoded in a thread with an output cap (body.py), after the
         # credentials; lingering_time 0: an unread body (a refused request) is never read, the connection closes.
+        # keepalive_timeout is also the head's deadline: aiohttp closes a connection whose next request's
+        # head has not arrived that long after its connection or its previous answer (slowloris included).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
-                                     keepalive_timeout=KEEPALIVE_SECONDS, auto_decompress=False, lingering_time=0,
+                                     keepalive_timeout=min(KEEPALIVE_SECONDS, self.limits.request_timeout), auto_decompress=False, lingering_time=0,
                                      max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
         handlers = self._runner.server
         assert handlers is not None
-        cap, open_connections = self.limits.max_connections, [0]
-        # Counted from the factory call, not from aiohttp's own list: one accept round makes many
-        # protocols before any of them is registered there. Past the cap a new one is closed at once.
+        cap, per_address = self.limits.max_connections, self.limits.max_connections_per_address
+        open_connections, by_address, address_of = [0], {}, {}
+        # Counted when each connection is made (before aiohttp registers it: one accept round makes many
+        # connections first), in all and per client address (an IPv6 /64); past a cap a new one is closed.
         forget = handlers.connection_lost
 
         def connection_lost(handler, exc=None) -> None:
             open_connections[0] -= 1
+            key = address_of.pop(handler, "")
+            if by_address.get(key, 0) > 1:
+                by_address[key] -= 1
+            else:
+                by_address.pop(key, None)
             forget(handler, exc)
         handlers.connection_lost = connection_lost  # type: ignore[method-assign]
 
-        def connection() -> asyncio.BaseProtocol:
+        def admit(transport: asyncio.BaseTransport):
+            peer = transport.get_extra_info("peername")
+            key = AuthFailureLimiter.key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
             if open_connections[0] >= cap:
-                self._connection_refused()
-                return _Refuse()
+                self._connection_refused(f"{open_connections[0]} connections open (sql_max_connections)")
+                return None
+            if by_address.get(key, 0) >= per_address:
+                self._connection_refused(f"{by_address[key]} connections open from {key} "
+                                         f"(sql_max_connections_per_address)")
+                return None
             open_connections[0] += 1
-            return handlers()
+            by_address[key] = by_address.get(key, 0) + 1
+            handler = handlers()
+            address_of[handler] = key
+            return handler
         self._listener = await asyncio.get_running_loop().create_server(
-            connection, self.host or None, self.port, reuse_address=True)
+            lambda: _Gate(admit), self.host or None, self.port, reuse_address=True)
         self.port = self._listener.sockets[0].getsockname()[1]
         return self.port
 
-    def _connection_refused(self) -> None:
+    def _connection_refused(self, why: str) -> None:
         if self.metrics is not None:
             self.metrics.sql_connections_refused.inc()
         now = time.monotonic()
         if now - self._last_limit_log >= 60:
             self._last_limit_log = now
-            log.warning("sql: %d connections open (sql_max_connections); new ones are closed at once",
-                        self.limits.max_connections)
+            log.warning("sql: %s; new ones are closed at once", why)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -386,7 +422,7 @@ class SqlEndpoint:
         writer = self.inserts is not None and bool(request.get("hdrlog_writer"))
         cap = self._body_cap(request)  # the write user's larger cap only once its credentials verified (head)
         try:
-            body = await _read_body(request, cap) if request.method == "POST" else b""
+            body = await _read_body(request, cap, self.limits.request_timeout) if request.method == "POST" else b""
             encoding = request.headers.get("Content-Encoding", "").lower()
             if body and encoding and encoding != "identity":
                 body = await asyncio.to_thread(decompress, body, encoding, cap)

@@ -25,6 +25,8 @@ class Limits:
     max_concurrent: int = 4
     max_queued: int = 16
     max_connections: int = 256
+    max_connections_per_address: int = 64
+    request_timeout: float = 30.0  # seconds for a request's head, and again for its body (+1 s per MiB)
     queue_timeout: float = 10.0
     max_memory_usage: int = 1 << 30
     max_execution_time: float = 60.0
