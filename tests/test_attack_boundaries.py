@@ -178,7 +178,8 @@ class Collector:
 # -- 1. the gRPC core's log translator ------------------------------------------------------------------
 
 
-def test_a_handshake_flood_from_many_peers_keeps_the_log_bounded_and_the_server_serving(started, certs, tmp_path):
+def test_a_handshake_flood_from_many_peers_keeps_the_log_bounded_and_the_server_serving(started, certs, tmp_path,
+                                                                                        capsys):
     server = started(ServerProcess(f"chdb://{tmp_path}/store", tmp_path, "--handshake-timeout", "2", pki=certs))
     before = len(server.log())
     t0 = time.monotonic()
@@ -210,6 +211,9 @@ def test_a_handshake_flood_from_many_peers_keeps_the_log_bounded_and_the_server_
     log = server.log()[before:]
     lines = [line for line in log.splitlines() if "TLS handshake from" in line]
     windows = (time.monotonic() - t0) / 10 + 2
+    with capsys.disabled():
+        print(f"\nflood: {sent[0]} failed handshakes from 1,000 addresses in {elapsed:.1f} s -> {len(lines)} lines, "
+              f"{len(log)} bytes of log")
     assert sent[0] > 200, f"the flood sent only {sent[0]} broken handshakes"
     assert 1 <= len(lines) <= 10 * windows, f"{len(lines)} lines for {sent[0]} failures in {elapsed:.0f} s"
     assert len(log) < 64 * 1024, f"{len(log)} bytes of log for {sent[0]} failed handshakes"
