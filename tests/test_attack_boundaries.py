@@ -448,6 +448,31 @@ def test_clients_that_vanish_give_their_slots_back(sql_server, sockets):
     assert not any(_closed_by_peer(s, 0.01) for s in kept), "a vanished client's slot was not given back"
 
 
+def test_clients_that_stop_reading_mid_answer_give_their_workers_back(started, tmp_path, sockets):
+    """Every worker's client stops reading a large answer (a zero TCP window, still connected): the
+    workers must come back once the query's time limit (+5 s) has passed, not when the client leaves."""
+    metrics = free_port()
+    server = started(ServerProcess(f"chdb://{tmp_path}/store", tmp_path, "--sql-max-concurrent-queries", "2",
+                                   "--sql-max-execution-time", "3", "--sql-queue-timeout", "1",
+                                   "--metrics-listen", f"127.0.0.1:{metrics}"))
+    for i in range(2):
+        s = socket.socket()
+        sockets.append(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind((f"127.0.13.{i + 1}", 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", server.sql_port))
+        s.sendall(b"GET /?query=SELECT+number+FROM+numbers(1000000000)&default_format=TSV HTTP/1.1\r\n"
+                  b"Host: x\r\n\r\n")
+        s.recv(100)  # the answer has started; then never read again
+    t0 = time.monotonic()
+    assert "202" in _curl_query(server), "the stalled readers did not hold the workers: the attack is void"
+    wait_until(lambda: _curl_query(server).strip() == "1", 40, "a worker back while the stalled clients stay")
+    held = time.monotonic() - t0
+    wait_until(lambda: _metric(metrics, "hdrlog_server_sql_queries_running") == 0, 20, "no query left running")
+    assert held < 35, f"stalled readers held the workers {held:.0f} s (time limit 3 s + 5 s)"
+
+
 # -- 3. gRPC ingest ---------------------------------------------------------------------------------------
 
 

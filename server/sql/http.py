@@ -593,6 +593,24 @@ class SqlEndpoint:
                     await asyncio.shield(asyncio.to_thread(self.store.cancel, marker))
                     return None
 
+        async def send(write) -> None:
+            """One write to the client, within the query's deadline: a client that stops reading mid-answer
+            must not hold its worker past max_execution_time (+ WATCHDOG_GRACE), as ClickHouse's own
+            time limit counts the time spent sending too."""
+            nonlocal killed
+            try:
+                await asyncio.wait_for(write, max(0.001, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                killed = "stalled"
+                log.info("server: SQL query %s: its client stopped reading the answer past its time limit; "
+                         "cancelling it", query_id[:64])
+                self.metrics.sql_queries.labels("cancelled").inc()
+                run.stop.set()
+                await asyncio.shield(asyncio.to_thread(self.store.cancel, marker))
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError("the client stopped reading") from None
+
         def progress_lines() -> list[str]:
             """The progress seen while the query ran; at least the latest, when the client asked for it."""
             stream = run.stream
@@ -621,7 +639,7 @@ class SqlEndpoint:
                         return _error(err, query_id=query_id)
                     # Mid-answer: the status is sent; write the error and cut the connection short, so the
                     # client sees a broken answer (never a truncated one that looks whole).
-                    await resp.write(b"\n" + err.body())
+                    await send(resp.write(b"\n" + err.body()))
                     if request.transport is not None:
                         request.transport.close()  # flushes what was written, then closes
                     return resp
@@ -629,13 +647,13 @@ class SqlEndpoint:
                     summary, tail = item[1], item[2]
                     self.metrics.sql_queries.labels("ok").inc()
                     if resp is not None and tail:
-                        await resp.write(tail)
+                        await send(resp.write(tail))
                     elif tail:
                         held.append(tail)
                     if resp is None:
                         headers = self._headers(fmt, query_id, summary, encoder, progress_lines())
                         return web.Response(body=b"".join(held), headers=headers)
-                    await resp.write_eof()
+                    await send(resp.write_eof())
                     return resp
                 if resp is None:
                     held.append(item)
@@ -649,12 +667,12 @@ class SqlEndpoint:
                                         for k in ("read_rows", "read_bytes", "elapsed_ns")})
                     resp = web.StreamResponse(headers=self._headers(fmt, query_id, summary, encoder, progress_lines()))
                     resp.enable_chunked_encoding()
-                    await resp.prepare(request)
+                    await send(resp.prepare(request))
                     for part in held:
-                        await resp.write(part)
+                        await send(resp.write(part))
                     held.clear()
                     continue
-                await resp.write(item)
+                await send(resp.write(item))
         except (ConnectionError, asyncio.CancelledError):
             run.stop.set()
             if not fut.done():
