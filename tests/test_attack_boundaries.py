@@ -505,13 +505,23 @@ def test_connections_that_never_handshake_cannot_hold_ingest(started, certs, tmp
     assert held < 20
 
 
-def test_a_connection_that_never_opens_a_stream_is_closed(started, tmp_path, sockets):
-    """Insecure: HTTP/2 preface and SETTINGS, then nothing (no stream, answers pings): connection_idle_timeout."""
+@pytest.mark.parametrize("mode", ["insecure", "mtls"])
+def test_a_connection_that_never_opens_a_stream_is_closed(started, certs, tmp_path, sockets, mode):
+    """HTTP/2 preface and SETTINGS (after a good TLS handshake under mTLS), then nothing: no stream, ever.
+    Before connection_idle_timeout such connections held every slot for good."""
     server = started(ServerProcess(f"chdb://{tmp_path}/store", tmp_path, "--max-connections", "20",
-                                   "--connection-idle-timeout", "3"))
+                                   "--connection-idle-timeout", "3", pki=None if mode == "insecure" else certs))
+    ctx = None
+    if mode == "mtls":
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        ctx.load_cert_chain(str(certs / "host-a.crt"), str(certs / "host-a.key"))
+        ctx.set_alpn_protocols(["h2"])
     conns = []
     for i in range(20):
         s = _connect(sockets, "127.0.10.1", server.grpc_port)
+        if ctx is not None:
+            s = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+            sockets.append(s)
         s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         conns.append(s)
     t0 = time.monotonic()
@@ -524,8 +534,12 @@ def test_a_connection_that_never_opens_a_stream_is_closed(started, tmp_path, soc
             pass
     held = time.monotonic() - t0
     assert held < 30, f"idle HTTP/2 connections held {held:.0f} s"
-    acks = list(ingest_pb2_grpc.IngestStub(grpc.insecure_channel(server.address)).Stream(
-        iter([batch(1, 5)]), timeout=20))
+    creds = None if mode == "insecure" else grpc.ssl_channel_credentials(
+        (certs / "ca.crt").read_bytes(), (certs / "host-a.key").read_bytes(), (certs / "host-a.crt").read_bytes())
+    target = f"127.0.0.1:{server.grpc_port}"
+    with (grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)) as ch:
+        acks = list(ingest_pb2_grpc.IngestStub(ch).Stream(
+            iter([batch(1, 5, host="host-a", collector_id="host-a/after")]), timeout=20))
     assert [a.seq for a in acks] == [1]
 
 
