@@ -25,8 +25,10 @@ import os
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -41,6 +43,8 @@ RECORD_WAIT = 5.0       # seconds a failed handshake's record waits for its peer
 MAX_RESTARTS = 3        # translator children started again within RESTART_WINDOW before giving up
 RESTART_WINDOW = 60.0
 F_SETPIPE_SZ = 1031     # fcntl.F_SETPIPE_SZ, named by Python 3.10+ on Linux only
+F_GETPIPE_SZ = 1032
+WATCH_INTERVAL = 2.0    # seconds between two looks at the pipe's unread bytes
 
 # ``E1201 14:21:31.215521   20469 handshaker.cc:155] message``
 _CORE_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\] ?(.*)$")
@@ -238,10 +242,39 @@ def _spawn(level: str, threshold: str) -> subprocess.Popen:
     return child
 
 
+def _backlog() -> tuple[int, int] | None:
+    """(unread bytes, size) of the pipe fd 2 points at, or None when it cannot be told."""
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(2, termios.FIONREAD, b"\0\0\0\0"))[0]
+        return unread, fcntl.fcntl(2, F_GETPIPE_SZ)
+    except OSError:
+        return None
+
+
 def _watch(child: subprocess.Popen, level: str, threshold: str) -> None:
+    """Replace a translator that dies; say when one stops reading (stopped, starved) and lines are lost."""
     starts: list[float] = []
+    behind = full = False
     while True:
-        code = child.wait()
+        try:
+            code = child.wait(timeout=WATCH_INTERVAL)
+        except subprocess.TimeoutExpired:
+            seen = _backlog()
+            if seen is None:
+                continue
+            unread, size = seen
+            # at least half the pipe unread on two looks in a row (a full pipe of the core's small writes
+            # holds about three quarters of its size in bytes; a reader keeping up leaves next to nothing)
+            was_full, full = full, unread >= size // 2
+            if not behind and full and was_full:
+                behind = True
+                log.warning("server: the gRPC log translator (pid %d) is not reading (%d KiB unread in its pipe: "
+                            "stopped, or starved of CPU); gRPC's own lines, failed TLS handshakes among them, are "
+                            "dropped until it reads again", child.pid, unread >> 10)
+            elif behind and unread < size // 8:
+                behind = False
+                log.info("server: the gRPC log translator reads again; what the core wrote meanwhile was dropped")
+            continue
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         now = time.monotonic()
         starts = [t for t in starts if now - t < RESTART_WINDOW]
