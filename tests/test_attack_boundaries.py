@@ -5,11 +5,12 @@ addresses (127.0.x.y), and asserts what must still hold while and after it is at
 
 - the gRPC core's log translator (corelog.py): a flood of failed TLS handshakes from many peers keeps
   the log bounded and the server serving; a translator child that is killed is replaced (and said so),
-  one that is stopped never stalls the server; a record cut at a pipe boundary, a line with no end and
+  one that is stopped never stalls a collector (and the server says its lines are being dropped); a record cut at a pipe boundary, a line with no end and
   control characters never reach the log raw;
 - the SQL endpoint's connection cap (sql_max_connections): idle, slowloris and vanished connections give
-  their slots back, one address cannot take every slot (sql_max_connections_per_address), and a body
-  trickled a byte at a time is cut off (sql_request_timeout);
+  their slots back, one address cannot take every slot (sql_max_connections_per_address), a body
+  trickled a byte at a time is cut off (sql_request_timeout), and clients that stop reading their
+  answers give their workers back at the query's deadline;
 - gRPC ingest: connections that never finish a handshake, or finish it and never open a stream, from one
   address, while a good collector keeps sending batches.
 """
@@ -17,7 +18,6 @@ addresses (127.0.x.y), and asserts what must still hold while and after it is at
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import socket
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import grpc
@@ -34,7 +33,6 @@ import pytest
 
 from hdrlog import pki
 from hdrlog.proto import ingest_pb2_grpc
-from hdrlog.server.corelog import Translator
 from tests.support import ServerProcess, batch, free_port, wait_until
 
 RAW_CORE_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\]")
