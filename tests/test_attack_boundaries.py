@@ -477,6 +477,35 @@ def test_clients_that_stop_reading_mid_answer_give_their_workers_back(started, t
     assert held < 35, f"stalled readers held the workers {held:.0f} s (time limit 3 s + 5 s)"
 
 
+def test_clients_that_never_read_a_small_answer_give_their_slots_back(sql_server, sockets):
+    """An answer small enough to be sent whole (no worker held) to clients that never read it: their
+    connections must not hold the address's slots for good."""
+    port = sql_server.sql_port
+    for _ in range(CAP // 2):
+        s = socket.socket()
+        sockets.append(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind(("127.0.14.1", 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /?query=SELECT+number+FROM+numbers(400000)&default_format=TSV HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(1)
+    extra = _connect(sockets, "127.0.14.1", port)
+    assert _closed_by_peer(extra, 2), "the stalled readers did not hold the address's slots: the attack is void"
+    t0 = time.monotonic()
+
+    def admitted() -> bool:
+        s = _connect(sockets, "127.0.14.1", port)
+        s.sendall(b"GET /?query=SELECT+41%2B1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.settimeout(5)
+        try:
+            return b"\r\n\r\n42" in s.recv(4096)
+        except OSError:
+            return False
+    wait_until(admitted, 40, "a slot back for the address while its stalled readers stay connected", interval=1)
+    assert time.monotonic() - t0 < 35
+
+
 # -- 3. gRPC ingest ---------------------------------------------------------------------------------------
 
 
