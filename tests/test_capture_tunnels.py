@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scapy.all import IP, TCP, UDP, Ether, IPv6, rdpcap
+from scapy.all import DNS, DNSQR, DNSRR, IP, TCP, UDP, Ether, IPv6, Raw, rdpcap
 from scapy.layers.vxlan import VXLAN
 
 from hdrlog.collector import records
@@ -230,3 +230,49 @@ def test_flows_of_the_inner_flow_keyed_by_vni(lab, tmp_path):
     got = sorted((f["tunnel_type"], f["tunnel_id"], f["src_ip"], f["dst_port"], f["packets"]) for f in flows
                  if f["dst_port"] == 443)
     assert got == [(1, 100, "198.18.251.1", 443, 3), (1, 200, "198.18.251.1", 443, 2)]
+
+
+def test_tenants_with_one_inner_tuple_keep_their_own_names(lab, tmp_path):
+    """Two VNIs, the same inner 5-tuples: each tenant's DNS query and answer (same id, same resolver, a
+    different name for the same address), then each one's ClientHello over two segments, interleaved
+    (A's first, B's first, A's second, B's second; the same sequence numbers). Every piece of state
+    that joins packets -- the kernel's continuation map, the hello reassembly, DNS query -> response,
+    passive DNS, the connection's first SNI / JA4 -- is per tunnel: no tenant gets the other's."""
+    from tests import gapframes as gf
+
+    c, s, r = "198.18.251.1", "198.18.251.2", "198.18.251.53"
+    cut = 1200  # the first segment: the hello goes on (its SNI is past byte 1,500); fits the veth's MTU
+    tenants = {100: "a.tenant.example", 200: "b.tenant.example"}
+    hellos = {vni: gf.pq_client_hello(sni=name) for vni, name in tenants.items()}
+    frames: list[bytes] = []
+    for vni, name in tenants.items():  # each tenant's client asks the same resolver, with the same id
+        frames.append(vx(vni, A1, A2, IP(src=c, dst=r) / UDP(sport=5555, dport=53)
+                         / DNS(id=0x4242, rd=1, qd=DNSQR(qname=name))))
+    for vni, name in reversed(tenants.items()):  # answered the other way round
+        frames.append(vx(vni, A2, A1, IP(src=r, dst=c) / UDP(sport=53, dport=5555)
+                         / DNS(id=0x4242, qr=1, rd=1, ra=1, qd=DNSQR(qname=name),
+                               an=DNSRR(rrname=name, type="A", ttl=60, rdata=s))))
+    for vni in tenants:
+        frames += handshake(vni)[:3]  # SYN, SYN+ACK, ACK: seq 101 next
+    for part in (0, 1):
+        for vni, hello in hellos.items():
+            data = hello[:cut] if part == 0 else hello[cut:]
+            frames.append(vx(vni, A1, A2, IP(src=c, dst=s) / TCP(sport=40000, dport=443, flags="PA",
+                                                                 seq=101 + part * cut, ack=501) / Raw(data)))
+    rows, cap = replay(lab, tmp_path, frames, len(frames), mode="auto", conn=ConnConfig(linger=0.0))
+    counters = cap.counters()
+    dns = [x for x in rows if x["src_port"] == 53]
+    assert sorted((x["tunnel_id"], x["dns_qname"]) for x in dns) == sorted(tenants.items())
+    assert counters["dns_rtt_matched"] == 2, counters  # each answer found its own tenant's query
+    hello_rows = [x for x in rows if x["dst_port"] == 443 and x["tcp_flags"] & 0x08]
+    assert len(hello_rows) == 4, hello_rows
+    done = {x["tunnel_id"]: x for x in hello_rows if x["tls_sni"]}
+    assert {vni: x["tls_sni"] for vni, x in done.items()} == tenants  # on the second segments
+    assert counters["tls_reassembled"] == 2 and counters["tls_reassembly_mismatched"] == 0, counters
+    assert done[100]["ja4"] and done[100]["ja4"] == done[200]["ja4"]  # same hello shape, different SNI
+    conns = [x for x in rows_of(cap.drain_connections() or {"start_ts": []}) if x["resp_port"] == 443]
+    by = {x["tunnel_id"]: x for x in conns if x["final"]}
+    assert sorted(by) == [100, 200], conns
+    for vni, name in tenants.items():
+        assert (by[vni]["tls_sni"], by[vni]["resp_name"], by[vni]["tls_alpn"]) == (name, name, "h2,http/1.1"), by[vni]
+
