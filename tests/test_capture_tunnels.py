@@ -68,9 +68,9 @@ def ours(cols, i) -> bool:
     return cols["direction"][i] == 1 and cols["eth_src"][i] == mac_int(FAKE_SRC)
 
 
-def replay(lab, tmp_path, frames: list[bytes], want: int, **cfg) -> tuple[list[dict], Capture]:
+def replay(lab, tmp_path, frames: list[bytes], want: int, host: str = "tun", **cfg) -> tuple[list[dict], Capture]:
     """Packet rows of our frames; the capture is stopped (its final connection rows wait in it)."""
-    h = lab.add_host("tun")
+    h = lab.add_host(host)
     cap = Capture(CaptureConfig(ifaces=[h.peer_ifname], **cfg))
     cap.start()
     try:
@@ -276,3 +276,31 @@ def test_tenants_with_one_inner_tuple_keep_their_own_names(lab, tmp_path):
     for vni, name in tenants.items():
         assert (by[vni]["tls_sni"], by[vni]["resp_name"], by[vni]["tls_alpn"]) == (name, name, "h2,http/1.1"), by[vni]
 
+
+def test_tunnel_ports_and_types_are_the_configured_ones(lab, tmp_path):
+    """VXLAN on a custom port is opened only when vxlan_ports names it; Geneve likewise; tunnels=[]
+    opens nothing (every row the outer packet's, no extension), tunnels=['gre'] only GRE."""
+    from scapy.all import GRE
+    from scapy.contrib.geneve import GENEVE
+
+    inner = Ether(src="02:48:44:00:01:01", dst="02:48:44:00:01:02") / IP(src="198.18.251.1", dst="198.18.251.2") \
+        / TCP(sport=40000, dport=443, flags="S", seq=100)
+    outer = Ether(src=FAKE_SRC, dst="02:48:44:00:00:02") / IP(src=A1, dst=A2)
+    frames = [bytes(outer / UDP(sport=49152, dport=14789) / VXLAN(vni=7) / inner),   # custom VXLAN port
+              bytes(outer / UDP(sport=49153, dport=16081) / GENEVE(vni=8, proto=0x6558) / inner),  # custom Geneve
+              bytes(outer / UDP(sport=49154, dport=4789) / VXLAN(vni=9) / inner),    # the default VXLAN port
+              bytes(outer / GRE(key_present=1, key=10, proto=0x6558) / inner)]       # GRE with a key
+
+    def opened(host: str, **cfg) -> list[int]:
+        rows, _ = replay(lab, tmp_path, frames, len(frames), host, **cfg)
+        assert [r["wire_len"] for r in rows] == [len(f) for f in frames], cfg
+        for r in rows:
+            if not r["tunnel_flags"] & records.TUN_DECAP:
+                assert r["src_ip"] == A1 and r["dst_port"] in (0, 14789, 16081, 4789), (cfg, r)
+        return [r["tunnel_id"] if r["tunnel_flags"] & records.TUN_DECAP else 0 for r in rows]
+
+    assert opened("tp0") == [0, 0, 9, 10]  # the defaults: 4789 and 8472, 6081, GRE
+    assert opened("tp1", vxlan_ports=[4789, 14789], geneve_ports=[16081]) == [7, 8, 9, 10]
+    assert opened("tp2", vxlan_ports=[14789], tunnels=["vxlan", "gre"]) == [7, 0, 0, 10]
+    rows, _ = replay(lab, tmp_path, frames, len(frames), "tp3", tunnels=[])
+    assert [(r["parse_flags"] & records.PARSE_TUNNEL, r["tunnel_type"], r["src_ip"]) for r in rows] == [(0, 0, A1)] * 4
