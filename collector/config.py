@@ -195,7 +195,7 @@ class CollectorConfig:
             self.host_id = socket.gethostname()
 
     def _validate_tunnels(self) -> None:
-        types = [str(t).strip().lower() for t in self.tunnels]
+        types = [t.strip().lower() for item in _items(self.tunnels) for t in item.split(",") if t.strip()]
         if types == ["none"]:
             types = []
         for t in types:
@@ -204,8 +204,8 @@ class CollectorConfig:
         self.tunnels = [t for t in TUNNEL_TYPES if t in types]
         for key in ("vxlan_ports", "geneve_ports"):
             value = getattr(self, key)
-            try:
-                ports = [int(p) for p in value]
+            try:  # a YAML list, a comma list (env, one flag) or repeated flags
+                ports = [int(p) for item in _items(value) for p in str(item).split(",") if p.strip()]
             except (TypeError, ValueError):
                 raise ConfigError(key, value, "UDP port numbers 1-65535") from None
             if len(ports) > MAX_TUNNEL_PORTS or not all(1 <= p <= 65535 for p in ports):
@@ -217,6 +217,11 @@ class CollectorConfig:
         both = sorted(set(self.vxlan_ports) & set(self.geneve_ports))
         if both:
             raise ConfigError("geneve_ports", self.geneve_ports, f"port {both[0]} is in vxlan_ports too")
+
+
+def _items(value) -> list[str]:
+    """A list key's items as text: a single value (int, str) is one item."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 def _certificate_name(path: str) -> str:

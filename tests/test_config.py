@@ -126,7 +126,7 @@ def test_tunnel_types_and_ports(tmp_path):
     base = {"server": ["h:1"], "iface": ["e"], "insecure": True}
     c = load(args=base)
     assert (c.tunnels, c.vxlan_ports, c.geneve_ports) == (["vxlan", "geneve", "gre", "ipip"], [4789, 8472], [6081])
-    c = load(args=base, environ={"HDRLOG_VXLAN_PORTS": "14789, 4789", "HDRLOG_TUNNELS": "gre,VXLAN"})
+    c = load(args={**base, "vxlan_ports": ["14789,4789"]}, environ={"HDRLOG_TUNNELS": "gre,VXLAN"})
     assert (c.tunnels, c.vxlan_ports) == (["vxlan", "gre"], [4789, 14789])
     f = tmp_path / "c.yaml"
     f.write_text("collector:\n  tunnels: none\n  geneve_ports: [16081]\n")
