@@ -16,7 +16,7 @@ query, name or SNI is never another's.
   ``hosts`` clients (``dns_names_evicted``, ``dns_hosts_evicted``). A connection's
   ``resp_name`` is the name its originator resolved its responder's address from -- never a
   reverse lookup. The mappings seen in an interval also become ``dns_names`` rows
-  (``drain_dns_names``: one row per interface, client, name and address per interval, with
+  (``drain_dns_names``: one row per interface, client (and tunnel), name and address per interval, with
   the first and last time seen and the last TTL; more than ``rows`` in an interval are
   dropped and counted, ``dns_names_dropped``).
 * **The first TLS SNI, ALPN, JA4 and HTTP Host of each connection**, by (interface,
@@ -116,7 +116,7 @@ class Names:
                 continue
             addr = _addr16(value)
             self._remember(dst, addr, h.dns_qname, tunnel)
-            k = (ifname, dst, h.dns_qname, addr)
+            k = (ifname, dst, h.dns_qname, addr) + tunnel
             r = self._rows.get(k)
             if r is None:
                 if len(self._rows) >= self.rows:
@@ -192,6 +192,10 @@ class Names:
                 v = np.array([r[2] for _, r in items], dtype=spec.dtype)
             elif name == "responses":
                 v = np.array([r[3] for _, r in items], dtype=spec.dtype)
+            elif name == "tunnel_type":
+                v = np.array([k[4] for k, _ in items], dtype=spec.dtype)
+            elif name == "tunnel_id":
+                v = np.array([k[5] for k, _ in items], dtype=spec.dtype)
             else:
                 v = [""] * len(items) if spec.is_string else np.zeros(len(items), dtype=spec.dtype)
             cols[name] = v

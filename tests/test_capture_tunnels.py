@@ -49,7 +49,7 @@ def addr(b: bytes) -> str:
 
 def rows_of(cols: dict, keep=lambda cols, i: True) -> list[dict]:
     out = []
-    for i in range(len(cols["ts"] if "ts" in cols else cols["start_ts"])):
+    for i in range(len(next(iter(cols.values())))):
         if not keep(cols, i):
             continue
         r = {}
@@ -275,6 +275,10 @@ def test_tenants_with_one_inner_tuple_keep_their_own_names(lab, tmp_path):
     assert sorted(by) == [100, 200], conns
     for vni, name in tenants.items():
         assert (by[vni]["tls_sni"], by[vni]["resp_name"], by[vni]["tls_alpn"]) == (name, name, "h2,http/1.1"), by[vni]
+    # passive DNS rows: one per tenant's client, with its tunnel
+    names = rows_of(cap.drain_dns_names() or {"start_ts": []})
+    assert sorted((x["tunnel_type"], x["tunnel_id"], x["client_ip"], x["name"], x["address"]) for x in names) == \
+        [(records.TUNNEL_VXLAN, vni, c, name, s) for vni, name in sorted(tenants.items())]
 
 
 def test_tunnel_ports_and_types_are_the_configured_ones(lab, tmp_path):
