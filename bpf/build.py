@@ -1,8 +1,8 @@
 """Building the classifier: the C source, its compiler flags, and loading it through BCC.
 
 ``cflags(config)`` turns a capture configuration (any object with ``ringbuf_pages``,
-``flow_entries``, ``conn.entries``, ``payload_bytes`` and ``dns_ports``; None = the
-defaults) into the ``-D`` flags hdrlog.c is compiled with; ``render_source(config)``
+``flow_entries``, ``conn.entries``, ``payload_bytes`` and ``dns_ports``, and optionally
+``tunnels``, ``vxlan_ports``, ``geneve_ports``; None = the defaults) into the ``-D`` flags hdrlog.c is compiled with; ``render_source(config)``
 is the C exactly as compiled, headers inlined (``hdrlog collector run --print-bpf``,
 BCC tools' ``--ebpf``); ``load(config)`` compiles it and returns the BCC object.
 """
@@ -25,8 +25,33 @@ PAYLOAD_BYTES = 2048
 PAYLOAD_CHUNK = 128
 MAX_PAYLOAD_BYTES = 4096
 
+# Tunnels (tunnel.h): the types opened and the UDP ports of the two UDP ones (collector/config.py
+# mirrors them). Compiled in as constants: a port list is the same compares tunnel.h's defaults were.
+TUNNEL_TYPES = ("vxlan", "geneve", "gre", "ipip")
+VXLAN_PORTS = (4789, 8472)
+GENEVE_PORTS = (6081,)
+
 _DEFAULTS = SimpleNamespace(ringbuf_pages=2048, flow_entries=65536, conn=SimpleNamespace(entries=65536),
-                            payload_bytes=PAYLOAD_BYTES, dns_ports=[53, 5353])
+                            payload_bytes=PAYLOAD_BYTES, dns_ports=[53, 5353], tunnels=list(TUNNEL_TYPES),
+                            vxlan_ports=list(VXLAN_PORTS), geneve_ports=list(GENEVE_PORTS))
+
+
+def _port_test(ports) -> str:
+    return "||".join(f"(p)=={int(p)}" for p in sorted(set(ports))) or "0"
+
+
+def tunnel_cflags(config=None) -> list[str]:
+    """The -D flags of tunnel.h: which tunnels are opened, on which UDP ports (none: HDRLOG_TUNNELS=0,
+    the tunnel step is not compiled in)."""
+    config = config or _DEFAULTS
+    types = set(getattr(config, "tunnels", TUNNEL_TYPES))
+    vxlan = getattr(config, "vxlan_ports", VXLAN_PORTS) if "vxlan" in types else ()
+    geneve = getattr(config, "geneve_ports", GENEVE_PORTS) if "geneve" in types else ()
+    gre, ipip = int("gre" in types), int("ipip" in types)
+    on = int(bool(vxlan or geneve or gre or ipip))
+    return [f"-DHDRLOG_TUNNELS={on}", f"-DHDRLOG_IS_VXLAN_PORT(p)=({_port_test(vxlan)})",
+            f"-DHDRLOG_IS_GENEVE_PORT(p)=({_port_test(geneve)})", f"-DHDRLOG_TUNNEL_GRE={gre}",
+            f"-DHDRLOG_TUNNEL_IPIP={ipip}"]
 
 
 def cflags(config=None) -> list[str]:
@@ -42,6 +67,7 @@ def cflags(config=None) -> list[str]:
         f"-DHDRLOG_PAYLOAD_BYTES={config.payload_bytes}",
         f"-DHDRLOG_PAYLOAD_CHUNK={PAYLOAD_CHUNK}",
         f"-DHDRLOG_IS_DNS_PORT(p)=({is_dns})",
+        *tunnel_cflags(config),
         "-Wno-macro-redefined",
     ]
 

@@ -182,7 +182,7 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
         if (!live || !*live)
             return;
         __builtin_memset(&k, 0, sizeof(k));
-        cont_key_of(r, &k);
+        cont_key_of(r, &s->tun.ext, &k);
         u32 *next = tls_cont.lookup(&k);
         if (!next)
             return;
@@ -209,7 +209,7 @@ static __always_inline void copy_candidate(struct __sk_buff *skb, struct pkt_scr
     if (cand && live && r->ip_proto == IPPROTO_TCP && head[0] == 0x16 && head[1] == 0x03 &&
         (head[5] == 1 || head[5] == 2) && 9 + hslen > plen && r->payload_len == plen) {
         __builtin_memset(&k, 0, sizeof(k));
-        cont_key_of(r, &k);
+        cont_key_of(r, &s->tun.ext, &k);
         u32 next = r->tcp_seq + plen;
         /* Count only a new entry: a retransmitted first segment updates its own. */
         if (tls_cont.insert(&k, &next) == 0) {

@@ -70,13 +70,17 @@ static __always_inline u64 tunnel_append(struct pkt_scratch *s)
     return sizeof(struct pkt_record) + pl + sizeof(struct tunnel_ext);
 }
 
-/* One direction of a TCP connection on one interface (key of tls_cont). */
+/* One direction of a TCP connection on one interface (key of tls_cont); a
+ * decapsulated packet's inner flow with its tunnel type and id (tunnel.h), as
+ * in conn_key_of(): tenants of an overlay reuse inner 5-tuples. */
 struct cont_key {
     u32 ifindex;
     u16 src_port;
     u16 dst_port;
     u8 direction;
-    u8 _pad[3];
+    u8 tunnel_type; /* TUNNEL_* of a decapsulated packet, else 0 */
+    u8 _pad[2];
+    u32 tunnel_id;  /* its VNI / GRE key */
     u8 src_ip[16];
     u8 dst_ip[16];
 };
@@ -184,9 +188,14 @@ static __always_inline u32 copy_payload(struct __sk_buff *skb, u32 off, u32 plen
     return got;
 }
 
-/* The tls_cont key of the record's direction of its connection. */
-static __always_inline void cont_key_of(const struct pkt_record *r, struct cont_key *k)
+/* The tls_cont key of the record's direction of its connection (`t`: the
+ * tunnel extension, read only with PARSE_TUNNEL). */
+static __always_inline void cont_key_of(const struct pkt_record *r, const struct tunnel_ext *t, struct cont_key *k)
 {
+    if ((r->parse_flags & PARSE_TUNNEL) && (t->tunnel_flags & TUN_DECAP)) {
+        k->tunnel_type = t->tunnel_type;
+        k->tunnel_id = t->tunnel_id;
+    }
     k->ifindex = r->ifindex;
     k->src_port = r->src_port;
     k->dst_port = r->dst_port;

@@ -39,7 +39,10 @@
 #ifndef HDRLOG_TUNNEL_H
 #define HDRLOG_TUNNEL_H
 
-/* 0 = never look for tunnels (the record is always the outer packet's). */
+/* What is opened, set by the collector's tunnels, vxlan_ports and geneve_ports
+ * (bpf/build.py tunnel_cflags; these are its defaults): compile-time constants,
+ * so a port list costs the same compares as a fixed one.
+ * 0 = never look for tunnels (the record is always the outer packet's). */
 #ifndef HDRLOG_TUNNELS
 #define HDRLOG_TUNNELS 1
 #endif
@@ -49,6 +52,13 @@
 #endif
 #ifndef HDRLOG_IS_GENEVE_PORT
 #define HDRLOG_IS_GENEVE_PORT(p) ((p) == 6081)
+#endif
+/* 0 = GRE (protocol 47) / IP-in-IP (protocols 4, 41) are not opened. */
+#ifndef HDRLOG_TUNNEL_GRE
+#define HDRLOG_TUNNEL_GRE 1
+#endif
+#ifndef HDRLOG_TUNNEL_IPIP
+#define HDRLOG_TUNNEL_IPIP 1
 #endif
 /* VLAN tags walked in an encapsulated Ethernet frame. */
 #ifndef HDRLOG_MAX_INNER_VLAN
@@ -80,7 +90,8 @@ static __always_inline int tunnel_candidate(const struct pkt_record *r, u8 l4pro
 {
     if (l4proto == IPPROTO_UDP)
         return HDRLOG_IS_VXLAN_PORT(r->dst_port) || HDRLOG_IS_GENEVE_PORT(r->dst_port);
-    return l4proto == IPPROTO_GRE_ || l4proto == IPPROTO_IPIP_ || l4proto == IPPROTO_IPV6_;
+    return (HDRLOG_TUNNEL_GRE && l4proto == IPPROTO_GRE_) ||
+           (HDRLOG_TUNNEL_IPIP && (l4proto == IPPROTO_IPIP_ || l4proto == IPPROTO_IPV6_));
 }
 
 /* Clear the record's L3/L4 fields before the inner packet is parsed into it

@@ -11,7 +11,8 @@ A TLS hello longer than one TCP segment (a ClientHello with a post-quantum key
 share is ~1,800 bytes) is reassembled from the first two segments: the kernel
 copies the segment that follows a cut-short hello (bpf/hdrlog.c, map
 `tls_cont`), and ``Reassembly`` keeps the first segment's bytes per direction of
-a connection until it comes, in bounded memory (oldest evicted first, counted).
+a connection (with its tunnel type and id, as the kernel's key: tenants of an
+overlay reuse inner 5-tuples) until it comes, in bounded memory (oldest evicted first, counted).
 The hello's columns go on the row of the segment that completes it, as tshark
 shows a reassembled message on its last segment; the first row keeps what it
 could read and its TRUNC_TLS_HELLO bit.
@@ -43,7 +44,8 @@ REASSEMBLY_MAX_HELLO = 16384 + 9  # a hello needing more than this is not waited
 
 
 class Reassembly:
-    """First segments of TLS hellos that go on in the next segment, per (interface, direction, 5-tuple).
+    """First segments of TLS hellos that go on in the next segment, per (interface, direction, 5-tuple,
+    tunnel type and id: ``tunnel_of``; two tenants of an overlay reuse inner 5-tuples).
 
     Bounded: at most ``entries`` first segments; a new one evicts the oldest
     (``evicted`` counts them). A second segment that does not start where the first
@@ -109,9 +111,22 @@ def http_heads(head: np.ndarray) -> np.ndarray:
     return ok | np.isin(head, _HTTP_WORDS)
 
 
-def _key(row) -> tuple:
+TUN_DECAP = 1  # records.TUN_DECAP (records imports this module)
+
+
+def tunnel_of(out: MutableMapping[str, object], i: int) -> tuple[int, int]:
+    """(tunnel_type, tunnel_id) of packet row ``i`` when it was decapsulated (its L3/L4 columns are the
+    inner packet's), else (0, 0): with the 5-tuple, what tells one tenant's flow from another's, as in
+    the kernel's connection and flow keys (bpf/conntrack.h conn_key_of)."""
+    flags = out.get("tunnel_flags")
+    if flags is None or not int(flags[i]) & TUN_DECAP:  # type: ignore[index]
+        return (0, 0)
+    return (int(out["tunnel_type"][i]), int(out["tunnel_id"][i]))  # type: ignore[index]
+
+
+def _key(row, tunnel: tuple[int, int]) -> tuple:
     return (int(row["ifindex"]), int(row["direction"]), bytes(row["src_ip"]), bytes(row["dst_ip"]),
-            int(row["src_port"]), int(row["dst_port"]))
+            int(row["src_port"]), int(row["dst_port"])) + tunnel
 
 
 def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[tuple[int, bytes]],
@@ -142,14 +157,15 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
         i, data = payloads[k]
         p, sp, dp = int(proto[k]), int(sport[k]), int(dport[k])
         row = sub[k]
+        tun = tunnel_of(out, i)
         joined = False
         if reassembly is not None and p == 6 and len(reassembly):
-            first = reassembly.take(_key(row), int(row["tcp_seq"]))
+            first = reassembly.take(_key(row, tun), int(row["tcp_seq"]))
             if first is not None:
                 data, joined = first + data, True
         is_dns = p in (6, 17) and (sp in ports or dp in ports)
         if p == 17 and not is_dns and (sp in QUIC_PORTS or dp in QUIC_PORTS):
-            h = _quic(out, i, row, data, names)
+            h = _quic(out, i, row, data, names, tun)
         else:
             h = appheaders.parse_payload(data, p, sp, dp, ports)
         if h is None:
@@ -161,7 +177,7 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
                 and int(row["payload_len"]) == int(row["l4_payload_len"])
                 and 0 < h.tls_missing <= REASSEMBLY_MAX_HELLO):
             # The hello goes on past this whole segment: wait for the next one.
-            reassembly.keep(_key(row), (int(row["tcp_seq"]) + int(row["l4_payload_len"])) & 0xFFFFFFFF, data)
+            reassembly.keep(_key(row, tun), (int(row["tcp_seq"]) + int(row["l4_payload_len"])) & 0xFFFFFFFF, data)
         decoded += 1
         for name in _NUMERIC:
             value = getattr(h, name)
@@ -180,7 +196,7 @@ def fill(out: MutableMapping[str, object], rec: np.ndarray, payloads: Sequence[t
         if h.dns_answer_list:
             out["dns_answer_records"][i] = answer_records(h.dns_answer_list)  # type: ignore[index]
         if names is not None:
-            names.observe(out, i, row, h, is_dns)
+            names.observe(out, i, row, h, is_dns, tun)
     return decoded
 
 
@@ -192,7 +208,8 @@ def answer_records(answers: list[tuple[int, str, int, str]]) -> str:
     return ",".join(f"{_RTYPES[t]} {v.replace(',', chr(92) + '044')} {ttl}" for t, v, ttl, _ in answers)
 
 
-def _quic(out: MutableMapping[str, object], i: int, row, data: bytes, names) -> appheaders.AppHeaders | None:
+def _quic(out: MutableMapping[str, object], i: int, row, data: bytes, names,
+          tunnel: tuple[int, int] = (0, 0)) -> appheaders.AppHeaders | None:
     """A QUIC long-header datagram: its version, and a client Initial's ClientHello (SNI, ALPN,
     JA4) once whole -- across Initials with ``names`` (its reassembly), else from this one alone."""
     ini = quic.parse_initial(data)
@@ -202,7 +219,7 @@ def _quic(out: MutableMapping[str, object], i: int, row, data: bytes, names) -> 
     if not ini.crypto:
         return None
     if names is not None:
-        key = (int(row["ifindex"]), bytes(row["src_ip"]), int(row["src_port"]), ini.dcid)
+        key = (int(row["ifindex"]), bytes(row["src_ip"]), int(row["src_port"]), ini.dcid) + tunnel
         hello, whole = names.quic_reassembly.add(key, ini.crypto)
     else:
         hello, whole = quic.hello_of(ini.crypto)

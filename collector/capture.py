@@ -69,6 +69,12 @@ class CaptureConfig:
     """Ring-buffer consumer: mmap (bulk, collector/ringbuf.py) or callback (BCC's, one call per record)."""
     dns_ports: list[int] = field(default_factory=lambda: list(DEFAULT_DNS_PORTS))
     """UDP/TCP ports whose payload is decoded as DNS (in the kernel's copy decision and in user space)."""
+    tunnels: list[str] = field(default_factory=lambda: list(build.TUNNEL_TYPES))
+    """Tunnels opened in the kernel (bpf/tunnel.h): any of vxlan, geneve, gre, ipip; [] = none."""
+    vxlan_ports: list[int] = field(default_factory=lambda: list(build.VXLAN_PORTS))
+    """UDP destination ports of VXLAN."""
+    geneve_ports: list[int] = field(default_factory=lambda: list(build.GENEVE_PORTS))
+    """UDP destination ports of Geneve."""
     payload_bytes: int = build.PAYLOAD_BYTES
     """Payload bytes copied per app-layer candidate (bpf HDRLOG_PAYLOAD_BYTES, a multiple of
     build.PAYLOAD_CHUNK up to build.MAX_PAYLOAD_BYTES; 0 = none)."""
@@ -86,6 +92,8 @@ class CaptureConfig:
             ifaces=list(config.iface), ringbuf_bytes=config.ringbuf_bytes, sample_rate=config.sample,
             mode=config.mode, first_packets=config.first_packets, flow_entries=config.flow_entries,
             filters=list(filters), reader=config.reader, dns_ports=list(config.dns_ports),
+            tunnels=list(config.tunnels), vxlan_ports=list(config.vxlan_ports),
+            geneve_ports=list(config.geneve_ports),
             attach=config.attach, host=config.host_id,
             conn=connmod.ConnConfig(entries=config.conn_entries, interim=config.conn_interim,
                                     tcp_timeout=config.conn_tcp_timeout, udp_timeout=config.conn_udp_timeout,

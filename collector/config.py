@@ -11,6 +11,12 @@ from hdrlog.config import ConfigError, doc_field, parse_hostport
 
 DEFAULT_SERVER_PORT = 7600
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
+# Tunnels the kernel opens (bpf/tunnel.h; compiled in per start, bpf/build.py) and their UDP ports.
+TUNNEL_TYPES = ("vxlan", "geneve", "gre", "ipip")
+DEFAULT_VXLAN_PORTS = (4789, 8472)
+DEFAULT_GENEVE_PORTS = (6081,)
+VXLAN_GPE_PORT = 4790
+MAX_TUNNEL_PORTS = 8
 
 
 def default_spool() -> str:
@@ -83,6 +89,14 @@ class CollectorConfig:
     ringbuf_bytes: int = doc_field(8 << 20, "BPF ring buffer size in bytes (a power of two)")
     dns_ports: list[int] = doc_field([53, 5353], "UDP/TCP port whose payload is decoded as DNS "
                                                  "(besides the content-recognised HTTP and TLS)")
+    tunnels: list[str] = doc_field(list(TUNNEL_TYPES), "tunnels the kernel opens, one level (their packets are "
+                                                    "logged as the inner packet, with the tunnel's type, id and "
+                                                    "outer addresses): any of vxlan, geneve, gre, ipip; 'none' "
+                                                    "= keep every packet as it is on the wire (docs/sql.md)")
+    vxlan_ports: list[int] = doc_field(list(DEFAULT_VXLAN_PORTS), "UDP destination port that carries VXLAN "
+                                                                  "(IANA's 4789, Linux's default 8472); not "
+                                                                  "4790, which is VXLAN-GPE, another header")
+    geneve_ports: list[int] = doc_field(list(DEFAULT_GENEVE_PORTS), "UDP destination port that carries Geneve")
     status_interval: float = doc_field(5.0, "seconds between one-line status reports on stderr (0 = off)",
                                        duration=True)
     shutdown_timeout: float = doc_field(5.0, "seconds to wait for the server's acks when stopping", duration=True)
@@ -149,6 +163,7 @@ class CollectorConfig:
             raise ConfigError("dns_ports", self.dns_ports, "port numbers 1-65535") from None
         if len(self.dns_ports) > 16 or not all(1 <= p <= 65535 for p in self.dns_ports):
             raise ConfigError("dns_ports", self.dns_ports, "at most 16 port numbers 1-65535")
+        self._validate_tunnels()
         if self.status_interval < 0 or self.shutdown_timeout < 0:
             raise ConfigError("status_interval", self.status_interval, "must not be negative")
         parse_hostport("metrics_listen", self.metrics_listen, allow_empty=True)
@@ -178,6 +193,35 @@ class CollectorConfig:
             self.host_id = identity
         if not self.host_id:
             self.host_id = socket.gethostname()
+
+    def _validate_tunnels(self) -> None:
+        types = [t.strip().lower() for item in _items(self.tunnels) for t in item.split(",") if t.strip()]
+        if types == ["none"]:
+            types = []
+        for t in types:
+            if t not in TUNNEL_TYPES:
+                raise ConfigError("tunnels", self.tunnels, f"any of {', '.join(TUNNEL_TYPES)}, or none")
+        self.tunnels = [t for t in TUNNEL_TYPES if t in types]
+        for key in ("vxlan_ports", "geneve_ports"):
+            value = getattr(self, key)
+            try:  # a YAML list, a comma list (env, one flag) or repeated flags
+                ports = [int(p) for item in _items(value) for p in str(item).split(",") if p.strip()]
+            except (TypeError, ValueError):
+                raise ConfigError(key, value, "UDP port numbers 1-65535") from None
+            if len(ports) > MAX_TUNNEL_PORTS or not all(1 <= p <= 65535 for p in ports):
+                raise ConfigError(key, value, f"at most {MAX_TUNNEL_PORTS} UDP port numbers 1-65535")
+            setattr(self, key, sorted(set(ports)))
+        if VXLAN_GPE_PORT in self.vxlan_ports:
+            raise ConfigError("vxlan_ports", self.vxlan_ports,
+                              f"{VXLAN_GPE_PORT} is VXLAN-GPE, a different header that is not decoded")
+        both = sorted(set(self.vxlan_ports) & set(self.geneve_ports))
+        if both:
+            raise ConfigError("geneve_ports", self.geneve_ports, f"port {both[0]} is in vxlan_ports too")
+
+
+def _items(value) -> list[str]:
+    """A list key's items as text: a single value (int, str) is one item."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 def _certificate_name(path: str) -> str:

@@ -117,6 +117,7 @@ assert TUNNEL_EXT_SIZE == 40, TUNNEL_EXT_SIZE
 TUNNEL_VXLAN, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_IPIP = 1, 2, 3, 4
 TUNNEL_NAMES = ("", "vxlan", "geneve", "gre", "ipip")  # by TUNNEL_* (proto/columns.py TUNNEL_TYPES)
 TUN_DECAP = 1 << 0  # the record's L3/L4 fields are the inner packet's
+assert appdecode.TUN_DECAP == TUN_DECAP
 TUN_CUT = 1 << 1  # the tunnel header or the inner headers before IP were cut short
 TUN_BAD = 1 << 2  # malformed tunnel header or inner IP version
 TUN_OTHER = 1 << 3  # carries something not decoded (non-IP inner frame, GRE routing / version 1, ...)

@@ -325,9 +325,15 @@ def _collector_run(ns: argparse.Namespace) -> int:
     from hdrlog.collector.config import CollectorConfig
 
     if ns.print_bpf:
-        from hdrlog.collector.capture import render_source
+        from hdrlog.collector.capture import CaptureConfig, render_source
 
-        print(render_source())
+        try:  # the C and flags of this config (dns_ports, tunnels, vxlan_ports, ...) when it is whole
+            loaded = cfg.load(CollectorConfig, args=vars(ns), file=ns.config, section="collector")
+            capture = CaptureConfig.from_config(loaded, loaded.filter)
+        except cfg.ConfigError as exc:
+            print(f"hdrlog: the defaults' BPF (the config does not validate: {exc})", file=sys.stderr)
+            capture = None
+        print(render_source(capture))
         return 0
     config = cfg.load(CollectorConfig, args=vars(ns), file=ns.config, section="collector")
     from hdrlog.collector.app import serve

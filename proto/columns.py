@@ -191,6 +191,9 @@ DNS_NAMES = _cols(
     ("address", "V16", "an A / AAAA answer (IPv6 / IPv4-mapped)"),
     ("ttl", "<u4", "the answer's TTL in the last response, seconds"),
     ("responses", "<u4", "responses with this mapping in the interval"),
+    # Tunnels: a decapsulated response's tunnel (tenants of an overlay reuse client addresses).
+    ("tunnel_type", "u1", "encapsulation of the response (decapsulated): as packets.tunnel_type"),
+    ("tunnel_id", "<u4", "its VNI / GRE key: the client is the tenant's host with that address"),
 )
 
 COLLECTOR_STATS = _cols(

@@ -589,6 +589,16 @@ MIGRATIONS += [
     ]),
 ]
 
+# -- tunnels in passive DNS -------------------------------------------------------------------
+# A name resolved inside a tunnel belongs to that tenant's client: its dns_names rows carry the
+# tunnel type and id of the response (collector/names.py keys them so), as connections do.
+MIGRATIONS += [
+    (14, "dns_names tunnel_type, tunnel_id", [
+        f"ALTER TABLE {DATABASE}.dns_names ADD COLUMN IF NOT EXISTS tunnel_type {_TUNNEL_TYPE}, "
+        "ADD COLUMN IF NOT EXISTS tunnel_id UInt32 CODEC(T64, ZSTD(1))",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.

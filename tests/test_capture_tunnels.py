@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scapy.all import IP, TCP, UDP, Ether, IPv6, rdpcap
+from scapy.all import DNS, DNSQR, DNSRR, IP, TCP, UDP, Ether, IPv6, Raw, rdpcap
 from scapy.layers.vxlan import VXLAN
 
 from hdrlog.collector import records
@@ -49,7 +49,7 @@ def addr(b: bytes) -> str:
 
 def rows_of(cols: dict, keep=lambda cols, i: True) -> list[dict]:
     out = []
-    for i in range(len(cols["ts"] if "ts" in cols else cols["start_ts"])):
+    for i in range(len(next(iter(cols.values())))):
         if not keep(cols, i):
             continue
         r = {}
@@ -68,9 +68,9 @@ def ours(cols, i) -> bool:
     return cols["direction"][i] == 1 and cols["eth_src"][i] == mac_int(FAKE_SRC)
 
 
-def replay(lab, tmp_path, frames: list[bytes], want: int, **cfg) -> tuple[list[dict], Capture]:
+def replay(lab, tmp_path, frames: list[bytes], want: int, host: str = "tun", **cfg) -> tuple[list[dict], Capture]:
     """Packet rows of our frames; the capture is stopped (its final connection rows wait in it)."""
-    h = lab.add_host("tun")
+    h = lab.add_host(host)
     cap = Capture(CaptureConfig(ifaces=[h.peer_ifname], **cfg))
     cap.start()
     try:
@@ -230,3 +230,81 @@ def test_flows_of_the_inner_flow_keyed_by_vni(lab, tmp_path):
     got = sorted((f["tunnel_type"], f["tunnel_id"], f["src_ip"], f["dst_port"], f["packets"]) for f in flows
                  if f["dst_port"] == 443)
     assert got == [(1, 100, "198.18.251.1", 443, 3), (1, 200, "198.18.251.1", 443, 2)]
+
+
+def test_tenants_with_one_inner_tuple_keep_their_own_names(lab, tmp_path):
+    """Two VNIs, the same inner 5-tuples: each tenant's DNS query and answer (same id, same resolver, a
+    different name for the same address), then each one's ClientHello over two segments, interleaved
+    (A's first, B's first, A's second, B's second; the same sequence numbers). Every piece of state
+    that joins packets -- the kernel's continuation map, the hello reassembly, DNS query -> response,
+    passive DNS, the connection's first SNI / JA4 -- is per tunnel: no tenant gets the other's."""
+    from tests import gapframes as gf
+
+    c, s, r = "198.18.251.1", "198.18.251.2", "198.18.251.53"
+    cut = 1200  # the first segment: the hello goes on (its SNI is past byte 1,500); fits the veth's MTU
+    tenants = {100: "a.tenant.example", 200: "b.tenant.example"}
+    hellos = {vni: gf.pq_client_hello(sni=name) for vni, name in tenants.items()}
+    frames: list[bytes] = []
+    for vni, name in tenants.items():  # each tenant's client asks the same resolver, with the same id
+        frames.append(vx(vni, A1, A2, IP(src=c, dst=r) / UDP(sport=5555, dport=53)
+                         / DNS(id=0x4242, rd=1, qd=DNSQR(qname=name))))
+    for vni, name in reversed(tenants.items()):  # answered the other way round
+        frames.append(vx(vni, A2, A1, IP(src=r, dst=c) / UDP(sport=53, dport=5555)
+                         / DNS(id=0x4242, qr=1, rd=1, ra=1, qd=DNSQR(qname=name),
+                               an=DNSRR(rrname=name, type="A", ttl=60, rdata=s))))
+    for vni in tenants:
+        frames += handshake(vni)[:3]  # SYN, SYN+ACK, ACK: seq 101 next
+    for part in (0, 1):
+        for vni, hello in hellos.items():
+            data = hello[:cut] if part == 0 else hello[cut:]
+            frames.append(vx(vni, A1, A2, IP(src=c, dst=s) / TCP(sport=40000, dport=443, flags="PA",
+                                                                 seq=101 + part * cut, ack=501) / Raw(data)))
+    rows, cap = replay(lab, tmp_path, frames, len(frames), mode="auto", conn=ConnConfig(linger=0.0))
+    counters = cap.counters()
+    dns = [x for x in rows if x["src_port"] == 53]
+    assert sorted((x["tunnel_id"], x["dns_qname"]) for x in dns) == sorted(tenants.items())
+    assert counters["dns_rtt_matched"] == 2, counters  # each answer found its own tenant's query
+    hello_rows = [x for x in rows if x["dst_port"] == 443 and x["tcp_flags"] & 0x08]
+    assert len(hello_rows) == 4, hello_rows
+    done = {x["tunnel_id"]: x for x in hello_rows if x["tls_sni"]}
+    assert {vni: x["tls_sni"] for vni, x in done.items()} == tenants  # on the second segments
+    assert counters["tls_reassembled"] == 2 and counters["tls_reassembly_mismatched"] == 0, counters
+    assert done[100]["ja4"] and done[100]["ja4"] == done[200]["ja4"]  # same hello shape, different SNI
+    conns = [x for x in rows_of(cap.drain_connections() or {"start_ts": []}) if x["resp_port"] == 443]
+    by = {x["tunnel_id"]: x for x in conns if x["final"]}
+    assert sorted(by) == [100, 200], conns
+    for vni, name in tenants.items():
+        assert (by[vni]["tls_sni"], by[vni]["resp_name"], by[vni]["tls_alpn"]) == (name, name, "h2,http/1.1"), by[vni]
+    # passive DNS rows: one per tenant's client, with its tunnel
+    names = rows_of(cap.drain_dns_names() or {"start_ts": []})
+    assert sorted((x["tunnel_type"], x["tunnel_id"], x["client_ip"], x["name"], x["address"]) for x in names) == \
+        [(records.TUNNEL_VXLAN, vni, c, name, s) for vni, name in sorted(tenants.items())]
+
+
+def test_tunnel_ports_and_types_are_the_configured_ones(lab, tmp_path):
+    """VXLAN on a custom port is opened only when vxlan_ports names it; Geneve likewise; tunnels=[]
+    opens nothing (every row the outer packet's, no extension), tunnels=['gre'] only GRE."""
+    from scapy.all import GRE
+    from scapy.contrib.geneve import GENEVE
+
+    inner = Ether(src="02:48:44:00:01:01", dst="02:48:44:00:01:02") / IP(src="198.18.251.1", dst="198.18.251.2") \
+        / TCP(sport=40000, dport=443, flags="S", seq=100)
+    outer = Ether(src=FAKE_SRC, dst="02:48:44:00:00:02") / IP(src=A1, dst=A2)
+    frames = [bytes(outer / UDP(sport=49152, dport=14789) / VXLAN(vni=7) / inner),   # custom VXLAN port
+              bytes(outer / UDP(sport=49153, dport=16081) / GENEVE(vni=8, proto=0x6558) / inner),  # custom Geneve
+              bytes(outer / UDP(sport=49154, dport=4789) / VXLAN(vni=9) / inner),    # the default VXLAN port
+              bytes(outer / GRE(key_present=1, key=10, proto=0x6558) / inner)]       # GRE with a key
+
+    def opened(host: str, **cfg) -> list[int]:
+        rows, _ = replay(lab, tmp_path, frames, len(frames), host, **cfg)
+        assert [r["wire_len"] for r in rows] == [len(f) for f in frames], cfg
+        for r in rows:
+            if not r["tunnel_flags"] & records.TUN_DECAP:
+                assert r["src_ip"] == A1 and r["dst_port"] in (0, 14789, 16081, 4789), (cfg, r)
+        return [r["tunnel_id"] if r["tunnel_flags"] & records.TUN_DECAP else 0 for r in rows]
+
+    assert opened("tp0") == [0, 0, 9, 10]  # the defaults: 4789 and 8472, 6081, GRE
+    assert opened("tp1", vxlan_ports=[4789, 14789], geneve_ports=[16081]) == [7, 8, 9, 10]
+    assert opened("tp2", vxlan_ports=[14789], tunnels=["vxlan", "gre"]) == [7, 0, 0, 10]
+    rows, _ = replay(lab, tmp_path, frames, len(frames), "tp3", tunnels=[])
+    assert [(r["parse_flags"] & records.PARSE_TUNNEL, r["tunnel_type"], r["src_ip"]) for r in rows] == [(0, 0, A1)] * 4

@@ -128,3 +128,17 @@ def test_log_lines_carry_an_rfc3339_time_or_under_journald_a_priority(tmp_path):
     assert lines and all(re.match(r"^<[2-7]>", line) for line in lines), lines
     assert any(line.startswith("<3>collector: unable to start") for line in lines), lines
     assert any(line.startswith("<4>--insecure") for line in lines), lines
+
+
+def test_print_bpf_shows_the_configs_flags():
+    """--print-bpf prints what this config compiles (tunnel ports, types); a config that does not validate
+    gets the defaults' source and a line saying why."""
+    p = run("collector", "run", "--insecure", "--server", "127.0.0.1:1", "--iface", "lo", "--vxlan-ports",
+            "14789,4789", "--tunnels", "vxlan,gre", "--print-bpf")
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.splitlines()[0]
+    assert "-DHDRLOG_IS_VXLAN_PORT(p)=((p)==4789||(p)==14789)" in first and "-DHDRLOG_TUNNEL_IPIP=0" in first
+    assert "-DHDRLOG_IS_GENEVE_PORT(p)=(0)" in first
+    p = run("collector", "run", "--print-bpf")
+    assert p.returncode == 0 and "-DHDRLOG_IS_VXLAN_PORT(p)=((p)==4789||(p)==8472)" in p.stdout.splitlines()[0]
+    assert "the config does not validate" in p.stderr

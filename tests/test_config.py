@@ -120,3 +120,36 @@ def test_a_commands_own_variable_beats_the_shared_one():
 
     s = cfg.load(ServerConfig, args={"insecure": True}, section="server", environ=env)
     assert s.metrics_listen == "127.0.0.1:9100"
+
+
+def test_tunnel_types_and_ports(tmp_path):
+    base = {"server": ["h:1"], "iface": ["e"], "insecure": True}
+    c = load(args=base)
+    assert (c.tunnels, c.vxlan_ports, c.geneve_ports) == (["vxlan", "geneve", "gre", "ipip"], [4789, 8472], [6081])
+    c = load(args={**base, "vxlan_ports": ["14789,4789"]}, environ={"HDRLOG_TUNNELS": "gre,VXLAN"})
+    assert (c.tunnels, c.vxlan_ports) == (["vxlan", "gre"], [4789, 14789])
+    f = tmp_path / "c.yaml"
+    f.write_text("collector:\n  tunnels: none\n  geneve_ports: [16081]\n")
+    c = load(args=base, file=str(f))
+    assert (c.tunnels, c.geneve_ports) == ([], [16081])
+    from hdrlog.bpf import build
+    from hdrlog.collector.capture import CaptureConfig
+
+    flags = build.cflags(CaptureConfig.from_config(c, []))
+    assert "-DHDRLOG_TUNNELS=0" in flags and "-DHDRLOG_IS_GENEVE_PORT(p)=(0)" in flags
+    flags = build.cflags(CaptureConfig.from_config(load(args={**base, "vxlan_ports": ["14789"]}), []))
+    assert "-DHDRLOG_TUNNELS=1" in flags and "-DHDRLOG_IS_VXLAN_PORT(p)=((p)==14789)" in flags
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("vxlan_ports", "0", "bad config vxlan_ports=['0']: at most 8 UDP port numbers 1-65535"),
+    ("vxlan_ports", "x", "bad config vxlan_ports=['x']: UDP port numbers"),
+    ("geneve_ports", "70000", "bad config geneve_ports=['70000']"),
+    ("vxlan_ports", "4790", "4790 is VXLAN-GPE"),
+    ("geneve_ports", "4789", "port 4789 is in vxlan_ports too"),
+    ("tunnels", "vxlan,mpls", "bad config tunnels=['vxlan', 'mpls']: any of vxlan, geneve, gre, ipip, or none"),
+])
+def test_bad_tunnel_config_is_one_line_naming_the_key(key, value, needle):
+    with pytest.raises(cfg.ConfigError) as info:
+        load(args={"server": ["h:1"], "iface": ["e"], "insecure": True}, environ={f"HDRLOG_{key.upper()}": value})
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)

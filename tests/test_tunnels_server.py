@@ -3,7 +3,8 @@
 VXLAN frames of two tenants' inner TCP connections with the same addresses and ports (VNI 100 and
 200) are sent into the monitored veth; the packets table must hold the inner tuple with
 tunnel_type 'vxlan', the VNI and the outer endpoints, and the connections table one final row per
-VNI, of the inner flow, with each side's outer endpoint.
+VNI, of the inner flow, with each side's outer endpoint. Each tenant's resolver answers a name for
+the same client address: dns_names holds one row per tenant, with its VNI.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import pytest
 
 from tests.frames import send_frames
 from tests.support import CollectorProcess, ServerProcess, wait_until
-from tests.test_capture_tunnels import A1, A2, handshake
+from scapy.all import DNS, DNSQR, DNSRR, IP, UDP
+
+from tests.test_capture_tunnels import A1, A2, handshake, vx
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
 
@@ -29,7 +32,10 @@ def test_tunnel_columns_arrive_in_packets_and_connections(lab, tmp_path, procs):
                                  "--conn-linger", "0.2", "--conn-interim", "1")
     procs.append(collector)
     collector.start()
-    send_frames(lab, h, handshake(100, b"x" * 10) + handshake(200, b"y" * 20), tmp_path)
+    answers = [vx(vni, A2, A1, IP(src="198.18.251.53", dst="198.18.251.1") / UDP(sport=53, dport=5555)
+                  / DNS(id=7, qr=1, qd=DNSQR(qname=name), an=DNSRR(rrname=name, type="A", rdata="198.18.251.2")))
+               for vni, name in ((100, "a.tenant.example"), (200, "b.tenant.example"))]
+    send_frames(lab, h, answers + handshake(100, b"x" * 10) + handshake(200, b"y" * 20), tmp_path)
     where = "host = 'tun-host' AND tunnel_type = 'vxlan'"
     wait_until(lambda: int(server.sql(f"SELECT countIf(final = 1) AS n FROM hdrlog.connections WHERE {where}")[0]["n"])
                >= 2, 60, "the two tunnelled connections' final rows")
@@ -50,4 +56,10 @@ def test_tunnel_columns_arrive_in_packets_and_connections(lab, tmp_path, procs):
                         "ON p.community_id = c.community_id AND p.tunnel_id = c.tunnel_id "
                         f"WHERE p.host = 'tun-host' AND p.tcp_flags = 2 AND c.final = 1 AND c.tunnel_type = 'vxlan'")
     assert int(joined[0]["n"]) == 2
+    wait_until(lambda: int(server.sql("SELECT count() AS n FROM hdrlog.dns_names WHERE host = 'tun-host'")[0]["n"])
+               >= 2, 30, "the two tenants' dns_names rows")
+    names = server.sql("SELECT tunnel_type, tunnel_id, toString(client_ip) AS c, name FROM hdrlog.dns_names "
+                       "WHERE host = 'tun-host' ORDER BY tunnel_id")
+    assert [(n["tunnel_type"], int(n["tunnel_id"]), n["c"], n["name"]) for n in names] == [
+        ("vxlan", 100, "::ffff:198.18.251.1", "a.tenant.example"), ("vxlan", 200, "::ffff:198.18.251.1", "b.tenant.example")]
     assert collector.stop() == 0
