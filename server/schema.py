@@ -589,6 +589,18 @@ MIGRATIONS += [
     ]),
 ]
 
+# -- the rollup journal's retention -----------------------------------------------------------
+# rollup_log gets no TTL: a TTL cannot tell an intent still open (a recovery needs it, whatever its
+# age) from an ended one. The server prunes it instead (Store.prune_rollup_log, writer.py "The
+# journal's retention": ended entries after 7 days, their batches kept as summary rows, state 3).
+# The index lets a sweep read only the recent intents (at >= now() - window) in a table sorted by token.
+MIGRATIONS += [
+    (14, "rollup_log: minmax index on at (the sweeps read the recent intents; the server prunes the journal)", [
+        f"ALTER TABLE {DATABASE}.rollup_log ADD INDEX IF NOT EXISTS at_minmax at TYPE minmax GRANULARITY 1",
+        f"ALTER TABLE {DATABASE}.rollup_log MATERIALIZE INDEX at_minmax",
+    ]),
+]
+
 # Tables whose age limit the user sets (server config ttl_<table>_days), with their time column.
 # connections: end_ts (when it was last seen), not the partition's start_ts: a part goes only when
 # all its rows are older, so the final row of a long-lived connection keeps its day's part.
