@@ -465,7 +465,8 @@ MIGRATIONS += [
 # rollup_max_keys in one minute, see docs/sql.md), pairs_1m and services_1m also `folded_keys`
 # (how many; packets_1m sums only its measures). rollup_log is the
 # writer's journal: a flush's intent before its packets INSERT, its end after the rollup INSERT;
-# a start finds the flushes without an end and rolls their stored rows up again (writer.py).
+# a start finds the flushes without an end and rolls their stored rows up again (writer.py). It has
+# no TTL: the server prunes it (migration 14's comment).
 _ROLLUP_IN = f"""
 CREATE TABLE IF NOT EXISTS {DATABASE}.rollup_in
 (

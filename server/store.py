@@ -559,12 +559,16 @@ class Store:
             sync = {"mutations_sync": 2 if wait else 0, "allow_nondeterministic_mutations": 1}
             ddl = self.layout.wrap(lambda sql: client.command(sql, settings=sync)) if self.layout else \
                 (lambda sql: client.command(sql, settings=sync))
-            ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE state = 0 AND token IN ({settled})")
+            # Each mutation only when it has rows to delete (a mutation is queued and run part by part).
+            a = f"state = 0 AND token IN ({settled})"
+            if int(client.command(f"SELECT count() FROM {db}.rollup_log WHERE {a}")):
+                ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE {a}")
             intents = f"SELECT token FROM {db}.rollup_log WHERE state = 0"
-            ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE at < {before} AND ("
-                f"(state = 1 AND token NOT IN ({intents})) OR (state = 2 AND token IN ("
-                f"SELECT token FROM {db}.rollup_log ARRAY JOIN members AS m WHERE state = 2 GROUP BY token "
-                f"HAVING countIf(m IN ({intents})) = 0)))")
+            b = (f"at < {before} AND ((state = 1 AND token NOT IN ({intents})) OR (state = 2 AND token IN ("
+                 f"SELECT token FROM {db}.rollup_log ARRAY JOIN members AS m WHERE state = 2 GROUP BY token "
+                 f"HAVING countIf(m IN ({intents})) = 0)))")
+            if int(client.command(f"SELECT count() FROM {db}.rollup_log WHERE {b}")):
+                ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE {b}")
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to prune the rollup journal: {short_message(exc)}") from None
         return n

@@ -777,7 +777,8 @@ class Writer:
             log.info("server: rollup journal pruned of entries ended over %d days ago (%d summary rows)",
                      ROLLUP_LOG_KEEP // 86400, n)
         except Exception as exc:  # noqa: BLE001 - the next prune tries again
-            log.warning("server: rollup journal prune failed (%s); next in %.0fh", exc, ROLLUP_PRUNE_EVERY / 3600)
+            log.warning("server: rollup journal prune failed (%s); next in %.0fh (a server writing through "
+                        "another's SQL endpoint cannot: that one prunes)", exc, ROLLUP_PRUNE_EVERY / 3600)
 
     def _recover_rollups(self, min_age: int = 0, on_rollup_handle: bool = False, window: int = 0) -> int:
         """Roll up again the stored rows of every flush journaled without an end (a crash or an
