@@ -595,10 +595,13 @@ MIGRATIONS += [
 # age) from an ended one. The server prunes it instead (Store.prune_rollup_log, writer.py "The
 # journal's retention": ended entries after 7 days, their batches kept as summary rows, state 3).
 # The index lets a sweep read only the recent intents (at >= now() - window) in a table sorted by token.
+# Not materialized on the parts already there: measured, with MATERIALIZE INDEX here (a mutation, even
+# of an empty table) tests/test_exactly_once.py's disk-full case failed each time and passed without it
+# (the cause not pinned down). Parts inserted since have it, a merge builds it; a part from before
+# keeps, after the first prune, only the rows the prune keeps (a mutation does not build it).
 MIGRATIONS += [
     (14, "rollup_log: minmax index on at (the sweeps read the recent intents; the server prunes the journal)", [
         f"ALTER TABLE {DATABASE}.rollup_log ADD INDEX IF NOT EXISTS at_minmax at TYPE minmax GRANULARITY 1",
-        f"ALTER TABLE {DATABASE}.rollup_log MATERIALIZE INDEX at_minmax",
     ]),
 ]
 

@@ -536,7 +536,8 @@ class Store:
         join it (a row journaled later is younger than the cutoff), so (2) deletes no intent that (1) did
         not summarize, however ClickHouse evaluates its subquery while it mutates. (2) and (3) are
         mutations (``wait``: until done, else they run on in the background, in order; ends whose intents
-        were still there when (3) ran go at the next prune). Returns the summary rows written."""
+        were still there when (3) ran go at the next prune). (3) also drops the summary rows of days
+        that packets has no part of any more (its TTL). Returns the summary rows written."""
         db = schema.DATABASE
         client = self._journal_client(rollup)
         try:
@@ -564,9 +565,15 @@ class Store:
             if int(client.command(f"SELECT count() FROM {db}.rollup_log WHERE {a}")):
                 ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE {a}")
             intents = f"SELECT token FROM {db}.rollup_log WHERE state = 0"
-            b = (f"at < {before} AND ((state = 1 AND token NOT IN ({intents})) OR (state = 2 AND token IN ("
+            # Summary rows of days that packets holds no part of any more (its TTL dropped them): no batch
+            # of theirs is stored, so none can be taken for an unjournaled one.
+            parts, packets = (f"clusterAllReplicas({self.layout.cluster}, system.parts)", "packets_local") \
+                if self.layout else ("system.parts", "packets")
+            b = (f"(at < {before} AND ((state = 1 AND token NOT IN ({intents})) OR (state = 2 AND token IN ("
                  f"SELECT token FROM {db}.rollup_log ARRAY JOIN members AS m WHERE state = 2 GROUP BY token "
-                 f"HAVING countIf(m IN ({intents})) = 0)))")
+                 f"HAVING countIf(m IN ({intents})) = 0)))) OR (state = {JOURNAL_SUMMARY} AND NOT hasAny(days, "
+                 f"(SELECT groupUniqArray(toUInt32(toDate(partition))) FROM {parts} "
+                 f"WHERE database = '{db}' AND table = '{packets}' AND active)))")
             if int(client.command(f"SELECT count() FROM {db}.rollup_log WHERE {b}")):
                 ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE {b}")
         except Exception as exc:  # noqa: BLE001

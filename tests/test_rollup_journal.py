@@ -54,6 +54,9 @@ def _journal_state(store_path) -> dict:
                 store.end_rollups([token])
         store.log_rollup("hdrlog-g-old", 2, [], members=[tokens[1], tokens[2]])
         store.log_rollup("hdrlog-g-open", 2, [], members=[tokens[4]])
+        # a summary of an earlier prune, of a day whose packets are gone (their TTL)
+        client.command(f"INSERT INTO hdrlog.rollup_log (token, state, collector_ids, seqs, days) VALUES "
+                       f"('hdrlog-s-gone', {JOURNAL_SUMMARY}, ['{COLLECTOR}'], [99], [1000])")
         _age(client, [tokens[s] for s in (1, 2, 4, 6)] + ["hdrlog-g-old", "hdrlog-g-open"], 30 * DAY)
         b6 = batch(6, 200, collector_id=COLLECTOR)
         t6 = convert_batch(b6, b6.host)[0]
@@ -90,7 +93,9 @@ def test_the_prune_keeps_what_recovery_needs_and_a_start_rolls_up_each_batch_onc
     assert got["recent_open"] == [] and got["all_open"] == [tok[4]]
     after = {(t, s) for t, s, _n in got["after"]}
     # dropped: the ended entries older than a week (1, 2) and their old group row; summarized by collector and day
-    assert not {(tok[1], 0), (tok[1], 1), (tok[2], 0), (tok[2], 1), ("hdrlog-g-old", 2)} & after
+    assert ("hdrlog-s-gone", JOURNAL_SUMMARY) in before
+    assert not {(tok[1], 0), (tok[1], 1), (tok[2], 0), (tok[2], 1), ("hdrlog-g-old", 2),
+                ("hdrlog-s-gone", JOURNAL_SUMMARY)} & after
     assert got["summaries"] == 1 and list(got["summary_seqs"]) == [1, 2]
     # kept: the recent entry (3), the old open intent (4) and its group, the old end of a recent intent (6)
     assert {(tok[3], 0), (tok[3], 1), (tok[4], 0), ("hdrlog-g-open", 2), (tok[6], 0), (tok[6], 1)} <= after
