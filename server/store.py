@@ -507,9 +507,10 @@ class Store:
 
     def unjournaled_packets(self) -> list[tuple[str, int, int]]:
         """The (collector_id, seq, day)s with packets rows stored that no rollup journal intent names
-        (state 0, or the summary of pruned intents, state 3: ``prune_rollup_log``): stored batches whose rollup was never journaled (writer.py, "Rollups"). One scan of
-        packets' (collector_id, batch_seq, ts) and of the journal, as roaring bitmaps per
-        (collector_id, day); only the differences come back."""
+        (state 0, or the summary of pruned intents, state 3: ``prune_rollup_log``): stored batches
+        whose rollup was never journaled (writer.py, "Rollups"). One scan of packets'
+        (collector_id, batch_seq, ts) and of the journal, as roaring bitmaps per (collector_id,
+        day); only the differences come back."""
         try:
             rows = self._client.query(
                 "SELECT p.c, p.d, bitmapToArray(bitmapAndnot(p.b, j.b)) FROM "
