@@ -127,10 +127,16 @@ def _old_ended_entry(store_path) -> str:
     store.open()
     store.migrate()
     try:
-        store.log_rollup("hdrlog-old", 0, [(COLLECTOR, 1, 19000)])
-        store.end_rollups(["hdrlog-old"])
-        _age(store._client, ["hdrlog-old"], 30 * DAY)  # noqa: SLF001
-        return "hdrlog-old"
+        b = batch(1, 200, collector_id=COLLECTOR)
+        t = convert_batch(b, b.host)[0]
+        e = _Entry(b.collector_id, b.seq, [t], {"packets": np.unique(t.days)}, t.rows, 0.0)
+        token = _token("packets", [(e, t)])
+        store.log_rollup(token, 0, _journal([(e, t)]))
+        store.insert("packets", concat([t.data]), token)
+        store.insert_rollup(rollup.rollup_rows(t.data)[0], f"{token}-rollup")
+        store.end_rollups([token])
+        _age(store._client, [token], 30 * DAY)  # noqa: SLF001
+        return token
     finally:
         store.close()
 
@@ -154,5 +160,6 @@ def test_a_running_server_prunes_the_journal_soon_after_start(tmp_path, monkeypa
         assert intent == [(0,)] and summary == [([1],)]
         assert srv.query("SELECT count() FROM hdrlog.rollup_log WHERE state IN (0, 1) "
                          "GROUP BY token HAVING countIf(state = 1) = 0") == []
+        assert srv.server.store.unjournaled_packets() == []  # the summary names the batch: not rolled up again
     finally:
         assert srv.stop() == []
