@@ -46,6 +46,8 @@ from hdrlog.server.sql.errors import engine_name as errors_name
 
 log = logging.getLogger("hdrlog.server")
 
+# rollup_log's state of a summary row: the (collector_id, seq, day)s of pruned intents (prune_rollup_log).
+JOURNAL_SUMMARY = 3
 PARAMETER_SLICE = 50  # list items per query parameter of the journal's reads (see rollup_groups)
 
 # ClickHouse error codes that mean "this data can never be inserted as it is":
@@ -464,14 +466,22 @@ class Store:
                 found[str(g)] = [str(m) for m in members]
         return sorted(found.items())
 
-    def unfinished_rollups(self, *, rollup: bool = False) -> list[tuple[str, list[tuple[str, int, int]], int]]:
+    def unfinished_rollups(self, *, rollup: bool = False,
+                           since: int = 0) -> list[tuple[str, list[tuple[str, int, int]], int]]:
         """Flushes (or batches) whose intent is journaled but not their end:
-        (token, [(collector_id, seq, day)], seconds since the last intent was journaled)."""
+        (token, [(collector_id, seq, day)], seconds since the last intent was journaled).
+
+        ``since`` > 0: only tokens with an intent journaled in the last ``since`` seconds (a shared
+        store's sweep, every few seconds: its cost follows the journal's recent rows, found by the
+        minmax index on ``at``, not its age). Their ends are looked up whatever their age (by the
+        primary key): an end older than the window still closes a repeated intent."""
+        recent = (f"AND token IN (SELECT token FROM {schema.DATABASE}.rollup_log WHERE state = 0 "
+                  f"AND at >= now() - INTERVAL {int(since)} SECOND) ") if since > 0 else ""
         try:
             rows = self._journal_client(rollup).query(
                 f"SELECT token, anyIf(collector_ids, state = 0), anyIf(seqs, state = 0), anyIf(days, state = 0), "
                 "toInt64(dateDiff('second', maxIf(at, state = 0), now())) "
-                f"FROM {schema.DATABASE}.rollup_log WHERE state IN (0, 1) "
+                f"FROM {schema.DATABASE}.rollup_log WHERE state IN (0, 1) {recent}"
                 "GROUP BY token HAVING countIf(state = 1) = 0 ORDER BY token").result_rows
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
@@ -497,9 +507,10 @@ class Store:
 
     def unjournaled_packets(self) -> list[tuple[str, int, int]]:
         """The (collector_id, seq, day)s with packets rows stored that no rollup journal intent names
-        (state 0): stored batches whose rollup was never journaled (writer.py, "Rollups"). One scan of
-        packets' (collector_id, batch_seq, ts) and of the journal, as roaring bitmaps per
-        (collector_id, day); only the differences come back."""
+        (state 0, or the summary of pruned intents, state 3: ``prune_rollup_log``): stored batches
+        whose rollup was never journaled (writer.py, "Rollups"). One scan of packets'
+        (collector_id, batch_seq, ts) and of the journal, as roaring bitmaps per (collector_id,
+        day); only the differences come back."""
         try:
             rows = self._client.query(
                 "SELECT p.c, p.d, bitmapToArray(bitmapAndnot(p.b, j.b)) FROM "
@@ -507,11 +518,68 @@ class Store:
                 f"FROM {schema.DATABASE}.packets GROUP BY c, d) AS p "
                 "LEFT JOIN (SELECT c, d, groupBitmapState(s) AS b "
                 f"FROM {schema.DATABASE}.rollup_log ARRAY JOIN collector_ids AS c, seqs AS s, days AS d "
-                "WHERE state = 0 GROUP BY c, d) AS j ON p.c = j.c AND p.d = j.d "
+                f"WHERE state IN (0, {JOURNAL_SUMMARY}) GROUP BY c, d) AS j ON p.c = j.c AND p.d = j.d "
                 "WHERE bitmapAndnotCardinality(p.b, j.b) > 0 ORDER BY p.c, p.d").result_rows
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"unable to read the rollup journal: {short_message(exc)}") from None
         return [(str(c), int(q), int(d)) for c, d, seqs in rows for q in seqs]
+
+    def prune_rollup_log(self, keep: int, *, rollup: bool = False, wait: bool = False) -> int:
+        """Drop the rollup journal's entries that no recovery can need any more (writer.py, "The journal's
+        retention"): the rows of every token that has an end and whose rows are all older than ``keep``
+        seconds, and the group rows (state 2) as old whose members have no intent left. Their intents'
+        (collector_id, seq, day)s are first written as summary rows (state 3, one per collector and day),
+        which ``unjournaled_packets`` reads as intents: a pruned batch is never taken for an unjournaled one.
+
+        Three statements, each safe alone (a crash in between leaves rows for the next prune, never an
+        open-looking intent): (1) the summary, (2) the intents deleted, (3) the ends without an intent
+        and the groups without members' intents deleted. A token can only leave the set of (1), never
+        join it (a row journaled later is younger than the cutoff), so (2) deletes no intent that (1) did
+        not summarize, however ClickHouse evaluates its subquery while it mutates. (2) and (3) are
+        mutations (``wait``: until done, else they run on in the background, in order; ends whose intents
+        were still there when (3) ran go at the next prune). (3) also drops the summary rows of days
+        that packets has no part of any more (its TTL). Returns the summary rows written."""
+        db = schema.DATABASE
+        client = self._journal_client(rollup)
+        try:
+            cutoff = int(client.command(f"SELECT toUInt32(now()) - {int(keep)}"))
+            before = f"toDateTime({cutoff}, 'UTC')"
+            settled = (f"SELECT token FROM {db}.rollup_log WHERE state IN (0, 1) GROUP BY token "
+                       f"HAVING countIf(state = 1) > 0 AND max(at) < {before}")
+            n = int(client.query(
+                f"SELECT uniqExact(c, d) FROM {db}.rollup_log ARRAY JOIN collector_ids AS c, days AS d "
+                f"WHERE state = 0 AND token IN ({settled})").result_rows[0][0])
+            if n:
+                client.command(
+                    f"INSERT INTO {db}.rollup_log (token, state, collector_ids, seqs, days, members) "
+                    f"SELECT concat('hdrlog-s-', hex(cityHash64(c, d, {cutoff}))), {JOURNAL_SUMMARY}, "
+                    "arrayMap(x -> c, s), s, arrayMap(x -> d, s), [] "
+                    f"FROM (SELECT c, d, arraySort(groupUniqArray(q)) AS s FROM {db}.rollup_log "
+                    "ARRAY JOIN collector_ids AS c, seqs AS q, days AS d "
+                    f"WHERE state = 0 AND token IN ({settled}) GROUP BY c, d)",
+                    settings={"insert_deduplicate": 0, "distributed_foreground_insert": 1})
+            sync = {"mutations_sync": 2 if wait else 0, "allow_nondeterministic_mutations": 1}
+            ddl = self.layout.wrap(lambda sql: client.command(sql, settings=sync)) if self.layout else \
+                (lambda sql: client.command(sql, settings=sync))
+            # Each mutation only when it has rows to delete (a mutation is queued and run part by part).
+            a = f"state = 0 AND token IN ({settled})"
+            if int(client.command(f"SELECT count() FROM {db}.rollup_log WHERE {a}")):
+                ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE {a}")
+            intents = f"SELECT token FROM {db}.rollup_log WHERE state = 0"
+            # Summary rows of days that packets holds no part of any more (its TTL dropped them): no batch
+            # of theirs is stored, so none can be taken for an unjournaled one.
+            parts, packets = (f"clusterAllReplicas({self.layout.cluster}, system.parts)", "packets_local") \
+                if self.layout else ("system.parts", "packets")
+            b = (f"(at < {before} AND ((state = 1 AND token NOT IN ({intents})) OR (state = 2 AND token IN ("
+                 f"SELECT token FROM {db}.rollup_log ARRAY JOIN members AS m WHERE state = 2 GROUP BY token "
+                 f"HAVING countIf(m IN ({intents})) = 0)))) OR (state = {JOURNAL_SUMMARY} AND NOT hasAny(days, "
+                 f"(SELECT groupUniqArray(toUInt32(toDate(partition))) FROM {parts} "
+                 f"WHERE database = '{db}' AND table = '{packets}' AND active)))")
+            if int(client.command(f"SELECT count() FROM {db}.rollup_log WHERE {b}")):
+                ddl(f"ALTER TABLE {db}.rollup_log DELETE WHERE {b}")
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"unable to prune the rollup journal: {short_message(exc)}") from None
+        return n
 
     def committed_watermarks(self) -> Watermarks:
         """Which batch_seqs have rows stored, per (collector_id, table, day), read from the tables.

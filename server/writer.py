@@ -137,6 +137,34 @@ Rollups across servers
     And a rollup repeated after the tables' deduplication window (10,000 blocks) is
     stored twice, as a repeated packets INSERT would be.
 
+The journal's retention
+    Without a bound ``rollup_log`` grows by a few rows per flush (per batch on a shared store)
+    forever, and every recovery reads it all. What a recovery can still need of it:
+
+    - an intent without an end (``unfinished_rollups``): until its end, whatever its age (a store
+      nobody started for a month still has its interrupted rollups). Never dropped;
+    - a token's end, as long as another intent of that token may still be journaled: only a copy of
+      the same batch (or flush) racing on another server that had not seen it stored (a resend is
+      otherwise dropped by the stored seqs, which come from the data and never forget, not from the
+      journal). That copy journals its intent when it is flushed, within seconds, or minutes of an
+      outage, of the original; ``ROLLUP_LOG_KEEP`` (7 days) is far past that. A copy later still
+      (a server cut off from the store for a week while holding a batch) is past what the raw tables'
+      deduplication window (10,000 blocks, minutes to hours of a busy fleet) catches too: its packets
+      would be stored twice as well, the limit already stated above;
+    - a group row (state 2), while a member has an intent left;
+    - every intent's (collector_id, seq, day)s, for ``unjournaled_packets``, as long as their packets
+      are stored: a batch no intent names is rolled up again. So a pruned intent's batches are
+      first written as a summary row (state 3, one per collector and day, seqs only).
+
+    Hence no TTL: a TTL cannot tell an open intent from an ended one. ``Store.prune_rollup_log``
+    drops, every ``ROLLUP_PRUNE_EVERY`` (and ``ROLLUP_PRUNE_FIRST`` after start), from the rollup
+    worker, the tokens with an end whose rows are all older than ``ROLLUP_LOG_KEEP``, the ends and
+    groups left without intents, after the summary; so the journal holds about 8 days of rows, the
+    open intents and the summaries (a row per collector and day per prune). A shared store's sweep
+    (every ``ROLLUP_SWEEP`` seconds) reads only the intents of the last ``ROLLUP_SWEEP_WINDOW`` (an
+    index on ``at``, migration 15), and the ends of those tokens whatever their age; every half
+    window one sweep, and every start, reads every open intent.
+
 Failures
     A transient failure (connection, timeout, too many parts, ...) is retried with
     capped, jittered exponential backoff; tables already inserted by the flush
@@ -195,6 +223,10 @@ ROLLUP_GROUP_ROWS = 262_144  # rollup rows (partial aggregates) in one rollup IN
 ROLLUP_RECOVER_BATCHES = 256  # unjournaled batches rolled up together by a recovery
 ROLLUP_SWEEP = 10        # seconds between a shared store's journal sweeps, and the age they pick up
 ROLLUP_ABANDONED = 600   # seconds after which a shared store's journal entry without stored rows is given up
+ROLLUP_SWEEP_WINDOW = 3600  # seconds back a sweep looks for intents (every half of it, a sweep reads them all)
+ROLLUP_LOG_KEEP = 7 * 86400  # seconds an ended journal entry is kept (see "The journal's retention")
+ROLLUP_PRUNE_EVERY = 86400   # seconds between two prunes of the journal (the first soon after start)
+ROLLUP_PRUNE_FIRST = 60      # seconds after start of the first prune
 
 
 @dataclass
@@ -254,6 +286,7 @@ class Writer:
         self._rollups: asyncio.Queue = asyncio.Queue(maxsize=ROLLUP_QUEUE)
         self._rollup_task: asyncio.Task | None = None
         self._rollup_hurry = 0  # > 0 while someone waits for the rollups (no gathering then)
+        self._full_sweep = time.monotonic()  # the start's recovery read every open intent
         self._warn_folded = DropWarning(
             log, f"server: rollup keys past rollup_max_keys={config.rollup_max_keys} per host-minute and flush",
             "raise rollup_max_keys to keep more of them apart", unit="keys")
@@ -613,18 +646,21 @@ class Writer:
         # Per-batch tokens: every batch's rollup alone, under its own token (see "Rollups across servers").
         group_max = 1 if self.per_batch else ROLLUP_GROUP_MAX
         next_sweep = time.monotonic() + ROLLUP_SWEEP
+        next_prune = time.monotonic() + ROLLUP_PRUNE_FIRST
         while True:
-            if not group and self.shared:
+            if not group:
+                if time.monotonic() >= next_prune and not self._stopping:
+                    await asyncio.to_thread(self._prune)
+                    next_prune = time.monotonic() + ROLLUP_PRUNE_EVERY
                 # A shared store: other servers' interrupted rollups too, every ROLLUP_SWEEP seconds.
-                if time.monotonic() >= next_sweep and not self._stopping:
+                if self.shared and time.monotonic() >= next_sweep and not self._stopping:
                     await asyncio.to_thread(self._sweep)
                     next_sweep = time.monotonic() + ROLLUP_SWEEP
+                wake = min(next_prune, next_sweep) if self.shared else next_prune
                 try:
-                    item = await asyncio.wait_for(self._rollups.get(), max(0.01, next_sweep - time.monotonic()))
+                    item = await asyncio.wait_for(self._rollups.get(), max(0.01, wake - time.monotonic()))
                 except asyncio.TimeoutError:
                     continue
-            elif not group:
-                item = await self._rollups.get()
             elif not self._rollups.empty() and len(group) < group_max and group_rows < ROLLUP_GROUP_ROWS:
                 item = self._rollups.get_nowait()
             else:
@@ -725,12 +761,26 @@ class Writer:
         at a time per session): roll up the journal's entries at least that old and still open, whichever
         server wrote them (one that died is not necessarily restarted to do it, servers being stateless). A
         live server ends its own within seconds; a repeat of one is dropped by its token."""
+        full = time.monotonic() - self._full_sweep >= ROLLUP_SWEEP_WINDOW / 2
         try:
-            self._recover_rollups(ROLLUP_SWEEP, on_rollup_handle=True)
+            self._recover_rollups(ROLLUP_SWEEP, on_rollup_handle=True, window=0 if full else ROLLUP_SWEEP_WINDOW)
+            if full:
+                self._full_sweep = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - the next sweep tries again
             log.warning("server: rollup journal sweep failed (%s); next in %.0fs", exc, ROLLUP_SWEEP)
 
-    def _recover_rollups(self, min_age: int = 0, on_rollup_handle: bool = False) -> int:
+    def _prune(self) -> None:
+        """From the rollup worker, every ``ROLLUP_PRUNE_EVERY``: the journal's prune (see "The journal's
+        retention"). A failure is logged and waits for the next time (the journal only grows meanwhile)."""
+        try:
+            n = self.store.prune_rollup_log(ROLLUP_LOG_KEEP, rollup=True)
+            log.info("server: rollup journal pruned of entries ended over %d days ago (%d summary rows)",
+                     ROLLUP_LOG_KEEP // 86400, n)
+        except Exception as exc:  # noqa: BLE001 - the next prune tries again
+            log.warning("server: rollup journal prune failed (%s); next in %.0fh (a server writing through "
+                        "another's SQL endpoint cannot: that one prunes)", exc, ROLLUP_PRUNE_EVERY / 3600)
+
+    def _recover_rollups(self, min_age: int = 0, on_rollup_handle: bool = False, window: int = 0) -> int:
         """Roll up again the stored rows of every flush journaled without an end (a crash or an
         unknown failure between its packets INSERT and its rollup's), grouped as they were (the
         group rows of the journal) and under the same tokens: a rollup that did land is dropped by
@@ -738,9 +788,10 @@ class Writer:
 
         On a shared store the journal holds other servers' entries too: one whose packets are not
         stored and that is younger than ``ROLLUP_ABANDONED`` is left open (its server may be
-        inserting them right now; see "Rollups across servers")."""
+        inserting them right now; see "Rollups across servers"). ``window`` > 0: only the intents
+        journaled in its last seconds (the sweeps)."""
         h = on_rollup_handle
-        unfinished = [u for u in self.store.unfinished_rollups(rollup=h) if u[2] >= min_age]
+        unfinished = [u for u in self.store.unfinished_rollups(rollup=h, since=window) if u[2] >= min_age]
         pending = {t: batches for t, batches, _age in unfinished}
         ages = {t: age for t, _batches, age in unfinished}
         groups = self.store.rollup_groups(list(pending), rollup=h)

@@ -347,7 +347,14 @@ def test_cluster_layout_rehearsed_on_one_chdb_node_distributed_writes_are_dedupl
     store.log_rollups([(token, [("host-a/c", 5, int(tr.days[0]))])])
     assert [t for t, *_ in store.unfinished_rollups()] == [token]
     store.end_rollups([token])
-    assert store.unfinished_rollups() == []
+    assert store.unfinished_rollups() == [] and store.unfinished_rollups(since=3600) == []
+    # The journal's prune (server/writer.py, "The journal's retention"): its mutations go to the local table,
+    # its summary through the Distributed one.
+    store._client.command("ALTER TABLE hdrlog.rollup_log_local UPDATE at = at - toIntervalDay(30) WHERE 1",
+                          settings={"mutations_sync": 2})
+    assert store.prune_rollup_log(7 * 86400, wait=True) == 1
+    assert store._client.query("SELECT state, seqs FROM hdrlog.rollup_log").result_rows == [(3, [5])]
+    assert store.unjournaled_packets() == []
     marks = store.stored_seqs("host-a/c", "host-a", 1)
     assert [s.ranges() for s in marks["packets"].values()] == [[(5, 5)]]
     assert store.committed_watermarks().by_key[("host-a/c", "packets")]
