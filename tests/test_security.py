@@ -9,7 +9,6 @@ and password the ClickHouse ways and compares them in constant time.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import subprocess
 import threading
 import time
@@ -29,21 +28,6 @@ from tests.support import ServerThread, batch
 
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 USER, PASSWORD = "analyst", "s3cret: with spaces & ünïcode"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
-    pki.issue(d, "host-a")
-    pki.issue(d, "host-b")
-    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
-    pki.issue(d, "expired", not_before=old, days=1)
-    other = d / "other"
-    pki.init_ca(other, name="some other CA")
-    pki.issue(other, "host-a")
-    return d
 
 
 def tls_config(store, certs, **kw) -> ServerConfig:
