@@ -7,8 +7,6 @@ resends. Real servers, real chDB, real gRPC."""
 from __future__ import annotations
 
 import multiprocessing
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +19,7 @@ from hdrlog.server import rollup
 from hdrlog.server.convert import convert_batch
 from hdrlog.server.store import Store
 from hdrlog.server.writer import _Entry, _group_token, _journal, _token, concat
-from tests.support import ServerProcess, ServerThread, batch, config
-from tests.test_server_restart import MiniCollector
+from tests.support import MiniCollector, ServerProcess, ServerThread, batch, config
 
 OK = ingest_pb2.Ack.OK
 START = 1_699_999_980 * 10**9  # a minute boundary
@@ -240,17 +237,9 @@ def test_rollups_stay_exact_across_a_sigkill_and_resends(tmp_path):
     collector = MiniCollector(batches)
     try:
         proc.start()
-        sender = threading.Thread(target=collector.run_once, args=(proc.address, 0.01))
-        sender.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(collector.acks) < 10:
-            time.sleep(0.01)
-        proc.kill()
-        sender.join(30)
-        assert 0 < len(collector.acks) < len(batches), "the kill did not land mid-stream"
+        assert 0 < collector.kill_mid_stream(proc, 10) < len(batches), "the kill did not land mid-stream"
         proc.start()
-        for b in batches[:5]:
-            collector.unacked.setdefault(b.seq, b)
+        collector.resend(batches[:5])
         assert collector.run_once(proc.address)
         proc.stop()  # the rollup worker finishes before the process ends
         proc.start()
