@@ -154,17 +154,23 @@ def _flush_state(store_path, batches, landed: str) -> None:
         store.close()
 
 
+def _serve_prepared(tmp_path, prepare, store_path, *args) -> ServerProcess:
+    """A started server on a store that ``prepare(store_path, *args)`` left, in a process of its own first
+    (one process opens one chDB path)."""
+    prep = multiprocessing.get_context("spawn").Process(target=prepare, args=(store_path, *args))
+    prep.start()
+    prep.join(120)
+    assert prep.exitcode == 0
+    srv = ServerProcess(f"chdb://{store_path}", tmp_path)
+    srv.start()
+    return srv
+
+
 @pytest.mark.parametrize("landed", ["none", "single", "group"])
 def test_a_crash_between_the_packets_insert_and_its_rollup_is_rolled_up_once_at_start(tmp_path, landed):
     path = tmp_path / "store"
     batches = [batch(s, 300, collector_id="crash") for s in (1, 2, 3)]
-    # in a process of its own: one process opens one chDB path
-    prep = multiprocessing.get_context("spawn").Process(target=_flush_state, args=(path, batches, landed))
-    prep.start()
-    prep.join(120)
-    assert prep.exitcode == 0
-    srv = ServerProcess(f"chdb://{path}", tmp_path)
-    srv.start()
+    srv = _serve_prepared(tmp_path, _flush_state, path, batches, landed)
     try:
         q = lambda text: [tuple(r.values()) for r in srv.sql(text)]  # noqa: E731
         assert_rollups_equal_raw(q)  # rolled up at start, and not twice what had landed
@@ -208,13 +214,7 @@ def test_stored_packets_without_a_journal_entry_are_rolled_up_once_at_start(tmp_
     stored batches no intent names, and only those (an older store's are named by migration 13)."""
     path = tmp_path / "store"
     batches = [batch(s, 300, collector_id="unjournaled") for s in (1, 2, 3, 5)]
-    prep = multiprocessing.get_context("spawn").Process(target=_unjournaled_state,
-                                                        args=(path, batches, before_migration_13))
-    prep.start()
-    prep.join(120)
-    assert prep.exitcode == 0
-    srv = ServerProcess(f"chdb://{path}", tmp_path)
-    srv.start()
+    srv = _serve_prepared(tmp_path, _unjournaled_state, path, batches, before_migration_13)
     try:
         q = lambda text: [tuple(r.values()) for r in srv.sql(text)]  # noqa: E731
         assert_rollups_equal_raw(q)  # rolled up at start (or kept), never twice
