@@ -23,21 +23,17 @@ from hdrlog import pki
 from hdrlog.config import ConfigError
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server import ServerConfig
-from tests.support import HDRLOG
-from tests.support import ServerThread, batch
+from tests.support import HDRLOG, ServerThread, batch, config
 
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 USER, PASSWORD = "analyst", "s3cret: with spaces & ünïcode"
 
 
 def tls_config(store, certs, **kw) -> ServerConfig:
-    base = dict(listen="127.0.0.1:0", sql_listen="127.0.0.1:0", clickhouse=f"chdb://{store}",
-                tls_cert=str(certs / "central.crt"), tls_key=str(certs / "central.key"), tls_ca=str(certs / "ca.crt"),
-                sql_user=USER, sql_password=PASSWORD, flush_interval=0.05, status_interval=0)
-    base.update(kw)
-    cfg = ServerConfig(**base)
-    cfg.validate()
-    return cfg
+    """The test server's config (tests.support.config) with mTLS from ``certs`` and SQL credentials."""
+    tls = dict(insecure=False, tls_cert=str(certs / "central.crt"), tls_key=str(certs / "central.key"),
+               tls_ca=str(certs / "ca.crt"), sql_user=USER, sql_password=PASSWORD)
+    return config(store, **{**tls, **kw})
 
 
 @pytest.fixture(scope="module")
