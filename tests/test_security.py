@@ -8,11 +8,9 @@ and password the ClickHouse ways and compares them in constant time.
 
 from __future__ import annotations
 
-import base64
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -23,7 +21,7 @@ from hdrlog import pki
 from hdrlog.config import ConfigError
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server import ServerConfig
-from tests.support import HDRLOG, ServerThread, batch, config
+from tests.support import HDRLOG, ServerThread, basic_auth, batch, config, http_response
 
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 USER, PASSWORD = "analyst", "s3cret: with spaces & ünïcode"
@@ -102,12 +100,9 @@ def http(srv, query: str, *, headers=None, params=None, auth=None) -> tuple[int,
     qs = {"query": query, **(params or {})}
     req = urllib.request.Request(srv.sql_url + "/?" + urllib.parse.urlencode(qs), headers=dict(headers or {}))
     if auth is not None:
-        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return r.status, r.read().decode(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(), dict(e.headers)
+        req.add_header("Authorization", basic_auth(*auth))
+    status, got_headers, body = http_response(req, timeout=20)
+    return status, body.decode(), got_headers
 
 
 def test_sql_asks_for_credentials_the_clickhouse_ways(server):
