@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HDRLOG, CollectorProcess, ServerProcess, wait_until
-from tests.test_faults import only, send
+from tests.support import HDRLOG, CollectorProcess, ServerProcess, send_udp, wait_until
+from tests.test_faults import only
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
 
@@ -79,7 +79,7 @@ def test_collector_captures_as_nobody_with_the_three_capabilities(lab, workdir):
                       if ":\t" in line)
         assert status["Uid"].split()[0] == str(NOBODY)
         assert int(status["CapEff"], 16) == sum(1 << bit for bit in CAPS.values()), status["CapEff"]
-        assert send(lab, host, 41020, 500, 1000).wait(60) == 0
+        assert send_udp(lab, host, 41020, 500, 1000).wait(60) == 0
         wait_until(lambda: server.count("dst_port = 41020") >= 500, 30, "500 rows")
         time.sleep(0.5)
         assert server.count("dst_port = 41020 AND host = 'nonroot'") == 500
