@@ -25,6 +25,8 @@ import tempfile
 import threading
 import time
 
+from bench.traffic import serve_tcp
+
 # name: (connections, request bytes, response bytes)
 SHAPES = {"short": (3000, 300, 6000), "bulk": (100, 300, 500_000)}
 PORT = 49601
@@ -44,31 +46,16 @@ for i in range(n):
 """
 
 
-def _serve(addr: str, stop: threading.Event, request: int, response: int) -> threading.Thread:
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((addr, PORT))
-    ls.listen(64)
-    ls.settimeout(0.2)
-
-    def loop():
-        while not stop.is_set():
-            try:
-                c, _ = ls.accept()
-            except socket.timeout:
-                continue
-            with c:
-                got = 0
-                while got < request:
-                    got += len(c.recv(65536))
-                c.sendall(bytes(response))
-                while c.recv(65536):
-                    pass
-        ls.close()
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
+def _answer(request: int, response: int):
+    """The service's side of a connection: read ``request`` bytes, send ``response`` bytes, wait for the close."""
+    def handle(c: socket.socket) -> None:
+        got = 0
+        while got < request:
+            got += len(c.recv(65536))
+        c.sendall(bytes(response))
+        while c.recv(65536):
+            pass
+    return handle
 
 
 def _capture(lab, host, mode: str, shape: tuple[int, int, int]) -> tuple[list, dict]:
@@ -142,7 +129,7 @@ def measure(shape: tuple[int, int, int]) -> dict:
     with Lab("cb") as lab:
         host = lab.add_host("a")
         stop = threading.Event()
-        server = _serve(host.peer_addr4, stop, shape[1], shape[2])
+        server = serve_tcp(host.peer_addr4, PORT, _answer(shape[1], shape[2]), stop)
         try:
             for mode in ("auto", "packets"):
                 batches, counters = _capture(lab, host, mode, shape)

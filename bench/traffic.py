@@ -10,7 +10,8 @@ nothing is forwarded, and nothing leaves the lab.
 
 ``replay(lab, host, pcap, ...)`` runs tcpreplay inside the lab host's namespace
 onto its ``eth0`` (the monitored veth's other end) and returns what tcpreplay
-says it sent, and at what rate.
+says it sent, and at what rate. ``serve_tcp`` is the other side of real lab
+traffic: a TCP service in the root namespace, on a lab host's peer address.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import contextlib
 import ipaddress
 import os
 import re
+import socket
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,37 @@ def replay(lab, host, pcap: str, *, pps: float | None = None, loops: int = 1, li
     n, secs = int(m.group(1)), float(m.group(2))
     f = _FAILED.search(out)
     return Replay(packets=n, seconds=secs, pps=n / secs if secs else 0.0, failed=int(f.group(1)) if f else 0)
+
+
+def serve_tcp(addr: str, port: int, handle, stop: threading.Event, backlog: int = 64) -> threading.Thread:
+    """A TCP service on addr:port until ``stop`` is set: each connection goes to ``handle(conn)`` on a thread
+    of its own, and is closed after it (an OSError ends that connection only); returns the accepting thread."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((addr, port))
+    ls.listen(backlog)
+    ls.settimeout(0.2)
+
+    def one(c: socket.socket) -> None:
+        try:
+            handle(c)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = ls.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=one, args=(c,), daemon=True).start()
+        ls.close()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
 
 
 def link_stats(ifname: str) -> dict[str, int]:

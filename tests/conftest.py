@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
+from hdrlog import pki
 from hdrlog.dev.lab import Lab
 from tests.support import ServerProcess
 
@@ -31,3 +34,20 @@ def procs():
     yield started
     for p in reversed(started):
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A test PKI: a CA signing central (server, 127.0.0.1 and localhost), host-a, host-b and an expired
+    one; other/ is another CA with its own host-a."""
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
+    pki.issue(d, "host-a")
+    pki.issue(d, "host-b")
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    pki.issue(d, "expired", not_before=old, days=1)
+    other = d / "other"
+    pki.init_ca(other, name="some other CA")
+    pki.issue(other, "host-a")
+    return d

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import time
 
 from scapy.all import (
     ARP,
@@ -152,6 +153,21 @@ def send_frames(lab, host, frames: list[bytes], tmp_path) -> None:
     path = tmp_path / "frames.json"
     path.write_text(json.dumps([f.hex() for f in frames]))
     lab.run(host, sys.executable, "-c", SEND, str(path))
+
+
+def sent_rows(cap, n: int, keep, timeout: float = 5.0) -> list[dict]:
+    """Poll the Capture ``cap`` until ``n`` ingress rows from FAKE_SRC are in (or ``timeout``): the columns
+    ``keep(name)`` accepts, strings as they are and numbers as ints."""
+    rows: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(rows) < n:
+        cols = cap.poll(100)
+        if cols is None:
+            continue
+        for i in range(len(cols["ts"])):
+            if cols["direction"][i] == 1 and cols["eth_src"][i] == mac_int(FAKE_SRC):
+                rows.append({k: (v[i] if isinstance(v, list) else int(v[i])) for k, v in cols.items() if keep(k)})
+    return rows
 
 
 def scripted_frames(h) -> list[tuple[str, bytes, dict]]:

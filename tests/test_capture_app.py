@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 
 import pytest
 from scapy.all import IP, TCP, UDP, Ether, IPv6, Raw
@@ -21,26 +20,12 @@ from scapy.layers.tls.record import TLS
 
 from hdrlog.collector import records
 from hdrlog.collector.capture import Capture, CaptureConfig
-from tests.frames import FAKE_SRC, mac_int, send_frames
+from tests.frames import FAKE_SRC, send_frames, sent_rows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
 
 APP = ("dns_id", "dns_flags", "dns_qname", "dns_qtype", "dns_rcode", "dns_answers", "http_method", "http_host",
        "http_path", "http_user_agent", "http_status", "tls_sni", "tls_version", "tls_offered_versions", "tls_alpn")
-
-
-def rows_of(cap: Capture, n: int, timeout: float = 5.0) -> list[dict]:
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(out) < n:
-        cols = cap.poll(100)
-        if cols is None:
-            continue
-        for i in range(len(cols["ts"])):
-            if cols["direction"][i] == 1 and cols["eth_src"][i] == mac_int(FAKE_SRC):
-                out.append({k: (v[i] if isinstance(v, list) else int(v[i])) for k, v in cols.items()
-                            if k in APP or k in ("parse_flags", "wire_len", "dst_port")})
-    return out
 
 
 def test_dns_http_tls_columns(lab, tmp_path):
@@ -80,7 +65,7 @@ def test_dns_http_tls_columns(lab, tmp_path):
         frames[11] += b"\0" * (60 - len(frames[11]))  # Ethernet padding behind the 1-byte datagram
         assert len(frames[7]) - 54 > 400
         send_frames(lab, h, frames, tmp_path)
-        rows = rows_of(cap, len(frames))
+        rows = sent_rows(cap, len(frames), lambda k: k in APP or k in ("parse_flags", "wire_len", "dst_port"))
         assert [r["wire_len"] for r in rows] == [len(f) for f in frames]
         r = rows
         assert (r[0]["dns_id"], r[0]["dns_qname"], r[0]["dns_qtype"], r[0]["dns_flags"], r[0]["dns_rcode"]) == \

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from hdrlog.collector import appheaders as ah
 from hdrlog.collector import records
 from hdrlog.collector.capture import Capture, CaptureConfig
 from tests import gapframes as gf
-from tests.frames import FAKE_SRC, mac_int, send_frames
+from tests.frames import send_frames, sent_rows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
 
@@ -48,16 +47,7 @@ def replay(lab, tmp_path, frames: list[bytes], **cfg) -> tuple[list[dict], dict]
     cap.start()
     try:
         send_frames(lab, h, frames, tmp_path)
-        rows: list[dict] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(rows) < len(frames):
-            cols = cap.poll(100)
-            if cols is None:
-                continue
-            for i in range(len(cols["ts"])):
-                if cols["direction"][i] == 1 and cols["eth_src"][i] == mac_int(FAKE_SRC):
-                    rows.append({k: (v[i] if isinstance(v, list) else int(v[i])) for k, v in cols.items()
-                                 if k not in ("src_ip", "dst_ip", "outer_src_ip", "outer_dst_ip")})
+        rows = sent_rows(cap, len(frames), lambda k: k not in ("src_ip", "dst_ip", "outer_src_ip", "outer_dst_ip"))
         return rows, cap.counters()
     finally:
         cap.stop()

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from bench.traffic import serve_tcp
 from tests.support import CollectorProcess, ServerProcess, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
@@ -63,36 +64,12 @@ print(json.dumps(out))
 """
 
 
-def _listen(addr: str, stop: threading.Event) -> threading.Thread:
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((addr, PORT))
-    ls.listen(64)
-    ls.settimeout(0.2)
-
-    def one(c):
-        n = 0
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            n += len(d)
-        c.sendall(bytes(n // 2 + 1))  # the reply: half the request, plus one
-        c.close()
-
-    def loop():
-        while not stop.is_set():
-            try:
-                c, _ = ls.accept()
-            except socket.timeout:
-                continue
-            threading.Thread(target=one, args=(c,), daemon=True).start()
-        ls.close()
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
-
+def _reply_half(c: socket.socket) -> None:
+    """Read the request to its end; the reply is half its length, plus one."""
+    n = 0
+    while (d := c.recv(65536)):
+        n += len(d)
+    c.sendall(bytes(n // 2 + 1))
 
 
 def test_server_sigkill_each_connection_one_final_row_and_exact_totals(lab, tmp_path, procs):
@@ -105,7 +82,7 @@ def test_server_sigkill_each_connection_one_final_row_and_exact_totals(lab, tmp_
     procs.append(collector)
     collector.start()
     stop = threading.Event()
-    listener = _listen(host.peer_addr4, stop)
+    listener = serve_tcp(host.peer_addr4, PORT, _reply_half, stop)
     client = lab.popen(host, sys.executable, "-c", CLIENT, host.peer_addr4, str(PORT), str(SHORT), str(LONG),
                        stdout=subprocess.PIPE, text=True)
     where = f"host = 'conn-kill' AND resp_port = {PORT}"

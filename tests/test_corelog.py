@@ -16,23 +16,10 @@ import time
 
 import pytest
 
-from hdrlog import pki
 from hdrlog.server.corelog import Translator
 from tests.support import ServerProcess
 
 RAW_CORE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ", re.M)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
-    pki.issue(d, "host-a")
-    other = d / "other"
-    pki.init_ca(other, name="some other CA")
-    pki.issue(other, "host-a")
-    return d
 
 
 @pytest.fixture

@@ -13,24 +13,9 @@ import time
 
 import pytest
 
-from tests.support import CollectorProcess, ServerProcess, hdrlog_hooks, wait_until, HDRLOG
+from tests.support import HDRLOG, CollectorProcess, ServerProcess, hdrlog_hooks, send_udp, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
-
-UDP_SENDER = r"""
-import socket, sys, time
-dst, port, n, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]
-for i, s in enumerate(socks):
-    s.bind(("0.0.0.0", 30000 + i))
-start = time.monotonic()
-for i in range(n):
-    socks[i % 50].sendto(i.to_bytes(4, "big"), (dst, port))
-    ahead = start + (i + 1) / rate - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
-"""
-
 
 @pytest.fixture
 def collector_factory(tmp_path):
@@ -44,10 +29,6 @@ def collector_factory(tmp_path):
     yield make
     for c in started:
         c.stop()
-
-
-def send_udp(lab, host, port: int, count: int, rate: float) -> subprocess.Popen:
-    return lab.popen(host, "/usr/bin/python3", "-c", UDP_SENDER, host.peer_addr4, str(port), str(count), str(rate))
 
 
 def test_server_sigkill_mid_stream_loses_and_duplicates_nothing(lab, server, collector_factory):

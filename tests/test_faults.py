@@ -25,31 +25,11 @@ import pytest
 
 from hdrlog import pki
 from hdrlog.dev.servicemanager import FdStoreManager
-from tests.support import CollectorProcess, ServerProcess, free_port, hdrlog_hooks, wait_until
+from tests.support import CollectorProcess, ServerProcess, free_port, hdrlog_hooks, send_udp, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
 
 FAULTY = [sys.executable, str(Path(__file__).with_name("faulty_hdrlog.py"))]
-
-# Packet i goes to port base + i // block: the port tells which packets were sent first.
-SENDER = r"""
-import socket, sys, time
-dst, base, n, rate, block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]
-for i, s in enumerate(socks):
-    s.bind(("0.0.0.0", 30000 + i))
-start = time.monotonic()
-for i in range(n):
-    socks[i % 50].sendto(i.to_bytes(4, "big"), (dst, base + i // block))
-    ahead = start + (i + 1) / rate - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
-"""
-
-
-def send(lab, host, base: int, n: int, rate: float, block: int = 10**9) -> subprocess.Popen:
-    return lab.popen(host, "/usr/bin/python3", "-c", SENDER, host.peer_addr4, str(base), str(n), str(rate), str(block))
-
 
 def only(base: int, last: int | None = None) -> list[str]:
     ports = f"{base}-{last}" if last is not None and last != base else str(base)
@@ -86,7 +66,7 @@ def test_clickhouse_failing_30s_server_stays_bounded_and_nothing_is_lost(lab, tm
     host = lab.add_host("a")
     port, n, rate = 41001, 10_000, 250  # 40 s of traffic
     start(procs, CollectorProcess(server.address, [host.peer_ifname], "ch-fault", tmp_path, *only(port)))
-    sender = send(lab, host, port, n, rate)
+    sender = send_udp(lab, host, port, n, rate)
     wait_until(lambda: counts(server, f"dst_port = {port}")[0] > 200, 30, "first rows")
     flag.touch()  # every INSERT now fails
     time.sleep(30)
@@ -122,7 +102,7 @@ def test_network_cut_60s_mtls_collector_catches_up_without_loss_or_duplicates(la
     port, n, rate = 41002, 16_000, 200  # 80 s of traffic, 60 s of it without a network
     collector = start(procs, CollectorProcess(server.address, [src.peer_ifname], "cut-test", tmp_path,
                                               *only(port), pki=certs))
-    sender = send(lab, src, port, n, rate)
+    sender = send_udp(lab, src, port, n, rate)
     wait_until(lambda: counts(server, f"dst_port = {port}")[0] > 200, 30, "first rows")
     subprocess.run(["ip", "link", "set", net.peer_ifname, "down"], check=True)
     try:
@@ -148,7 +128,7 @@ def test_collector_sigkill_loses_at_most_one_flush_interval_and_counts_it(lab, t
         args = (server.address, [host.peer_ifname], "kill9", tmp_path, *only(p1, p2),
                 "--batch-interval", str(interval), "--attach", attach.split("-")[0])
         collector = start(procs, CollectorProcess(*args, manager=manager))
-        assert send(lab, host, p1, 2500, rate).wait(60) == 0
+        assert send_udp(lab, host, p1, 2500, rate).wait(60) == 0
         time.sleep(0.3)  # every packet read from the ring buffer; the last batch is still open
         collector.kill()
         left = hdrlog_hooks(host.peer_ifname, "ingress")
@@ -162,7 +142,7 @@ def test_collector_sigkill_loses_at_most_one_flush_interval_and_counts_it(lab, t
         assert left == []
     else:  # systemd's copies kept the capture running, and the new collector took it over
         assert left == ["tcx hdrlog_ingress"] and "took over from the previous collector" in collector.log()
-    assert send(lab, host, p2, 500, rate).wait(60) == 0
+    assert send_udp(lab, host, p2, 500, rate).wait(60) == 0
     wait_until(lambda: counts(server, f"dst_port = {p2}")[0] >= 500, 30, "the second run's rows")
     assert collector.stop() == 0
     stored, distinct = counts(server, f"dst_port = {p1}")
@@ -184,7 +164,7 @@ def test_spool_full_drops_the_oldest_and_exactly_the_counted_number_is_missing(l
                                               *only(base, base + n // block - 1), "--spool-max-bytes", str(1 << 20),
                                               # uncompressed, as sized: zstd batches would not fill 1 MiB
                                               "--batch-compression", "0"))
-    assert send(lab, host, base, n, rate=10_000, block=block).wait(60) == 0
+    assert send_udp(lab, host, base, n, rate=10_000, block=block).wait(60) == 0
     wait_until(lambda: "spool" in collector.log() and "full" in collector.log(), 20, "the spool to fill")
     time.sleep(1.0)  # all packets read and batched
     server = start(procs, ServerProcess(f"chdb://{tmp_path}/store", tmp_path, grpc_port=port))

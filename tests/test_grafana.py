@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -24,7 +23,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
@@ -37,7 +35,7 @@ import pytest
 from bench import synth
 from hdrlog.server import native
 from hdrlog.server.store import Store
-from tests.support import ServerProcess
+from tests.support import ServerProcess, basic_auth, http_response
 from tests.test_report import NS, Filler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,12 +189,8 @@ def endpoint(tmp_path_factory):
 def query(srv, sql: str, **params: str) -> tuple[int, dict[str, str], bytes]:
     """POST ``sql`` the way clickhouse-go's HTTP transport does (basic auth, settings in the URL)."""
     req = urllib.request.Request(f"{srv.sql_url}/?{urllib.parse.urlencode(params)}", data=sql.encode(), method="POST")
-    req.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    req.add_header("Authorization", basic_auth(USER, PASSWORD))
+    return http_response(req, timeout=60)
 
 
 def grafana(srv, sql: str) -> list[tuple]:

@@ -21,8 +21,7 @@ import pytest
 
 from hdrlog.collector import bpfsys
 from hdrlog.dev.servicemanager import FdStoreManager
-from tests.support import CollectorProcess, hdrlog_hooks, wait_until
-from tests.test_e2e import send_udp
+from tests.support import CollectorProcess, hdrlog_hooks, send_udp, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
 

@@ -19,9 +19,7 @@ import socket
 import threading
 
 import grpc
-import pytest
 
-from hdrlog import pki
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from tests.support import HDRLOG, ServerProcess, wait_until
@@ -30,16 +28,6 @@ from tests.support import batch, packet_columns
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "central", server=True, sans=["127.0.0.1"])
-    pki.issue(d, "host-a")
-    pki.issue(d, "host-b")
-    return d
 
 
 def credentials(certs, name: str) -> grpc.ChannelCredentials:

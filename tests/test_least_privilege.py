@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HDRLOG, CollectorProcess, ServerProcess, wait_until
-from tests.test_faults import only, send
+from tests.support import HDRLOG, CollectorProcess, ServerProcess, send_udp, wait_until
+from tests.test_faults import only
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux eBPF")
 
@@ -51,15 +51,20 @@ def checkout_reachable_by_nobody():
             os.chmod(d, mode)
 
 
-@pytest.fixture
-def workdir():
-    """A directory nobody may write (pytest's tmp_path sits under a root-only 0700 directory)."""
-    d = Path(tempfile.mkdtemp(prefix="hdrlog-nonroot-", dir="/tmp"))
-    os.chmod(d, 0o777)
+def _scratch_dir(parent: str, mode: int):
+    """A fresh directory under ``parent`` with ``mode``, removed afterwards (a fixture's body)."""
+    d = Path(tempfile.mkdtemp(prefix="hdrlog-nonroot-", dir=parent))
+    os.chmod(d, mode)
     try:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir():
+    """A directory nobody may write (pytest's tmp_path sits under a root-only 0700 directory)."""
+    yield from _scratch_dir("/tmp", 0o777)
 
 
 def test_collector_captures_as_nobody_with_the_three_capabilities(lab, workdir):
@@ -74,7 +79,7 @@ def test_collector_captures_as_nobody_with_the_three_capabilities(lab, workdir):
                       if ":\t" in line)
         assert status["Uid"].split()[0] == str(NOBODY)
         assert int(status["CapEff"], 16) == sum(1 << bit for bit in CAPS.values()), status["CapEff"]
-        assert send(lab, host, 41020, 500, 1000).wait(60) == 0
+        assert send_udp(lab, host, 41020, 500, 1000).wait(60) == 0
         wait_until(lambda: server.count("dst_port = 41020") >= 500, 30, "500 rows")
         time.sleep(0.5)
         assert server.count("dst_port = 41020 AND host = 'nonroot'") == 500
@@ -119,13 +124,8 @@ def as_the_server(pid: int, command: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def var_workdir():
-    """Like workdir, but under /var/tmp: the sandbox mounts a private /tmp over /tmp."""
-    d = Path(tempfile.mkdtemp(prefix="hdrlog-nonroot-", dir="/var/tmp"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    """Like workdir, but under /var/tmp (the sandbox mounts a private /tmp over /tmp) and 0755."""
+    yield from _scratch_dir("/var/tmp", 0o755)
 
 
 def test_server_runs_as_nobody_without_capabilities_writing_only_its_store(var_workdir):

@@ -54,6 +54,17 @@ def python_hello(sni: str = "py.example.org") -> bytes:
     return out.read()
 
 
+def first_tls_record(c: socket.socket) -> bytes:
+    """Read from ``c`` until its first TLS record (a ClientHello here) is whole, or the peer closes."""
+    data = b""
+    while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
+        got = c.recv(65536)
+        if not got:
+            break
+        data += got
+    return data
+
+
 def curl_hello(sni: str = "curl.example.org") -> bytes:
     """The first bytes curl sends to a TLS server (a loopback listener that only reads)."""
     srv = socket.socket()
@@ -66,14 +77,8 @@ def curl_hello(sni: str = "curl.example.org") -> bytes:
         srv.settimeout(5)
         c, _ = srv.accept()
         c.settimeout(2)
-        data = b""
-        while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
-            got = c.recv(65536)
-            if not got:
-                break
-            data += got
-        c.close()
-        return data
+        with c:
+            return first_tls_record(c)
     finally:
         srv.close()
         p.kill()
@@ -262,14 +267,8 @@ def test_lab_dns_rtt_resp_name_ja4_and_quic(lab, tmp_path):
         try:
             c, _ = srv.accept()
             c.settimeout(3)
-            data = b""
-            while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
-                got = c.recv(65536)
-                if not got:
-                    break
-                data += got
-            hellos.append(data)
-            c.close()
+            with c:
+                hellos.append(first_tls_record(c))
         except OSError:
             pass
 

@@ -40,6 +40,23 @@ DAY = 86_400
 LAB_NETS = ["198.18.0.0/15", "fe80::/10"]
 
 
+def _columns(table: str, rows: list[dict]) -> dict:
+    """The columns of ``table`` that ``rows`` (dicts of column values, addresses as text) name; 0 or '' where a
+    row has no value."""
+    cols: dict = {}
+    specs = registry.spec_of(table)
+    for name in {k for r in rows for k in r}:
+        spec = specs[name]
+        vals = [r.get(name, "" if spec.is_string else 0) for r in rows]
+        if spec.dtype == "V16":
+            cols[name] = np.array([synth.v16(v) if v else b"\0" * 16 for v in vals], dtype="V16")
+        elif spec.is_string:
+            cols[name] = vals
+        else:
+            cols[name] = np.array(vals, dtype=spec.dtype)
+    return cols
+
+
 class Filler:
     def __init__(self, store: Store):
         self.store, self.seq = store, 0
@@ -64,16 +81,7 @@ class Filler:
         n = len(rows)
         cols: dict = {"start_ts": (start * NS + np.arange(n) * (spread * NS / max(n, 1))).astype("<i8")}
         cols["end_ts"] = cols["start_ts"] + 1000
-        specs = registry.spec_of("connections")
-        for name in {k for r in rows for k in r}:
-            spec = specs[name]
-            vals = [r.get(name, "" if spec.is_string else 0) for r in rows]
-            if spec.dtype == "V16":
-                cols[name] = np.array([synth.v16(v) if v else b"\0" * 16 for v in vals], dtype="V16")
-            elif spec.is_string:
-                cols[name] = vals
-            else:
-                cols[name] = np.array(vals, dtype=spec.dtype)
+        cols.update(_columns("connections", rows))
         cols.setdefault("uid", [f"Cinj{host}{start:.0f}{i:06d}" for i in range(n)])
         cols.setdefault("final", np.ones(n, dtype="u1"))
         cols.setdefault("ifname", ["eth0"] * n)
@@ -85,15 +93,7 @@ class Filler:
         """Rows given as dicts of column values (addresses as text), spread evenly over ``spread`` seconds."""
         n = len(rows)
         cols: dict = {"ts": (start * NS + np.arange(n) * (spread * NS / max(n, 1))).astype("<i8")}
-        for name in {k for r in rows for k in r}:
-            spec = registry.spec_of("packets")[name]
-            vals = [r.get(name, "" if spec.is_string else 0) for r in rows]
-            if spec.dtype == "V16":
-                cols[name] = np.array([synth.v16(v) if v else b"\0" * 16 for v in vals], dtype="V16")
-            elif spec.is_string:
-                cols[name] = vals
-            else:
-                cols[name] = np.array(vals, dtype=spec.dtype)
+        cols.update(_columns("packets", rows))
         cols.setdefault("ifname", ["eth0"] * n)
         cols.setdefault("sample_rate", np.ones(n, dtype="<u4"))
         cols.setdefault("ip_version", np.full(n, 4, dtype="u1"))

@@ -38,6 +38,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from hdrlog.dev.demo import serve_dns
 from hdrlog.dev.lab import Lab
 from hdrlog.proto import columns as registry
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
@@ -101,23 +102,15 @@ class _Web(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _dns_server(sock: socket.socket, stop: threading.Event) -> None:
+def _noerror_or_nxdomain(query: bytes) -> bytes:
     """NOERROR (no records) for *.example.test, NXDOMAIN for anything else."""
-    sock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            data, peer = sock.recvfrom(512)
-        except socket.timeout:
-            continue
-        if len(data) < 12:
-            continue
-        end = data.index(b"\0", 12) + 5
-        labels, pos = [], 12
-        while data[pos]:
-            labels.append(data[pos + 1: pos + 1 + data[pos]].decode())
-            pos += 1 + data[pos]
-        rcode = 0 if ".".join(labels).endswith("example.test") else 3
-        sock.sendto(data[:2] + struct.pack(">H", 0x8180 | rcode) + b"\0\x01\0\0\0\0\0\0" + data[12:end], peer)
+    end = query.index(b"\0", 12) + 5
+    labels, pos = [], 12
+    while query[pos]:
+        labels.append(query[pos + 1: pos + 1 + query[pos]].decode())
+        pos += 1 + query[pos]
+    rcode = 0 if ".".join(labels).endswith("example.test") else 3
+    return query[:2] + struct.pack(">H", 0x8180 | rcode) + b"\0\x01\0\0\0\0\0\0" + query[12:end]
 
 
 def _copy_to_previous_days(server: ServerProcess, lo_ns: int, hi_ns: int, days: int = 7) -> int:
@@ -188,7 +181,7 @@ def scenario(tmp_path_factory):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 s.bind((h.peer_addr4, 53))
                 servers.append(s)
-                threading.Thread(target=_dns_server, args=(s, stop), daemon=True).start()
+                threading.Thread(target=serve_dns, args=(s, stop, _noerror_or_nxdomain), daemon=True).start()
             server.start()
             gw = CollectorProcess(server.address, [web.peer_ifname, scan.peer_ifname, xmas.peer_ifname,
                                                    flood.peer_ifname], "gw", tmp)

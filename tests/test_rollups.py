@@ -7,8 +7,6 @@ resends. Real servers, real chDB, real gRPC."""
 from __future__ import annotations
 
 import multiprocessing
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +19,7 @@ from hdrlog.server import rollup
 from hdrlog.server.convert import convert_batch
 from hdrlog.server.store import Store
 from hdrlog.server.writer import _Entry, _group_token, _journal, _token, concat
-from tests.support import ServerProcess, ServerThread, batch, config
-from tests.test_server_restart import MiniCollector
+from tests.support import MiniCollector, ServerProcess, ServerThread, batch, config
 
 OK = ingest_pb2.Ack.OK
 START = 1_699_999_980 * 10**9  # a minute boundary
@@ -157,17 +154,23 @@ def _flush_state(store_path, batches, landed: str) -> None:
         store.close()
 
 
+def _serve_prepared(tmp_path, prepare, store_path, *args) -> ServerProcess:
+    """A started server on a store that ``prepare(store_path, *args)`` left, in a process of its own first
+    (one process opens one chDB path)."""
+    prep = multiprocessing.get_context("spawn").Process(target=prepare, args=(store_path, *args))
+    prep.start()
+    prep.join(120)
+    assert prep.exitcode == 0
+    srv = ServerProcess(f"chdb://{store_path}", tmp_path)
+    srv.start()
+    return srv
+
+
 @pytest.mark.parametrize("landed", ["none", "single", "group"])
 def test_a_crash_between_the_packets_insert_and_its_rollup_is_rolled_up_once_at_start(tmp_path, landed):
     path = tmp_path / "store"
     batches = [batch(s, 300, collector_id="crash") for s in (1, 2, 3)]
-    # in a process of its own: one process opens one chDB path
-    prep = multiprocessing.get_context("spawn").Process(target=_flush_state, args=(path, batches, landed))
-    prep.start()
-    prep.join(120)
-    assert prep.exitcode == 0
-    srv = ServerProcess(f"chdb://{path}", tmp_path)
-    srv.start()
+    srv = _serve_prepared(tmp_path, _flush_state, path, batches, landed)
     try:
         q = lambda text: [tuple(r.values()) for r in srv.sql(text)]  # noqa: E731
         assert_rollups_equal_raw(q)  # rolled up at start, and not twice what had landed
@@ -211,13 +214,7 @@ def test_stored_packets_without_a_journal_entry_are_rolled_up_once_at_start(tmp_
     stored batches no intent names, and only those (an older store's are named by migration 13)."""
     path = tmp_path / "store"
     batches = [batch(s, 300, collector_id="unjournaled") for s in (1, 2, 3, 5)]
-    prep = multiprocessing.get_context("spawn").Process(target=_unjournaled_state,
-                                                        args=(path, batches, before_migration_13))
-    prep.start()
-    prep.join(120)
-    assert prep.exitcode == 0
-    srv = ServerProcess(f"chdb://{path}", tmp_path)
-    srv.start()
+    srv = _serve_prepared(tmp_path, _unjournaled_state, path, batches, before_migration_13)
     try:
         q = lambda text: [tuple(r.values()) for r in srv.sql(text)]  # noqa: E731
         assert_rollups_equal_raw(q)  # rolled up at start (or kept), never twice
@@ -240,17 +237,9 @@ def test_rollups_stay_exact_across_a_sigkill_and_resends(tmp_path):
     collector = MiniCollector(batches)
     try:
         proc.start()
-        sender = threading.Thread(target=collector.run_once, args=(proc.address, 0.01))
-        sender.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(collector.acks) < 10:
-            time.sleep(0.01)
-        proc.kill()
-        sender.join(30)
-        assert 0 < len(collector.acks) < len(batches), "the kill did not land mid-stream"
+        assert 0 < collector.kill_mid_stream(proc, 10) < len(batches), "the kill did not land mid-stream"
         proc.start()
-        for b in batches[:5]:
-            collector.unacked.setdefault(b.seq, b)
+        collector.resend(batches[:5])
         assert collector.run_once(proc.address)
         proc.stop()  # the rollup worker finishes before the process ends
         proc.start()

@@ -8,12 +8,9 @@ and password the ClickHouse ways and compares them in constant time.
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -24,36 +21,17 @@ from hdrlog import pki
 from hdrlog.config import ConfigError
 from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server import ServerConfig
-from tests.support import HDRLOG
-from tests.support import ServerThread, batch
+from tests.support import HDRLOG, ServerThread, basic_auth, batch, config, http_response
 
 OK, REJECTED = ingest_pb2.Ack.OK, ingest_pb2.Ack.REJECTED
 USER, PASSWORD = "analyst", "s3cret: with spaces & ünïcode"
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
-    pki.issue(d, "host-a")
-    pki.issue(d, "host-b")
-    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
-    pki.issue(d, "expired", not_before=old, days=1)
-    other = d / "other"
-    pki.init_ca(other, name="some other CA")
-    pki.issue(other, "host-a")
-    return d
-
-
 def tls_config(store, certs, **kw) -> ServerConfig:
-    base = dict(listen="127.0.0.1:0", sql_listen="127.0.0.1:0", clickhouse=f"chdb://{store}",
-                tls_cert=str(certs / "central.crt"), tls_key=str(certs / "central.key"), tls_ca=str(certs / "ca.crt"),
-                sql_user=USER, sql_password=PASSWORD, flush_interval=0.05, status_interval=0)
-    base.update(kw)
-    cfg = ServerConfig(**base)
-    cfg.validate()
-    return cfg
+    """The test server's config (tests.support.config) with mTLS from ``certs`` and SQL credentials."""
+    tls = dict(insecure=False, tls_cert=str(certs / "central.crt"), tls_key=str(certs / "central.key"),
+               tls_ca=str(certs / "ca.crt"), sql_user=USER, sql_password=PASSWORD)
+    return config(store, **{**tls, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +100,9 @@ def http(srv, query: str, *, headers=None, params=None, auth=None) -> tuple[int,
     qs = {"query": query, **(params or {})}
     req = urllib.request.Request(srv.sql_url + "/?" + urllib.parse.urlencode(qs), headers=dict(headers or {}))
     if auth is not None:
-        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return r.status, r.read().decode(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(), dict(e.headers)
+        req.add_header("Authorization", basic_auth(*auth))
+    status, got_headers, body = http_response(req, timeout=20)
+    return status, body.decode(), got_headers
 
 
 def test_sql_asks_for_credentials_the_clickhouse_ways(server):

@@ -3,45 +3,10 @@ flight, restarted on the same store, and every batch arrives exactly once."""
 
 from __future__ import annotations
 
-import threading
-import time
-
-import grpc
 import numpy as np
 
-from hdrlog.proto import ingest_pb2, ingest_pb2_grpc
 from hdrlog.server.writer import Outcome  # noqa: F401 - import check of the package under test
-from tests.support import NS_DAY, ServerProcess, batch, packets_table
-
-
-class MiniCollector:
-    """Keeps every batch until it is acked OK; sends in seq order; on a broken stream resends the unacked."""
-
-    def __init__(self, batches: list[ingest_pb2.Batch]):
-        self.unacked = {b.seq: b for b in batches}
-        self.acks: list[ingest_pb2.Ack] = []
-        self.lock = threading.Lock()
-
-    def run_once(self, target: str, pace: float = 0.0) -> bool:
-        """One stream over everything unacked; True when all got OK."""
-        todo = [self.unacked[s] for s in sorted(self.unacked)]
-
-        def gen():
-            for b in todo:
-                yield b
-                if pace:
-                    time.sleep(pace)
-
-        try:
-            with grpc.insecure_channel(target) as ch:
-                for ack in ingest_pb2_grpc.IngestStub(ch).Stream(gen(), timeout=60):
-                    with self.lock:
-                        self.acks.append(ack)
-                        if ack.status == ingest_pb2.Ack.OK:
-                            self.unacked.pop(ack.seq, None)
-        except grpc.RpcError:
-            return False
-        return not self.unacked
+from tests.support import NS_DAY, MiniCollector, ServerProcess, batch, packets_table
 
 
 def test_sigkill_while_batches_are_in_flight_then_restart_stores_everything_once(tmp_path):
@@ -61,20 +26,12 @@ def test_sigkill_while_batches_are_in_flight_then_restart_stores_everything_once
     collector = MiniCollector(batches)
     try:
         proc.start()
-        sender = threading.Thread(target=collector.run_once, args=(proc.address, 0.01))
-        sender.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(collector.acks) < 15:
-            time.sleep(0.01)
-        proc.kill()  # batches are queued and being inserted right now
-        sender.join(30)
-        acked_before = len(collector.acks)
+        acked_before = collector.kill_mid_stream(proc, 15)
         assert 0 < acked_before < n_batches, "the kill did not land mid-stream"
 
         proc.start()  # same store
         # the collector resends what was unacked; on top, resend a few that were acked (harmless)
-        for b in batches[:5]:
-            collector.unacked.setdefault(b.seq, b)
+        collector.resend(batches[:5])
         assert collector.run_once(proc.address)
         got = proc.sql("SELECT batch_seq, count() AS n FROM hdrlog.packets GROUP BY batch_seq ORDER BY batch_seq")
         assert [(r["batch_seq"], int(r["n"])) for r in got] == [(s, rows) for s in range(1, n_batches + 1)]

@@ -7,14 +7,13 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
 import clickhouse_connect
 import pytest
 
-from tests.support import ServerThread, batch, config
+from tests.support import ServerThread, batch, config, http_response
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +27,11 @@ def server(tmp_path_factory):
 
 
 def get(srv, query: str, **params) -> tuple[int, dict, bytes]:
-    qs = urllib.parse.urlencode({"query": query, **params})
-    try:
-        with urllib.request.urlopen(f"{srv.sql_url}/?{qs}", timeout=30) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+    return http_response(f"{srv.sql_url}/?{urllib.parse.urlencode({'query': query, **params})}")
 
 
 def post(srv, body: str, path: str = "/") -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(srv.sql_url + path, data=body.encode(), method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+    return http_response(urllib.request.Request(srv.sql_url + path, data=body.encode(), method="POST"))
 
 
 def test_get_post_ping_and_formats(server):

@@ -458,8 +458,8 @@ def test_collector_process_with_its_spool_disk_full_keeps_running_and_counts_eve
     """Issue 11's run, end to end: real eBPF capture on a lab veth, the `hdrlog collector` process with
     its spool on a 256 KiB tmpfs, the server away while 6,000 packets arrive (the disk fills, memory
     holds max_unacked_rows), then the server: the collector never dies and stored + counted == sent."""
-    from tests.test_faults import counts, only, send, stat
-    from tests.support import CollectorProcess
+    from tests.test_faults import counts, only, stat
+    from tests.support import CollectorProcess, send_udp
 
     port, host_id, base, n = free_port(), "spooldisk", 43100, 6000
     host = lab.add_host("a")
@@ -473,7 +473,7 @@ def test_collector_process_with_its_spool_disk_full_keeps_running_and_counts_eve
                                          "--batch-compression", "0")
             procs.append(collector)
             collector.start()
-            assert send(lab, host, base, n, rate=2000).wait(60) == 0
+            assert send_udp(lab, host, base, n, rate=2000).wait(60) == 0
             wait_until(lambda: "captured=6000" in collector.log() or not collector.alive(), 30,
                        "every packet captured")
             assert collector.alive(), collector.log()[-3000:]

@@ -13,7 +13,6 @@ times.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 
@@ -21,6 +20,7 @@ import pytest
 from scapy.all import IP, TCP, Ether, Raw
 
 from bench.cookbook import recipes
+from bench.traffic import serve_tcp
 from tests.frames import FAKE_SRC
 from tests.support import CollectorProcess, ServerProcess, wait_until
 
@@ -76,38 +76,6 @@ elif what == "long":  # 10 messages of 100 bytes, 0.4 s apart; 200 bytes back fo
     s.recv(10)
     s.close()
 """
-
-
-def _serve(addr: str, port: int, handler, stop: threading.Event) -> threading.Thread:
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((addr, port))
-    ls.listen(16)
-    ls.settimeout(0.2)
-
-    def loop():
-        while not stop.is_set():
-            try:
-                c, _ = ls.accept()
-            except socket.timeout:
-                continue
-            threading.Thread(target=_quiet(handler), args=(c,), daemon=True).start()
-        ls.close()
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
-
-
-def _quiet(handler):
-    def run(c):
-        try:
-            handler(c)
-        except OSError:
-            pass
-        finally:
-            c.close()
-    return run
 
 
 def _bulk(c):
@@ -174,8 +142,8 @@ def store(tmp_path_factory):
                                          "--conn-linger", "0.3")
             collector.start()
             for h in (a, b):
-                threads += [_serve(h.peer_addr4, BULK, _bulk, stop), _serve(h.peer_addr4, LONG, _echo_twice, stop),
-                            _serve(h.peer_addr4, RESET, _drain, stop)]
+                threads += [serve_tcp(h.peer_addr4, port, handle, stop, backlog=16)
+                            for port, handle in ((BULK, _bulk), (LONG, _echo_twice), (RESET, _drain))]
             run = lambda h, *args: lab.run(h, sys.executable, "-c", CLIENT, h.peer_addr4, *map(str, args))  # noqa: E731
             frames = tmp / "frames.json"
             frames.write_text(json.dumps([(g, f.hex()) for g, f in _crafted(a)]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, http_response
 
 MARKER = "hdrlog-secret-marker-7f3a"
 
@@ -70,11 +69,8 @@ def env(tmp_path_factory):
 def ask(srv, query: str, headers: dict | None = None, **params) -> tuple[int, str]:
     qs = urllib.parse.urlencode(params)
     req = urllib.request.Request(f"{srv.sql_url}/?{qs}", data=query.encode(), headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
+    status, _, body = http_response(req)
+    return status, body.decode(errors="replace")
 
 
 def assert_refused(srv, d, listener, query, headers=None, codes=(164,), **params):

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
+from typing import Callable
 
 from hdrlog import sqlclient
 from hdrlog.collector import bpfsys
@@ -84,19 +85,22 @@ class _HTTP6(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
 
-def _serve_dns(sock: socket.socket, stop: threading.Event) -> None:
-    """Answer every question with one A record, 198.18.255.1 (a test address)."""
+def serve_dns(sock: socket.socket, stop: threading.Event, answer: Callable[[bytes], bytes]) -> None:
+    """Until ``stop`` is set, reply to each DNS message on the UDP socket ``sock`` with ``answer(message)``."""
     sock.settimeout(0.2)
     while not stop.is_set():
         try:
             data, peer = sock.recvfrom(512)
         except socket.timeout:
             continue
-        if len(data) < 12:
-            continue
-        answer = (data[:2] + b"\x81\x80" + data[4:6] + b"\x00\x01\x00\x00\x00\x00" + data[12:]
-                  + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([198, 18, 255, 1]))
-        sock.sendto(answer, peer)
+        if len(data) >= 12:  # a DNS header at least
+            sock.sendto(answer(data), peer)
+
+
+def _a_record(query: bytes) -> bytes:
+    """The answer to any question: one A record, 198.18.255.1 (a test address)."""
+    return (query[:2] + b"\x81\x80" + query[4:6] + b"\x00\x01\x00\x00\x00\x00" + query[12:]
+            + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([198, 18, 255, 1]))
 
 
 def _say(text: str) -> None:
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns.bind((client.peer_addr4, 53))
         stack.callback(dns.close)
-        resolver = threading.Thread(target=_serve_dns, args=(dns, stop_servers), daemon=True)
+        resolver = threading.Thread(target=serve_dns, args=(dns, stop_servers, _a_record), daemon=True)
         resolver.start()
         stack.callback(resolver.join)  # runs before dns.close: the thread is done with the socket
         stack.callback(stop_servers.set)

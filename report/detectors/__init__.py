@@ -146,6 +146,16 @@ def not_hosts(hosts: list[str]) -> str:
     return f"host NOT IN ({quoted})"
 
 
+def connections_then_packets(ctx: Ctx, from_connections: Callable[[Ctx], list[Finding]],
+                             from_packets: Callable[[Ctx, str], list[Finding]]) -> list[Finding]:
+    """Findings from the connections of the hosts that have them, then from the other hosts' packets
+    (``from_packets(ctx, host_condition)``); a subject found both ways is reported once, from connections."""
+    hosts = connection_hosts(ctx)
+    out = from_connections(ctx) if hosts else []
+    seen = {f.subject for f in out}
+    return out + [f for f in from_packets(ctx, not_hosts(hosts)) if f.subject not in seen]
+
+
 DOMAIN = "if(cutToFirstSignificantSubdomain(dns_qname) = '', dns_qname, cutToFirstSignificantSubdomain(dns_qname))"
 QUERY = "dns_qname != '' AND bitAnd(dns_flags, 0x8000) = 0"
 NXDOMAIN = "dns_qname != '' AND bitAnd(dns_flags, 0x8000) != 0 AND dns_rcode = 3"

@@ -9,7 +9,7 @@ reset with no payload either way (a SYN scan's open ports: "ShR") -- plus UDP S0
 
 from __future__ import annotations
 
-from hdrlog.report.detectors import Ctx, Detector, Finding, connection_hosts, ip, not_hosts, sev
+from hdrlog.report.detectors import Ctx, Detector, Finding, connections_then_packets, ip, sev
 
 
 # A connection attempt that failed (the state after the whole connection, Zeek's vocabulary).
@@ -19,11 +19,7 @@ FAILED = ("(conn_state IN ('S0', 'REJ', 'RSTOS0', 'RSTRH', 'SH', 'SHR') "
 
 def detect(ctx: Ctx) -> list[Finding]:
     """One source probing many (address, port) pairs, few of which answered (module doc)."""
-    conn_hosts = connection_hosts(ctx)
-    out = _from_connections(ctx) if conn_hosts else []
-    seen = {f.subject for f in out}
-    out += [f for f in _from_packets(ctx, not_hosts(conn_hosts)) if f.subject not in seen]
-    return ctx.cap(out, "port_scan")
+    return ctx.cap(connections_then_packets(ctx, _from_connections, _from_packets), "port_scan")
 
 
 def _from_connections(ctx: Ctx) -> list[Finding]:

@@ -8,7 +8,7 @@ mode): SYNs against clients' ACKs after the SYN.
 
 from __future__ import annotations
 
-from hdrlog.report.detectors import Ctx, Detector, Finding, connection_hosts, ip, not_hosts, sev
+from hdrlog.report.detectors import Ctx, Detector, Finding, connections_then_packets, ip, sev
 
 # An attempt the originator never completed: it sent a SYN, then neither an ACK nor data (history
 # letters are upper case for the originator): S0 "S", REJ "Sr", SYN cookies or spoofed "Sh"...
@@ -17,11 +17,7 @@ HALF_OPEN = "(position(history, 'S') > 0 AND position(history, 'A') = 0 AND posi
 
 def detect(ctx: Ctx) -> list[Finding]:
     """Many connection attempts towards one address and port, few completed (module doc)."""
-    conn_hosts = connection_hosts(ctx)
-    out = _from_connections(ctx) if conn_hosts else []
-    seen = {f.subject for f in out}
-    out += [f for f in _from_packets(ctx, not_hosts(conn_hosts)) if f.subject not in seen]
-    return ctx.cap(out, "syn_flood")
+    return ctx.cap(connections_then_packets(ctx, _from_connections, _from_packets), "syn_flood")
 
 
 def _subject(target: str, port: int) -> str:

@@ -1,8 +1,10 @@
-"""Batches for the server tests, built with the wire contract's own encoder (proto/columns.py)."""
+"""Batches for the server tests, built with the wire contract's own encoder (proto/columns.py), and the
+collectors in miniature that send them (a stream that returns acks; MiniCollector, which resends)."""
 
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from typing import Iterator
 
@@ -79,3 +81,50 @@ def batch(seq: int, n: int = 10, *, collector_id: str = "c1", host: str = "host-
 def stream_acks(target: str, batches: list[ingest_pb2.Batch], timeout: float = 60) -> Iterator[ingest_pb2.Ack]:
     with grpc.insecure_channel(target) as ch:
         yield from ingest_pb2_grpc.IngestStub(ch).Stream(iter(batches), timeout=timeout)
+
+
+class MiniCollector:
+    """Keeps every batch until it is acked OK; sends in seq order; on a broken stream resends the unacked."""
+
+    def __init__(self, batches: list[ingest_pb2.Batch]):
+        self.unacked = {b.seq: b for b in batches}
+        self.acks: list[ingest_pb2.Ack] = []
+        self.lock = threading.Lock()
+
+    def run_once(self, target: str, pace: float = 0.0) -> bool:
+        """One stream over everything unacked; True when all got OK."""
+        todo = [self.unacked[s] for s in sorted(self.unacked)]
+
+        def gen():
+            for b in todo:
+                yield b
+                if pace:
+                    time.sleep(pace)
+
+        try:
+            with grpc.insecure_channel(target) as ch:
+                for ack in ingest_pb2_grpc.IngestStub(ch).Stream(gen(), timeout=60):
+                    with self.lock:
+                        self.acks.append(ack)
+                        if ack.status == ingest_pb2.Ack.OK:
+                            self.unacked.pop(ack.seq, None)
+        except grpc.RpcError:
+            return False
+        return not self.unacked
+
+    def kill_mid_stream(self, proc, after_acks: int) -> int:
+        """Stream (paced) to the server process ``proc`` and SIGKILL it once ``after_acks`` acks are back
+        (30 s at most); returns how many acks came back in all."""
+        sender = threading.Thread(target=self.run_once, args=(proc.address, 0.01))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(self.acks) < after_acks:
+            time.sleep(0.01)
+        proc.kill()  # batches are queued and being inserted right now
+        sender.join(30)
+        return len(self.acks)
+
+    def resend(self, batches: list[ingest_pb2.Batch]) -> None:
+        """Queue these batches again on the next run, acked or not (resending an acked one must be harmless)."""
+        for b in batches:
+            self.unacked.setdefault(b.seq, b)
