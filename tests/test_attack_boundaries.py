@@ -31,20 +31,10 @@ import urllib.request
 import grpc
 import pytest
 
-from hdrlog import pki
 from hdrlog.proto import ingest_pb2_grpc
 from tests.support import ServerProcess, batch, free_port, wait_until
 
 RAW_CORE_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\]")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "central", server=True, sans=["127.0.0.1", "localhost"])
-    pki.issue(d, "host-a")
-    return d
 
 
 @pytest.fixture
