@@ -566,6 +566,33 @@ def test_a_connection_that_never_opens_a_stream_is_closed(started, certs, tmp_pa
     assert [a.seq for a in acks] == [1]
 
 
+def test_a_collector_idle_on_its_stream_is_not_cut_by_the_idle_timeout(started, certs, tmp_path):
+    """connection_idle_timeout closes connections with no stream; a collector's connection always has one
+    (its long-lived stream), so a collector with nothing to send for longer than the timeout keeps its
+    stream: the next batch goes over the same stream and is acked."""
+    server = started(ServerProcess(f"chdb://{tmp_path}/store", tmp_path, "--connection-idle-timeout", "1",
+                                   pki=certs))
+    creds = grpc.ssl_channel_credentials(
+        (certs / "ca.crt").read_bytes(), (certs / "host-a.key").read_bytes(), (certs / "host-a.crt").read_bytes())
+    acked = threading.Event()
+
+    def batches():
+        yield batch(1, 5, host="host-a", collector_id="host-a/idle")
+        acked.wait(20)
+        time.sleep(4)  # four idle timeouts with the stream open and nothing sent
+        yield batch(2, 5, host="host-a", collector_id="host-a/idle")
+
+    seqs = []
+    with grpc.secure_channel(f"127.0.0.1:{server.grpc_port}", creds) as ch:
+        for ack in ingest_pb2_grpc.IngestStub(ch).Stream(batches(), timeout=40):
+            seqs.append(ack.seq)
+            acked.set()
+            if len(seqs) == 2:
+                break
+    assert seqs == [1, 2]
+    assert server.count("collector_id = 'host-a/idle'") == 10
+
+
 @pytest.mark.parametrize("mode", ["insecure", "mtls"])
 def test_a_sustained_flood_from_one_address_leaves_established_collectors_streaming(
         started, certs, tmp_path, sockets, mode, capsys):
