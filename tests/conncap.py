@@ -33,11 +33,15 @@ def _addr(b: bytes) -> str:
     return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
 
 
-def rows_of(cols: dict | None) -> list[dict]:
+def rows_of(cols: dict | None, keep=lambda cols, i: True) -> list[dict]:
+    """A drain's columns as rows (addresses as text, numbers as Python ints), those ``keep(cols, i)``
+    accepts; none for an empty drain (None)."""
     if not cols:
         return []
     out = []
-    for i in range(len(cols["uid"])):
+    for i in range(len(next(iter(cols.values())))):
+        if not keep(cols, i):
+            continue
         r = {}
         for k, v in cols.items():
             x = v[i]

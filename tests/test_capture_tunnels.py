@@ -11,7 +11,6 @@ keyed by the VNI, with each side's outer endpoint.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import subprocess
 import time
@@ -25,6 +24,7 @@ from hdrlog.collector import records
 from hdrlog.collector.capture import Capture, CaptureConfig
 from hdrlog.collector.connections import ConnConfig
 from tests.captures.make_captures import TUNNEL_CASES
+from tests.conncap import rows_of
 from tests.frames import FAKE_SRC, mac_int, send_frames
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF and network namespaces need root")
@@ -40,28 +40,6 @@ def tshark() -> list[dict[str, list[str]]]:
                          + [a for f in FIELDS for a in ("-e", f)], capture_output=True, text=True, check=True)
     return [{f: (v.split(";") if v else []) for f, v in zip(FIELDS, line.split("|"))}
             for line in out.stdout.splitlines()]
-
-
-def addr(b: bytes) -> str:
-    a = ipaddress.IPv6Address(bytes(b))
-    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
-
-
-def rows_of(cols: dict, keep=lambda cols, i: True) -> list[dict]:
-    out = []
-    for i in range(len(next(iter(cols.values())))):
-        if not keep(cols, i):
-            continue
-        r = {}
-        for k, v in cols.items():
-            x = v[i]
-            if getattr(v, "dtype", None) is not None and v.dtype.kind == "V":
-                x = addr(x.tobytes())
-            elif hasattr(x, "item"):
-                x = x.item()
-            r[k] = x
-        out.append(r)
-    return out
 
 
 def ours(cols, i) -> bool:
@@ -189,7 +167,7 @@ def handshake(vni: int, data: bytes = b"") -> list[bytes]:
 def test_connections_of_the_inner_flow_keyed_by_vni_with_outer_endpoints(lab, tmp_path):
     frames = handshake(100, b"x" * 10) + handshake(200, b"y" * 20)
     rows, cap = replay(lab, tmp_path, frames, 4, mode="auto", conn=ConnConfig(linger=0.0))
-    conns = [r for r in rows_of(cap.drain_connections() or {"start_ts": []}) if r["resp_port"] == 443]
+    conns = [r for r in rows_of(cap.drain_connections()) if r["resp_port"] == 443]
     assert len(conns) == 2, conns  # the same inner 5-tuple in two VNIs: two connections
     by = {c["tunnel_id"]: c for c in conns}
     assert sorted(by) == [100, 200]
@@ -211,7 +189,7 @@ def test_connections_of_the_inner_flow_keyed_by_vni_with_outer_endpoints(lab, tm
 def test_connection_flipped_by_a_first_syn_ack_keeps_the_originators_outer_side(lab, tmp_path):
     frames = handshake(300)[1:]  # the SYN+ACK first: Zeek flips the roles, the originator is the client
     _, cap = replay(lab, tmp_path, frames, 1, mode="auto", conn=ConnConfig(linger=0.0))
-    (c,) = [r for r in rows_of(cap.drain_connections() or {"start_ts": []}) if r["resp_port"] == 443]
+    (c,) = [r for r in rows_of(cap.drain_connections()) if r["resp_port"] == 443]
     assert c["history"].startswith("^") and (c["orig_ip"], c["resp_ip"]) == ("198.18.251.1", "198.18.251.2")
     assert (c["outer_orig_ip"], c["outer_resp_ip"], c["tunnel_id"]) == (A1, A2, 300)
 
@@ -224,7 +202,7 @@ def test_flows_of_the_inner_flow_keyed_by_vni(lab, tmp_path):
     try:
         send_frames(lab, h, frames, tmp_path)
         time.sleep(0.3)
-        flows = rows_of(cap.drain_flows() or {"start_ts": []})
+        flows = rows_of(cap.drain_flows())
     finally:
         cap.stop()
     got = sorted((f["tunnel_type"], f["tunnel_id"], f["src_ip"], f["dst_port"], f["packets"]) for f in flows
@@ -270,13 +248,13 @@ def test_tenants_with_one_inner_tuple_keep_their_own_names(lab, tmp_path):
     assert {vni: x["tls_sni"] for vni, x in done.items()} == tenants  # on the second segments
     assert counters["tls_reassembled"] == 2 and counters["tls_reassembly_mismatched"] == 0, counters
     assert done[100]["ja4"] and done[100]["ja4"] == done[200]["ja4"]  # same hello shape, different SNI
-    conns = [x for x in rows_of(cap.drain_connections() or {"start_ts": []}) if x["resp_port"] == 443]
+    conns = [x for x in rows_of(cap.drain_connections()) if x["resp_port"] == 443]
     by = {x["tunnel_id"]: x for x in conns if x["final"]}
     assert sorted(by) == [100, 200], conns
     for vni, name in tenants.items():
         assert (by[vni]["tls_sni"], by[vni]["resp_name"], by[vni]["tls_alpn"]) == (name, name, "h2,http/1.1"), by[vni]
     # passive DNS rows: one per tenant's client, with its tunnel
-    names = rows_of(cap.drain_dns_names() or {"start_ts": []})
+    names = rows_of(cap.drain_dns_names())
     assert sorted((x["tunnel_type"], x["tunnel_id"], x["client_ip"], x["name"], x["address"]) for x in names) == \
         [(records.TUNNEL_VXLAN, vni, c, name, s) for vni, name in sorted(tenants.items())]
 
