@@ -106,9 +106,19 @@ def test_without_any_one_of_them_it_cannot_start(lab, workdir, missing):
 def server_sandbox(store: Path) -> list[str]:
     """What hdrlog-server.service does, emulated: a private mount namespace where / is read-only
     (ProtectSystem=strict) but the store (ReadWritePaths=), a private /tmp and /dev/shm (PrivateTmp,
-    PrivateDevices), then user nobody with no capabilities at all and no_new_privs."""
-    script = (f"mount --make-rprivate / && mount --bind {store} {store} && "
-              "mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && "
+    PrivateDevices), then user nobody with no capabilities at all and no_new_privs.
+
+    A checkout under /tmp (``git clone`` into ``mktemp -d``) would vanish under the private /tmp: it is
+    carried into it read-only, through a scratch mount that is gone before the server starts."""
+    repo = Path(__file__).resolve().parents[1]
+    keep_old_tmp = carry_checkout = ""
+    if repo.is_relative_to("/tmp"):
+        keep_old_tmp = "mount -t tmpfs tmpfs /mnt && mkdir /mnt/old && mount --bind /tmp /mnt/old && "
+        rel = repo.relative_to("/tmp")
+        carry_checkout = (f"mkdir -p /tmp/{rel} && mount --bind /mnt/old/{rel} /tmp/{rel} && "
+                          f"mount -o remount,bind,ro /tmp/{rel} && umount -l /mnt && ")
+    script = (f"mount --make-rprivate / && mount --bind {store} {store} && {keep_old_tmp}"
+              f"mount -t tmpfs -o mode=1777 tmpfs /tmp && {carry_checkout}mount -t tmpfs -o mode=1777 tmpfs /dev/shm && "
               "mount -o remount,bind,ro / && "
               f'exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --no-new-privs '
               '--inh-caps=-all --bounding-set=-all -- "$@"')
