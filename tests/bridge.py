@@ -213,9 +213,18 @@ def _kernel_drops(s: socket.socket) -> int:
     return struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))[1]
 
 
+# On "stop" the bridge keeps reading until no frame has arrived for STOP_QUIET seconds (at
+# most STOP_DRAIN_MAX after the stop): a frame a host sent just before the stop can still be in the
+# kernel's backlog (softirq deferred to ksoftirqd on a loaded machine) and must be counted,
+# or "frames on the wire" would be one short of what the sender's hooks saw.
+STOP_QUIET = 0.2
+STOP_DRAIN_MAX = 3.0
+
+
 def serve(cfg: BridgeConfig, ctrl_in: int = 0, ctrl_out=None) -> None:
     """Run the bridge until "stop" (or EOF) arrives on ``ctrl_in``; reply to "stats" with a
-    JSON line on ``ctrl_out``. On stop, frames still delayed are sent first."""
+    JSON line on ``ctrl_out``. On stop, frames still arriving (until STOP_QUIET of quiet)
+    are taken in and every delayed frame is sent before the final counters."""
     ctrl_out = ctrl_out or sys.stdout
     socks = {"a>b": _packet_socket(cfg.if_a), "b>a": _packet_socket(cfg.if_b)}  # where each direction enters
     out = {"a>b": socks["b>a"], "b>a": socks["a>b"]}
@@ -251,15 +260,18 @@ def serve(cfg: BridgeConfig, ctrl_in: int = 0, ctrl_out=None) -> None:
 
     ctrl_out.write("ready\n")
     ctrl_out.flush()
-    buf, stopping = b"", False
+    buf, stopping, stop_at, last_frame = b"", False, 0.0, 0.0
     while True:
         now = time.monotonic()
         flush(now)
-        if stopping and not any(queue.values()):
+        if stopping and not any(queue.values()) and (now - last_frame >= STOP_QUIET
+                                                      or now - stop_at >= STOP_DRAIN_MAX):
             report()
             return
         due = [q[0][0] for q in queue.values() if q]
-        timeout = max(0.0, min(due) - now) if due else (0.1 if stopping else 1.0)
+        if stopping and now - last_frame < STOP_QUIET:
+            due.append(last_frame + STOP_QUIET)  # wake to see whether it stayed quiet
+        timeout = max(0.0, min(due) - now) if due else 1.0
         for fd, _ in ep.poll(timeout):
             if fd == ctrl_in:
                 chunk = os.read(ctrl_in, 4096)
@@ -269,13 +281,14 @@ def serve(cfg: BridgeConfig, ctrl_in: int = 0, ctrl_out=None) -> None:
                     if line == b"stats":
                         report()
                     elif line == b"stop":
-                        stopping = True
+                        stopping, stop_at = True, time.monotonic()
+                        last_frame = max(last_frame, stop_at)  # the quiet counts from the stop on
                         ep.unregister(ctrl_in)
                         break
                 continue
             d = by_fd[fd]
             s = socks[d]
-            arrived = time.monotonic()
+            arrived = last_frame = time.monotonic()
             for _ in range(256):  # bounded, so the other direction and due frames are served too
                 try:
                     frame, addr = s.recvfrom(65536)

@@ -160,6 +160,42 @@ def _wait_line(stream, text: str, timeout: float) -> None:
     raise AssertionError(f"no {text!r} within {timeout:.0f}s: {seen[-2000:]!r}")
 
 
+LATE_SENDER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(5):
+    s.sendto(b"late %d" % i, (sys.argv[1], 5003))
+    time.sleep(0.02)
+"""
+
+
+def test_frames_arriving_just_after_stop_are_counted_and_sent(bridge_lab):
+    """Frames a host sends while the bridge is stopping (as a final ACK can be, when the kernel
+    defers its backlog) are still received, counted and forwarded: stop waits for
+    STOP_QUIET seconds without a frame. Before, it answered at once and missed them."""
+    from tests.bridge import STOP_QUIET
+
+    sender = bridge_lab.popen("a", sys.executable, "-c", LATE_SENDER, bridge_lab.b.addr4,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _wait_line(sender.stdout, "ready", 30)
+    br = bridge_lab.start_bridge(0.0)
+    t0 = time.monotonic()
+    br.proc.stdin.write("stop\n")  # the bridge is stopping from here on ...
+    br.proc.stdin.flush()
+    sender.stdin.write("go\n")  # ... and only then do the five datagrams leave A, 20 ms apart
+    sender.stdin.flush()
+    stats = json.loads(br.proc.stdout.readline())
+    took = time.monotonic() - t0
+    br.proc.wait(10)
+    assert sender.wait(10) == 0
+    late = [stats["a>b"][k] for k in ("received", "forwarded")]
+    print(f"stop answered after {took:.3f} s; frames A>B received, forwarded after the stop: {late}")
+    assert late[0] >= 5 and late[0] == late[1], stats
+    assert took >= 4 * 0.02 + STOP_QUIET * 0.9  # it waited for the quiet after the last one
+
+
 def test_drop_exactly_the_first_synack(bridge_lab):
     """A targeted rule: the first SYN-ACK B→A is lost, the handshake still completes (B resends it)."""
     br = bridge_lab.start_bridge(0.0, loss=Loss.frames(1, direction="b>a", match=tcp_synack))
