@@ -140,6 +140,21 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _tree(pid: int) -> list[str]:
+    """Every process below pid, as 'pid state command' (why a machine does not power off)."""
+    out, todo = [], _children(pid)
+    while todo:
+        p = todo.pop(0)
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out.append(f"{p} {state} {cmd[:120]}")
+        todo += _children(p)
+    return out
+
+
 def _check_dev_null(when: str) -> None:
     """systemd-nspawn copies /dev/null into each machine and refuses to boot when it is a file.
 
@@ -282,7 +297,9 @@ class Lab(LabBase):
                 except subprocess.TimeoutExpired:
                     # The machine's PID 1 is not in nspawn's process group: killing it ends every
                     # process of the machine (its PID namespace), then nspawn exits by itself.
-                    self.log(f"lab: {m.name} did not power off in time; killing it")
+                    self.log(f"lab: {m.name} did not power off in time; killing it; still running: "
+                             + "; ".join(_tree(m.proc.pid))[:3000]
+                             + "\nconsole: " + (m.dir / "console.log").read_text(errors="replace")[-1500:])
                     for pid in _children(m.proc.pid):
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
@@ -398,6 +415,11 @@ class Lab(LabBase):
             "callback_plugins = " + str(Path(__file__).resolve().parent / "callback_plugins") + "\n"
             "callbacks_enabled = tasktimes\n"
             f"local_tmp = {self.dir}/ansible-local\n"
+            # Facts once per lab: the first play that meets a host gathers them (as a user's
+            # first run does), later runs read them from the lab's cache (the machines' OS,
+            # kernel and architecture, all the roles read, do not change during a session).
+            "gathering = smart\nfact_caching = jsonfile\n"
+            f"fact_caching_connection = {self.dir}/facts\nfact_caching_timeout = 86400\n"
             "[ssh_connection]\npipelining = True\n"
             f"control_path_dir = {self.dir}/cp\n"
             "ssh_args = -o ControlMaster=auto -o ControlPersist=300s -o UserKnownHostsFile=/dev/null "
