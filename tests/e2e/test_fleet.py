@@ -76,7 +76,7 @@ def tail(r: PlaybookResult, n: int = 60) -> str:
     return "\n".join(r.output.splitlines()[-n:])
 
 
-def wait_until(pred, timeout: float, what: str, interval: float = 1.0):
+def wait_until(pred, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
