@@ -10,7 +10,7 @@ DOCUMENTATION = """
 name: tasktimes
 type: aggregate
 short_description: the slowest tasks of a run, for the e2e lab's logs
-description: Prints the twelve tasks (and handlers) with the most wall time at the end of a run.
+description: Prints the twenty tasks (and handlers) with the most wall time at the end of a run.
 """
 
 
@@ -44,5 +44,5 @@ class CallbackModule(CallbackBase):
     def v2_playbook_on_stats(self, stats):
         self._close()
         self._display.display("SLOWEST TASKS (wall time, all hosts together)")
-        for name, seconds in sorted(self.times.items(), key=lambda kv: -kv[1])[:12]:
+        for name, seconds in sorted(self.times.items(), key=lambda kv: -kv[1])[:20]:
             self._display.display(f"{seconds:8.2f}s  {name}")
