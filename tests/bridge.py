@@ -213,10 +213,12 @@ def _kernel_drops(s: socket.socket) -> int:
     return struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))[1]
 
 
-# On "stop" the bridge keeps reading until no frame has arrived for STOP_QUIET seconds (at
-# most STOP_DRAIN_MAX after the stop): a frame a host sent just before the stop can still be in the
-# kernel's backlog (softirq deferred to ksoftirqd on a loaded machine) and must be counted,
-# or "frames on the wire" would be one short of what the sender's hooks saw.
+# On "stop" the bridge keeps reading until no frame has arrived for STOP_QUIET seconds (that
+# wait is cut at STOP_DRAIN_MAX after the stop; the delay queues are always emptied): a frame a
+# host sent just before the stop can still be in the kernel's backlog (softirq deferred to
+# ksoftirqd on a loaded machine) and must be counted, or "frames on the wire" would be one
+# short of what the sender's hooks saw. Stop the traffic first: frames that keep coming
+# through a delay keep its queue from emptying.
 STOP_QUIET = 0.2
 STOP_DRAIN_MAX = 3.0
 
