@@ -100,14 +100,15 @@ def test_two_servers_one_collector_switching_under_sigkill_every_packet_exactly_
                 await asyncio.sleep(0.02)
 
         killed = [asyncio.Event(), asyncio.Event()]
+        gates = {n_batches // 3: killed[0], 2 * n_batches // 3: killed[1]}  # batch index -> the kill it waits for
 
         async def produce() -> None:
             # A collector under steady load: new batches keep coming while up to IN_FLIGHT wait for acks.
             # Each third after the first waits for its kill, so batches are still to come after each
             # (unpaced, the servers acked all 240 before the second kill landed).
             for i in range(n_batches):
-                if i in (n_batches // 3, 2 * n_batches // 3):
-                    await killed[i // (n_batches // 3) - 1].wait()
+                if i in gates:
+                    await gates[i].wait()
                 while len(outbox) >= IN_FLIGHT:
                     await asyncio.sleep(0.005)
                 seq = spool.next_seq()
